@@ -1,0 +1,154 @@
+"""The `loratool` command line. Thin: parse, load the recipe, call one library function, print errors.
+
+torch and transformers are imported inside the commands, so `loratool --help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from loratool import __version__
+from loratool.errors import LoratoolError
+
+app = typer.Typer(
+    help="Fine-tune causal language models with LoRA and QLoRA from YAML recipes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LORATOOL_DEBUG", "") not in ("", "0", "false")
+
+
+def reports_errors(command: F) -> F:
+    """Map every failure to one clean message and exit code 1; LORATOOL_DEBUG=1 shows the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LoratoolError as exc:
+            if debug_enabled():
+                raise
+            typer.echo(f"error: {exc.message}", err=True)
+            if exc.hint:
+                typer.echo(f"hint: {exc.hint}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; nothing that looks finished was written", err=True)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if debug_enabled():
+                raise
+            typer.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
+            typer.echo("hint: this is probably a loratool bug; rerun with LORATOOL_DEBUG=1 for the traceback", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def quiet_libraries() -> None:
+    """Library warnings and info logs drown the few lines that matter; LORATOOL_DEBUG=1 brings them back."""
+    if debug_enabled():
+        return
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"loratool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Fine-tune causal language models with LoRA and QLoRA from YAML recipes."""
+
+
+@app.command()
+@reports_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe file (see recipes/).", show_default=False, metavar="RECIPE")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable; YAML values).",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Validate the recipe, check data, tokenizer and target modules without loading weights, "
+            "print the resolved recipe and exit.",
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a previous run in training.output_dir.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in training.output_dir from its last checkpoint.")
+    ] = False,
+) -> None:
+    """Fine-tune a model with LoRA / QLoRA as the recipe says; the output directory is a PEFT adapter."""
+    import yaml
+
+    from loratool.recipe import load_recipe, recipe_to_dict
+
+    loaded = load_recipe(recipe, set_ or [])
+    quiet_libraries()
+    from loratool.train import dry_run as check_only
+    from loratool.train import run_train
+
+    if dry_run:
+        check_only(loaded, overwrite=overwrite, resume=resume, log=typer.echo)
+        typer.echo("resolved recipe:")
+        typer.echo(yaml.safe_dump(recipe_to_dict(loaded), sort_keys=False, allow_unicode=True).rstrip())
+        return
+    run_train(loaded, overwrite=overwrite, resume=resume, log=typer.echo)
+
+
+@app.command("recipe-reference")
+def recipe_reference() -> None:
+    """Print every recipe key with its default and meaning."""
+    from loratool.recipe import reference
+
+    typer.echo(reference())
+
+
+def main() -> None:
+    app(prog_name="loratool")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

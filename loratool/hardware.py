@@ -1,0 +1,113 @@
+"""What this machine can do, and the recipe rules that depend on it (checked before any weights load)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from loratool.errors import LoratoolError
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratool.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: str  # "cuda" or "cpu"
+    name: str  # GPU model, or the CPU architecture
+    device_count: int
+    bf16: bool  # bfloat16 matmuls run natively (Ampere+ GPUs; CPUs with AVX512-BF16/AMX)
+    cpu_count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def detect() -> Hardware:
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if torch.cuda.is_available():
+        return Hardware(
+            device="cuda",
+            name=torch.cuda.get_device_name(0),
+            device_count=torch.cuda.device_count(),
+            bf16=torch.cuda.is_bf16_supported(),
+            cpu_count=cpus,
+        )
+    return Hardware(device="cpu", name=platform.machine(), device_count=1, bf16=_cpu_has_bf16(), cpu_count=cpus)
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def model_dtype(requested: str, hw: Hardware) -> torch.dtype:
+    """The dtype base weights load in. `auto`: bf16 where native, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if hw.device == "cuda":
+        return torch.bfloat16 if hw.bf16 else torch.float16
+    return torch.float32
+
+
+def compute_dtype(recipe: Recipe, hw: Hardware) -> torch.dtype:
+    """The dtype matmuls run in: the 4-bit compute dtype for QLoRA, else the model dtype."""
+    import torch
+
+    q = recipe.quantization
+    if q is not None and q.load_in_4bit and q.bnb_4bit_compute_dtype != "auto":
+        return getattr(torch, q.bnb_4bit_compute_dtype)
+    return model_dtype(recipe.model.dtype, hw)
+
+
+def mixed_precision(recipe: Recipe, hw: Hardware) -> tuple[bool, bool]:
+    """(bf16, fp16) for the trainer: explicit recipe values win, else follow the compute dtype on a GPU.
+
+    On CPU, autocast is off by default: weights are fp32 and CPU autocast mostly adds casts.
+    """
+    import torch
+
+    dtype = compute_dtype(recipe, hw)
+    t = recipe.training
+    on_gpu = hw.device == "cuda"
+    bf16 = t.bf16 if t.bf16 is not None else (on_gpu and dtype == torch.bfloat16)
+    fp16 = t.fp16 if t.fp16 is not None else (on_gpu and dtype == torch.float16)
+    return bool(bf16), bool(fp16)
+
+
+def check(recipe: Recipe, hw: Hardware) -> None:
+    """Refuse what this machine cannot run, all problems at once, before anything heavy loads."""
+    problems = []
+    wants_bf16 = (
+        recipe.model.dtype == "bfloat16"
+        or recipe.training.bf16
+        or (recipe.quantization is not None and recipe.quantization.bnb_4bit_compute_dtype == "bfloat16")
+    )
+    if wants_bf16 and not hw.bf16:
+        problems.append(
+            f"bfloat16 is asked for (model.dtype, quantization.bnb_4bit_compute_dtype or training.bf16) but "
+            f"this {hw.device} ({hw.name}) has no bfloat16 support"
+        )
+    if recipe.training.fp16 and hw.device != "cuda":
+        problems.append("training.fp16: float16 mixed precision needs a CUDA GPU; this machine has none")
+    attn = recipe.model.attn_implementation or ""
+    if attn.startswith("flash_attention") and hw.device != "cuda":
+        problems.append(f"model.attn_implementation: {attn} needs a CUDA GPU; this machine has none")
+    if problems:
+        raise LoratoolError(
+            "this machine cannot run the recipe as written:\n" + "\n".join(f"  - {p}" for p in problems),
+            hint="use model.dtype: auto and leave training.bf16/fp16 unset to pick what the hardware supports; "
+            "drop model.attn_implementation to let transformers choose",
+        )

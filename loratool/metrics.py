@@ -1,0 +1,67 @@
+"""Per-step metrics: a JSONL log written as training goes, and the loss curve drawn from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every trainer log (loss, learning rate, grad norm, eval loss...) to metrics.jsonl, and makes
+    the trainer save a checkpoint at the very last step so that a finished run can be resumed and extended."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row, default=float) + "\n")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(rows: list[dict[str, Any]], output: Path, title: str) -> None:
+    """Training loss (and validation loss, when evaluated) against optimizer steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if _finite(r.get("loss"))]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if _finite(r.get("eval_loss"))]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), label="validation loss", color="tab:orange", marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per loss token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no loss was logged (raise max_steps or lower logging_steps)", ha="center")
+    fig.tight_layout()
+    fig.savefig(output)
+    plt.close(fig)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -1,0 +1,113 @@
+"""Loading the base model and its tokenizer: the `base_model`, `model` and `quantization` sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.errors import LoratoolError
+from loratool.hardware import Hardware, compute_dtype, model_dtype
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from loratool.recipe import ModelSection, QuantizationSection, Recipe
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x.safetensors) is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def check_base_model_exists(base_model: str) -> None:
+    if looks_like_local_path(base_model) and not Path(base_model).expanduser().is_dir():
+        path = Path(base_model).expanduser().resolve()
+        raise LoratoolError(
+            f"base model not found: {path} is not a directory",
+            hint="set base_model to a local model directory (with config.json) or a hub id such as "
+            "meta-llama/Llama-2-7b-hf",
+        )
+
+
+def load_tokenizer(base_model: str, model: ModelSection) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    check_base_model_exists(base_model)
+    source = model.tokenizer or base_model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise _not_loadable("tokenizer", source, exc) from None
+    if tokenizer.pad_token is None:
+        # Padding-free batches never pad, but evaluation and generation need a pad id; EOS is the usual
+        # stand-in and is never confused with a target because padded positions carry no loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_quantization_config(q: QuantizationSection, dtype: Any) -> BitsAndBytesConfig:
+    """The `quantization` section as a BitsAndBytesConfig; `auto` compute dtype = the model dtype."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if q.bnb_4bit_compute_dtype == "auto" else getattr(torch, q.bnb_4bit_compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=q.load_in_4bit,
+        load_in_8bit=q.load_in_8bit,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=getattr(torch, q.bnb_4bit_quant_storage) if q.bnb_4bit_quant_storage else None,
+        llm_int8_threshold=q.llm_int8_threshold,
+        llm_int8_skip_modules=q.llm_int8_skip_modules,
+    )
+
+
+def load_model(recipe: Recipe, hw: Hardware) -> PreTrainedModel:
+    """The frozen base, in the dtype the hardware supports, quantized if the recipe says so."""
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "revision": recipe.model.revision,
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "dtype": model_dtype(recipe.model.dtype, hw),
+    }
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    if recipe.quantization is not None:
+        kwargs["quantization_config"] = build_quantization_config(recipe.quantization, compute_dtype(recipe, hw))
+        # Quantized weights are placed at load time; under DDP each process holds its own copy.
+        kwargs["device_map"] = {"": PartialState().local_process_index} if hw.device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(recipe.base_model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _not_loadable("model", recipe.base_model, exc) from None
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return model
+
+
+def _not_loadable(what: str, source: str, exc: Exception) -> LoratoolError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if looks_like_local_path(source):
+        hint = f"check that {source} holds a Hugging Face {what} (config.json, *.safetensors, tokenizer files)"
+    else:
+        hint = (
+            f"'{source}' is read as a hub id; on an offline machine it must already be in the Hugging Face "
+            "cache — or point base_model at a local directory"
+        )
+    return LoratoolError(f"cannot load the {what} from '{source}': {first_line}", hint=hint)
+
+
+def local_model_dir(base_model: str, revision: str | None) -> Path | None:
+    """The directory holding the base weights: the path itself, or its snapshot in the hub cache."""
+    if Path(base_model).expanduser().is_dir():
+        return Path(base_model).expanduser().resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base_model, revision=revision, local_files_only=True))
+    except Exception:  # not cached (or not a hub id): the fingerprint is then simply unknown
+        return None

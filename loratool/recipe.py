@@ -1,0 +1,672 @@
+"""The recipe: one strict, typed schema. Every field is documented once, here, at its definition.
+
+Inside `quantization`, `lora` and `training` the keys carry the names of transformers'
+`BitsAndBytesConfig`, peft's `LoraConfig` and trl's `SFTConfig`, so that what a user knows from those
+libraries works as expected. `lora` and `training` also accept any other field of `LoraConfig` /
+`SFTConfig` that loratool does not document itself; it is handed to the library untouched.
+
+Loading is strict: an unknown key anywhere is an error naming its full path and the closest valid key,
+a wrong type names the path and the expected type, and every problem in a recipe is reported at once.
+The loaded recipe is frozen; derived values are functions, never fields written back.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from loratool.errors import LoratoolError
+from loratool.library_fields import LORA_CONFIG_FIELDS, SFT_CONFIG_FIELDS
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are frozen after load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelSection(Section):
+    """How the base model and its tokenizer are loaded."""
+
+    revision: str | None = None
+    """Hub branch, tag or commit of `base_model`; ignored for a local directory. Pin it for reproducibility."""
+
+    dtype: Dtype = "auto"
+    """Precision the base weights are loaded in. `auto`: bfloat16 on GPUs that have it, float16 on older
+    GPUs, float32 on CPU (CPUs are slow in half precision and fp16 underflows without a GPU scaler)."""
+
+    attn_implementation: str | None = None
+    """`sdpa`, `eager`, `flash_attention_2`, `flash_attention_3`, ... None lets transformers choose (sdpa
+    where the model supports it). Packed / padding-free batches stay separated with all of these."""
+
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repository. Off unless you have read that code."""
+
+    tokenizer: str | None = None
+    """Load the tokenizer from another hub id or directory than `base_model`."""
+
+
+class QuantizationSection(Section):
+    """bitsandbytes quantization of the frozen base (QLoRA). Leave the section out for plain LoRA."""
+
+    load_in_4bit: bool = False
+    """Store the base in 4 bits (QLoRA): ~0.55 bytes per parameter instead of 2 in bf16."""
+
+    load_in_8bit: bool = False
+    """Store the base in 8 bits (LLM.int8): ~1 byte per parameter; slower than 4-bit on most GPUs."""
+
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type. nf4 (NormalFloat) matches normally distributed weights better than fp4."""
+
+    bnb_4bit_use_double_quant: bool = True
+    """Quantize the quantization constants too: saves ~0.4 bit per parameter (~3 GB on a 65B model)."""
+
+    bnb_4bit_compute_dtype: Dtype = "auto"
+    """Precision the 4-bit weights are dequantized to for each matmul. `auto` follows `model.dtype`."""
+
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = None
+    """Storage type of packed 4-bit weights. FSDP needs it equal to the compute dtype to shard them."""
+
+    llm_int8_threshold: float = 6.0
+    """8-bit only: activations above this magnitude go through the fp16 outlier path."""
+
+    llm_int8_skip_modules: list[str] | None = None
+    """Module names kept unquantized (for example `lm_head`)."""
+
+
+class LoraSection(Section):
+    """The adapter: `peft.LoraConfig` fields, plus LoRA+ learning-rate settings."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
+
+    r: PositiveInt = 16
+    """Adapter rank. Higher fits more but costs memory and can overfit small datasets; 8-64 is typical."""
+
+    lora_alpha: float = 32
+    """Scale of the update: delta_W = (lora_alpha / r) * B @ A. Rule of thumb: alpha = 2 * r."""
+
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input. 0.05-0.1 for small datasets; 0 for speed on large ones."""
+
+    target_modules: list[str] | str = "all-linear"
+    """Which layers get adapters: `all-linear` (every linear layer but the output head; the QLoRA paper's
+    advice), a list of module-name suffixes such as [q_proj, v_proj], or a regex matched on full names."""
+
+    exclude_modules: list[str] | str | None = None
+    """Module-name suffixes (or a regex) to leave without an adapter even if `target_modules` matches them."""
+
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train. `none` keeps the adapter mergeable without touching base biases."""
+
+    use_dora: bool = False
+    """DoRA: learn a magnitude vector as well as the direction. Better at low rank, ~20-30% slower."""
+
+    use_rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(r): keeps learning stable when r is large (64+)."""
+
+    init_lora_weights: bool | str = True
+    """`true` (B = 0, so training starts from the base model), `gaussian`, `pissa`, `pissa_niter_N`,
+    `olora`, `loftq`, `eva`, `corda`, `orthogonal`. Non-zero inits change the base copy saved with them."""
+
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (for example `embed_tokens`, `lm_head` after
+    adding tokens)."""
+
+    layers_to_transform: list[int] | int | None = None
+    """Only put adapters on these layer indices."""
+
+    layers_pattern: list[str] | str | None = None
+    """Name of the layer container that `layers_to_transform` indexes (`layers`, `h`, ...)."""
+
+    rank_pattern: dict[str, int] | None = None
+    """Per-module rank overrides: {regex or name: rank}."""
+
+    alpha_pattern: dict[str, float] | None = None
+    """Per-module alpha overrides: {regex or name: alpha}."""
+
+    fan_in_fan_out: bool = False
+    """Set for layers that store weights transposed (GPT-2's Conv1D)."""
+
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+: the B matrices learn at learning_rate * ratio. 16 is the paper's advice; unset = plain LoRA."""
+
+    loraplus_lr_embedding: float = Field(1e-6, gt=0)
+    """LoRA+: learning rate of adapters on embedding layers."""
+
+
+class DataSource(Section):
+    """One dataset: a local file, a directory of files, or a hub dataset id."""
+
+    path: str
+    """A .json, .jsonl, .csv, .parquet or .txt file, a directory of them, or a hub dataset id. Relative
+    paths are resolved against the recipe file's directory."""
+
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    """Row layout. `auto` detects it from the first row: messages -> messages, conversations -> sharegpt,
+    instruction + output -> alpaca, prompt + completion -> prompt_completion, text -> text."""
+
+    columns: dict[str, str] = {}
+    """Rename the fields the format reads to the names in your file, e.g. {instruction: question,
+    output: answer} for alpaca, {messages: dialog, role: speaker, content: said} for messages/sharegpt."""
+
+    roles: dict[str, str] = {}
+    """Map roles in the file to user / assistant / system / tool, on top of the defaults (ShareGPT: human
+    -> user, gpt -> assistant, function_call -> assistant, observation -> tool)."""
+
+    system_prompt: str | None = None
+    """A system message put before every conversation from this source that has none of its own."""
+
+    subset: str | None = None
+    """Hub datasets: the configuration name."""
+
+    split: str = "train"
+    """Hub datasets: the split to read."""
+
+    max_rows: PositiveInt | None = None
+    """Read only the first N rows of this source (quick experiments, mixing proportions)."""
+
+
+class DataSection(Section):
+    """What the model reads, how it is templated, tokenized, masked and batched."""
+
+    train: list[DataSource] = Field(min_length=1)
+    """Training sources; several are concatenated and shuffled together."""
+
+    validation: list[DataSource] | Annotated[float, Field(gt=0, lt=1)] | None = None
+    """Held-out sources, or a fraction (0-1) of the training rows split off with `training.seed`."""
+
+    chat_template: str | None = None
+    """None: the tokenizer's own. A built-in name (chatml, llama2, llama3, mistral, zephyr, alpaca) for
+    tokenizers that have none, or the path of a Jinja file. The template used is saved with the adapter."""
+
+    max_length: PositiveInt = 2048
+    """Longest tokenized example, in tokens. What happens to longer ones: `truncation`."""
+
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """`truncate`: keep the first max_length tokens (the cut part, end-of-turn included, is not learned);
+    `drop`: skip the row. Rows left with no loss token are always dropped, and counted."""
+
+    completion_only_loss: bool = True
+    """Loss only on completions / assistant turns (their end-of-turn token included, so the model learns
+    to stop). False: loss on every token, prompts included."""
+
+    packing: bool = False
+    """Pack examples into rows of max_length (best-fit decreasing). Examples never attend to each other.
+    Changes which examples share a step; fastest when lengths vary a lot."""
+
+    padding_free: bool = True
+    """Concatenate each batch into one row with no pad tokens (position ids keep examples apart). Same
+    examples, same loss as padding, less compute: no reason to turn it off but debugging."""
+
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    """A malformed row (bad JSON, missing field, wrong type, empty conversation): `fail` stops with its file
+    and line; `skip` leaves it out and counts it in the data summary."""
+
+
+class TrainingSection(Section):
+    """The optimization run: `trl.SFTConfig` / `transformers.TrainingArguments` fields."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
+
+    output_dir: str
+    """The run directory. At the end it is a PEFT adapter directory (loadable with
+    PeftModel.from_pretrained) plus the tokenizer, the resolved recipe, run.json, metrics and checkpoints/.
+    Relative paths are resolved against the current directory."""
+
+    num_train_epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps > 0)."""
+
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 = run num_train_epochs."""
+
+    per_device_train_batch_size: PositiveInt = 4
+    """Examples per device per forward pass. Effective batch = this * gradient_accumulation_steps * devices."""
+
+    per_device_eval_batch_size: PositiveInt = 8
+    """Examples per device per evaluation forward pass."""
+
+    gradient_accumulation_steps: PositiveInt = 4
+    """Forward passes summed before each optimizer step: a bigger effective batch at the same memory."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate. LoRA wants ~10x a full fine-tune: 1e-4 to 3e-4 is typical."""
+
+    lr_scheduler_type: str = "cosine"
+    """linear, cosine, cosine_with_min_lr, constant, constant_with_warmup, warmup_stable_decay, ..."""
+
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    """Fraction of the steps spent warming the learning rate up. Mutually exclusive with warmup_steps."""
+
+    warmup_steps: int | None = Field(None, ge=0)
+    """Warm-up length in steps. If neither this nor warmup_ratio is set, 3% of the steps."""
+
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay. Rarely useful for LoRA."""
+
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm; 0 disables it."""
+
+    optim: str = "adamw_torch"
+    """Optimizer. `paged_adamw_8bit` (bitsandbytes) survives memory spikes on long batches (QLoRA paper)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: ~30% slower, activation memory drops by about the
+    number of layers. Needed for 7B+ models on 24 GB cards."""
+
+    bf16: bool | None = None
+    """Mixed precision in bfloat16. None = on when the model computes in bf16 (GPUs that support it)."""
+
+    fp16: bool | None = None
+    """Mixed precision in float16 with loss scaling. None = on when the model computes in fp16."""
+
+    logging_steps: PositiveInt = 10
+    """Print and record the loss every N optimizer steps."""
+
+    eval_steps: PositiveInt | None = None
+    """Evaluate on the validation data every N steps. None = at the end of each epoch, if there is any."""
+
+    save_steps: PositiveInt | None = None
+    """Write a checkpoint (to resume from) every N steps into checkpoints/. None = at the end of each epoch."""
+
+    save_total_limit: PositiveInt | None = 2
+    """Keep at most this many checkpoints."""
+
+    early_stopping_patience: PositiveInt | None = None
+    """Stop after this many evaluations without improvement of the validation loss (needs validation data);
+    the best checkpoint is the one saved as the adapter."""
+
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    """Minimum decrease of the validation loss that counts as an improvement."""
+
+    seed: int = 42
+    """Seeds shuffling, the validation split, dropout and adapter initialization."""
+
+    report_to: list[str] | str = "none"
+    """Experiment trackers (tensorboard, wandb, trackio, ...). loratool always writes metrics.jsonl."""
+
+    def resolved_warmup(self) -> float:
+        """warmup_steps as TrainingArguments reads it: >= 1 is a step count, < 1 a fraction of the steps."""
+        if self.warmup_steps is not None:
+            return float(self.warmup_steps)
+        return self.warmup_ratio if self.warmup_ratio is not None else 0.03
+
+
+class Recipe(Section):
+    """A fine-tuning recipe: the base model, how it is loaded, the adapter, the data and the run."""
+
+    base_model: str
+    """Hub id (meta-llama/Llama-2-7b-hf) or local directory of the model to fine-tune. A path starting with
+    ./ or ../ is resolved against the recipe file's directory when it exists there."""
+
+    model: ModelSection = ModelSection()
+    """How the base model is loaded."""
+
+    quantization: QuantizationSection | None = None
+    """bitsandbytes settings; absent = plain LoRA on a 16/32-bit base."""
+
+    lora: LoraSection = LoraSection()
+    """The LoRA adapter."""
+
+    data: DataSection
+    """Training and validation data."""
+
+    training: TrainingSection
+    """Optimizer, schedule, precision, logging, evaluation and checkpoints."""
+
+    def is_quantized(self) -> bool:
+        q = self.quantization
+        return q is not None and (q.load_in_4bit or q.load_in_8bit)
+
+
+# Keys that SFTConfig has but that belong to another section of the recipe (or that loratool sets itself).
+MOVED_KEYS: dict[str, str] = {
+    "max_length": "data.max_length",
+    "packing": "data.packing",
+    "padding_free": "data.padding_free",
+    "completion_only_loss": "data.completion_only_loss",
+    "assistant_only_loss": "data.completion_only_loss",
+    "chat_template_path": "data.chat_template",
+    "truncation_mode": "data.truncation",
+    "trust_remote_code": "model.trust_remote_code",
+    "model_init_kwargs": "model",
+    "resume_from_checkpoint": "the --resume option of `loratool train`",
+}
+# Set by loratool from the rest of the recipe; a recipe cannot override them.
+RESERVED_TRAINING_KEYS = frozenset(
+    {
+        "dataset_text_field",
+        "dataset_kwargs",
+        "dataset_num_proc",
+        "eos_token",
+        "pad_token",
+        "eval_packing",
+        "packing_strategy",
+        "shuffle_dataset",
+        "remove_unused_columns",
+        "label_names",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "eval_strategy",
+        "save_strategy",
+        "logging_strategy",
+        "load_best_model_at_end",
+        "metric_for_best_model",
+        "greater_is_better",
+        "local_rank",
+        "push_to_hub",
+        "hub_token",
+    }
+)
+# LoraConfig fields that describe the adapter's bookkeeping, not a choice.
+RESERVED_LORA_KEYS = frozenset(
+    {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
+)
+
+
+def cross_field_problems(recipe: Recipe) -> list[str]:
+    """Rules that span fields, checked before anything heavy loads. Hardware rules: hardware.py."""
+    problems = []
+    q, data, training = recipe.quantization, recipe.data, recipe.training
+    if q is not None:
+        if q.load_in_4bit and q.load_in_8bit:
+            problems.append("quantization: load_in_4bit and load_in_8bit are both true — choose one")
+        elif not (q.load_in_4bit or q.load_in_8bit):
+            problems.append(
+                "quantization: the section is present but neither load_in_4bit nor load_in_8bit is true — "
+                "set one, or remove the section for plain LoRA"
+            )
+    if training.bf16 and training.fp16:
+        problems.append("training: bf16 and fp16 are both true — choose one")
+    if training.warmup_ratio is not None and training.warmup_steps is not None:
+        problems.append("training: warmup_ratio and warmup_steps are both set — keep one")
+    if training.max_steps <= 0 and training.max_steps != -1:
+        problems.append("training.max_steps: must be a positive number of steps, or -1 to use num_train_epochs")
+    if data.packing and not data.padding_free:
+        problems.append(
+            "data.packing: packing needs data.padding_free: true (packed rows are kept apart by position ids, "
+            "which padded batches with an attention mask would ignore)"
+        )
+    if data.validation is None:
+        if training.eval_steps is not None:
+            problems.append("training.eval_steps: set, but there is no data.validation to evaluate on")
+        if training.early_stopping_patience is not None:
+            problems.append("training.early_stopping_patience: early stopping needs data.validation")
+    if training.early_stopping_patience is not None and training.eval_steps is not None:
+        if training.save_steps is not None and training.save_steps % training.eval_steps != 0:
+            problems.append(
+                "training.save_steps: with early stopping it must be a multiple of training.eval_steps, so "
+                "that the best evaluated step has a checkpoint"
+            )
+    init = recipe.lora.init_lora_weights
+    if isinstance(init, str):
+        known = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
+        if init not in known and not init.startswith("pissa_niter_"):
+            problems.append(
+                f"lora.init_lora_weights: {init!r} is not a known initialization — use true, "
+                + ", ".join(known)
+                + " or pissa_niter_N"
+            )
+        if init == "loftq" and q is not None:
+            problems.append(
+                "lora.init_lora_weights: loftq quantizes the base itself — remove the quantization section"
+            )
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: YAML -> raw dict -> --set overrides -> unknown-key walk -> pydantic -> one error listing it all.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Raises LoratoolError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoratoolError(
+            f"recipe file not found: {path}",
+            hint="pass the path of a YAML recipe, e.g. recipes/tiny-smoke.yaml",
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise LoratoolError(
+            f"{where}: YAML syntax error: {problem}",
+            hint="check indentation and quoting around that line",
+        ) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LoratoolError(
+            f"{path}: a recipe must be a YAML mapping of sections, got a {type(raw).__name__}",
+            hint="start from one of the files in recipes/",
+        )
+    for override in overrides:
+        apply_override(raw, override)
+    _resolve_relative_paths(raw, path.parent)
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a raw recipe mapping, reporting unknown keys, wrong types and cross-field rules together."""
+    problems = unknown_key_problems(raw, Recipe, prefix="")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += _describe_all([err for err in exc.errors() if err["type"] != "extra_forbidden"])
+        recipe = None
+    if recipe is not None:
+        problems += cross_field_problems(recipe)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in dict.fromkeys(problems))
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise LoratoolError(
+            f"{source}: {count} in the recipe:\n{lines}",
+            hint="fix the keys above; `loratool recipe-reference` lists every valid key with its meaning",
+        )
+    assert recipe is not None
+    return recipe
+
+
+def _describe_all(errors: list[Any]) -> list[str]:
+    """One line per key path. A union type (list of sources | fraction) fails once per alternative:
+    those failures are joined into one line rather than shown as contradicting lines."""
+    by_path: dict[str, list[Any]] = {}
+    for err in errors:
+        by_path.setdefault(_key_path(err["loc"]), []).append(err)
+    lines = []
+    for path, errs in by_path.items():
+        if any(e["type"] == "missing" for e in errs):
+            lines.append(f"{path}: required key is missing")
+            continue
+        if errs[0]["type"] == "value_error":
+            lines.append(f"{path}: {errs[0]['msg'].removeprefix('Value error, ')}")
+            continue
+        wanted = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errs))
+        value = errs[0].get("input")
+        shown = repr(value) if len(repr(value)) < 60 else type(value).__name__
+        lines.append(f"{path}: expected {wanted} (got {shown})")
+    return lines
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    # pydantic adds the tried type to the location of union members (`list[DataSource]`, `float`,
+    # `constrained-float`...); the user only needs the key path, which is made of names and list indices.
+    keys = [str(p) for p in loc if isinstance(p, int) or p.isidentifier()]
+    known = {"str", "int", "float", "bool", "list", "dict"}
+    return ".".join(k for k in keys if k not in known)
+
+
+def unknown_key_problems(raw: Any, model: type[BaseModel], prefix: str) -> list[str]:
+    """Walk a raw mapping against the schema; one message per unknown key, with the closest valid key."""
+    if not isinstance(raw, dict):
+        return []
+    fields = model.model_fields
+    problems = []
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key in fields:
+            for sub in _section_models(fields[key].annotation):
+                if isinstance(value, list):
+                    for i, item in enumerate(value):
+                        problems += unknown_key_problems(item, sub, f"{path}.{i}.")
+                else:
+                    problems += unknown_key_problems(value, sub, f"{path}.")
+            continue
+        message = _unknown_key_message(str(key), model, prefix)
+        if message:
+            problems.append(message)
+    return problems
+
+
+def _unknown_key_message(key: str, model: type[BaseModel], prefix: str) -> str:
+    path = f"{prefix}{key}"
+    if model is TrainingSection:
+        if key in MOVED_KEYS:
+            return f"{path}: belongs in {MOVED_KEYS[key]}, not in training"
+        if key in RESERVED_TRAINING_KEYS:
+            return f"{path}: set by loratool from the rest of the recipe — remove it"
+        if key in SFT_CONFIG_FIELDS:
+            return ""  # a valid SFTConfig field loratool passes through untouched
+    if model is LoraSection:
+        if key in RESERVED_LORA_KEYS:
+            return f"{path}: set by loratool — remove it"
+        if key in LORA_CONFIG_FIELDS:
+            return ""
+    candidates = list(model.model_fields)
+    if model is TrainingSection:
+        candidates += sorted(SFT_CONFIG_FIELDS - RESERVED_TRAINING_KEYS - set(MOVED_KEYS))
+    if model is LoraSection:
+        candidates += sorted(LORA_CONFIG_FIELDS - RESERVED_LORA_KEYS)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"{path}: unknown key — did you mean {prefix}{close[0]}?"
+    elsewhere = _section_owning(key)
+    if elsewhere:
+        return f"{path}: unknown key here — it belongs in {elsewhere}"
+    return f"{path}: unknown key (valid keys here: {', '.join(model.model_fields)})"
+
+
+def _section_owning(key: str) -> str | None:
+    for name, field in Recipe.model_fields.items():
+        for sub in _section_models(field.annotation):
+            if key in sub.model_fields:
+                return f"{name}.{key}"
+    return None
+
+
+def _section_models(annotation: Any) -> list[type[BaseModel]]:
+    """The Section classes inside an annotation such as `QuantizationSection | None` or list[DataSource]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found += _section_models(arg)
+    return found
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `--set key.path=value`; the value is parsed as YAML (numbers, booleans, [lists])."""
+    key_path, sep, text = override.partition("=")
+    if not sep or not key_path.strip():
+        raise LoratoolError(
+            f"--set {override!r}: expected KEY.PATH=VALUE",
+            hint="for example --set training.learning_rate=1e-4 or --set data.train.0.path=my.jsonl",
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    keys = key_path.strip().split(".")
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            node = _list_item(node, key, where, override)
+            continue
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict | list):
+            raise LoratoolError(f"--set {override!r}: {where} is a value, not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        index = _index(last, key_path, override, len(node))
+        node[index] = value
+    else:
+        node[last] = value
+
+
+def _list_item(node: list, key: str, where: str, override: str) -> Any:
+    return node[_index(key, where, override, len(node))]
+
+
+def _index(key: str, where: str, override: str, length: int) -> int:
+    if not key.isdigit() or int(key) >= length:
+        raise LoratoolError(
+            f"--set {override!r}: {where} must index a list item (0 to {length - 1})",
+            hint="lists are indexed by position, e.g. data.train.0.path",
+        )
+    return int(key)
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make base_model, data and template paths relative to the recipe file, so a recipe works from any
+    working directory.
+
+    A relative path that does not exist next to the recipe is left as written: it may be relative to the
+    working directory, or a hub id (org/name). training.output_dir stays relative to the working directory.
+    """
+    model = raw.get("base_model")
+    if isinstance(model, str) and model.startswith(("./", "../")) and (base / model).is_dir():
+        raw["base_model"] = str((base / model).resolve())
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for split in ("train", "validation"):
+        sources = data.get(split)
+        if not isinstance(sources, list):
+            continue
+        for source in sources:
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                candidate = base / source["path"]
+                if not Path(source["path"]).is_absolute() and candidate.exists():
+                    source["path"] = str(candidate)
+    template = data.get("chat_template")
+    if isinstance(template, str) and template.endswith((".jinja", ".j2")) and (base / template).exists():
+        data["chat_template"] = str(base / template)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe (every default filled in), as plain data for YAML."""
+    return recipe.model_dump(mode="json")
+
+
+def reference() -> str:
+    """Every recipe key with its type, default and meaning, generated from the docstrings above."""
+    out = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            subs = _section_models(field.annotation)
+            default = "required" if field.is_required() else f"default: {field.default!r}"
+            out.append(f"{prefix}{name}  ({default})")
+            if field.description:
+                out.extend("    " + line.strip() for line in field.description.splitlines())
+            for sub in subs:
+                walk(sub, f"{prefix}{name}{'.N' if sub is DataSource else ''}.")
+
+    walk(Recipe, "")
+    out.append("")
+    out.append("training also accepts any other trl.SFTConfig field; lora any other peft.LoraConfig field.")
+    return "\n".join(out)

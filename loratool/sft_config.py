@@ -1,0 +1,66 @@
+"""The `training` section as a trl SFTConfig, plus the few `data` settings the trainer needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loratool.errors import LoratoolError
+
+if TYPE_CHECKING:
+    from trl import SFTConfig
+
+    from loratool.recipe import DataSection, TrainingSection
+
+_OURS_NOT_SFT = {"warmup_ratio", "warmup_steps", "early_stopping_patience", "early_stopping_threshold"}
+
+
+def build_sft_config(
+    training: TrainingSection,
+    data: DataSection,
+    *,
+    checkpoints_dir: Path,
+    has_validation: bool,
+    bf16: bool,
+    fp16: bool,
+) -> SFTConfig:
+    from trl import SFTConfig
+
+    fields = training.model_dump(exclude=_OURS_NOT_SFT | {"output_dir", "eval_steps", "save_steps"})
+    fields.update(training.model_extra or {})
+    eval_strategy = "no" if not has_validation else ("steps" if training.eval_steps else "epoch")
+    # Early stopping restores the best checkpoint, so checkpoints must line up with evaluations.
+    early = training.early_stopping_patience is not None
+    save_steps = training.save_steps or (training.eval_steps if early else None)
+    try:
+        return SFTConfig(
+            **fields,
+            output_dir=str(checkpoints_dir),
+            bf16=bf16,
+            fp16=fp16,
+            warmup_steps=training.resolved_warmup(),
+            eval_strategy=eval_strategy,
+            eval_steps=training.eval_steps,
+            save_strategy="steps" if save_steps else "epoch",
+            save_steps=save_steps or 500,
+            load_best_model_at_end=early,
+            metric_for_best_model="eval_loss" if early else None,
+            greater_is_better=False if early else None,
+            # The data module already tokenized, masked and truncated every row (input_ids + labels):
+            # TRL only batches. Padding-free batches must not be re-truncated per row, hence max_length=None.
+            max_length=data.max_length if data.packing else None,
+            packing=data.packing,
+            packing_strategy="bfd",
+            padding_free=data.padding_free,
+            completion_only_loss=None,
+            shuffle_dataset=False,  # the data module shuffles with training.seed; the sampler shuffles per epoch
+            dataset_kwargs=None,
+            remove_unused_columns=True,
+            include_num_input_tokens_seen="non_padding",
+            disable_tqdm=False,
+        )
+    except (TypeError, ValueError) as exc:
+        raise LoratoolError(
+            f"training: the trainer rejected the settings: {exc}",
+            hint="check the training section against trl.SFTConfig / transformers.TrainingArguments",
+        ) from None

@@ -1,0 +1,185 @@
+"""`loratool train`: recipe in, run directory out. Reads top to bottom like the run it performs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loratool import __version__, hardware
+from loratool.data import build_datasets
+from loratool.fingerprint import weights_fingerprint
+from loratool.lora import attach_adapter, build_loraplus_optimizer
+from loratool.metrics import MetricsLog, plot_loss_curve, read_metrics
+from loratool.model import load_model, load_tokenizer, local_model_dir
+from loratool.recipe import Recipe, recipe_to_dict
+from loratool.rundir import LOSS_CURVE, RunDir
+from loratool.sft_config import build_sft_config
+
+
+def run_train(
+    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print
+) -> Path:
+    """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory."""
+    import torch
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTTrainer
+
+    started = time.time()
+    hw = hardware.detect()
+    hardware.check(recipe, hw)
+    run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume)
+    manifest = _manifest_header(recipe, hw, started)
+    run.start(recipe_to_dict(recipe), manifest)
+    try:
+        set_seed(recipe.training.seed)
+        tokenizer = load_tokenizer(recipe.base_model, recipe.model)
+        data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+        log(data.summary.format())
+        manifest["data"] = data.summary.to_dict()
+        run.write_manifest({**manifest, "status": "running"})
+
+        log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
+        model = load_model(recipe, hw)
+        model = attach_adapter(
+            model,
+            recipe.lora,
+            quantized=recipe.is_quantized(),
+            gradient_checkpointing=recipe.training.gradient_checkpointing,
+        )
+        trainable, total = model.get_nb_trainable_parameters()
+        log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
+
+        bf16, fp16 = hardware.mixed_precision(recipe, hw)
+        args = build_sft_config(
+            recipe.training,
+            recipe.data,
+            checkpoints_dir=run.checkpoints,
+            has_validation=data.validation is not None,
+            bf16=bf16,
+            fp16=fp16,
+        )
+        callbacks: list[Any] = [MetricsLog(run.metrics)]
+        if recipe.training.early_stopping_patience is not None:
+            callbacks.append(
+                EarlyStoppingCallback(
+                    recipe.training.early_stopping_patience, recipe.training.early_stopping_threshold
+                )
+            )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.validation,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            optimizers=(build_loraplus_optimizer(model, recipe.lora, args), None),
+        )
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        result = trainer.train(resume_from_checkpoint=str(run.latest_checkpoint()) if resume else None)
+        final_eval = trainer.evaluate() if data.validation is not None else {}
+
+        manifest["train"] = {
+            "global_step": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "train_loss": result.training_loss,
+            "final_eval_loss": final_eval.get("eval_loss"),
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "tokens_trained": int(trainer.state.num_input_tokens_seen),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "bf16": bf16,
+            "fp16": fp16,
+        }
+        manifest["peak_memory_bytes"] = _peak_memory(hw)
+        manifest["wall_time_s"] = round(time.time() - started, 2)
+        manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+        def write_outputs(folder: Path) -> None:
+            trainer.model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)  # with the chat template the data was rendered with
+            plot_loss_curve(read_metrics(run.metrics), folder / LOSS_CURVE, title=f"{recipe.base_model} · LoRA")
+
+        if trainer.is_world_process_zero():
+            run.finish(write_outputs, manifest)
+    except BaseException as exc:
+        run.fail(manifest, exc)
+        raise
+    log(
+        f"done in {manifest['wall_time_s']:.0f}s: {manifest['train']['global_step']} steps, "
+        f"{manifest['train']['tokens_trained']:,} tokens, train loss {result.training_loss:.4f}"
+        + (f", validation loss {final_eval['eval_loss']:.4f}" if final_eval else "")
+    )
+    log(f"adapter written to {run.path}")
+    return run.path
+
+
+def _manifest_header(recipe: Recipe, hw: hardware.Hardware, started: float) -> dict[str, Any]:
+    """What is known before training: versions, base model identity, hardware, command line."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "tokenizers"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    model_dir = local_model_dir(recipe.base_model, recipe.model.revision)
+    return {
+        "loratool_version": __version__,
+        "versions": versions,
+        "python": platform.python_version(),
+        "command": sys.argv,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "base_model": {
+            "id": recipe.base_model,
+            "revision": recipe.model.revision,
+            "resolved_path": str(model_dir) if model_dir else None,
+            "fingerprint": weights_fingerprint(model_dir) if model_dir else None,
+            "quantization": "4bit" if recipe.quantization and recipe.quantization.load_in_4bit else
+            "8bit" if recipe.quantization and recipe.quantization.load_in_8bit else None,
+        },
+        "hardware": {**hw.to_dict(), "platform": platform.platform()},
+    }
+
+
+def _peak_memory(hw: hardware.Hardware) -> dict[str, int]:
+    import resource
+
+    import torch
+
+    peak = {"process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
+    if hw.device == "cuda":
+        peak["cuda_allocated"] = torch.cuda.max_memory_allocated()
+    return peak
+
+
+def dry_run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print) -> None:
+    """Everything `train` checks and resolves before loading weights, with nothing written to disk:
+    hardware rules, the output directory, the tokenizer and chat template, every data row, and the
+    adapter's target modules and size on a weightless (meta-device) copy of the model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hw = hardware.detect()
+    hardware.check(recipe, hw)
+    run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
+    tokenizer = load_tokenizer(recipe.base_model, recipe.model)
+    data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    log(data.summary.format())
+    config = AutoConfig.from_pretrained(
+        recipe.base_model, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    model = attach_adapter(model, recipe.lora, quantized=False, gradient_checkpointing=False)
+    trainable, total = model.get_nb_trainable_parameters()
+    bf16, fp16 = hardware.mixed_precision(recipe, hw)
+    precision = "bf16 mixed" if bf16 else "fp16 mixed" if fp16 else str(hardware.compute_dtype(recipe, hw))
+    log(f"hardware: {hw.device} ({hw.name}) · compute in {precision}")
+    log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
+    log(f"output: {run.path} ({run.state()})")

@@ -1,0 +1,76 @@
+"""Shared fixtures: offline mode, tiny models built once per session, recipe writing, CLI running."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# Tests never touch the network: anything that tries to reach the hub fails at once instead of hanging.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from loratool.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
+    from loratool.tiny_model import build_tiny_model
+
+    built: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", **kwargs: Any) -> Path:
+        key = (arch, tuple(sorted(kwargs.items())))
+        if key not in built:
+            name = f"tiny-{arch}-{len(built)}"
+            built[key] = build_tiny_model(tmp_path_factory.mktemp("models") / name, arch=arch, **kwargs)
+        return built[key]
+
+    return make
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def smoke_recipe(base_model: Path | str, data_path: Path | str, output_dir: Path | str, **sections: Any) -> dict:
+    """A small, fast recipe on a tiny model; sections given here update the defaults key by key."""
+    recipe: dict[str, Any] = {
+        "base_model": str(base_model),
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": [{"path": str(data_path), "format": "alpaca"}], "max_length": 64},
+        "training": {
+            "output_dir": str(output_dir),
+            "max_steps": 12,
+            "per_device_train_batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 5e-3,
+            "logging_steps": 2,
+            "save_steps": 6,
+            "seed": 0,
+        },
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(recipe.get(section), dict):
+            recipe[section] = {**recipe[section], **values}
+        else:
+            recipe[section] = values
+    return recipe
+
+
+@pytest.fixture()
+def smoke_data() -> Path:
+    return REPO / "recipes" / "data" / "smoke.jsonl"
