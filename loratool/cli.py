@@ -55,7 +55,10 @@ def reports_errors(command: F) -> F:
             if debug_enabled():
                 raise
             typer.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
-            typer.echo("hint: this is probably a loratool bug; rerun with LORATOOL_DEBUG=1 for the traceback", err=True)
+            typer.echo(
+                "hint: this is probably a loratool bug; rerun with LORATOOL_DEBUG=1 for the traceback",
+                err=True,
+            )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -96,7 +99,9 @@ def main_options(
 @app.command()
 @reports_errors
 def train(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe file (see recipes/).", show_default=False, metavar="RECIPE")],
+    recipe: Annotated[
+        Path, typer.Argument(help="YAML recipe file (see recipes/).", show_default=False, metavar="RECIPE")
+    ],
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -117,7 +122,8 @@ def train(
         bool, typer.Option("--overwrite", help="Replace a previous run in training.output_dir.")
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in training.output_dir from its last checkpoint.")
+        bool,
+        typer.Option("--resume", help="Continue the run in training.output_dir from its last checkpoint."),
     ] = False,
 ) -> None:
     """Fine-tune a model with LoRA / QLoRA as the recipe says; the output directory is a PEFT adapter."""

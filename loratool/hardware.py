@@ -39,7 +39,9 @@ def detect() -> Hardware:
             bf16=torch.cuda.is_bf16_supported(),
             cpu_count=cpus,
         )
-    return Hardware(device="cpu", name=platform.machine(), device_count=1, bf16=_cpu_has_bf16(), cpu_count=cpus)
+    return Hardware(
+        device="cpu", name=platform.machine(), device_count=1, bf16=_cpu_has_bf16(), cpu_count=cpus
+    )
 
 
 def _cpu_has_bf16() -> bool:

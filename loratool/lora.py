@@ -25,7 +25,9 @@ def build_lora_config(lora: LoraSection) -> LoraConfig:
     try:
         return LoraConfig(task_type=TaskType.CAUSAL_LM, **fields)
     except (TypeError, ValueError) as exc:
-        raise LoratoolError(f"lora: peft rejected the settings: {exc}", hint="check the lora section") from None
+        raise LoratoolError(
+            f"lora: peft rejected the settings: {exc}", hint="check the lora section"
+        ) from None
 
 
 def check_target_modules(model: PreTrainedModel, lora: LoraSection) -> None:
@@ -34,7 +36,11 @@ def check_target_modules(model: PreTrainedModel, lora: LoraSection) -> None:
 
     if lora.target_modules == "all-linear":
         return
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding) or _is_bnb(m)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Embedding) or _is_bnb(m)
+    ]
     leaf_names = sorted({n.rsplit(".", 1)[-1] for n in names})
     if isinstance(lora.target_modules, str):
         if not any(re.fullmatch(lora.target_modules, n) for n in names):
@@ -75,10 +81,14 @@ def attach_adapter(
     try:
         return get_peft_model(model, build_lora_config(lora))
     except ValueError as exc:
-        raise LoratoolError(f"lora: cannot attach the adapter: {exc}", hint="check lora.target_modules") from None
+        raise LoratoolError(
+            f"lora: cannot attach the adapter: {exc}", hint="check lora.target_modules"
+        ) from None
 
 
-def build_loraplus_optimizer(model: PeftModel, lora: LoraSection, args: TrainingArguments) -> torch.optim.Optimizer | None:
+def build_loraplus_optimizer(
+    model: PeftModel, lora: LoraSection, args: TrainingArguments
+) -> torch.optim.Optimizer | None:
     """LoRA+ (B matrices at lr * ratio) with the optimizer class `training.optim` names; None for plain LoRA."""
     if lora.loraplus_lr_ratio is None:
         return None

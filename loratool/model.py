@@ -78,9 +78,13 @@ def load_model(recipe: Recipe, hw: Hardware) -> PreTrainedModel:
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
     if recipe.quantization is not None:
-        kwargs["quantization_config"] = build_quantization_config(recipe.quantization, compute_dtype(recipe, hw))
+        kwargs["quantization_config"] = build_quantization_config(
+            recipe.quantization, compute_dtype(recipe, hw)
+        )
         # Quantized weights are placed at load time; under DDP each process holds its own copy.
-        kwargs["device_map"] = {"": PartialState().local_process_index} if hw.device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = (
+            {"": PartialState().local_process_index} if hw.device == "cuda" else {"": "cpu"}
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.base_model, **kwargs)
     except (OSError, ValueError) as exc:
@@ -92,7 +96,9 @@ def load_model(recipe: Recipe, hw: Hardware) -> PreTrainedModel:
 def _not_loadable(what: str, source: str, exc: Exception) -> LoratoolError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if looks_like_local_path(source):
-        hint = f"check that {source} holds a Hugging Face {what} (config.json, *.safetensors, tokenizer files)"
+        hint = (
+            f"check that {source} holds a Hugging Face {what} (config.json, *.safetensors, tokenizer files)"
+        )
     else:
         hint = (
             f"'{source}' is read as a hub id; on an offline machine it must already be in the Hugging Face "

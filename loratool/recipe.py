@@ -125,10 +125,10 @@ class LoraSection(Section):
     layers_pattern: list[str] | str | None = None
     """Name of the layer container that `layers_to_transform` indexes (`layers`, `h`, ...)."""
 
-    rank_pattern: dict[str, int] | None = None
+    rank_pattern: dict[str, int] = {}
     """Per-module rank overrides: {regex or name: rank}."""
 
-    alpha_pattern: dict[str, float] | None = None
+    alpha_pattern: dict[str, float] = {}
     """Per-module alpha overrides: {regex or name: alpha}."""
 
     fan_in_fan_out: bool = False
@@ -367,7 +367,15 @@ RESERVED_TRAINING_KEYS = frozenset(
 )
 # LoraConfig fields that describe the adapter's bookkeeping, not a choice.
 RESERVED_LORA_KEYS = frozenset(
-    {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
+    {
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+    }
 )
 
 
@@ -388,7 +396,9 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     if training.warmup_ratio is not None and training.warmup_steps is not None:
         problems.append("training: warmup_ratio and warmup_steps are both set — keep one")
     if training.max_steps <= 0 and training.max_steps != -1:
-        problems.append("training.max_steps: must be a positive number of steps, or -1 to use num_train_epochs")
+        problems.append(
+            "training.max_steps: must be a positive number of steps, or -1 to use num_train_epochs"
+        )
     if data.packing and not data.padding_free:
         problems.append(
             "data.packing: packing needs data.padding_free: true (packed rows are kept apart by position ids, "

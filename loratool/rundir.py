@@ -103,7 +103,9 @@ class RunDir:
         if not self.path.is_dir() or not (self.path / MANIFEST).is_file():
             return "foreign"
         finished = self.read_manifest().get("status") == "complete"
-        return "finished" if finished and all((self.path / f).is_file() for f in ADAPTER_FILES) else "unfinished"
+        return (
+            "finished" if finished and all((self.path / f).is_file() for f in ADAPTER_FILES) else "unfinished"
+        )
 
     def read_manifest(self) -> dict[str, Any]:
         try:
@@ -137,7 +139,9 @@ class RunDir:
         # Adapter weights before their config: a directory with weights but no adapter_config.json is
         # not loadable, so no interruption point leaves something that looks like a finished adapter.
         names = sorted(p.name for p in staging.iterdir())
-        order = [n for n in names if n not in ADAPTER_FILES] + [n for n in reversed(ADAPTER_FILES) if n in names]
+        order = [n for n in names if n not in ADAPTER_FILES] + [
+            n for n in reversed(ADAPTER_FILES) if n in names
+        ]
         for name in order:
             target = self.path / name
             if target.is_dir():

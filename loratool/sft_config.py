@@ -26,7 +26,9 @@ def build_sft_config(
 ) -> SFTConfig:
     from trl import SFTConfig
 
-    fields = training.model_dump(exclude=_OURS_NOT_SFT | {"output_dir", "eval_steps", "save_steps"})
+    fields = training.model_dump(
+        exclude=_OURS_NOT_SFT | {"output_dir", "eval_steps", "save_steps", "bf16", "fp16"}
+    )
     fields.update(training.model_extra or {})
     eval_strategy = "no" if not has_validation else ("steps" if training.eval_steps else "epoch")
     # Early stopping restores the best checkpoint, so checkpoints must line up with evaluations.

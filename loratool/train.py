@@ -101,7 +101,9 @@ def run_train(
         def write_outputs(folder: Path) -> None:
             trainer.model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)  # with the chat template the data was rendered with
-            plot_loss_curve(read_metrics(run.metrics), folder / LOSS_CURVE, title=f"{recipe.base_model} · LoRA")
+            plot_loss_curve(
+                read_metrics(run.metrics), folder / LOSS_CURVE, title=f"{recipe.base_model} · LoRA"
+            )
 
         if trainer.is_world_process_zero():
             run.finish(write_outputs, manifest)
@@ -123,7 +125,16 @@ def _manifest_header(recipe: Recipe, hw: hardware.Hardware, started: float) -> d
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "tokenizers"):
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+        "tokenizers",
+    ):
         try:
             versions[name] = version(name)
         except PackageNotFoundError:
@@ -140,8 +151,11 @@ def _manifest_header(recipe: Recipe, hw: hardware.Hardware, started: float) -> d
             "revision": recipe.model.revision,
             "resolved_path": str(model_dir) if model_dir else None,
             "fingerprint": weights_fingerprint(model_dir) if model_dir else None,
-            "quantization": "4bit" if recipe.quantization and recipe.quantization.load_in_4bit else
-            "8bit" if recipe.quantization and recipe.quantization.load_in_8bit else None,
+            "quantization": "4bit"
+            if recipe.quantization and recipe.quantization.load_in_4bit
+            else "8bit"
+            if recipe.quantization and recipe.quantization.load_in_8bit
+            else None,
         },
         "hardware": {**hw.to_dict(), "platform": platform.platform()},
     }
@@ -158,7 +172,9 @@ def _peak_memory(hw: hardware.Hardware) -> dict[str, int]:
     return peak
 
 
-def dry_run(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print) -> None:
+def dry_run(
+    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print
+) -> None:
     """Everything `train` checks and resolves before loading weights, with nothing written to disk:
     hardware rules, the output directory, the tokenizer and chat template, every data row, and the
     adapter's target modules and size on a weightless (meta-device) copy of the model."""

@@ -46,7 +46,9 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
-def smoke_recipe(base_model: Path | str, data_path: Path | str, output_dir: Path | str, **sections: Any) -> dict:
+def smoke_recipe(
+    base_model: Path | str, data_path: Path | str, output_dir: Path | str, **sections: Any
+) -> dict:
     """A small, fast recipe on a tiny model; sections given here update the defaults key by key."""
     recipe: dict[str, Any] = {
         "base_model": str(base_model),

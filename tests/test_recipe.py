@@ -45,14 +45,20 @@ def test_minimal_recipe_fills_documented_defaults():
 
 def test_recipe_is_frozen():
     recipe = validate_recipe(MINIMAL)
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         recipe.training.learning_rate = 1.0  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
     ("section", "key", "expected"),
     [
-        ("training", "learnig_rate", "training.learnig_rate: unknown key — did you mean training.learning_rate?"),
+        (
+            "training",
+            "learnig_rate",
+            "training.learnig_rate: unknown key — did you mean training.learning_rate?",
+        ),
         ("lora", "lora_alhpa", "lora.lora_alhpa: unknown key — did you mean lora.lora_alpha?"),
         ("data", "max_lenght", "data.max_lenght: unknown key — did you mean data.max_length?"),
         ("model", "trust_remote", "model.trust_remote: unknown key — did you mean model.trust_remote_code?"),
@@ -112,7 +118,9 @@ def test_library_field_list_matches_installed_libraries():
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("gen", Path(__file__).parents[1] / "scripts/gen_library_fields.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen", Path(__file__).parents[1] / "scripts/gen_library_fields.py"
+    )
     gen = importlib.util.module_from_spec(spec)
     sys.modules["gen"] = gen
     spec.loader.exec_module(gen)
@@ -126,13 +134,25 @@ def test_library_field_list_matches_installed_libraries():
 @pytest.mark.parametrize(
     ("raw_update", "expected"),
     [
-        (("quantization", {"load_in_4bit": True, "load_in_8bit": True}), "load_in_4bit and load_in_8bit are both"),
+        (
+            ("quantization", {"load_in_4bit": True, "load_in_8bit": True}),
+            "load_in_4bit and load_in_8bit are both",
+        ),
         (("quantization", {"bnb_4bit_quant_type": "nf4"}), "neither load_in_4bit nor load_in_8bit"),
         (("training", {"output_dir": "o", "bf16": True, "fp16": True}), "bf16 and fp16 are both true"),
-        (("training", {"output_dir": "o", "warmup_ratio": 0.1, "warmup_steps": 5}), "warmup_ratio and warmup_steps"),
+        (
+            ("training", {"output_dir": "o", "warmup_ratio": 0.1, "warmup_steps": 5}),
+            "warmup_ratio and warmup_steps",
+        ),
         (("training", {"output_dir": "o", "eval_steps": 10}), "no data.validation to evaluate on"),
-        (("training", {"output_dir": "o", "early_stopping_patience": 2}), "early stopping needs data.validation"),
-        (("data", {"train": [{"path": "a"}], "packing": True, "padding_free": False}), "packing needs data.padding_free"),
+        (
+            ("training", {"output_dir": "o", "early_stopping_patience": 2}),
+            "early stopping needs data.validation",
+        ),
+        (
+            ("data", {"train": [{"path": "a"}], "packing": True, "padding_free": False}),
+            "packing needs data.padding_free",
+        ),
         (("lora", {"init_lora_weights": "magic"}), "'magic' is not a known initialization"),
         (("training", {"output_dir": "o", "max_steps": 0}), "training.max_steps: must be a positive"),
     ],
@@ -148,7 +168,9 @@ def test_validation_accepts_sources_or_fraction_only():
     assert validate_recipe(with_("data", validation=0.1)).data.validation == 0.1
     sources = validate_recipe(with_("data", validation=[{"path": "v.jsonl"}])).data.validation
     assert sources[0].path == "v.jsonl"
-    assert "data.validation: expected a valid list or less than 1 (got 2.0)" in problems_of(with_("data", validation=2.0))
+    assert "data.validation: expected a valid list or less than 1 (got 2.0)" in problems_of(
+        with_("data", validation=2.0)
+    )
 
 
 def test_overrides_parse_yaml_scalars_and_index_lists(tmp_path):
@@ -213,7 +235,11 @@ def test_relative_paths_resolve_against_the_recipe_directory(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "t.jsonl").write_text("{}\n")
     (tmp_path / "model").mkdir()
-    raw = {**MINIMAL, "base_model": "./model", "data": {"train": [{"path": "data/t.jsonl"}, {"path": "org/name"}]}}
+    raw = {
+        **MINIMAL,
+        "base_model": "./model",
+        "data": {"train": [{"path": "data/t.jsonl"}, {"path": "org/name"}]},
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     recipe = load_recipe(path)

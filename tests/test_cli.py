@@ -1,0 +1,86 @@
+"""The command line itself: help without heavy imports, one clean error message per failure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+from loratool import __version__
+from loratool.cli import app
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from loratool.cli import app\n"
+        "for args in (['--help'], ['train', '--help']):\n"
+        "    result = CliRunner().invoke(app, args)\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets') if m in sys.modules]\n"
+        "print('heavy:', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "heavy: []" in result.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["recipe-reference"]])
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+
+
+def test_train_help_lists_options():
+    output = CliRunner().invoke(app, ["train", "--help"]).output
+    for option in ("--set", "--dry-run", "--overwrite", "--resume", "RECIPE"):
+        assert option in output
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_recipe_reference_lists_keys():
+    result = CliRunner().invoke(app, ["recipe-reference"])
+    assert result.exit_code == 0
+    assert "training.learning_rate  (default: 0.0002)" in result.output
+    assert "quantization.bnb_4bit_quant_type" in result.output
+
+
+def test_missing_recipe_is_one_line_error_with_hint(tmp_path):
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[0] == f"error: recipe file not found: {tmp_path / 'nope.yaml'}"
+    assert result.output.splitlines()[1].startswith("hint: ")
+
+
+def test_recipe_problems_exit_1_without_traceback_in_a_real_process(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "base_model: x\ndata: {train: [{path: a.jsonl}]}\ntraining: {output_dir: o, learnig_rate: 1}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "loratool", "train", str(recipe)], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 1
+    assert "training.learnig_rate: unknown key — did you mean training.learning_rate?" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_unexpected_errors_are_clean_too(monkeypatch, tmp_path):
+    import loratool.recipe
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(loratool.recipe, "load_recipe", explode)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 1
+    assert "error: unexpected RuntimeError: boom" in result.output and "LORATOOL_DEBUG=1" in result.output

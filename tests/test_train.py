@@ -1,0 +1,266 @@
+"""`loratool train` end to end through the real CLI, on tiny models, on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import trl
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import REPO, smoke_recipe, write_recipe
+from loratool.cli import app
+from loratool.fingerprint import weights_fingerprint
+from loratool.recipe import load_recipe
+
+EXPECTED_RUN_FILES = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "chat_template.jinja",
+    "checkpoints",
+    "loss_curve.png",
+    "metrics.jsonl",
+    "recipe.yaml",
+    "run.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+class RecordingTrainer(trl.SFTTrainer):
+    """The real SFTTrainer, remembered so a test can look at the model that was trained in memory."""
+
+    instances: list[trl.SFTTrainer] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        RecordingTrainer.instances.append(self)
+
+
+@pytest.fixture()
+def recording_trainer(monkeypatch):
+    RecordingTrainer.instances = []
+    monkeypatch.setattr(trl, "SFTTrainer", RecordingTrainer)
+    return RecordingTrainer.instances
+
+
+def train_cli(recipe_path: Path, *extra: str):
+    result = CliRunner().invoke(app, ["train", str(recipe_path), *extra])
+    return result
+
+
+def probe_ids(model_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer("Spell the word backwards: falcon", return_tensors="pt")["input_ids"]
+
+
+def base_linear_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(model_dir / "model.safetensors").items() if k.endswith("proj.weight")}
+
+
+def test_lora_end_to_end(tmp_path, tiny_llama, smoke_data, recording_trainer):
+    out = tmp_path / "run"
+    recipe = smoke_recipe(
+        tiny_llama,
+        smoke_data,
+        out,
+        data={"train": [{"path": str(smoke_data), "format": "alpaca"}], "validation": 0.1, "max_length": 64},
+        training={"max_steps": 30, "eval_steps": 10, "save_steps": 10, "learning_rate": 1e-2},
+    )
+    result = train_cli(write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    assert "tokens" in result.output and "loss on" in result.output  # the data summary came first
+    assert {p.name for p in out.iterdir()} == EXPECTED_RUN_FILES
+
+    # The loss falls on a learnable task, in training and on held-out rows.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert len(evals) >= 3 and evals[-1] < evals[0], evals
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The manifest describes the run.
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["base_model"]["fingerprint"] == weights_fingerprint(tiny_llama)
+    assert manifest["train"]["global_step"] == 30
+    assert manifest["train"]["tokens_trained"] > 0
+    assert manifest["train"]["final_eval_loss"] == pytest.approx(evals[-1], rel=1e-4)
+    assert (
+        manifest["data"] and manifest["versions"]["peft"] and manifest["peak_memory_bytes"]["process_rss"] > 0
+    )
+    assert manifest["wall_time_s"] > 0
+
+    # recipe.yaml is the resolved recipe and is itself a valid recipe.
+    assert load_recipe(out / "recipe.yaml").training.max_steps == 30
+
+    # The adapter reloads with plain PEFT and reproduces the trained model's logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trained = recording_trainer[0].model.eval()
+    ids = probe_ids(out)
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out).eval()
+        got = reloaded(input_ids=ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - base_logits).abs().max() > 1e-2  # the adapter does something
+
+    # Base weights unchanged, adapter weights changed (B starts at zero).
+    base = base_linear_weights(tiny_llama)
+    for name, module in reloaded.named_modules():
+        if hasattr(module, "base_layer") and name.endswith("q_proj"):
+            key = name.split("base_model.model.", 1)[1] + ".weight"
+            torch.testing.assert_close(module.base_layer.weight, base[key], atol=0, rtol=0)
+            assert module.lora_B["default"].weight.abs().max() > 0
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert all("lora_" in k for k in adapter)
+    assert len(adapter) == 2 * 7 * 2  # A and B for 7 linear layers in each of 2 blocks
+
+    # The saved tokenizer carries the chat template the data was rendered with.
+    from transformers import AutoTokenizer
+
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_qlora_4bit_end_to_end(tmp_path, tiny_llama, smoke_data, recording_trainer):
+    out = tmp_path / "qrun"
+    recipe = smoke_recipe(
+        tiny_llama,
+        smoke_data,
+        out,
+        quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+        training={"max_steps": 20, "learning_rate": 1e-2},
+    )
+    result = train_cli(write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter_model.safetensors").is_file()
+    losses = [
+        json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
+    assert losses[-1] < 0.7 * losses[0], losses
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["base_model"]["quantization"] == "4bit"
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    trained = recording_trainer[0].model
+    assert type(trained.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    ids = probe_ids(out)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=quant, device_map={"": "cpu"})
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, trained.eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+        )
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_llama, smoke_data):
+    out = tmp_path / "run"
+    recipe_path = write_recipe(
+        tmp_path / "r.yaml",
+        smoke_recipe(tiny_llama, smoke_data, out, training={"max_steps": 4, "save_steps": 2}),
+    )
+    assert train_cli(recipe_path).exit_code == 0
+    refused = train_cli(recipe_path)
+    assert refused.exit_code == 1 and "already holds a finished run" in refused.output
+    result = train_cli(recipe_path, "--resume", "--set", "training.max_steps=6")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["train"]["global_step"] == 6 and manifest["status"] == "complete"
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6 and 5 in steps and 1 not in steps[steps.index(4) + 1 :]  # resumed, not restarted
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_dry_run_resolves_everything_and_writes_nothing(tmp_path, tiny_llama, smoke_data):
+    out = tmp_path / "never"
+    recipe_path = write_recipe(tmp_path / "r.yaml", smoke_recipe(tiny_llama, smoke_data, out))
+    result = train_cli(recipe_path, "--dry-run", "--set", "lora.r=4")
+    assert result.exit_code == 0, result.output
+    assert "resolved recipe:" in result.output
+    assert "  r: 4" in result.output and "lora_dropout: 0.0" in result.output
+    assert "trainable parameters" in result.output and "loss on" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected", "hint"),
+    [
+        ({"data": {"train": [{"path": "missing.jsonl"}]}}, "missing.jsonl", None),
+        ({"base_model": "./no/such/model"}, "base model not found", "local model directory"),
+        (
+            {"lora": {"target_modules": ["q_proj", "query_key_value"]}},
+            "query_key_value matches no layer",
+            "q_proj",
+        ),
+    ],
+)
+def test_bad_input_exits_1_with_one_clean_message(tmp_path, tiny_llama, smoke_data, change, expected, hint):
+    out = tmp_path / "run"
+    recipe = smoke_recipe(tiny_llama, smoke_data, out)
+    recipe.update(change)
+    result = train_cli(write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 1, result.output
+    assert expected in result.output
+    assert "Traceback" not in result.output
+    if hint:
+        assert "hint:" in result.output and hint in result.output
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_malformed_row_fails_with_its_line_and_skip_counts_it(tmp_path, tiny_llama):
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
+    data.write_text("\n".join([good] * 10 + ['{"instruction": "broken", ']) + "\n")
+    out = tmp_path / "run"
+    recipe_path = write_recipe(
+        tmp_path / "r.yaml", smoke_recipe(tiny_llama, data, out, training={"max_steps": 2})
+    )
+    result = train_cli(recipe_path)
+    assert result.exit_code == 1
+    assert f"{data}:11" in result.output and "on_bad_row: skip" in result.output
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "failed" and not (out / "adapter_config.json").exists()
+    result = train_cli(recipe_path, "--overwrite", "--set", "data.on_bad_row=skip")
+    assert result.exit_code == 0, result.output
+    assert "malformed" in result.output
+
+
+def test_empty_dataset_after_filtering_is_an_error(tmp_path, tiny_llama, smoke_data):
+    recipe = smoke_recipe(tiny_llama, smoke_data, tmp_path / "run")
+    recipe["data"].update(max_length=4, truncation="drop")
+    result = train_cli(write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 1
+    assert "max_length" in result.output and "Traceback" not in result.output
+
+
+def test_debug_variable_shows_the_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "loratool", "train", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        env={"LORATOOL_DEBUG": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        cwd=REPO,
+    )
+    assert (
+        result.returncode == 1 and "Traceback" in result.stderr and "recipe file not found" in result.stderr
+    )
