@@ -37,7 +37,7 @@ format: install
 # The demo: build a tiny random Llama (with a real trained tokenizer) and fine-tune it on the embedded
 # smoke dataset, on CPU, in well under a minute.
 demo: install
-	$(BIN)/python scripts/make_tiny_model.py .cache/tiny-llama --arch llama
+	$(BIN)/python scripts/make_tiny_model.py .cache/tiny-llama --arch llama --hidden-size 256 --layers 4
 	$(BIN)/loratool train recipes/tiny-smoke.yaml --overwrite
 
 bench: install

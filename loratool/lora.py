@@ -106,3 +106,15 @@ def build_loraplus_optimizer(
         loraplus_weight_decay=args.weight_decay,
         **optimizer_kwargs,
     )
+
+
+def keep_adapter_in(model: PeftModel, dtype: torch.dtype) -> None:
+    """Cast the trainable adapter weights to `dtype`.
+
+    trl's SFTTrainer casts the adapter of any quantized model to bf16 (the QLoRA paper's setting for bf16
+    GPUs). Where the model computes in fp32 (CPU, or compute dtype float32), bf16 adapters only lose
+    precision and speed, and the saved adapter would not match the one a user reloads in fp32.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)

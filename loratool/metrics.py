@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 
 class MetricsLog(TrainerCallback):
@@ -28,6 +30,49 @@ class MetricsLog(TrainerCallback):
         if state.max_steps and state.global_step >= state.max_steps:
             control.should_save = True
         return control
+
+
+class ConciseProgress(ProgressCallback):
+    """The trainer's progress bar, with one short line per log instead of a dump of every metric, and
+    no second bar for each evaluation. Without a terminal (CI logs, `| tee`), only the lines."""
+
+    SHOWN = ("loss", "eval_loss", "learning_rate", "grad_norm")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if sys.stderr.isatty():
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        return None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        return None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        parts = [f"{k} {_fmt(logs[k])}" for k in self.SHOWN if k in logs]
+        if not parts:
+            return
+        line = f"step {state.global_step}/{state.max_steps} · " + " · ".join(parts)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
+
+
+def _fmt(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return str(value)
+    return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.4f}"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

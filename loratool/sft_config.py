@@ -29,6 +29,8 @@ def build_sft_config(
     fields = training.model_dump(
         exclude=_OURS_NOT_SFT | {"output_dir", "eval_steps", "save_steps", "bf16", "fp16"}
     )
+    # Defaults a recipe may override with a pass-through key (e.g. disable_tqdm: true for log files).
+    fields = {"disable_tqdm": False, "include_num_input_tokens_seen": "non_padding", **fields}
     fields.update(training.model_extra or {})
     eval_strategy = "no" if not has_validation else ("steps" if training.eval_steps else "epoch")
     # Early stopping restores the best checkpoint, so checkpoints must line up with evaluations.
@@ -58,8 +60,6 @@ def build_sft_config(
             shuffle_dataset=False,  # the data module shuffles with training.seed; the sampler shuffles per epoch
             dataset_kwargs=None,
             remove_unused_columns=True,
-            include_num_input_tokens_seen="non_padding",
-            disable_tqdm=False,
         )
     except (TypeError, ValueError) as exc:
         raise LoratoolError(

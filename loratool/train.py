@@ -11,8 +11,8 @@ from typing import Any
 from loratool import __version__, hardware
 from loratool.data import build_datasets
 from loratool.fingerprint import weights_fingerprint
-from loratool.lora import attach_adapter, build_loraplus_optimizer
-from loratool.metrics import MetricsLog, plot_loss_curve, read_metrics
+from loratool.lora import attach_adapter, build_loraplus_optimizer, keep_adapter_in
+from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics
 from loratool.model import load_model, load_tokenizer, local_model_dir
 from loratool.recipe import Recipe, recipe_to_dict
 from loratool.rundir import LOSS_CURVE, RunDir
@@ -25,6 +25,7 @@ def run_train(
     """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory."""
     import torch
     from transformers import EarlyStoppingCallback, set_seed
+    from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
 
     started = time.time()
@@ -77,10 +78,14 @@ def run_train(
             callbacks=callbacks,
             optimizers=(build_loraplus_optimizer(model, recipe.lora, args), None),
         )
+        if recipe.is_quantized() and hardware.compute_dtype(recipe, hw) == torch.float32:
+            keep_adapter_in(model, torch.float32)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(ConciseProgress())
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         result = trainer.train(resume_from_checkpoint=str(run.latest_checkpoint()) if resume else None)
-        final_eval = trainer.evaluate() if data.validation is not None else {}
+        final_eval = _final_evaluation(trainer) if data.validation is not None else {}
 
         manifest["train"] = {
             "global_step": trainer.state.global_step,
@@ -117,6 +122,18 @@ def run_train(
     )
     log(f"adapter written to {run.path}")
     return run.path
+
+
+def _final_evaluation(trainer: Any) -> dict[str, float]:
+    """Validation metrics of the final adapter: the last evaluation if it ran at the last step, else a new one."""
+    last = next((r for r in reversed(trainer.state.log_history) if "eval_loss" in r), None)
+    if (
+        last is not None
+        and last.get("step") == trainer.state.global_step
+        and not trainer.args.load_best_model_at_end
+    ):
+        return last
+    return trainer.evaluate()
 
 
 def _manifest_header(recipe: Recipe, hw: hardware.Hardware, started: float) -> dict[str, Any]:

@@ -8,7 +8,7 @@ EOS), hyperparameters, seed and example order — only how batches are laid out 
 Each side runs in its own process so that peak memory (max RSS) is its own. Printed: real tokens
 (non-padding) per second of training loop, peak RSS, final training loss, and the ratios.
 
-    python scripts/bench_train.py [--rows 320] [--batch-size 8] [--hidden-size 512] [--layers 8]
+    python scripts/bench_train.py [--rows 128] [--batch-size 8] [--hidden-size 512] [--layers 8]
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def run_loratool(model_dir: str, data: str, out: str, batch_size: int, max_lengt
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=320)
+    parser.add_argument("--rows", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--hidden-size", type=int, default=512)
@@ -166,7 +166,9 @@ def main() -> None:
     )
     data = work / "train.jsonl"
     make_dataset(data, args.rows, seed=0)
-    print(f"model: random Llama, {count_parameters(model_dir) / 1e6:.1f}M parameters · data: {args.rows} rows")
+    print(
+        f"model: random Llama, {count_parameters(model_dir) / 1e6:.1f}M parameters · data: {args.rows} rows"
+    )
     results = {}
     for role in ("baseline", "loratool"):
         command = [
@@ -179,7 +181,9 @@ def main() -> None:
             raise SystemExit(f"{role} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         results[role] = json.loads(line.removeprefix("RESULT "))
 
-    print(f"{'':10} {'real tokens':>12} {'train loop s':>13} {'tokens/s':>10} {'peak RSS MiB':>13} {'train loss':>11}")
+    print(
+        f"{'':10} {'real tokens':>12} {'train loop s':>13} {'tokens/s':>10} {'peak RSS MiB':>13} {'train loss':>11}"
+    )
     for role, r in results.items():
         r["tokens_per_s"] = r["real_tokens"] / r["train_runtime_s"]
         print(
@@ -187,7 +191,9 @@ def main() -> None:
             f"{r['peak_rss_bytes'] / 2**20:>13.0f} {r['train_loss']:>11.4f}"
         )
     base, ours = results["baseline"], results["loratool"]
-    print(f"speed ratio (loratool / baseline, real tokens per second): {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    print(
+        f"speed ratio (loratool / baseline, real tokens per second): {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x"
+    )
     print(f"peak memory ratio (loratool / baseline): {ours['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x")
     print(f"train loss difference: {abs(ours['train_loss'] - base['train_loss']):.4f}")
 

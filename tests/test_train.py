@@ -66,13 +66,25 @@ def base_linear_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(model_dir / "model.safetensors").items() if k.endswith("proj.weight")}
 
 
-def test_lora_end_to_end(tmp_path, tiny_llama, smoke_data, recording_trainer):
+def learnable_data(path: Path, rows: int = 64) -> Path:
+    """A task a 140k-parameter random model learns in a few dozen steps: one fixed answer per instruction."""
+    with path.open("w") as fh:
+        for i in range(rows):
+            kind = i % 2
+            instruction = ["Is the sky blue?", "Name a colour."][kind] + f" (case {i})"
+            output = ["Yes, it is blue.", "Red is a colour."][kind]
+            fh.write(json.dumps({"instruction": instruction, "input": "", "output": output}) + "\n")
+    return path
+
+
+def test_lora_end_to_end(tmp_path, tiny_llama, recording_trainer):
     out = tmp_path / "run"
+    data = learnable_data(tmp_path / "train.jsonl")
     recipe = smoke_recipe(
         tiny_llama,
-        smoke_data,
+        data,
         out,
-        data={"train": [{"path": str(smoke_data), "format": "alpaca"}], "validation": 0.1, "max_length": 64},
+        data={"train": [{"path": str(data), "format": "alpaca"}], "validation": 0.125, "max_length": 64},
         training={"max_steps": 30, "eval_steps": 10, "save_steps": 10, "learning_rate": 1e-2},
     )
     result = train_cli(write_recipe(tmp_path / "r.yaml", recipe))
@@ -84,8 +96,8 @@ def test_lora_end_to_end(tmp_path, tiny_llama, smoke_data, recording_trainer):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    assert losses[-1] < 0.6 * losses[0], losses
-    assert len(evals) >= 3 and evals[-1] < evals[0], evals
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert len(evals) == 3 and evals[-1] < evals[0] and evals[-1] < 0.5 * losses[0], evals
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The manifest describes the run.
@@ -134,11 +146,12 @@ def test_lora_end_to_end(tmp_path, tiny_llama, smoke_data, recording_trainer):
     assert "<|im_start|>" in AutoTokenizer.from_pretrained(out).chat_template
 
 
-def test_qlora_4bit_end_to_end(tmp_path, tiny_llama, smoke_data, recording_trainer):
+def test_qlora_4bit_end_to_end(tmp_path, tiny_llama, recording_trainer):
     out = tmp_path / "qrun"
+    data = learnable_data(tmp_path / "train.jsonl")
     recipe = smoke_recipe(
         tiny_llama,
-        smoke_data,
+        data,
         out,
         quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
         training={"max_steps": 20, "learning_rate": 1e-2},
@@ -149,7 +162,7 @@ def test_qlora_4bit_end_to_end(tmp_path, tiny_llama, smoke_data, recording_train
     losses = [
         json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
     ]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["base_model"]["quantization"] == "4bit"
 
@@ -157,6 +170,9 @@ def test_qlora_4bit_end_to_end(tmp_path, tiny_llama, smoke_data, recording_train
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     trained = recording_trainer[0].model
+    assert {p.dtype for p in trained.parameters() if p.requires_grad} == {
+        torch.float32
+    }  # fp32 compute on CPU
     assert type(trained.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
     ids = probe_ids(out)
     quant = BitsAndBytesConfig(
@@ -187,7 +203,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_llama, smoke_d
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["train"]["global_step"] == 6 and manifest["status"] == "complete"
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) == 6 and 5 in steps and 1 not in steps[steps.index(4) + 1 :]  # resumed, not restarted
+    assert steps == sorted(steps) and steps[-1] == 6 and steps.count(2) == 1  # resumed, not restarted
     assert (out / "adapter_model.safetensors").is_file()
 
 
