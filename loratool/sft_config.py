@@ -27,8 +27,11 @@ def build_sft_config(
     from trl import SFTConfig
 
     fields = training.model_dump(
-        exclude=_OURS_NOT_SFT | {"output_dir", "eval_steps", "save_steps", "bf16", "fp16"}
+        exclude=_OURS_NOT_SFT
+        | {"output_dir", "eval_steps", "save_steps", "bf16", "fp16", "gradient_checkpointing"}
     )
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
+    fields["activation_checkpointing"] = training.gradient_checkpointing
     # Defaults a recipe may override with a pass-through key (e.g. disable_tqdm: true for log files).
     fields = {"disable_tqdm": False, "include_num_input_tokens_seen": "non_padding", **fields}
     fields.update(training.model_extra or {})
