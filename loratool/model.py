@@ -74,6 +74,7 @@ def load_model(recipe: Recipe, hw: Hardware) -> PreTrainedModel:
         "revision": recipe.model.revision,
         "trust_remote_code": recipe.model.trust_remote_code,
         "dtype": model_dtype(recipe.model.dtype, hw),
+        "use_safetensors": True,  # never unpickle weights: a .bin-only checkpoint is refused below
     }
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
@@ -88,9 +89,24 @@ def load_model(recipe: Recipe, hw: Hardware) -> PreTrainedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.base_model, **kwargs)
     except (OSError, ValueError) as exc:
+        if local_dir_has_only_pickles(recipe.base_model):
+            raise LoratoolError(
+                f"{recipe.base_model} has weights only in pickle files (*.bin / *.pt), which loratool does not "
+                "load: unpickling can run arbitrary code",
+                hint="convert the checkpoint once to safetensors (load it yourself, then "
+                "save_pretrained(dir, safe_serialization=True)) and point base_model at the result",
+            ) from None
         raise _not_loadable("model", recipe.base_model, exc) from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return model
+
+
+def local_dir_has_only_pickles(base_model: str) -> bool:
+    path = Path(base_model).expanduser()
+    if not path.is_dir():
+        return False
+    has_pickles = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    return has_pickles and not any(path.glob("*.safetensors"))
 
 
 def _not_loadable(what: str, source: str, exc: Exception) -> LoratoolError:

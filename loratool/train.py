@@ -28,19 +28,29 @@ def run_train(
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
 
+    from accelerate import PartialState
+
     started = time.time()
     hw = hardware.detect()
     hardware.check(recipe, hw)
-    run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume)
+    # Under `accelerate launch` every process runs this function; only the main one touches the run
+    # directory (the trainer itself saves checkpoints from the main process only).
+    main_process = PartialState().is_main_process
     manifest = _manifest_header(recipe, hw, started)
-    run.start(recipe_to_dict(recipe), manifest)
+    if main_process:
+        run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume)
+        run.start(recipe_to_dict(recipe), manifest)
+    else:
+        run = RunDir(Path(recipe.training.output_dir).expanduser().resolve())
+    PartialState().wait_for_everyone()
     try:
         set_seed(recipe.training.seed)
         tokenizer = load_tokenizer(recipe.base_model, recipe.model)
         data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
         log(data.summary.format())
         manifest["data"] = data.summary.to_dict()
-        run.write_manifest({**manifest, "status": "running"})
+        if main_process:
+            run.write_manifest({**manifest, "status": "running"})
 
         log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
         model = load_model(recipe, hw)
@@ -110,10 +120,11 @@ def run_train(
                 read_metrics(run.metrics), folder / LOSS_CURVE, title=f"{recipe.base_model} · LoRA"
             )
 
-        if trainer.is_world_process_zero():
+        if main_process:
             run.finish(write_outputs, manifest)
     except BaseException as exc:
-        run.fail(manifest, exc)
+        if main_process:
+            run.fail(manifest, exc)
         raise
     log(
         f"done in {manifest['wall_time_s']:.0f}s: {manifest['train']['global_step']} steps, "

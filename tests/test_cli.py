@@ -84,3 +84,27 @@ def test_unexpected_errors_are_clean_too(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
     assert result.exit_code == 1
     assert "error: unexpected RuntimeError: boom" in result.output and "LORATOOL_DEBUG=1" in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("base_model: x\ntraining:\n  output_dir: o\n   seed: 1\n", "YAML syntax error"),
+        (
+            "base_model: x\ndata: {train: [{path: a}]}\ntraining: {output_dir: o, seed: many}\n",
+            "training.seed: expected",
+        ),
+        (
+            "base_model: x\ndata: {train: [{path: a}]}\ntraining: {output_dir: o}\nlora: {rank: 8}\n",
+            "lora.rank: unknown key",
+        ),
+        ("base_model: x\ndata: {train: []}\ntraining: {output_dir: o}\n", "data.train: expected"),
+    ],
+)
+def test_recipe_errors_exit_1_with_error_and_hint(tmp_path, text, expected):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and expected in result.output
+    assert "\nhint: " in result.output and "Traceback" not in result.output

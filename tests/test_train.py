@@ -261,6 +261,21 @@ def test_malformed_row_fails_with_its_line_and_skip_counts_it(tmp_path, tiny_lla
     assert "malformed" in result.output
 
 
+def test_pickle_only_base_model_is_refused(tmp_path, tiny_llama, smoke_data):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict(), pickled / "pytorch_model.bin")
+    result = train_cli(write_recipe(tmp_path / "r.yaml", smoke_recipe(pickled, smoke_data, tmp_path / "run")))
+    assert result.exit_code == 1
+    assert "weights only in pickle files" in result.output and "safetensors" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_empty_dataset_after_filtering_is_an_error(tmp_path, tiny_llama, smoke_data):
     recipe = smoke_recipe(tiny_llama, smoke_data, tmp_path / "run")
     recipe["data"].update(max_length=4, truncation="drop")
