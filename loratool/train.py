@@ -24,11 +24,10 @@ def run_train(
 ) -> Path:
     """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory."""
     import torch
+    from accelerate import PartialState
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
-
-    from accelerate import PartialState
 
     started = time.time()
     hw = hardware.detect()
