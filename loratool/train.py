@@ -10,6 +10,7 @@ from typing import Any
 
 from loratool import __version__, hardware
 from loratool.data import build_datasets
+from loratool.errors import LoratoolError
 from loratool.fingerprint import weights_fingerprint
 from loratool.lora import attach_adapter, build_loraplus_optimizer, keep_adapter_in
 from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics
@@ -32,10 +33,30 @@ def run_train(
     started = time.time()
     hw = hardware.detect()
     hardware.check(recipe, hw)
+    # Refuse a bad output directory now, but create it only once data and model have loaded: a typo in
+    # a data path or base model must not leave behind a "run that did not finish".
+    RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
+
+    set_seed(recipe.training.seed)
+    tokenizer = load_tokenizer(recipe.base_model, recipe.model)
+    data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    log(data.summary.format())
+
+    log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
+    model = load_model(recipe, hw)
+    model = attach_adapter(
+        model,
+        recipe.lora,
+        quantized=recipe.is_quantized(),
+        gradient_checkpointing=recipe.training.gradient_checkpointing,
+    )
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
+
     # Under `accelerate launch` every process runs this function; only the main one touches the run
     # directory (the trainer itself saves checkpoints from the main process only).
     main_process = PartialState().is_main_process
-    manifest = _manifest_header(recipe, hw, started)
+    manifest = {**_manifest_header(recipe, hw, started), "data": data.summary.to_dict()}
     if main_process:
         run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume)
         run.start(recipe_to_dict(recipe), manifest)
@@ -43,25 +64,6 @@ def run_train(
         run = RunDir(Path(recipe.training.output_dir).expanduser().resolve())
     PartialState().wait_for_everyone()
     try:
-        set_seed(recipe.training.seed)
-        tokenizer = load_tokenizer(recipe.base_model, recipe.model)
-        data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
-        log(data.summary.format())
-        manifest["data"] = data.summary.to_dict()
-        if main_process:
-            run.write_manifest({**manifest, "status": "running"})
-
-        log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
-        model = load_model(recipe, hw)
-        model = attach_adapter(
-            model,
-            recipe.lora,
-            quantized=recipe.is_quantized(),
-            gradient_checkpointing=recipe.training.gradient_checkpointing,
-        )
-        trainable, total = model.get_nb_trainable_parameters()
-        log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
-
         bf16, fp16 = hardware.mixed_precision(recipe, hw)
         args = build_sft_config(
             recipe.training,
@@ -124,11 +126,18 @@ def run_train(
     except BaseException as exc:
         if main_process:
             run.fail(manifest, exc)
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise LoratoolError(
+                f"out of GPU memory while training (run state saved in {run.path / 'run.json'})",
+                hint="lower training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
+                "effective batch), lower data.max_length, set training.gradient_checkpointing: true, or load "
+                "the base in 4 bits (quantization.load_in_4bit: true)",
+            ) from None
         raise
     log(
         f"done in {manifest['wall_time_s']:.0f}s: {manifest['train']['global_step']} steps, "
         f"{manifest['train']['tokens_trained']:,} tokens, train loss {result.training_loss:.4f}"
-        + (f", validation loss {final_eval['eval_loss']:.4f}" if final_eval else "")
+        + (f", validation loss {_eval_trend(trainer, final_eval)}" if final_eval else "")
     )
     log(f"adapter written to {run.path}")
     return run.path
@@ -144,6 +153,14 @@ def _final_evaluation(trainer: Any) -> dict[str, float]:
     ):
         return last
     return trainer.evaluate()
+
+
+def _eval_trend(trainer: Any, final_eval: dict[str, float]) -> str:
+    """`4.1234`, or `6.5000 -> 2.4000` when the run also evaluated before its first step."""
+    first = next((r for r in trainer.state.log_history if "eval_loss" in r), None)
+    if first is not None and first.get("step") == 0:
+        return f"{first['eval_loss']:.4f} -> {final_eval['eval_loss']:.4f}"
+    return f"{final_eval['eval_loss']:.4f}"
 
 
 def _manifest_header(recipe: Recipe, hw: hardware.Hardware, started: float) -> dict[str, Any]:

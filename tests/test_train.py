@@ -254,9 +254,8 @@ def test_malformed_row_fails_with_its_line_and_skip_counts_it(tmp_path, tiny_lla
     result = train_cli(recipe_path)
     assert result.exit_code == 1
     assert f"{data}:11" in result.output and "on_bad_row: skip" in result.output
-    manifest = json.loads((out / "run.json").read_text())
-    assert manifest["status"] == "failed" and not (out / "adapter_config.json").exists()
-    result = train_cli(recipe_path, "--overwrite", "--set", "data.on_bad_row=skip")
+    assert not out.exists()  # a data error stops the run before its directory is created
+    result = train_cli(recipe_path, "--set", "data.on_bad_row=skip")
     assert result.exit_code == 0, result.output
     assert "malformed" in result.output
 
@@ -274,6 +273,35 @@ def test_pickle_only_base_model_is_refused(tmp_path, tiny_llama, smoke_data):
     assert result.exit_code == 1
     assert "weights only in pickle files" in result.output and "safetensors" in result.output
     assert "Traceback" not in result.output
+
+
+def test_crash_during_training_leaves_a_failed_run_and_no_adapter(
+    tmp_path, tiny_llama, smoke_data, monkeypatch
+):
+    def crash(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", crash)
+    out = tmp_path / "run"
+    recipe_path = write_recipe(tmp_path / "r.yaml", smoke_recipe(tiny_llama, smoke_data, out))
+    result = train_cli(recipe_path)
+    assert result.exit_code == 1 and "error: out of GPU memory while training" in result.output
+    assert "per_device_train_batch_size" in result.output and "Traceback" not in result.output
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "failed" and "out of memory" in manifest["error"]
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    again = train_cli(recipe_path)
+    assert again.exit_code == 1 and "holds a run that did not finish" in again.output
+
+
+def test_typo_in_data_path_leaves_nothing_behind(tmp_path, tiny_llama):
+    out = tmp_path / "run"
+    recipe_path = write_recipe(tmp_path / "r.yaml", smoke_recipe(tiny_llama, tmp_path / "trian.jsonl", out))
+    for _ in range(2):  # the second attempt is not refused: nothing was left to protect
+        result = train_cli(recipe_path)
+        assert result.exit_code == 1 and "trian.jsonl" in result.output
+        assert "did not finish" not in result.output
+    assert not out.exists()
 
 
 def test_empty_dataset_after_filtering_is_an_error(tmp_path, tiny_llama, smoke_data):
