@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,3 +70,31 @@ def build_sft_config(
             f"training: the trainer rejected the settings: {exc}",
             hint="check the training section against trl.SFTConfig / transformers.TrainingArguments",
         ) from None
+
+
+def check_report_to(training: TrainingSection) -> None:
+    """Refuse experiment trackers that are not installed before anything loads (the trainer would only
+    fail after the model is in memory)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    wanted = [training.report_to] if isinstance(training.report_to, str) else list(training.report_to)
+    wanted = [w for w in wanted if w not in ("none", "all")]
+    unknown = [w for w in wanted if w not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(INTEGRATION_TO_CALLBACK), n=1)
+        raise LoratoolError(
+            f"training.report_to: unknown tracker {', '.join(unknown)}"
+            + (f" — did you mean {close[0]}?" if close else ""),
+            hint=f"choose from none, all, {', '.join(sorted(INTEGRATION_TO_CALLBACK))}",
+        )
+    available = set(get_available_reporting_integrations())
+    missing = [w for w in wanted if w not in available]
+    if missing:
+        raise LoratoolError(
+            f"training.report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed",
+            hint=f"pip install {' '.join(missing)} into loratool's environment, or set training.report_to: none "
+            "(metrics.jsonl and loss_curve.png are written either way)",
+        )

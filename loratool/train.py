@@ -17,7 +17,7 @@ from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_
 from loratool.model import load_model, load_tokenizer, local_model_dir
 from loratool.recipe import Recipe, recipe_to_dict
 from loratool.rundir import LOSS_CURVE, RunDir
-from loratool.sft_config import build_sft_config
+from loratool.sft_config import build_sft_config, check_report_to
 
 
 def run_train(
@@ -33,6 +33,7 @@ def run_train(
     started = time.time()
     hw = hardware.detect()
     hardware.check(recipe, hw)
+    check_report_to(recipe.training)
     # Refuse a bad output directory now, but create it only once data and model have loaded: a typo in
     # a data path or base model must not leave behind a "run that did not finish".
     RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
@@ -80,15 +81,20 @@ def run_train(
                     recipe.training.early_stopping_patience, recipe.training.early_stopping_threshold
                 )
             )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.validation,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-            optimizers=(build_loraplus_optimizer(model, recipe.lora, args), None),
-        )
+        try:
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=data.train,
+                eval_dataset=data.validation,
+                processing_class=tokenizer,
+                callbacks=callbacks,
+                optimizers=(build_loraplus_optimizer(model, recipe.lora, args), None),
+            )
+        except (ValueError, ImportError) as exc:
+            raise LoratoolError(
+                f"trl's SFTTrainer refused this setup: {exc}", hint="check the training section of the recipe"
+            ) from None
         if recipe.is_quantized() and hardware.compute_dtype(recipe, hw) == torch.float32:
             keep_adapter_in(model, torch.float32)
         if trainer.pop_callback(ProgressCallback) is not None:
@@ -227,6 +233,7 @@ def dry_run(
 
     hw = hardware.detect()
     hardware.check(recipe, hw)
+    check_report_to(recipe.training)
     run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
     tokenizer = load_tokenizer(recipe.base_model, recipe.model)
     data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
@@ -239,7 +246,13 @@ def dry_run(
     model = attach_adapter(model, recipe.lora, quantized=False, gradient_checkpointing=False)
     trainable, total = model.get_nb_trainable_parameters()
     bf16, fp16 = hardware.mixed_precision(recipe, hw)
-    precision = "bf16 mixed" if bf16 else "fp16 mixed" if fp16 else str(hardware.compute_dtype(recipe, hw))
+    precision = (
+        "bf16 mixed"
+        if bf16
+        else "fp16 mixed"
+        if fp16
+        else str(hardware.compute_dtype(recipe, hw)).removeprefix("torch.")
+    )
     log(f"hardware: {hw.device} ({hw.name}) · compute in {precision}")
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
     log(f"output: {run.path} ({run.state()})")

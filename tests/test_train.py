@@ -323,3 +323,20 @@ def test_debug_variable_shows_the_traceback(tmp_path):
     assert (
         result.returncode == 1 and "Traceback" in result.stderr and "recipe file not found" in result.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("report_to", "expected"),
+    [
+        ("tensorboard", "training.report_to: tensorboard is not installed"),
+        ("tensorbord", "unknown tracker tensorbord — did you mean tensorboard?"),
+    ],
+)
+def test_missing_or_unknown_tracker_is_refused_before_loading(
+    tmp_path, tiny_llama, smoke_data, report_to, expected
+):
+    out = tmp_path / "run"
+    recipe = smoke_recipe(tiny_llama, smoke_data, out, training={"report_to": report_to})
+    result = train_cli(write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 1 and expected in result.output and "\nhint: " in result.output
+    assert not out.exists()
