@@ -340,3 +340,32 @@ def test_missing_or_unknown_tracker_is_refused_before_loading(
     result = train_cli(write_recipe(tmp_path / "r.yaml", recipe))
     assert result.exit_code == 1 and expected in result.output and "\nhint: " in result.output
     assert not out.exists()
+
+
+def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, tiny_llama, smoke_data):
+    """One optimizer step sees the same 8 examples either way, and the loss is normalized over all of
+    their loss tokens, so the adapter moves identically. Plain SGD, so that the update is the gradient
+    itself (Adam's first step is nearly sign(gradient) and would hide a wrong normalization)."""
+    adapters = []
+    for batch, accumulation in ((8, 1), (2, 4)):
+        out = tmp_path / f"b{batch}"
+        recipe = smoke_recipe(
+            tiny_llama,
+            smoke_data,
+            out,
+            training={
+                "max_steps": 1,
+                "per_device_train_batch_size": batch,
+                "gradient_accumulation_steps": accumulation,
+                "optim": "sgd",
+                "learning_rate": 1.0,
+                "lr_scheduler_type": "constant",
+                "warmup_steps": 0,
+                "max_grad_norm": 0.0,
+            },
+        )
+        assert train_cli(write_recipe(tmp_path / f"r{batch}.yaml", recipe)).exit_code == 0
+        adapters.append(load_file(out / "adapter_model.safetensors"))
+    assert any(t.abs().max() > 0 for k, t in adapters[0].items() if "lora_B" in k)  # the step did move B
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[1][key], adapters[0][key], atol=1e-5, rtol=1e-4)
