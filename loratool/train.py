@@ -31,6 +31,11 @@ def run_train(
     from trl import SFTTrainer
 
     started = time.time()
+    # Under `accelerate launch` every process runs this function; only the main one prints and touches
+    # the run directory (the trainer itself saves checkpoints from the main process only).
+    main_process = PartialState().is_main_process
+    if not main_process:
+        log = _quiet
     hw = hardware.detect()
     hardware.check(recipe, hw)
     check_report_to(recipe.training)
@@ -54,9 +59,6 @@ def run_train(
     trainable, total = model.get_nb_trainable_parameters()
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
 
-    # Under `accelerate launch` every process runs this function; only the main one touches the run
-    # directory (the trainer itself saves checkpoints from the main process only).
-    main_process = PartialState().is_main_process
     manifest = {**_manifest_header(recipe, hw, started), "data": data.summary.to_dict()}
     if main_process:
         run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume)
@@ -147,6 +149,10 @@ def run_train(
     )
     log(f"adapter written to {run.path}")
     return run.path
+
+
+def _quiet(message: str) -> None:
+    """The log of non-main processes in a multi-process run."""
 
 
 def _final_evaluation(trainer: Any) -> dict[str, float]:
