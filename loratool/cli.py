@@ -145,11 +145,15 @@ def train(
 
 
 @app.command("recipe-reference")
-def recipe_reference() -> None:
+def recipe_reference(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print it as docs/recipe-reference.md.")
+    ] = False,
+) -> None:
     """Print every recipe key with its default and meaning."""
-    from loratool.recipe import reference
+    from loratool.recipe import reference, reference_markdown
 
-    typer.echo(reference())
+    typer.echo(reference_markdown() if markdown else reference(), nl=not markdown)
 
 
 def main() -> None:

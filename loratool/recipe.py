@@ -669,7 +669,12 @@ def reference() -> str:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             subs = _section_models(field.annotation)
-            default = "required" if field.is_required() else f"default: {field.default!r}"
+            if field.is_required():
+                default = "required"
+            elif subs and subs[0] is not DataSource:
+                default = "section" if field.default is not None else "optional section"
+            else:
+                default = f"default: {field.default!r}"
             out.append(f"{prefix}{name}  ({default})")
             if field.description:
                 out.extend("    " + line.strip() for line in field.description.splitlines())
@@ -680,3 +685,12 @@ def reference() -> str:
     out.append("")
     out.append("training also accepts any other trl.SFTConfig field; lora any other peft.LoraConfig field.")
     return "\n".join(out)
+
+
+def reference_markdown() -> str:
+    """docs/recipe-reference.md: the reference above, for reading on the web."""
+    return (
+        "# Recipe reference\n\n"
+        "Generated from the schema in `loratool/recipe.py` by `loratool recipe-reference --markdown`; "
+        "a test keeps it in sync.\n\n```\n" + reference() + "\n```\n"
+    )

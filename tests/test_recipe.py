@@ -256,3 +256,13 @@ def test_reference_documents_every_field():
             assert f"{section}.{name}  (" in text
             assert field.description, f"{section}.{name} has no docstring"
     assert "data.train.N.format" in text
+
+
+def test_reference_doc_is_in_sync():
+    """docs/recipe-reference.md is regenerated with `loratool recipe-reference --markdown`."""
+    from loratool.recipe import reference_markdown
+
+    doc = Path(__file__).parents[1] / "docs" / "recipe-reference.md"
+    assert doc.read_text() == reference_markdown(), (
+        "run: loratool recipe-reference --markdown > docs/recipe-reference.md"
+    )
