@@ -77,6 +77,7 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # weight-loading bars; the training bar is ours
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
