@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -155,6 +155,82 @@ def recipe_reference(
     from loratool.recipe import reference, reference_markdown
 
     typer.echo(reference_markdown() if markdown else reference(), nl=not markdown)
+
+
+@app.command()
+@reports_errors
+def merge(
+    adapter: Annotated[
+        Path,
+        typer.Option(
+            "--adapter",
+            help="A finished `loratool train` run directory, or any PEFT LoRA adapter directory "
+            "(adapter_config.json + adapter_model.safetensors).",
+            show_default=False,
+        ),
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            metavar="DIR_OR_HUB_ID",
+            help="The base model (a directory, or a hub id already in the cache). Default: the one run.json "
+            "recorded, else adapter_config.json's base_model_name_or_path.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", help="Where to write the merged model. Default: ADAPTER/merged.", show_default=False
+        ),
+    ] = None,
+    dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        typer.Option("--dtype", help="Dtype of the merged weights; auto keeps the base checkpoint's own."),
+    ] = "auto",
+    qlora_base: Annotated[
+        Literal["dequantized", "original"] | None,
+        typer.Option(
+            "--qlora-base",
+            help="QLoRA adapters only: fold into the 4-bit weights as training saw them (dequantized; the "
+            "default for 4-bit runs: it reproduces base + adapter as trained) or into the original 16/32-bit "
+            "weights (original: the adapter never saw those, so outputs drift by the quantization error). "
+            "Pass it for a QLoRA adapter from another tool.",
+            show_default=False,
+        ),
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Compare the merged model with base + adapter on a few held-out rows, in float32 (loads "
+            "both models, one after the other), and fail if they differ.",
+        ),
+    ] = True,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Merge even if --base is not the model run.json says was trained on."),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a previous merge output at --output.")
+    ] = False,
+) -> None:
+    """Fold a LoRA adapter into its base model and write a standard Hugging Face checkpoint."""
+    quiet_libraries()
+    from loratool.merge import run_merge
+
+    run_merge(
+        adapter,
+        base=base,
+        output=output,
+        dtype=dtype,
+        qlora_base=qlora_base,
+        verify=verify,
+        force=force,
+        overwrite=overwrite,
+        log=typer.echo,
+    )
 
 
 def main() -> None:

@@ -1,0 +1,691 @@
+"""`loratool merge`: fold one LoRA adapter into its base model and write a standard HF checkpoint.
+
+Reads top to bottom like the merge: find the adapter and what it says about its base, find the base and
+check it is the one trained on, decide the output dtype and (for QLoRA) which base weights to fold into,
+stream the base checkpoint shard by shard into `<output>.partial-XXXX` (merge_checkpoint.py), add config,
+generation config and tokenizer, verify against base + adapter (merge_verify.py), write merge.json, and
+only then rename the directory into place. An interrupted merge leaves at most a `.partial-` directory;
+a merge that fails verification is kept as `<output>.failed-verification`.
+
+Memory: the adapter plus a few tensors of the base (see merge_checkpoint.py), never a whole shard or model.
+Verification, when on, loads the base and the merged model one after the other, in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loratool import __version__
+from loratool.errors import LoratoolError
+from loratool.fingerprint import weights_fingerprint
+from loratool.merge_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, is_adapter_dir
+from loratool.merge_checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
+
+MERGE_RECORD = "merge.json"
+QLORA_POLICIES = ("dequantized", "original")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+    "chat_template.json",
+)  # fmt: skip
+_MARGIN = 64 * 2**20  # bytes of free disk kept beyond the estimate (file-system overhead, merge.json)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a loratool run directory says about the adapter; empty for an adapter from another tool."""
+
+    manifest: dict[str, Any]  # run.json
+    recipe: dict[str, Any] | None  # recipe.yaml as written (fully resolved)
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return self.manifest.get("base_model") or {}
+
+    @property
+    def quantization(self) -> str | None:
+        return self.base.get("quantization")
+
+
+def run_merge(
+    adapter_dir: str | Path,
+    *,
+    base: str | None = None,
+    output: str | Path | None = None,
+    dtype: str = "auto",
+    qlora_base: str | None = None,
+    verify: bool = True,
+    force: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Merge the LoRA adapter in `adapter_dir` into its base model; return the merged model directory."""
+    from loratool.merge_adapter import check_against_base, read_adapter
+    from loratool.merge_checkpoint import checkpoint_dtype, open_checkpoint
+
+    started = time.time()
+    if dtype not in DTYPES:
+        raise LoratoolError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    adapter_dir = find_adapter(Path(adapter_dir))
+    run = read_training_run(adapter_dir)
+    adapter = read_adapter(adapter_dir)
+    base_id, base_dir = resolve_base(base, run, adapter)
+    identity = check_base_identity(run, base_id, base_dir, force=force, log=log)
+    policy = choose_qlora_policy(qlora_base, run)
+    output = prepare_output(output, adapter_dir, base_dir, overwrite=overwrite)
+
+    checkpoint = open_checkpoint(base_dir)
+    refuse_quantized_checkpoint(base_dir)
+    check_against_base(adapter.updates, checkpoint.shapes())
+    tokenizer_dir = adapter_dir if _has_tokenizer(adapter_dir) else base_dir
+    check_vocabulary(tokenizer_dir, base_dir)
+    base_dtype = checkpoint_dtype(base_dir, checkpoint)
+    out_dtype = base_dtype if dtype == "auto" else dtype
+    # How training quantized the base: needed to fold into the 4-bit weights (dequantized) and to compare
+    # with the 4-bit model (both policies). 8-bit runs have no weight-only round trip.
+    quantized = quantized_base(run, base_dir, base_dtype) if policy and run.quantization != "8bit" else None
+    planned = plan_output(checkpoint, adapter, dtype)
+    check_disk_space(output, planned, tokenizer_dir)
+
+    log(
+        f"merging {adapter_dir} into {base_id} ({base_dir}) as {out_dtype}"
+        + (f", QLoRA base policy: {policy}" if policy else "")
+    )
+    partial = _make_partial(output)
+    try:
+        fold_into = quantized if policy == "dequantized" else None
+        counts = write_weights(checkpoint, adapter, planned, fold_into, partial, log)
+        write_config(base_dir, partial, out_dtype)
+        copy_tokenizer(tokenizer_dir, partial)
+        write_generation_config(base_dir, partial)
+        record = describe_merge(
+            adapter, run, base_id, base_dir, identity, out_dtype, policy, quantized, counts
+        )
+        record["verification"] = (
+            verify_merge(partial, base_dir, adapter_dir, run, policy, quantized, out_dtype, log)
+            if verify
+            else {"skipped": True}
+        )
+        record["wall_time_s"] = round(time.time() - started, 2)
+        finish(partial, output, record)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    log(f"merged model written to {output} ({record['wall_time_s']:.0f}s)")
+    return output
+
+
+# --- the adapter and its run ---------------------------------------------------------------------------
+
+
+def find_adapter(path: Path) -> Path:
+    path = path.expanduser().resolve()
+    if not path.is_dir():
+        raise LoratoolError(
+            f"adapter directory not found: {path}",
+            hint="pass --adapter the output_dir of a finished `loratool train` run, or any PEFT LoRA adapter "
+            f"directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})",
+        )
+    if is_adapter_dir(path):
+        return path
+    present = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]
+    hint = f"pass a directory that holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+    status = _read_json(path / "run.json").get("status")
+    if status and status != "complete":
+        hint = (
+            f"run.json says the training run is {status!r}: the adapter is written only when training "
+            "finishes"
+        )
+    elif (path / "adapter_model.bin").is_file():
+        hint = "the adapter is saved as a pickle (adapter_model.bin); save it again with safetensors"
+    raise LoratoolError(
+        f"{path} is not a LoRA adapter directory: {' and '.join(missing)} missing "
+        f"(it has: {', '.join(present) or 'nothing'})",
+        hint=hint,
+    )
+
+
+def read_training_run(adapter_dir: Path) -> TrainingRun:
+    recipe_path = adapter_dir / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None
+    return TrainingRun(_read_json(adapter_dir / "run.json"), recipe if isinstance(recipe, dict) else None)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# --- the base ------------------------------------------------------------------------------------------
+
+
+def resolve_base(given: str | None, run: TrainingRun, adapter: Adapter) -> tuple[str, Path]:
+    """(what the user or the run calls the base, its local directory). --base wins; then run.json's
+    resolved path, then its id; then adapter_config.json's base_model_name_or_path."""
+    from loratool.model import local_model_dir
+
+    recorded_path = run.base.get("resolved_path")
+    if given:
+        name, revision, origin = given, None, "--base"
+    elif recorded_path and Path(recorded_path).is_dir():
+        name, revision, origin = recorded_path, None, "run.json"
+    elif run.base.get("id"):
+        name, revision, origin = run.base["id"], run.base.get("revision"), "run.json"
+    elif adapter.base_model:
+        name, revision, origin = adapter.base_model, None, f"{ADAPTER_CONFIG} (base_model_name_or_path)"
+    else:
+        raise LoratoolError(
+            f"{adapter.path} does not say which base model it belongs to",
+            hint="pass --base DIR_OR_HUB_ID",
+        )
+    found = local_model_dir(name, revision)
+    if found is None or not (found / "config.json").is_file():
+        where = (
+            f"{found} has no config.json" if found else "not a local directory, nor in the Hugging Face cache"
+        )
+        raise LoratoolError(
+            f"base model not found: {name!r} (from {origin}): {where}",
+            hint="pass --base a local model directory (config.json + *.safetensors), or a hub id already in "
+            "the Hugging Face cache (loratool merge never downloads)",
+        )
+    # The run's own name for its base (a hub id, or the path as the recipe gave it) reads best in messages.
+    return (run.base.get("id") or name) if origin == "run.json" else name, found
+
+
+def check_base_identity(
+    run: TrainingRun, base_id: str, base_dir: Path, *, force: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Refuse a base whose weights are not the ones the run trained on (unless --force)."""
+    recorded = run.base.get("fingerprint")
+    actual = weights_fingerprint(base_dir)
+    info = {"fingerprint": actual, "recorded_fingerprint": recorded}
+    if not recorded:
+        return {**info, "fingerprint_check": "not recorded (adapter without run.json)"}
+    if actual == recorded:
+        return {**info, "fingerprint_check": "match"}
+    message = (
+        f"the base model is not the one this adapter was trained on: run.json records "
+        f"{run.base.get('id')} (fingerprint {_short(recorded)}), and {base_id} ({base_dir}) has fingerprint "
+        f"{_short(actual)}"
+    )
+    if not force:
+        raise LoratoolError(
+            message,
+            hint="pass the base the run used as --base, or --force to merge anyway (the result is then not "
+            "the model that was trained and evaluated)",
+        )
+    log(f"warning: {message}; merging anyway (--force)")
+    return {**info, "fingerprint_check": "mismatch, merged with --force"}
+
+
+def _short(fingerprint: str | None) -> str:
+    return f"{fingerprint[:31]}…" if fingerprint else "none"
+
+
+def refuse_quantized_checkpoint(base_dir: Path) -> None:
+    config = _read_json(base_dir / "config.json")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise LoratoolError(
+            f"the base {base_dir} is itself a {method} checkpoint; merging needs its 16/32-bit weights",
+            hint="pass the original, unquantized model as --base (loratool quantizes at load time, so QLoRA "
+            "runs train from it too)",
+        )
+
+
+def check_vocabulary(tokenizer_dir: Path, base_dir: Path) -> None:
+    """An adapter whose tokenizer has more tokens than the base has embeddings was trained on another
+    model (or on resized embeddings loratool merge does not fold)."""
+    from transformers import AutoTokenizer
+
+    if not _has_tokenizer(tokenizer_dir):
+        return
+    vocab = _read_json(base_dir / "config.json").get("vocab_size")
+    if vocab is None:
+        vocab = _read_json(base_dir / "config.json").get("text_config", {}).get("vocab_size")
+    tokens = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    if vocab is not None and tokens > vocab:
+        raise LoratoolError(
+            f"the tokenizer in {tokenizer_dir} has {tokens} tokens but the base {base_dir} has a "
+            f"vocabulary of {vocab}: the adapter was trained on another model",
+            hint="pass the right model as --base",
+        )
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+
+
+# --- QLoRA ---------------------------------------------------------------------------------------------
+
+
+def choose_qlora_policy(requested: str | None, run: TrainingRun) -> str | None:
+    """None for an adapter trained on a full-precision base; else dequantized or original.
+
+    Default for 4-bit runs: dequantized. The adapter learned to correct the 4-bit weights it saw, so
+    folding it into quantize -> dequantize(W) reproduces base + adapter as trained; folding it into the
+    original W gives a model that was never trained or evaluated (usually close, never identical).
+    """
+    if requested is not None and requested not in QLORA_POLICIES:
+        raise LoratoolError(f"--qlora-base must be one of {', '.join(QLORA_POLICIES)}, not {requested!r}")
+    trained_on = run.quantization
+    if trained_on == "8bit":
+        if requested == "dequantized":
+            raise LoratoolError(
+                "--qlora-base dequantized: this adapter was trained on an 8-bit base, whose LLM.int8 matmul "
+                "has no fixed dequantized weight to fold into",
+                hint="use --qlora-base original (the default for 8-bit runs)",
+            )
+        return "original"
+    if trained_on == "4bit":
+        return requested or "dequantized"
+    if requested == "dequantized" and run.manifest:
+        raise LoratoolError(
+            "--qlora-base dequantized: run.json says this adapter was trained on a full-precision base",
+            hint="drop --qlora-base; the adapter is folded into the weights it was trained with",
+        )
+    return requested  # an adapter from another tool: the user says whether it is QLoRA
+
+
+def quantized_base(run: TrainingRun, base_dir: Path, base_dtype: str) -> Any:
+    """How the run quantized its base: the recipe's quantization section and the dtype it loaded in."""
+    from loratool.merge_qlora import QuantizedBase, quantization_device, quantized_weight_names
+    from loratool.recipe import QuantizationSection
+
+    recipe = run.recipe or {}
+    try:
+        q = QuantizationSection.model_validate(recipe.get("quantization") or {})
+    except Exception:  # a recipe from another loratool version: its resolved values are still plain keys
+        q = QuantizationSection.model_construct(**(recipe.get("quantization") or {}))
+    model = recipe.get("model") or {}
+    skip = q.llm_int8_skip_modules
+    return QuantizedBase(
+        quant_type=q.bnb_4bit_quant_type,
+        double_quant=q.bnb_4bit_use_double_quant,
+        load_dtype=training_load_dtype(run, base_dtype),
+        skip_modules=tuple(skip) if skip is not None else None,
+        weights=quantized_weight_names(base_dir, skip, bool(model.get("trust_remote_code"))),
+        device=quantization_device((run.manifest.get("hardware") or {}).get("device")),
+    )
+
+
+def training_load_dtype(run: TrainingRun, base_dtype: str) -> str:
+    """The dtype the run loaded its base in: model.dtype, with `auto` resolved for the recorded hardware;
+    for an adapter without a run, the base's own dtype."""
+    from dataclasses import fields
+
+    from loratool.hardware import Hardware, model_dtype
+
+    requested = ((run.recipe or {}).get("model") or {}).get("dtype", "auto")
+    hardware = run.manifest.get("hardware")
+    if requested != "auto":
+        return requested
+    if not hardware:
+        return base_dtype
+    hw = Hardware(**{f.name: hardware.get(f.name) for f in fields(Hardware)})
+    return str(model_dtype("auto", hw)).removeprefix("torch.")
+
+
+# --- the output ----------------------------------------------------------------------------------------
+
+
+def prepare_output(output: str | Path | None, adapter_dir: Path, base_dir: Path, *, overwrite: bool) -> Path:
+    """The output directory, checked: absent or empty, or (with --overwrite) a previous merge output."""
+    path = Path(output).expanduser().resolve() if output else adapter_dir / "merged"
+    if path in (adapter_dir, base_dir) or path in adapter_dir.parents or path in base_dir.parents:
+        raise LoratoolError(
+            f"--output {path} would replace the adapter or the base model",
+            hint="choose a new directory, e.g. --output out/merged",
+        )
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise LoratoolError(
+                f"output directory {path} already exists",
+                hint="pass --overwrite to replace it, or choose another --output",
+            )
+        if not (path / MERGE_RECORD).is_file():
+            raise LoratoolError(
+                f"--overwrite: {path} is not the output of `loratool merge` (it has no {MERGE_RECORD})",
+                hint="choose another --output (loratool never deletes files it did not write)",
+            )
+    return path
+
+
+def plan_output(checkpoint: Checkpoint, adapter: Adapter, dtype: str) -> list[list[TensorInfo]]:
+    """The tensors of each output shard: the base's names and shapes, in the output dtype."""
+    from loratool.merge_checkpoint import FLOAT_DTYPES
+
+    planned = []
+    for shard in checkpoint.shards:
+        tensors = []
+        for t in shard.tensors:
+            update = adapter.updates.get(t.name)
+            shape = update.result_shape(t.shape) if update else t.shape
+            out = SAFETENSORS_DTYPE[dtype] if dtype != "auto" and t.dtype in FLOAT_DTYPES else t.dtype
+            tensors.append(TensorInfo(t.name, out, shape))
+        planned.append(tensors)
+    return planned
+
+
+def check_disk_space(output: Path, planned: list[list[TensorInfo]], tokenizer_dir: Path) -> None:
+    from loratool.merge_checkpoint import shard_bytes
+
+    needed = sum(shard_bytes(tensors) for tensors in planned)
+    needed += sum((tokenizer_dir / f).stat().st_size for f in TOKENIZER_FILES if (tokenizer_dir / f).exists())
+    existing = next(p for p in (output.parent, *output.parent.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed + _MARGIN:
+        raise LoratoolError(
+            f"not enough disk space in {output.parent}: the merged model needs about {_gb(needed)}, "
+            f"and {_gb(free)} is free",
+            hint="free some space, choose another --output, or write a smaller model with --dtype bfloat16",
+        )
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def write_weights(
+    checkpoint: Checkpoint,
+    adapter: Adapter,
+    planned: list[list[TensorInfo]],
+    quantized: Any,
+    folder: Path,
+    log: Callable[[str], None],
+) -> dict[str, int]:
+    """Stream every base shard into its output shard, merging the tensors the adapter changes."""
+    from loratool.merge_adapter import fold
+    from loratool.merge_checkpoint import ShardWriter, read_tensor, torch_dtype
+    from loratool.merge_qlora import as_trained
+
+    counts = {"merged": 0, "from_base": 0}
+    data_bytes = 0
+    for number, (shard, tensors) in enumerate(zip(checkpoint.shards, planned, strict=True), 1):
+        writer = ShardWriter(folder / shard.path.name, tensors, {**shard.metadata, "format": "pt"})
+        merged_here = 0
+        for info, out in zip(shard.tensors, tensors, strict=True):
+            update = adapter.updates.get(info.name)
+            as_trained_differs = quantized is not None and quantized.changes(info.name, info.dtype)
+            if update is None and not as_trained_differs and out.dtype == info.dtype:
+                writer.copy(shard, info)  # byte for byte: never materialised as a tensor
+                continue
+            tensor = read_tensor(shard, info)
+            if as_trained_differs:
+                tensor = as_trained(tensor, info.name, quantized)
+            if update is not None:
+                tensor = fold(tensor, update)  # float32
+                merged_here += 1
+            if tensor.is_floating_point():
+                tensor = tensor.to(torch_dtype(out.dtype))
+            writer.write(info.name, tensor)
+            del tensor
+        writer.close()
+        data_bytes += writer.data_bytes
+        counts["merged"] += merged_here
+        counts["from_base"] += len(tensors) - merged_here
+        log(f"  shard {number}/{len(checkpoint.shards)} {shard.path.name}: {merged_here} tensor(s) merged")
+    if checkpoint.index is not None:
+        index = {
+            **checkpoint.index,
+            "metadata": {**checkpoint.index.get("metadata", {}), "total_size": data_bytes},
+        }
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return counts
+
+
+def write_config(base_dir: Path, folder: Path, dtype: str) -> None:
+    config = _read_json(base_dir / "config.json")
+    if "torch_dtype" in config:  # the name before transformers 5
+        config["torch_dtype"] = dtype
+    config["dtype"] = dtype
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if config.get("auto_map"):  # remote-code models need their modeling files next to the weights
+        for source in base_dir.glob("*.py"):
+            shutil.copy2(source, folder / source.name)
+
+
+def copy_tokenizer(tokenizer_dir: Path, folder: Path) -> None:
+    """The adapter's tokenizer when it has one: it carries the chat template training used."""
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, folder / name)
+    templates = tokenizer_dir / "additional_chat_templates"
+    if templates.is_dir():
+        shutil.copytree(templates, folder / templates.name)
+
+
+def write_generation_config(base_dir: Path, folder: Path) -> None:
+    """The base's generation config, with generation stopping at the tokenizer's EOS and at the chat
+    template's end-of-turn token (a chat fine-tune that only stops at EOS runs on past its answer)."""
+    generation = _read_json(base_dir / "generation_config.json")
+    config = _read_json(folder / "config.json")
+    if not generation:
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        generation = {k: config[k] for k in ids if config.get(k) is not None}
+    eos = generation.get("eos_token_id")
+    stop = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    for token in stop_token_ids(folder):
+        if token not in stop:
+            stop.append(token)
+    if stop:
+        generation["eos_token_id"] = stop[0] if len(stop) == 1 else stop
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+
+
+def stop_token_ids(tokenizer_dir: Path) -> list[int]:
+    """The tokenizer's EOS id, and the special token its chat template closes an assistant turn with."""
+    from transformers import AutoTokenizer
+
+    if not _has_tokenizer(tokenizer_dir):
+        return []
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not tokenizer.chat_template:
+        return ids
+    marker = "loratool-merge-end-of-turn-probe"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template with rules of its own (roles, system prompt): keep EOS only
+        return ids
+    after = text.split(marker, 1)[1].lstrip() if marker in text else ""
+    first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    if first and first[0] in special and first[0] not in ids:
+        ids.append(first[0])
+    return ids
+
+
+def describe_merge(
+    adapter: Adapter,
+    run: TrainingRun,
+    base_id: str,
+    base_dir: Path,
+    identity: dict[str, Any],
+    dtype: str,
+    policy: str | None,
+    quantized: Any,
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """merge.json: what was merged into what, how, and with which versions (verification is added later)."""
+    c = adapter.config
+    qlora = None
+    if policy is not None:
+        trained_on = run.quantization or "4-bit (assumed from --qlora-base)"
+        qlora = {
+            "base_policy": policy,
+            "trained_on": trained_on,
+            **(quantized.to_dict() if quantized else {}),
+        }
+    return {
+        "status": "complete",
+        "loratool_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "adapter": {
+            "path": str(adapter.path),
+            "loratool_run": bool(run.manifest),
+            "r": c.get("r"),
+            "lora_alpha": c.get("lora_alpha"),
+            "use_rslora": bool(c.get("use_rslora")),
+            "use_dora": bool(c.get("use_dora")),
+            "modules_to_save": c.get("modules_to_save"),
+            "base_model_name_or_path": c.get("base_model_name_or_path"),
+        },
+        "base_model": {"id": base_id, "path": str(base_dir), **identity},
+        "dtype": dtype,
+        "qlora": qlora,
+        "tensors": counts,
+        "versions": _versions(),
+    }
+
+
+def finish(partial: Path, output: Path, record: dict[str, Any]) -> None:
+    """Write merge.json and move the merge into place — or, if verification failed, keep it under a name
+    that says so and raise."""
+    verification = record["verification"]
+    if not verification.get("skipped") and not verification["passed"]:
+        record["status"] = "failed-verification"
+        _write_record(partial, record)
+        raise verification_error(verification, _keep_failed(partial, output))
+    _write_record(partial, record)
+    _move_into_place(partial, output)
+
+
+def _write_record(folder: Path, record: dict[str, Any]) -> None:
+    (folder / MERGE_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _move_into_place(partial: Path, output: Path) -> None:
+    """The last step: the partial directory becomes the output (a previous merge output is replaced)."""
+    if output.exists():
+        if output.is_dir():
+            shutil.rmtree(output)
+        else:
+            output.unlink()
+    os.replace(partial, output)
+
+
+def _make_partial(output: Path) -> Path:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)  # mkdtemp makes the directory private (0700); the output should not be
+    os.umask(umask)
+    partial.chmod(0o777 & ~umask)
+    return partial
+
+
+def _keep_failed(partial: Path, output: Path) -> Path:
+    """Rename a merge that failed verification so that its name says so; an earlier failed merge is
+    replaced, anything else under that name is left alone (a numbered name is used instead)."""
+    failed = output.with_name(f"{output.name}.failed-verification")
+    if failed.exists() and (failed / MERGE_RECORD).is_file():
+        shutil.rmtree(failed)
+    number = 1
+    while failed.exists():
+        number += 1
+        failed = output.with_name(f"{output.name}.failed-verification-{number}")
+    os.replace(partial, failed)
+    return failed
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "peft", "safetensors", "bitsandbytes"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+# --- verification --------------------------------------------------------------------------------------
+
+
+def verify_merge(
+    merged_dir: Path,
+    base_dir: Path,
+    adapter_dir: Path,
+    run: TrainingRun,
+    policy: str | None,
+    quantized: Any,
+    out_dtype: str,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Compare the merged model with base + adapter on probe rows (see merge_verify.py for thresholds)."""
+    from transformers import AutoTokenizer
+
+    from loratool.merge_verify import EXACT, QUANTIZATION_DRIFT, ROUNDED, Reference, build_probes, verify
+
+    tight = EXACT if out_dtype == "float32" else ROUNDED
+    full = Reference("full_precision_base", "full-precision base + adapter", tight, None)
+    four_bit = "4-bit base + adapter, as trained"
+    if policy == "dequantized":
+        references = [Reference("quantized_base", four_bit, tight, quantized)]
+    elif policy == "original" and quantized is not None:
+        references = [full, Reference("quantized_base", four_bit, QUANTIZATION_DRIFT, quantized)]
+    else:
+        references = [full]
+    if not _has_tokenizer(merged_dir):
+        raise LoratoolError(
+            "cannot verify the merge: neither the adapter nor the base has a tokenizer to build probe rows "
+            "with",
+            hint="pass --no-verify, or put the tokenizer files next to the adapter",
+        )
+    probes, source = build_probes(AutoTokenizer.from_pretrained(merged_dir), _recipe(run, log), log)
+    log(f"verifying on {source}")
+    checks = verify(merged_dir, base_dir, adapter_dir, references, probes, log)
+    return {"probes": source, **checks, "passed": all(c["passed"] for c in checks.values())}
+
+
+def _recipe(run: TrainingRun, log: Callable[[str], None]) -> Any:
+    """The run's recipe as a Recipe (for rebuilding its data), or None."""
+    if run.recipe is None:
+        return None
+    from loratool.recipe import validate_recipe
+
+    try:
+        return validate_recipe(run.recipe, source="recipe.yaml")
+    except LoratoolError as exc:
+        log(f"note: the run's recipe.yaml no longer validates ({exc.message.splitlines()[0]})")
+        return None
+
+
+def verification_error(verification: dict[str, Any], kept: Path) -> LoratoolError:
+    failed = [(k, v) for k, v in verification.items() if isinstance(v, dict) and not v.get("passed", True)]
+    details = "; ".join(
+        f"vs {v['reference']}: max |Δlogit| {v['max_abs_logit_diff']:.3g}, mean KL {v['mean_kl']:.3g}, "
+        f"greedy agreement {100 * v['greedy_agreement']:.1f}% (allowed: {_allowed(v['thresholds'])})"
+        for _, v in failed
+    )
+    return LoratoolError(
+        f"verification failed: the merged model does not reproduce base + adapter ({details})",
+        hint=f"the merged model is kept in {kept} for inspection, not as a usable output; check that --base "
+        "is the model the adapter was trained on, and rerun with LORATOOL_DEBUG=1 to report a bug",
+    )
+
+
+def _allowed(t: dict[str, Any]) -> str:
+    parts = [] if t["max_abs_logit_diff"] is None else [f"max |Δlogit| <= {t['max_abs_logit_diff']:g}"]
+    parts.append(f"mean KL <= {t['max_mean_kl']:g}")
+    if t["min_greedy_agreement"] is not None:
+        parts.append(f"agreement >= {100 * t['min_greedy_agreement']:g}%")
+    return ", ".join(parts)

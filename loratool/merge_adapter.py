@@ -1,0 +1,265 @@
+"""A PEFT LoRA adapter read as a list of changes to named base tensors, and the arithmetic that folds them in.
+
+PEFT saves `base_model.model.<module>.<what>`, where <what> is
+    lora_A.weight, lora_B.weight (lora_B.bias with lora_bias)   a LoRA pair on a Linear / Conv1D layer
+    lora_embedding_A, lora_embedding_B                          a LoRA pair on an Embedding
+    lora_magnitude_vector                                       DoRA's magnitude, one value per output
+    base_layer.weight                                           a full copy of a targeted embedding
+    weight, bias, ...                                           a full trained copy (modules_to_save, bias)
+(adapter names are stripped when saving; `lora_A.<name>.weight` from other tools is accepted too). Each
+becomes a `TensorUpdate` of the base tensor `<module>.weight` (or `.bias`, or `<module>.<param>`).
+
+The arithmetic is PEFT's own merge (peft/tuners/lora/layer.py `Linear.get_delta_weight`, `Embedding.
+get_delta_weight`; peft/tuners/lora/variants.py `DoraLinearVariant.merge_safe`), in the same operation
+order, so a float32 merge matches `merge_and_unload()` to the last few bits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.errors import LoratoolError
+
+if TYPE_CHECKING:
+    import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.(?P<param>weight|bias))?$"
+)
+# A full copy PEFT saves under a wrapper name; the base tensor is <module>.<param>.
+_COPY_KEY = re.compile(r"^(?P<module>.+)\.(?:base_layer|modules_to_save\.[^.]+)\.(?P<param>[^.]+)$")
+
+# adapter_config fields that change what the adapter computes in ways a weight merge cannot express (or
+# that loratool does not implement); each is refused when set, naming the field.
+_UNSUPPORTED_FIELDS = {
+    "use_bdlora": "block-diagonal LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "arrow_config": "Arrow routing",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+    "target_parameters": "LoRA on bare nn.Parameters (MoE experts)",
+    "layer_replication": "layer replication",
+    "use_qalora": "QA-LoRA",
+    "trainable_token_indices": "trainable tokens",
+}
+# Initialisations that rewrite the base weights when the adapter is created (PEFT recomputes that on load):
+# folding such an adapter into the untouched base would not give the trained model.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+@dataclass
+class LoraFactors:
+    """One LoRA pair: delta = scaling * B @ A, laid out like the base weight."""
+
+    A: torch.Tensor  # (r, in) — for an embedding (r, num_embeddings)
+    B: torch.Tensor  # (out, r) — for an embedding (embedding_dim, r)
+    scaling: float
+    # True when the base weight is stored (in, out): GPT-2's Conv1D, and every embedding (PEFT computes an
+    # embedding's delta as (B @ A).T, i.e. as a fan-in-fan-out layer; DoRA's embedding layer is one too).
+    fan_in_fan_out: bool
+    magnitude: torch.Tensor | None = None  # DoRA: one learned norm per output feature
+
+    def delta_shape(self) -> tuple[int, int]:
+        out, inp = self.B.shape[0], self.A.shape[1]
+        return (inp, out) if self.fan_in_fan_out else (out, inp)
+
+
+@dataclass
+class TensorUpdate:
+    """What the adapter does to one base tensor: replace it, add a LoRA delta, or both (in that order)."""
+
+    replacement: torch.Tensor | None = None
+    lora: LoraFactors | None = None
+    added: torch.Tensor | None = None  # lora_B.bias * scaling, added to the base bias (lora_bias=True)
+    sources: list[str] = field(default_factory=list)  # adapter keys, for error messages
+
+    def result_shape(self, base_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.replacement.shape) if self.replacement is not None else base_shape
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict[str, Any]
+    updates: dict[str, TensorUpdate]  # base tensor name -> update
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
+
+
+def read_adapter(path: Path) -> Adapter:
+    """Read and check a PEFT LoRA adapter directory (config + weights), all tensors kept in float32."""
+    from safetensors.torch import load_file
+
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    check_supported(config, path)
+    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    return Adapter(path, config, updates_from(tensors, config))
+
+
+def check_supported(config: dict[str, Any], path: Path) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise LoratoolError(
+            f"{path / ADAPTER_CONFIG}: peft_type is {peft_type!r}; loratool merge folds LoRA adapters only",
+            hint="merge other adapter types with PEFT: PeftModel.from_pretrained(base, adapter)."
+            "merge_and_unload()",
+        )
+    used = [f"{key} ({what})" for key, what in _UNSUPPORTED_FIELDS.items() if config.get(key)]
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        used.append(f"init_lora_weights={init} (rewrites the base weights when the adapter is created)")
+    if used:
+        raise LoratoolError(
+            f"{path / ADAPTER_CONFIG}: the adapter uses {', '.join(used)}, which loratool merge does not "
+            "fold",
+            hint="merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload()",
+        )
+
+
+def updates_from(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, TensorUpdate]:
+    """Group adapter tensors by the base tensor they change."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}  # module -> {lora_A: ..., lora_B: ..., ...}
+    updates: dict[str, TensorUpdate] = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PREFIX)
+        lora = _LORA_KEY.match(name)
+        if lora:
+            kind = lora["kind"] + (".bias" if lora["param"] == "bias" else "")
+            pairs.setdefault(lora["module"], {})[kind] = tensor.float()
+            continue
+        if "lora_" in name:
+            raise LoratoolError(
+                f"adapter tensor {key} is not a LoRA tensor loratool understands",
+                hint="merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload()",
+            )
+        copy = _COPY_KEY.match(name)
+        target = f"{copy['module']}.{copy['param']}" if copy else name
+        update = updates.setdefault(target, TensorUpdate())
+        update.replacement = tensor.float()
+        update.sources.append(key)
+
+    for module, parts in pairs.items():
+        factors = _factors(module, parts, config)
+        weight = updates.setdefault(f"{module}.weight", TensorUpdate())
+        weight.lora = factors
+        weight.sources.append(f"{PREFIX}{module}.lora_*")
+        if "lora_B.bias" in parts:
+            bias = updates.setdefault(f"{module}.bias", TensorUpdate())
+            bias.added = parts["lora_B.bias"] * factors.scaling
+            bias.sources.append(f"{PREFIX}{module}.lora_B.bias")
+    return updates
+
+
+def _factors(module: str, parts: dict[str, torch.Tensor], config: dict[str, Any]) -> LoraFactors:
+    from peft.utils.other import get_pattern_key  # the matching PEFT itself uses for rank/alpha_pattern
+
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    if a_key not in parts or b_key not in parts:
+        missing = a_key if a_key not in parts else b_key
+        raise LoratoolError(
+            f"the adapter has no {missing} for {module} (only {', '.join(sorted(parts))})",
+            hint="the adapter file is incomplete; save it again with PeftModel.save_pretrained",
+        )
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
+    A, B = parts[a_key], parts[b_key]
+    if A.shape[0] != r or B.shape[1] != r:
+        raise LoratoolError(
+            f"{module}: adapter_config.json says rank {r}, but lora_A is {tuple(A.shape)} and lora_B is "
+            f"{tuple(B.shape)}",
+            hint="adapter_config.json does not belong to these weights (r / rank_pattern)",
+        )
+    # rsLoRA (use_rslora) scales by alpha / sqrt(r), which keeps the update's size stable as r grows.
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return LoraFactors(
+        A=A,
+        B=B,
+        scaling=scaling,
+        fan_in_fan_out=embedding or bool(config.get("fan_in_fan_out")),
+        magnitude=parts.get("lora_magnitude_vector"),
+    )
+
+
+def check_against_base(updates: dict[str, TensorUpdate], base_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, before anything is written, an adapter made for another architecture or size."""
+    unknown = [name for name in updates if name not in base_shapes]
+    if unknown:
+        first = updates[unknown[0]].sources[0]
+        raise LoratoolError(
+            f"the adapter changes {len(unknown)} tensor(s) the base model does not have, e.g. {unknown[0]} "
+            f"(from {first}); the base has e.g. {', '.join(list(base_shapes)[:3])}",
+            hint="the adapter was trained on another architecture: pass the right model as --base",
+        )
+    for name, update in updates.items():
+        shape = base_shapes[name]
+        if update.replacement is not None and tuple(update.replacement.shape) != shape:
+            _shape_error(name, shape, tuple(update.replacement.shape), "full copy")
+        result = update.result_shape(shape)
+        if update.lora is not None:
+            f = update.lora
+            if f.delta_shape() != result:
+                _shape_error(name, result, f.delta_shape(), "LoRA update (B @ A)")
+            out = f.B.shape[0]
+            if f.magnitude is not None and tuple(f.magnitude.shape) != (out,):
+                _shape_error(name, result, tuple(f.magnitude.shape), "DoRA magnitude")
+        if update.added is not None and tuple(update.added.shape) != result:
+            _shape_error(name, result, tuple(update.added.shape), "LoRA bias")
+
+
+def _shape_error(name: str, base: tuple[int, ...], adapter: tuple[int, ...], what: str) -> None:
+    raise LoratoolError(
+        f"shape mismatch for {name}: the base model has {list(base)}, the adapter's {what} is "
+        f"{list(adapter)}",
+        hint="the adapter was trained on a model of another size (hidden size, vocabulary): pass the right "
+        "model as --base",
+    )
+
+
+def lora_delta(f: LoraFactors) -> torch.Tensor:
+    """scaling * B @ A in the base weight's layout — PEFT's get_delta_weight, same operation order."""
+    product = (f.B @ f.A).mul_(f.scaling)  # in place: one (out, in) tensor, not two
+    return product.T if f.fan_in_fan_out else product
+
+
+def fold(weight: torch.Tensor, update: TensorUpdate) -> torch.Tensor:
+    """The merged value of one base tensor, in float32. Changes `weight` in place when it is already
+    float32: the caller passes a tensor it read for this purpose, and the merge then holds two tensors of
+    the weight's size (the weight and the delta) rather than three."""
+    import torch
+
+    if update.replacement is not None:
+        merged = update.replacement.clone()  # the adapter's copy stays as it is
+    else:
+        merged = weight.float()
+    if update.lora is not None:
+        f = update.lora
+        merged += lora_delta(f)
+        if f.magnitude is not None:
+            # DoRA: W' = m / ||W + dW|| * (W + dW), the norm taken per output feature (over the input
+            # dimension of the weight in (out, in) layout) on the unmerged base, as PEFT's merge does.
+            norm = torch.linalg.norm(merged.T if f.fan_in_fan_out else merged, dim=1)
+            factor = (f.magnitude / norm).view(-1, 1)
+            merged *= factor.T if f.fan_in_fan_out else factor
+    if update.added is not None:
+        merged += update.added
+    return merged
