@@ -42,6 +42,7 @@ demo: install
 
 bench: install
 	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_merge.py
 
 clean:
 	rm -rf $(VENV) .cache out .pytest_cache .ruff_cache *.egg-info
