@@ -324,6 +324,214 @@ def merge(
     )
 
 
+@app.command()
+@reports_errors
+def export(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A merged checkpoint (from `loratool merge`, or any HF model directory), or a finished "
+            "`loratool train` run directory (merged first).",
+            show_default=False,
+            metavar="SOURCE",
+        ),
+    ],
+    format_: Annotated[
+        Literal["gguf", "hf"],
+        typer.Option("--format", help="gguf: one file for llama.cpp / Ollama; hf: a merged HF checkpoint."),
+    ] = "gguf",
+    outtype: Annotated[
+        str,
+        typer.Option("--outtype", help="GGUF only: tensor type (f32, f16, bf16, q8_0)."),
+    ] = "f16",
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Where to write. Default: next to SOURCE.", show_default=False),
+    ] = None,
+    ollama: Annotated[
+        bool,
+        typer.Option(
+            "--ollama", help="GGUF only: also write an Ollama Modelfile with the template and stops."
+        ),
+    ] = False,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            metavar="DIR_OR_HUB_ID",
+            help="Run directories only: the base to merge into (default: the one run.json recorded).",
+            show_default=False,
+        ),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Load the export back and compare its logits.")
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Run directories only: merge even into a base that differs.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous export.")] = False,
+) -> None:
+    """Write a model where it runs: a GGUF file (llama.cpp, Ollama) or a merged HF checkpoint."""
+    quiet_libraries()
+    from loratool.export import run_export
+
+    run_export(
+        source,
+        format=format_,
+        outtype=outtype,
+        output=output,
+        ollama=ollama,
+        base=base,
+        verify=verify,
+        force=force,
+        overwrite=overwrite,
+        log=typer.echo,
+    )
+
+
+@app.command("eval")
+@reports_errors
+def eval_(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A `loratool train` run directory, a merged checkpoint, or a base model directory.",
+            show_default=False,
+            metavar="TARGET",
+        ),
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Evaluate on this file (any format `train` reads) instead of the run's validation split.",
+            show_default=False,
+        ),
+    ] = None,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also evaluate the base model without the adapter.")
+    ] = False,
+    max_samples: Annotated[
+        int | None,
+        typer.Option("--max-samples", help="Evaluate at most N rows.", show_default=False, min=1),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Longest generated answer, in tokens.", min=1)
+    ] = 128,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="0 is greedy decoding (the default).", min=0.0)
+    ] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling (temperature > 0).")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Report directory. Default: TARGET/eval.", show_default=False),
+    ] = None,
+) -> None:
+    """Held-out loss, perplexity and generation metrics of a fine-tune (and of its base, side by side)."""
+    quiet_libraries()
+    from loratool.evaluate import run_eval
+
+    run_eval(
+        target,
+        data=data,
+        compare_base=compare_base,
+        max_samples=max_samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        output=output,
+        log=typer.echo,
+    )
+
+
+@app.command()
+@reports_errors
+def generate(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory, a merged checkpoint, or a base model directory.",
+            show_default=False,
+            metavar="TARGET",
+        ),
+    ],
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", help="A user message (repeatable).", show_default=False),
+    ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            metavar="[NAME=]DIR",
+            help="Another adapter to load on the same base (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy.", min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    system: Annotated[
+        str | None, typer.Option("--system", help="A system message.", show_default=False)
+    ] = None,
+) -> None:
+    """Answer prompts with the fine-tuned model, through its chat template."""
+    quiet_libraries()
+    from loratool.generate import run_generate
+
+    run_generate(
+        target,
+        prompts=prompt or [],
+        adapters=adapter or [],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        system=system,
+        log=typer.echo,
+    )
+
+
+@app.command()
+@reports_errors
+def chat(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            help="A run directory, a merged checkpoint, or a base model directory.",
+            show_default=False,
+            metavar="TARGET",
+        ),
+    ],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter", metavar="[NAME=]DIR", help="Another adapter (repeatable).", show_default=False
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    system: Annotated[str | None, typer.Option("--system", show_default=False)] = None,
+) -> None:
+    """Talk to the model interactively, answers streamed as they are generated."""
+    quiet_libraries()
+    from loratool.generate import run_chat
+
+    run_chat(
+        target,
+        adapters=adapter or [],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        system=system,
+        log=typer.echo,
+    )
+
+
 def _parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
