@@ -5,8 +5,8 @@ PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(out)
 model in memory. loratool streams the checkpoint tensor by tensor (verification off: it is what loads
 whole models, and the baseline does none).
 
-Model: a random Llama in float32 (hidden 2048, 4 layers, intermediate 5504, vocab 8000: ~235M parameters,
-~0.94 GB), saved in ~250 MB shards; adapter: LoRA r=16 on every linear layer, random non-zero B.
+Model: a random Llama in float32 (hidden 2048, 4 layers, intermediate 6400, vocab 8000: ~257M parameters,
+~1.03 GB), saved in ~250 MB shards; adapter: LoRA r=16 on every linear layer, random non-zero B.
 
 Each side runs in its own process so that its peak RSS (ru_maxrss) is its own; so does a baseline process
 that only imports torch + safetensors (the floor any merge pays), and one that also imports transformers
@@ -16,7 +16,7 @@ children inherit the parent's ru_maxrss at fork, so the parent must stay small. 
 above the torch baseline relative to (largest shard + adapter) — the goal is <= 1.5x — and the largest
 difference between the two merged checkpoints.
 
-    python scripts/bench_merge.py [--hidden-size 2048] [--layers 4] [--intermediate-size 5504]
+    python scripts/bench_merge.py [--hidden-size 2048] [--layers 4] [--intermediate-size 6400]
                                   [--vocab-size 8000] [--shard-size 250MB] [--workdir DIR]
 """
 
@@ -173,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-size", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--intermediate-size", type=int, default=5504)
+    parser.add_argument("--intermediate-size", type=int, default=6400)
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--shard-size", default="250MB")
     parser.add_argument(
