@@ -80,6 +80,12 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()  # weight-loading bars; the training bar is ours
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    # transformers' GGUF reader draws its own tqdm bar, which disable_progress_bar() does not reach.
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+    gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)
 
 
 def version_callback(value: bool) -> None:
@@ -342,11 +348,18 @@ def export(
     ] = "gguf",
     outtype: Annotated[
         str,
-        typer.Option("--outtype", help="GGUF only: tensor type (f32, f16, bf16, q8_0)."),
+        typer.Option(
+            "--outtype", help="GGUF only: type of the 2-D weights (f32, f16, bf16, q8_0); norms stay f32."
+        ),
     ] = "f16",
     output: Annotated[
         Path | None,
-        typer.Option("--output", help="Where to write. Default: next to SOURCE.", show_default=False),
+        typer.Option(
+            "--output",
+            help="Output directory. gguf: holds <name>.<outtype>.gguf, export.json and the Modelfile; default "
+            "SOURCE-gguf next to SOURCE. hf: the merged checkpoint; default SOURCE/merged.",
+            show_default=False,
+        ),
     ] = None,
     ollama: Annotated[
         bool,
@@ -395,7 +408,8 @@ def eval_(
     target: Annotated[
         Path,
         typer.Argument(
-            help="A `loratool train` run directory, a merged checkpoint, or a base model directory.",
+            help="A `loratool train` run directory, a merged checkpoint, or a base model (directory or "
+            ".gguf file).",
             show_default=False,
             metavar="TARGET",
         ),
@@ -425,7 +439,21 @@ def eval_(
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
     output: Annotated[
         Path | None,
-        typer.Option("--output", help="Report directory. Default: TARGET/eval.", show_default=False),
+        typer.Option(
+            "--output",
+            help="Report directory. Default: TARGET/eval (for a base model: ./eval-NAME).",
+            show_default=False,
+        ),
+    ] = None,
+    lm_eval_tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-eval-tasks",
+            metavar="TASK,TASK",
+            help="Also run these lm-evaluation-harness tasks on the loaded model (needs the lm-eval extra "
+            "and the tasks' datasets).",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
     """Held-out loss, perplexity and generation metrics of a fine-tune (and of its base, side by side)."""
@@ -442,6 +470,7 @@ def eval_(
         top_p=top_p,
         seed=seed,
         output=output,
+        lm_eval_tasks=[t.strip() for t in lm_eval_tasks.split(",") if t.strip()] if lm_eval_tasks else None,
         log=typer.echo,
     )
 
@@ -452,21 +481,28 @@ def generate(
     target: Annotated[
         Path,
         typer.Argument(
-            help="A run directory, a merged checkpoint, or a base model directory.",
+            help="A run directory, a merged checkpoint, or a base model (directory or .gguf file).",
             show_default=False,
             metavar="TARGET",
         ),
     ],
     prompt: Annotated[
         list[str] | None,
-        typer.Option("--prompt", help="A user message (repeatable).", show_default=False),
+        typer.Option(
+            "--prompt",
+            metavar="TEXT",
+            help='A user message (repeatable). "@NAME: text" answers it with adapter NAME ("@base: text": '
+            "with no adapter); otherwise the first adapter answers.",
+            show_default=False,
+        ),
     ] = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option(
             "--adapter",
             metavar="[NAME=]DIR",
-            help="Another adapter to load on the same base (repeatable).",
+            help="Another adapter to load on the same base (repeatable); NAME defaults to the directory "
+            "name. Its base must be the loaded one.",
             show_default=False,
         ),
     ] = None,
@@ -501,7 +537,7 @@ def chat(
     target: Annotated[
         Path,
         typer.Argument(
-            help="A run directory, a merged checkpoint, or a base model directory.",
+            help="A run directory, a merged checkpoint, or a base model (directory or .gguf file).",
             show_default=False,
             metavar="TARGET",
         ),
@@ -529,6 +565,7 @@ def chat(
         top_p=top_p,
         system=system,
         log=typer.echo,
+        write=lambda text: typer.echo(text, nl=False),
     )
 
 

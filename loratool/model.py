@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
+from loratool.gguf_base import check_gguf_file, is_gguf, resolve_base_model
 from loratool.hardware import Hardware, compute_dtype, model_dtype
 
 if TYPE_CHECKING:
@@ -20,6 +22,9 @@ def looks_like_local_path(name: str) -> bool:
 
 
 def check_base_model_exists(base_model: str) -> None:
+    if is_gguf(base_model):
+        check_gguf_file(Path(base_model))
+        return
     if looks_like_local_path(base_model) and not Path(base_model).expanduser().is_dir():
         path = Path(base_model).expanduser().resolve()
         raise LoratoolError(
@@ -29,11 +34,14 @@ def check_base_model_exists(base_model: str) -> None:
         )
 
 
-def load_tokenizer(base_model: str, model: ModelSection) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    base_model: str, model: ModelSection, log: Callable[[str], None] = print
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of `base_model` (or of `model.tokenizer`); a .gguf is converted first (gguf_base.py)."""
     from transformers import AutoTokenizer
 
     check_base_model_exists(base_model)
-    source = model.tokenizer or base_model
+    source = resolve_base_model(model.tokenizer or base_model, log)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=model.revision, trust_remote_code=model.trust_remote_code
@@ -65,10 +73,13 @@ def build_quantization_config(q: QuantizationSection, dtype: Any) -> BitsAndByte
     )
 
 
-def load_model(recipe: Recipe, hw: Hardware) -> PreTrainedModel:
-    """The frozen base, in the dtype the hardware supports, quantized if the recipe says so."""
+def load_model(recipe: Recipe, hw: Hardware, log: Callable[[str], None] = print) -> PreTrainedModel:
+    """The frozen base, in the dtype the hardware supports, quantized if the recipe says so. A .gguf base
+    loads from its cached conversion (made now if missing), so quantization applies on top of that."""
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
+
+    base_model = resolve_base_model(recipe.base_model, log)
 
     kwargs: dict[str, Any] = {
         "revision": recipe.model.revision,
@@ -87,9 +98,9 @@ def load_model(recipe: Recipe, hw: Hardware) -> PreTrainedModel:
             {"": PartialState().local_process_index} if hw.device == "cuda" else {"": "cpu"}
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(recipe.base_model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as exc:
-        if local_dir_has_only_pickles(recipe.base_model):
+        if local_dir_has_only_pickles(base_model):
             raise LoratoolError(
                 f"{recipe.base_model} has weights only in pickle files (*.bin / *.pt), which loratool does not "
                 "load: unpickling can run arbitrary code",
@@ -123,8 +134,11 @@ def _not_loadable(what: str, source: str, exc: Exception) -> LoratoolError:
     return LoratoolError(f"cannot load the {what} from '{source}': {first_line}", hint=hint)
 
 
-def local_model_dir(base_model: str, revision: str | None) -> Path | None:
-    """The directory holding the base weights: the path itself, or its snapshot in the hub cache."""
+def local_model_dir(base_model: str, revision: str | None, log: Callable[[str], None] = print) -> Path | None:
+    """The directory holding the base weights: the path itself, its snapshot in the hub cache, or the
+    conversion of a .gguf file (made now if missing)."""
+    if is_gguf(base_model):
+        return Path(resolve_base_model(base_model, log))
     if Path(base_model).expanduser().is_dir():
         return Path(base_model).expanduser().resolve()
     try:

@@ -302,8 +302,10 @@ class Recipe(Section):
     """A fine-tuning recipe: the base model, how it is loaded, the adapter, the data and the run."""
 
     base_model: str
-    """Hub id (meta-llama/Llama-2-7b-hf) or local directory of the model to fine-tune. A path starting with
-    ./ or ../ is resolved against the recipe file's directory when it exists there."""
+    """Hub id (meta-llama/Llama-2-7b-hf), local directory, or local .gguf file of the model to fine-tune. A
+    .gguf is dequantized once into a Hugging Face checkpoint cached under $LORATOOL_CACHE (default
+    ~/.cache/loratool), float32 up to 2B parameters, bfloat16 above. A path starting with ./ or ../ is
+    resolved against the recipe file's directory when it exists there."""
 
     model: ModelSection = ModelSection()
     """How the base model is loaded."""
@@ -638,7 +640,7 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     working directory, or a hub id (org/name). training.output_dir stays relative to the working directory.
     """
     model = raw.get("base_model")
-    if isinstance(model, str) and model.startswith(("./", "../")) and (base / model).is_dir():
+    if isinstance(model, str) and model.startswith(("./", "../")) and (base / model).exists():
         raw["base_model"] = str((base / model).resolve())
     data = raw.get("data")
     if not isinstance(data, dict):

@@ -12,6 +12,7 @@ from loratool import __version__, hardware
 from loratool.data import build_datasets
 from loratool.errors import LoratoolError
 from loratool.fingerprint import weights_fingerprint
+from loratool.gguf_base import gguf_record, is_gguf, resolve_base_model
 from loratool.lora import attach_adapter, build_loraplus_optimizer, keep_adapter_in
 from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics
 from loratool.model import load_model, load_tokenizer, local_model_dir
@@ -44,12 +45,12 @@ def run_train(
     RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
 
     set_seed(recipe.training.seed)
-    tokenizer = load_tokenizer(recipe.base_model, recipe.model)
+    tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
     data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
     log(data.summary.format())
 
     log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
-    model = load_model(recipe, hw)
+    model = load_model(recipe, hw, log)
     model = attach_adapter(
         model,
         recipe.lora,
@@ -212,6 +213,9 @@ def _manifest_header(recipe: Recipe, hw: hardware.Hardware, started: float) -> d
             else "8bit"
             if recipe.quantization and recipe.quantization.load_in_8bit
             else None,
+            # A .gguf base: the file and its sha256; resolved_path is then its cached conversion, which
+            # merge finds (or rebuilds from the file) by this record.
+            **({"gguf": gguf_record(recipe.base_model)} if is_gguf(recipe.base_model) else {}),
         },
         "hardware": {**hw.to_dict(), "platform": platform.platform()},
     }
@@ -233,7 +237,8 @@ def dry_run(
 ) -> None:
     """Everything `train` checks and resolves before loading weights, with nothing written to disk:
     hardware rules, the output directory, the tokenizer and chat template, every data row, and the
-    adapter's target modules and size on a weightless (meta-device) copy of the model."""
+    adapter's target modules and size on a weightless (meta-device) copy of the model. The exception: a
+    .gguf base is converted to its cached checkpoint (as training would), since that is what is checked."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -241,11 +246,13 @@ def dry_run(
     hardware.check(recipe, hw)
     check_report_to(recipe.training)
     run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
-    tokenizer = load_tokenizer(recipe.base_model, recipe.model)
+    tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
     data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
     log(data.summary.format())
     config = AutoConfig.from_pretrained(
-        recipe.base_model, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        resolve_base_model(recipe.base_model, log),  # a .gguf was converted (once) by load_tokenizer
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)

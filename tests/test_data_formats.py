@@ -140,7 +140,9 @@ GLAIVE_ROW = {
 def test_sharegpt_with_tool_call_and_observation():
     ex = example(GLAIVE_ROW, "sharegpt")
     assert [m["role"] for m in ex.messages] == ["user", "assistant", "tool", "assistant"]
-    assert ex.messages[1]["content"].startswith('{"name": "search_recipes"')
+    call = {"name": "search_recipes", "arguments": {"q": "chicken"}}
+    tool_calls = [{"type": "function", "function": call}]
+    assert ex.messages[1] == {"role": "assistant", "content": "", "tool_calls": tool_calls}
     assert ex.tools == [{"name": "search_recipes", "description": "Search", "parameters": {"type": "object"}}]
 
 

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 from loratool.data.formats import Conversation, RowError, check_columns, resolve_format, to_example
 from loratool.data.sources import open_source
 from loratool.data.summary import DROP_REASONS, DataSummary, SourceSummary, SplitSummary
-from loratool.data.templates import apply_chat_template_choice, describe_choice, template_warnings
+from loratool.data.templates import (
+    apply_chat_template_choice,
+    describe_choice,
+    renders_tools,
+    template_warnings,
+)
 from loratool.data.tokenize import IGNORE, encode_many
 from loratool.errors import LoratoolError
 
@@ -78,7 +83,7 @@ def build_datasets(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedD
         truncation=data.truncation,
         completion_only_loss=data.completion_only_loss,
         seed=seed,
-        warnings=template_warnings(tokenizer, data.chat_template) if template.used else [],
+        warnings=template.warnings(),
     )
 
     def dataset(items: list[_Item]) -> Dataset:
@@ -98,6 +103,7 @@ class _Template:
 
     def __init__(self, tokenizer: Any, choice: str | None):
         self.tokenizer, self.choice, self.used = tokenizer, choice, False
+        self.rows_with_tools = 0
         if choice is not None:
             self.ensure()
 
@@ -105,6 +111,18 @@ class _Template:
         if not self.used:
             apply_chat_template_choice(self.tokenizer, self.choice)
             self.used = True
+
+    def warnings(self) -> list[str]:
+        if not self.used:
+            return []
+        warnings = template_warnings(self.tokenizer, self.choice)
+        if self.rows_with_tools and not renders_tools(self.tokenizer):
+            warnings.append(
+                f"{self.rows_with_tools:,} rows define tools, but the chat template does not write tool "
+                "definitions into the text: the model learns calls to functions it is never shown; set "
+                "data.chat_template: chatml (or llama3, alpaca), which list them"
+            )
+        return warnings
 
 
 def _build_split(
@@ -153,6 +171,7 @@ def _build_source(
 
     if any(isinstance(example, Conversation) for example in examples):
         template.ensure()
+        template.rows_with_tools += sum(bool(getattr(example, "tools", None)) for example in examples)
     try:
         encoded = encode_many(examples, tokenizer, completion_only_loss=data.completion_only_loss)
     except LoratoolError as exc:
@@ -164,14 +183,20 @@ def _build_source(
             bad(location, result.reason)
             continue
         input_ids, labels = result
-        truncated = len(input_ids) > data.max_length
+        length = len(input_ids)
+        truncated = length > data.max_length
         if truncated:
             if data.truncation == "drop":
-                summary.drop("too_long")
+                summary.drop("too_long", location, f"{length} tokens, over data.max_length={data.max_length}")
                 continue
             input_ids, labels = input_ids[: data.max_length], labels[: data.max_length]
         if labels.count(IGNORE) == len(labels):
-            summary.drop("no_loss")
+            why = (
+                f"no token to learn from in the first {data.max_length} of its {length} tokens"
+                if truncated
+                else "no token to learn from (no assistant turn, or only empty ones)"
+            )
+            summary.drop("no_loss", location, why)
             continue
         summary.truncated += truncated
         items.append(_Item(input_ids, labels, summary))

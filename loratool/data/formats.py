@@ -166,6 +166,9 @@ def _sharegpt(row: _Fields, source: DataSource) -> Example:
         if isinstance(turns[0], dict) and "from" not in turns[0] and "role" in turns[0]:
             role_key, content_key = "role", "content"  # ShareGPT files written with OpenAI message keys
     messages = _message_list(row, "conversations", role_key, content_key, {**SHAREGPT_ROLES, **source.roles})
+    for turn, message in zip(turns, messages, strict=True):  # _message_list checked that turns is a list
+        if turn.get(row.name(role_key)) == "function_call" and message["role"] == "assistant":
+            _function_call_to_tool_calls(message)
     system = row.string("system", required=False)
     return Conversation(_with_system(messages, system or source.system_prompt), tools=row.tools())
 
@@ -290,6 +293,28 @@ def _message_list(
         message["content"] = content
         messages.append(message)
     return messages
+
+
+def _function_call_to_tool_calls(message: dict[str, Any]) -> None:
+    """A ShareGPT `function_call` turn (Glaive / LLaMA-Factory: the value is the JSON text of
+    {"name", "arguments"}, or of a list of them) -> an assistant message with OpenAI-style `tool_calls`.
+
+    Why: chat templates write tool calls in their own syntax (ChatML's <tool_call>...</tool_call>, which
+    its tools preamble asks the model to use); kept as plain text the call would be learned without it.
+    A value that is not such JSON stays text. Templates that ignore tool_calls get the JSON back as text
+    at render time (tokenize.render_conversation), so nothing is lost either way."""
+    try:
+        value = json.loads(message["content"])
+    except json.JSONDecodeError:
+        return
+    calls = value if isinstance(value, list) else [value]
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        return
+    message["tool_calls"] = [
+        {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+        for c in calls
+    ]
+    message["content"] = ""
 
 
 def _with_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:

@@ -138,7 +138,7 @@ class DataSummary:
         shown_sources = [source for split in splits for source in split.sources]
         left_out = [row for source in shown_sources for row in source.bad_rows]
         if left_out:
-            total = sum(source.dropped["malformed"] + source.dropped["empty"] for source in shown_sources)
+            total = sum(sum(source.dropped.values()) for source in shown_sources)
             first = "first " if total > min(len(left_out), SHOWN_BAD_ROWS) else ""
             lines.append(f"  rows left out ({first}{min(len(left_out), SHOWN_BAD_ROWS)} of {total}):")
             lines.extend(f"    {row['location']}: {row['reason']}" for row in left_out[:SHOWN_BAD_ROWS])

@@ -22,6 +22,28 @@ _MARKERS = {
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
 }
 _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+_PROBE_CALL = "loratool_probe_function"
+_TOOL_CALL_PROBE = [
+    {"role": "user", "content": "Hi"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": _PROBE_CALL, "arguments": {}}}],
+    },
+]
+_TOOLS_PROBE = [
+    {
+        "type": "function",
+        "function": {
+            "name": _PROBE_CALL,
+            "description": "",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    }
+]
+# template text -> answer, per question (templates are few, rows many)
+_renders_tool_calls: dict[str, bool] = {}
+_renders_tools: dict[str, bool] = {}
 
 
 def builtin_template(name: str) -> str:
@@ -98,6 +120,37 @@ def template_warnings(tokenizer: Any, choice: str | None) -> list[str]:
             f"{tokenizer.eos_token}; make generation stop on {end} (generation_config.eos_token_id)"
         )
     return warnings
+
+
+def renders_tool_calls(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template writes an assistant message's `tool_calls` into the text.
+
+    Many templates (plain ChatML, Llama 2, Zephyr...) print only `content`, which for a tool-call message
+    is empty: the call would silently vanish from the training text. Asked once per template text."""
+    template = tokenizer.chat_template
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _renders_tool_calls:
+        try:
+            text = tokenizer.apply_chat_template(_TOOL_CALL_PROBE, tokenize=False)
+        except Exception:  # a template that refuses tool calls (or this probe) does not render them
+            text = ""
+        _renders_tool_calls[key] = _PROBE_CALL in text
+    return _renders_tool_calls[key]
+
+
+def renders_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template writes the `tools` (function definitions) into the text.
+    Templates without tool support drop them silently, and the model then learns calls to functions it was
+    never shown."""
+    template = tokenizer.chat_template
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _renders_tools:
+        try:
+            text = tokenizer.apply_chat_template(_PROBE, tools=_TOOLS_PROBE, tokenize=False)
+        except Exception:  # a template that fails with tools does not render them
+            text = ""
+        _renders_tools[key] = _PROBE_CALL in text
+    return _renders_tools[key]
 
 
 def _probe(tokenizer: Any, what: str) -> None:

@@ -16,10 +16,12 @@ labels[i] is the target at position i (the model shifts by one itself). Position
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
 from typing import Any
 
 from loratool.data.formats import Completion, Conversation, Example, RowError
+from loratool.data.templates import renders_tool_calls
 from loratool.errors import LoratoolError
 
 IGNORE = -100
@@ -92,6 +94,8 @@ def encode_many(
 def render_conversation(conversation: Conversation, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
     """The conversation rendered by the chat template, and the character spans that carry loss."""
     messages, tools = conversation.messages, conversation.tools
+    if any("tool_calls" in m for m in messages) and not renders_tool_calls(tokenizer):
+        messages = [_tool_calls_as_text(m) for m in messages]
     text = _render(tokenizer, messages, tools, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
@@ -105,6 +109,17 @@ def render_conversation(conversation: Conversation, tokenizer: Any) -> tuple[str
                 raise _not_prefix_stable(i, prefix, text)
         spans.append((len(before), len(upto)))
     return text, spans
+
+
+def _tool_calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """For a template that ignores `tool_calls`: the calls as JSON lines in the content, one per call
+    ({"name": ..., "arguments": ...}, the plain form Glaive-style data and tools preambles use)."""
+    if "tool_calls" not in message:
+        return message
+    calls = [call.get("function", call) if isinstance(call, dict) else call for call in message["tool_calls"]]
+    lines = [json.dumps(call, ensure_ascii=False) for call in calls]
+    content = "\n".join(([message["content"]] if message.get("content") else []) + lines)
+    return {key: value for key, value in message.items() if key != "tool_calls"} | {"content": content}
 
 
 def require_fast(tokenizer: Any) -> None:

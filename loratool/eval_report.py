@@ -1,0 +1,149 @@
+"""What `loratool eval` shows: report.md (written into eval/) and the compact terminal summary."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# (key in metrics.json, label, format, higher is better)
+ROWS = (
+    ("loss", "loss (nats/token)", "{:.4f}", False),
+    ("perplexity", "perplexity", "{:.2f}", False),
+    ("exact_match", "exact match", "{:.1%}", True),
+    ("rouge_l_f1", "ROUGE-L F1", "{:.3f}", True),
+    ("bleu", "BLEU", "{:.2f}", True),
+    ("chrf", "chrF", "{:.2f}", True),
+    ("mean_generated_tokens", "mean answer length (tokens)", "{:.1f}", None),
+)
+EXAMPLES_IN_REPORT = 5
+EXAMPLES_IN_TERMINAL = 2
+
+
+def _fmt(fmt: str, value: Any) -> str:
+    if not isinstance(value, int | float) or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return fmt.format(value)
+
+
+def _columns(record: dict[str, Any]) -> list[str]:
+    return [name for name in ("base", "tuned") if name in record["models"]]
+
+
+def summary_table(record: dict[str, Any]) -> list[list[str]]:
+    """Header + one row per metric: base, tuned and their difference when both are there."""
+    columns = _columns(record)
+    both = len(columns) == 2
+    table = [["metric", *columns, *(["difference"] if both else [])]]
+    for key, label, fmt, _ in ROWS:
+        values = [record["models"][c].get(key) for c in columns]
+        row = [label, *(_fmt(fmt, v) for v in values)]
+        if both:
+            diff = (record.get("difference") or {}).get(key)
+            row.append(_fmt(fmt.replace("{:", "{:+"), diff))
+        table.append(row)
+    return table
+
+
+def terminal_summary(record: dict[str, Any], generations: list[dict[str, Any]]) -> list[str]:
+    """The table with aligned columns, then a couple of prompts with the answers side by side."""
+    table = summary_table(record)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in table
+    ]
+    data = record["data"]
+    lines.insert(0, f"{data['rows']} rows, {data['loss_tokens']} loss tokens")
+    for g in generations[:EXAMPLES_IN_TERMINAL]:
+        lines.append("")
+        lines.append(f"prompt: {_last_lines(g['prompt'], 200)}")
+        lines.append(f"  reference: {_short(g['reference'])}")
+        for name in _columns(record):
+            lines.append(f"  {name}: {_short(g[name])}")
+    return lines
+
+
+def report_markdown(record: dict[str, Any], generations: list[dict[str, Any]], loss_curve: str | None) -> str:
+    """report.md: summary table, a handful of prompts with every answer, the loss curve, provenance."""
+    target, data, settings = record["target"], record["data"], record["settings"]
+    out = [f"# Evaluation of `{target['path']}`", ""]
+    out.append(
+        f"{data['rows']} rows ({data['loss_tokens']} loss tokens) of "
+        + (f"`{data['path']}`" if data.get("path") else f"the run's validation split ({data.get('origin')})")
+        + f"; answers generated with {settings['decoding']} decoding, at most {settings['max_new_tokens']} "
+        "new tokens."
+    )
+    out += ["", "## Summary", ""]
+    table = summary_table(record)
+    out.append("| " + " | ".join(table[0]) + " |")
+    out.append("|" + "|".join(["---"] + ["---:"] * (len(table[0]) - 1)) + "|")
+    out += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    out += [
+        "",
+        "- **loss**: token-weighted mean cross-entropy (nats) over the tokens training computes loss on "
+        "(same chat template, masking and max_length); perplexity = exp(loss). The trainer's `eval_loss` "
+        "averages per-batch means instead: the two are equal when the validation set fits in one "
+        "evaluation batch.",
+        "- **exact match**: answer equal to the reference after stripping surrounding whitespace. "
+        "**ROUGE-L F1**: mean per row (`rouge_score`, lower-cased word tokens). **BLEU**, **chrF**: "
+        "corpus-level (`sacrebleu` defaults).",
+    ]
+    trainer = record.get("trainer_final_eval_loss")
+    if trainer is not None:
+        out.append(f"- The trainer logged a final `eval_loss` of {trainer:.4f} for this run.")
+    if data.get("truncated_references"):
+        out.append(
+            f"- {data['truncated_references']} reference(s) were cut by max_length={data['max_length']}: "
+            "exact match cannot be reached on those rows."
+        )
+    if record.get("lm_eval"):
+        out += ["", "## lm-evaluation-harness", "", "```", _json(record["lm_eval"]), "```"]
+    if loss_curve:
+        out += ["", "## Training loss", "", f"![training and validation loss]({loss_curve})"]
+    out += ["", "## Examples", ""]
+    for g in generations[:EXAMPLES_IN_REPORT]:
+        out += [f"### Row {g['index']}", "", "Prompt:", "", _fence(g["prompt"]), "", "Reference:", ""]
+        out += [_fence(g["reference"])]
+        for name in _columns(record):
+            out += ["", f"{name.capitalize()}:", "", _fence(g[name])]
+        out.append("")
+    out += ["## Provenance", ""]
+    out.append(f"- target: `{target['path']}` ({target['kind']})")
+    base = target.get("base_model") or {}
+    if base:
+        out.append(f"- base model: `{base.get('id')}` (fingerprint `{str(base.get('fingerprint'))[:31]}…`)")
+    if target.get("adapter"):
+        out.append(f"- adapter: `{target['adapter']}`")
+    out.append(
+        f"- device {settings['device']}, dtype {settings['dtype']}"
+        + (", 4/8-bit base as trained" if settings.get("quantized_base") else "")
+        + f"; seed {settings['seed']}, temperature {settings['temperature']}, top_p {settings['top_p']}"
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v)
+    out.append(f"- loratool {record['loratool_version']}; {versions}; written {record['created_at']}")
+    return "\n".join(out) + "\n"
+
+
+def _fence(text: str) -> str:
+    fence = "````" if "```" in text else "```"
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _last_lines(text: str, limit: int) -> str:
+    """The end of a rendered prompt (the question is last), on one line."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2, default=str)

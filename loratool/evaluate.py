@@ -1,0 +1,451 @@
+"""`loratool eval`: held-out loss, perplexity and generation metrics of a fine-tune, next to its base.
+
+Reads top to bottom like the evaluation: resolve TARGET (run, merged checkpoint or base model), decide
+the data (the run's validation split, rebuilt exactly as training built it, or `--data` built the same
+way), load the model, compute loss and generate answers, do the same with the adapter switched off
+(`--compare-base`), and write `eval/` (metrics.json, generations.jsonl, report.md) into place in one rename.
+
+Prompts and references come from the very rows the loss is computed on: in each row, the tokens before
+the last span that carries loss are the prompt (the conversation up to the last assistant turn, rendered
+by the run's chat template with the generation prompt), and that span is the reference answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loratool import __version__
+from loratool.errors import LoratoolError
+from loratool.eval_metrics import IGNORE, generation_metrics, heldout_loss
+from loratool.generate import Sampling, answer_text, fit_to_context, generate_ids
+from loratool.target import Loaded, Target, load_checkpoint, load_target, merged_base_dir, resolve_target
+
+EVAL_DIR = "eval"
+METRICS = "metrics.json"
+GENERATIONS = "generations.jsonl"
+REPORT = "report.md"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One generation probe, cut from a loss row."""
+
+    prompt_ids: list[int]
+    reference_ids: list[int]
+    complete: bool  # the reference ends with a stop token (False: the row was truncated at max_length)
+
+
+@dataclass(frozen=True)
+class EvalData:
+    rows: list[tuple[list[int], list[int]]]  # (input_ids, labels) as training sees them
+    prompts: list[Prompt]
+    description: str  # where the rows come from, in words
+    details: dict[str, Any]  # the same, for metrics.json
+
+
+def run_eval(
+    target: str | Path,
+    *,
+    data: str | Path | None = None,
+    compare_base: bool = False,
+    max_samples: int | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    output: str | Path | None = None,
+    lm_eval_tasks: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Evaluate TARGET and write its report directory; returns that directory."""
+    from loratool import eval_report
+
+    started = time.time()
+    resolved = resolve_target(target)
+    if compare_base and resolved.kind == "base":
+        raise LoratoolError(
+            f"--compare-base: {resolved.path} is a base model already; there is no adapter to compare with",
+            hint="drop --compare-base, or pass the run directory (or merged checkpoint) as TARGET",
+        )
+    if lm_eval_tasks:
+        require_lm_eval()
+    data_path = _check_data_path(data)
+    out = output_dir(resolved, output)
+    _require_data(resolved, data_path)
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+
+    loaded = load_target(resolved, log)
+    log(f"loaded in {loaded.load_seconds:.1f}s ({loaded.device}, {loaded.dtype})")
+    eval_data = build_eval_data(
+        resolved,
+        data_path,
+        loaded.tokenizer,
+        max_samples=max_samples,
+        context=loaded.context,
+        stop_ids=loaded.stop_ids,
+    )
+    log(f"evaluating on {eval_data.description}")
+    batch = resolved.recipe.training.per_device_eval_batch_size if resolved.recipe else 8
+    name = "base" if resolved.kind == "base" else "tuned"
+    models: dict[str, dict[str, Any]] = {}
+    answers: dict[str, list[str]] = {}
+    models[name], answers[name] = evaluate_model(loaded, eval_data, sampling, batch, log, label=name)
+    lm_eval = run_lm_eval(loaded, lm_eval_tasks, max_samples, batch, log) if lm_eval_tasks else None
+    if compare_base:
+        base_numbers, base_answers = evaluate_base(resolved, loaded, eval_data, sampling, batch, log)
+        models["base"], answers["base"] = base_numbers, base_answers
+
+    record = {
+        "loratool_eval": 1,
+        "loratool_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "target": _describe_target(resolved),
+        "data": eval_data.details,
+        "settings": {
+            "max_new_tokens": max_new_tokens,
+            "decoding": "greedy" if sampling.greedy else "sampling",
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "max_samples": max_samples,
+            "device": loaded.device,
+            "dtype": loaded.dtype,
+            "quantized_base": loaded.quantized,
+            "stop_token_ids": loaded.stop_ids,
+        },
+        "models": models,
+        "difference": _difference(models) if "tuned" in models and "base" in models else None,
+        "trainer_final_eval_loss": ((resolved.manifest.get("train") or {}).get("final_eval_loss")),
+        "lm_eval": lm_eval,
+        "versions": _versions(),
+    }
+    generations = _generation_rows(eval_data, loaded.tokenizer, answers)
+    record["wall_time_s"] = round(time.time() - started, 2)
+    loss_curve = resolved.run_dir / "loss_curve.png" if resolved.run_dir else None
+    write_outputs(out, record, generations, loss_curve if loss_curve and loss_curve.is_file() else None)
+    for line in eval_report.terminal_summary(record, generations):
+        log(line)
+    log(f"report written to {out}")
+    return out
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def _check_data_path(data: str | Path | None) -> Path | None:
+    if data is None:
+        return None
+    path = Path(data).expanduser().resolve()
+    if not path.exists():
+        raise LoratoolError(
+            f"--data: file not found: {path}", hint="pass a .jsonl, .json, .csv or .parquet file"
+        )
+    return path
+
+
+def _require_data(target: Target, data: Path | None) -> None:
+    """Refuse, before loading anything, an evaluation with nothing to evaluate on."""
+    if data is not None:
+        return
+    if target.recipe is None:
+        what = "a base model" if target.kind == "base" else "a merged model whose training run is not found"
+        raise LoratoolError(
+            f"{target.path} is {what}, so there is no validation data to evaluate on",
+            hint="pass --data FILE (any format `loratool train` reads)",
+        )
+    if target.recipe.data.validation is None:
+        raise LoratoolError(
+            f"the run in {target.run_dir} has no validation data (its recipe has no data.validation)",
+            hint="pass --data FILE with held-out rows (rows the run did not train on), or train with "
+            "data.validation: 0.05",
+        )
+
+
+def build_eval_data(
+    target: Target,
+    data: Path | None,
+    tokenizer: Any,
+    *,
+    max_samples: int | None = None,
+    context: int | None = None,
+    stop_ids: list[int] | None = None,
+) -> EvalData:
+    """The rows to evaluate on, tokenized and masked exactly as training does (loratool.data). Without a
+    recipe (a base model, or a merged model whose run is gone), the schema's data defaults apply, with
+    max_length capped at the model's context."""
+    from loratool.data import build_datasets
+    from loratool.recipe import DataSection
+
+    recipe = target.recipe
+    seed = recipe.training.seed if recipe else 0
+    if data is None:
+        assert recipe is not None and recipe.data.validation is not None
+        section = recipe.data
+        try:
+            built = build_datasets(section, tokenizer, seed=seed)
+        except LoratoolError as exc:
+            raise LoratoolError(
+                f"cannot rebuild the run's validation data from its recipe.yaml: {exc.message}",
+                hint="relative data paths are read from the current directory: run from the directory "
+                "training ran in, or pass --data FILE",
+            ) from None
+        dataset = built.validation
+        assert dataset is not None
+        split = built.summary.validation
+        origin = split.origin if split and split.origin else "data.validation sources"
+        description = f"the run's validation split ({origin})"
+        details: dict[str, Any] = {"source": "validation", "origin": origin}
+    else:
+        if recipe is not None:
+            base = recipe.data.model_dump()
+        else:
+            base = DataSection(train=[{"path": str(data)}]).model_dump()
+            if context is not None and context < base["max_length"]:
+                base["max_length"] = context
+        section = DataSection.model_validate({**base, "train": [{"path": str(data)}], "validation": None})
+        try:
+            built = build_datasets(section, tokenizer, seed=seed)
+        except LoratoolError as exc:
+            raise LoratoolError(exc.message.replace("data.train", f"--data {data}", 1), exc.hint) from None
+        dataset = built.train
+        description = f"{data} (shuffled with seed {seed})"
+        details = {"source": "file", "path": str(data), "seed": seed}
+    rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
+    if max_samples is not None:
+        rows = rows[:max_samples]
+    stops = set(stop_ids or [tokenizer.eos_token_id])
+    prompts = [_prompt_from_row(ids, labels, stops) for ids, labels in rows]
+    if not section.completion_only_loss:
+        prompts = _prompts_with_completion_masks(section, tokenizer, seed, data is None, len(rows), stops)
+    details.update(
+        rows=len(rows),
+        loss_tokens=sum(len(labels) - labels.count(IGNORE) for _, labels in rows),
+        max_length=section.max_length,
+        completion_only_loss=section.completion_only_loss,
+        chat_template_sha256=built.summary.chat_template_sha256,
+        truncated_references=sum(not p.complete for p in prompts),
+    )
+    return EvalData(rows, prompts, f"{len(rows)} rows of {description}", details)
+
+
+def _prompt_from_row(ids: list[int], labels: list[int], stops: set[int]) -> Prompt:
+    """Prompt = the tokens before the last run of loss-carrying labels; reference = that run."""
+    end = max(i for i, label in enumerate(labels) if label != IGNORE) + 1
+    start = end
+    while start > 1 and labels[start - 1] != IGNORE:
+        start -= 1
+    reference = ids[start:end]
+    return Prompt(ids[:start], reference, complete=any(t in stops for t in reference))
+
+
+def _prompts_with_completion_masks(
+    section: Any, tokenizer: Any, seed: int, validation: bool, count: int, stops: set[int]
+) -> list[Prompt]:
+    """With completion_only_loss off every token carries loss, so prompts cannot be told from answers in
+    the loss rows: the same rows are built again with the answers masked, for generation only."""
+    from loratool.data import build_datasets
+
+    masked = section.model_copy(update={"completion_only_loss": True})
+    built = build_datasets(masked, tokenizer, seed=seed)
+    dataset = built.validation if validation else built.train
+    assert dataset is not None
+    rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))[:count]
+    return [_prompt_from_row(ids, labels, stops) for ids, labels in rows]
+
+
+# --- evaluating one model ------------------------------------------------------------------------------
+
+
+def evaluate_model(
+    loaded: Loaded, data: EvalData, sampling: Sampling, batch: int, log: Callable[[str], None], *, label: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Loss on the rows and metrics of the answers generated for their prompts."""
+    started = time.perf_counter()
+    pad = loaded.tokenizer.pad_token_id
+    loss = heldout_loss(loaded.model, data.rows, pad_id=pad)
+    loss_seconds = time.perf_counter() - started
+    prompts, cut = [], 0
+    for p in data.prompts:
+        ids, dropped = fit_to_context(p.prompt_ids, loaded.context, sampling.max_new_tokens)
+        prompts.append(ids)
+        cut += dropped > 0
+    if cut:
+        log(
+            f"warning: {cut} prompt(s) were cut from the left to leave room for {sampling.max_new_tokens} new tokens"
+        )
+    new_ids = generate_ids(
+        loaded.model, prompts, sampling, pad_id=pad, stop_ids=loaded.stop_ids, batch_size=batch
+    )
+    answers = [answer_text(loaded.tokenizer, ids) for ids in new_ids]
+    references = [answer_text(loaded.tokenizer, p.reference_ids) for p in data.prompts]
+    lengths = [len(ids) - (1 if ids and ids[-1] in loaded.stop_ids else 0) for ids in new_ids]
+    numbers = {
+        "loss": loss.loss,
+        "perplexity": loss.perplexity,
+        "loss_tokens": loss.loss_tokens,
+        "rows": loss.rows,
+        **generation_metrics(answers, references, lengths),
+        "prompts_cut": cut,
+        "loss_seconds": round(loss_seconds, 2),
+        "generation_seconds": round(time.perf_counter() - started - loss_seconds, 2),
+    }
+    log(
+        f"  {label}: loss {loss.loss:.4f}, perplexity {loss.perplexity:.2f} (loss {loss_seconds:.1f}s, "
+        f"generation {numbers['generation_seconds']:.1f}s)"
+    )
+    return numbers, answers
+
+
+def evaluate_base(
+    target: Target, loaded: Loaded, data: EvalData, sampling: Sampling, batch: int, log: Callable[[str], None]
+) -> tuple[dict[str, Any], list[str]]:
+    """The same numbers without the adapter: PEFT's disable_adapter() for a run (the base is not loaded
+    twice); the recorded base, loaded in place of the merged model, for a merged checkpoint."""
+    if target.kind == "run":
+        with loaded.model.disable_adapter():
+            return evaluate_model(loaded, data, sampling, batch, log, label="base")
+    from loratool import hardware
+
+    base_dir = merged_base_dir(target)
+    log(f"loading the base {base_dir}")
+    hw = hardware.detect()
+    loaded.model = None  # free the merged model before the base loads
+    base = Loaded(**{**loaded.__dict__, "model": load_checkpoint(base_dir, hw).eval()})
+    return evaluate_model(base, data, sampling, batch, log, label="base")
+
+
+# --- lm-evaluation-harness -----------------------------------------------------------------------------
+
+
+def require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise LoratoolError(
+            "--lm-eval-tasks needs lm-evaluation-harness, which is not installed",
+            hint="pip install 'loratool[lm-eval]' (its tasks download their datasets: run once online, or "
+            "point HF_DATASETS_CACHE at a cache that has them)",
+        ) from None
+
+
+def run_lm_eval(
+    loaded: Loaded, tasks: list[str] | None, limit: int | None, batch: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on the model already in memory (HFLM accepts a model object)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    log(f"lm-evaluation-harness: {', '.join(tasks or [])}")
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch)
+    results = simple_evaluate(model=lm, tasks=tasks, limit=limit)
+    return json.loads(json.dumps((results or {}).get("results", {}), default=str))
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+
+def output_dir(target: Target, output: str | Path | None) -> Path:
+    """--output, else TARGET/eval (a base model's report goes to ./eval-NAME: its directory may be a
+    read-only hub cache). Refuses a directory that holds anything but an earlier eval report."""
+    if output is not None:
+        out = Path(output).expanduser().resolve()
+    elif target.kind == "base":
+        out = Path.cwd().resolve() / f"eval-{target.path.stem if target.path.is_file() else target.path.name}"
+    else:
+        out = target.path / EVAL_DIR
+    if out == target.path or out in target.path.parents:
+        raise LoratoolError(f"--output {out} would replace TARGET", hint="choose another directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not _is_eval_report(out):
+        raise LoratoolError(
+            f"--output {out} exists and is not a `loratool eval` report",
+            hint="choose a new or empty directory (loratool never deletes files it did not write)",
+        )
+    return out
+
+
+def _is_eval_report(path: Path) -> bool:
+    try:
+        return bool(json.loads((path / METRICS).read_text()).get("loratool_eval"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_outputs(
+    out: Path, record: dict[str, Any], generations: list[dict[str, Any]], loss_curve: Path | None
+) -> None:
+    """Write the three files into a hidden partial directory, then rename it into place (an earlier
+    report there is replaced): a crash never leaves a report that looks complete."""
+    from loratool.eval_report import report_markdown
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        curve = os.path.relpath(loss_curve, out) if loss_curve is not None else None
+        (partial / GENERATIONS).write_text(
+            "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations), encoding="utf-8"
+        )
+        (partial / REPORT).write_text(report_markdown(record, generations, curve), encoding="utf-8")
+        (partial / METRICS).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        partial.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _generation_rows(data: EvalData, tokenizer: Any, answers: dict[str, list[str]]) -> list[dict[str, Any]]:
+    rows = []
+    for i, p in enumerate(data.prompts):
+        row = {
+            "index": i,
+            "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=False),
+            "reference": answer_text(tokenizer, p.reference_ids),
+            "reference_complete": p.complete,
+        }
+        for name, texts in answers.items():
+            row[name] = texts[i]
+        rows.append(row)
+    return rows
+
+
+def _difference(models: dict[str, dict[str, Any]]) -> dict[str, float]:
+    tuned, base = models["tuned"], models["base"]
+    return {
+        k: tuned[k] - base[k]
+        for k in ("loss", "perplexity", "exact_match", "rouge_l_f1", "bleu", "chrf", "mean_generated_tokens")
+        if isinstance(tuned.get(k), int | float) and isinstance(base.get(k), int | float)
+    }
+
+
+def _describe_target(target: Target) -> dict[str, Any]:
+    info: dict[str, Any] = {"path": str(target.path), "kind": target.kind}
+    if target.kind == "run":
+        info["base_model"] = target.manifest.get("base_model")
+        info["adapter"] = str(target.path)
+    elif target.kind == "merged":
+        record = target.merge_record or {}
+        info["base_model"] = record.get("base_model")
+        info["adapter"] = (record.get("adapter") or {}).get("path")
+    return info
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "peft", "rouge-score", "sacrebleu", "lm-eval"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found

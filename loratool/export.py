@@ -1,0 +1,410 @@
+"""`loratool export`: put a model where it runs — a GGUF file for llama.cpp / Ollama, or a merged HF checkpoint.
+
+Reads top to bottom like the export:
+
+- SOURCE is a model directory (config.json + safetensors: a `loratool merge` output or any HF checkpoint),
+  or a `loratool train` run directory / PEFT adapter directory (adapter_config.json + weights).
+- `--format hf` is `loratool merge` for a run directory (run_merge streams, verifies and writes the
+  checkpoint and merge.json); a model directory already is one, so that is refused.
+- `--format gguf` writes a directory (default `SOURCE-gguf/` next to SOURCE) holding
+  `<name>.<outtype>.gguf`, `export.json` and, with `--ollama`, a `Modelfile`. A run directory is first
+  merged with run_merge into a temporary directory inside the output's parent (verified like `loratool
+  merge`, in float32 for `--outtype f32`, else in the base's dtype), converted, and the temporary merge is
+  deleted: what is kept is the GGUF; export.json records the merge (its merge.json). Run `--format hf`
+  to keep the merged checkpoint as well.
+- Everything is written into `<output>.partial-XXXX` and renamed into place at the end, so an interrupted
+  export leaves no directory that looks complete. The free disk space is checked before anything is written
+  (the temporary merge plus the GGUF). An existing output is replaced only with --overwrite, and only if it
+  is a loratool export (it has export.json).
+- Verification (default on): the GGUF is loaded back with transformers and compared with the checkpoint it
+  came from (logits and tokenizer; export_verify.py). A failed export is kept as
+  `<output>.failed-verification` and the command fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loratool import __version__
+from loratool.errors import LoratoolError
+
+EXPORT_RECORD = "export.json"
+FORMATS = ("gguf", "hf")
+_MARGIN = 64 * 2**20  # bytes of free disk kept beyond the estimate (file-system overhead, metadata)
+
+
+def run_export(
+    source: str | Path,
+    *,
+    format: str = "gguf",
+    outtype: str = "f16",
+    output: str | Path | None = None,
+    ollama: bool = False,
+    base: str | None = None,
+    verify: bool = True,
+    force: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Export `source`; return the output directory."""
+    from loratool.export_gguf import file_type
+
+    started = time.time()
+    source = find_source(Path(source))
+    is_run = source_kind(source) == "run"
+    check_options(format, ollama, base, force, is_run, source)
+    if format == "hf":
+        from loratool.merge import run_merge
+
+        return run_merge(
+            source, base=base, output=output, verify=verify, force=force, overwrite=overwrite, log=log
+        )
+
+    file_type(outtype)  # refuse an unknown outtype before any work
+    output = prepare_output(output, source, overwrite=overwrite)
+    partial = _make_partial(output)
+    try:
+        check_disk_space(partial, source, base, outtype, is_run)
+        if is_run:
+            model_dir, merge_record = merge_for_export(source, partial, base, outtype, verify, force, log)
+        else:
+            model_dir, merge_record = source, None
+        record = export_gguf(model_dir, partial, source, outtype, ollama, verify, log)
+        record["source"]["merge"] = merge_record
+        if is_run:
+            shutil.rmtree(model_dir)  # the temporary merge: see the module docstring
+        record["wall_time_s"] = round(time.time() - started, 2)
+        finish(partial, output, record)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    log(f"exported to {output / record['file']} ({record['wall_time_s']:.0f}s)")
+    return output
+
+
+# --- the source ----------------------------------------------------------------------------------------
+
+
+def find_source(path: Path) -> Path:
+    path = path.expanduser().resolve()
+    if not path.exists():
+        raise LoratoolError(
+            f"source not found: {path}",
+            hint="pass a merged model directory (config.json + *.safetensors) or a `loratool train` run "
+            "directory",
+        )
+    if not path.is_dir():
+        raise LoratoolError(
+            f"{path} is a file; SOURCE must be a directory",
+            hint="pass the model directory that holds config.json and the *.safetensors weights, or a "
+            "`loratool train` run directory",
+        )
+    return path
+
+
+def source_kind(path: Path) -> str:
+    """`run` for a training run / adapter directory, `model` for an HF checkpoint; refuses anything else."""
+    from loratool.merge_adapter import ADAPTER_CONFIG
+
+    if (path / ADAPTER_CONFIG).is_file() or (path / "run.json").is_file():
+        return "run"
+    if (path / "config.json").is_file():
+        return "model"
+    present = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    raise LoratoolError(
+        f"{path} is neither a model directory (no config.json) nor a training run (no run.json or "
+        f"{ADAPTER_CONFIG}); it has: {', '.join(present[:10]) or 'nothing'}",
+        hint="pass the output_dir of `loratool train`, or a merged checkpoint from `loratool merge`",
+    )
+
+
+def check_options(
+    format: str, ollama: bool, base: str | None, force: bool, is_run: bool, source: Path
+) -> None:
+    if format not in FORMATS:
+        raise LoratoolError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if ollama and format != "gguf":
+        raise LoratoolError("--ollama needs --format gguf", hint="Ollama runs GGUF files")
+    if not is_run and (base or force):
+        raise LoratoolError(
+            f"--base and --force apply to run directories, and {source} is a model directory",
+            hint="drop --base / --force (a model directory is exported as it is)",
+        )
+    if format == "hf" and not is_run:
+        raise LoratoolError(
+            f"{source} already is a Hugging Face checkpoint; --format hf merges a training run into one",
+            hint="pass a `loratool train` run directory, or use --format gguf",
+        )
+
+
+# --- the output ----------------------------------------------------------------------------------------
+
+
+def prepare_output(output: str | Path | None, source: Path, *, overwrite: bool) -> Path:
+    """The output directory: absent or empty, or (with --overwrite) a previous export."""
+    path = Path(output).expanduser().resolve() if output else source.with_name(f"{source.name}-gguf")
+    if path.suffix == ".gguf":
+        raise LoratoolError(
+            f"--output {path}: give a directory; the GGUF file is named <name>.<outtype>.gguf inside it, next "
+            f"to {EXPORT_RECORD}",
+            hint=f"e.g. --output {path.with_suffix('')}",
+        )
+    if path == source or path in source.parents or source in path.parents:
+        raise LoratoolError(
+            f"--output {path} would overlap the source {source}",
+            hint="choose a directory outside the source, e.g. the default (SOURCE-gguf next to it)",
+        )
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise LoratoolError(
+                f"output directory {path} already exists",
+                hint="pass --overwrite to replace it, or choose another --output",
+            )
+        if not (path / EXPORT_RECORD).is_file():
+            raise LoratoolError(
+                f"--overwrite: {path} is not the output of `loratool export` (it has no {EXPORT_RECORD})",
+                hint="choose another --output (loratool never deletes files it did not write)",
+            )
+    return path
+
+
+def gguf_name(source: Path, outtype: str) -> str:
+    return f"{source.name}.{outtype}.gguf"
+
+
+def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str, is_run: bool) -> None:
+    """Refuse early when the GGUF (and, for a run, the temporary merge) cannot fit."""
+    from loratool.merge_checkpoint import open_checkpoint
+
+    model_dir = _base_dir(source, base) if is_run else source
+    tensors = [t for shard in open_checkpoint(model_dir).shards for t in shard.tensors]
+    params = sum(t.nbytes // max(1, _element_bytes(t.dtype)) for t in tensors)
+    stored = sum(t.nbytes for t in tensors)
+    bytes_per_param = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[outtype]
+    needed = params * bytes_per_param + 2 * 2**20 * 16  # tokenizer metadata: a few MB even for 128K vocabs
+    if is_run:
+        needed += params * 4 if outtype == "f32" else stored  # the temporary merge, in its dtype
+    free = shutil.disk_usage(folder).free
+    if free < needed + _MARGIN:
+        raise LoratoolError(
+            f"not enough disk space in {folder.parent}: the export needs about {_size(needed)}"
+            + (" (merge + GGUF)" if is_run else "")
+            + f", and {_size(free)} is free",
+            hint="free some space, choose another --output, or a smaller --outtype (q8_0)",
+        )
+
+
+def _element_bytes(dtype: str) -> int:
+    from loratool.merge_checkpoint import DTYPES
+
+    return DTYPES[dtype][1]
+
+
+def _base_dir(run_dir: Path, base: str | None) -> Path:
+    from loratool.merge import find_adapter, read_training_run, resolve_base
+    from loratool.merge_adapter import read_adapter
+
+    adapter_dir = find_adapter(run_dir)
+    return resolve_base(base, read_training_run(adapter_dir), read_adapter(adapter_dir))[1]
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _make_partial(output: Path) -> Path:
+    import os
+    import tempfile
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)  # mkdtemp makes the directory private (0700); the output should not be
+    os.umask(umask)
+    partial.chmod(0o777 & ~umask)
+    return partial
+
+
+# --- merge, convert, verify ----------------------------------------------------------------------------
+
+
+def merge_for_export(
+    run_dir: Path,
+    folder: Path,
+    base: str | None,
+    outtype: str,
+    verify: bool,
+    force: bool,
+    log: Callable[[str], None],
+) -> tuple[Path, dict[str, Any]]:
+    """Merge the run's adapter into `folder/merged` (removed after conversion); return it and merge.json."""
+    from loratool.merge import MERGE_RECORD, run_merge
+
+    merged = run_merge(
+        run_dir,
+        base=base,
+        output=folder / "merged",
+        dtype="float32" if outtype == "f32" else "auto",
+        verify=verify,
+        force=force,
+        log=log,
+    )
+    return merged, json.loads((merged / MERGE_RECORD).read_text())
+
+
+def export_gguf(
+    model_dir: Path,
+    folder: Path,
+    source: Path,
+    outtype: str,
+    ollama: bool,
+    verify: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write the GGUF (+ Modelfile) into `folder`, verify it; return export.json's content."""
+    from loratool.export_gguf import write_gguf
+
+    name = gguf_name(source, outtype)
+    log(f"converting {model_dir} to GGUF ({outtype})")
+    gguf_file = write_gguf(model_dir, folder / name, outtype, log=log, name=source.name)
+    recipe = _recipe_of(source)
+    modelfile = None
+    if ollama:
+        from loratool.export_ollama import write_modelfile
+
+        tokenizer = _tokenizer_config(model_dir)
+        modelfile = write_modelfile(
+            folder, name, tokenizer["chat_template"], _system_prompt(recipe), tokenizer["eos_token"]
+        ).name
+    record: dict[str, Any] = {
+        "status": "complete",
+        "loratool_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": {"path": str(source), "kind": source_kind(source)},
+        "format": "gguf",
+        "outtype": outtype,
+        "file": name,
+        "bytes": gguf_file.stat().st_size,
+        "sha256": _sha256(gguf_file),
+        "modelfile": modelfile,
+        "versions": _versions(),
+    }
+    if verify:
+        from loratool.export_verify import verify_gguf
+
+        log("verifying the GGUF against its source (transformers gguf_file= reload)")
+        record["verification"] = verify_gguf(gguf_file, model_dir, outtype, _validated(recipe, log), log)
+    else:
+        record["verification"] = {"skipped": True}
+    return record
+
+
+def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return {"chat_template": tokenizer.chat_template, "eos_token": tokenizer.eos_token}
+
+
+def _recipe_of(source: Path) -> dict[str, Any] | None:
+    """The training recipe behind the source: the run's recipe.yaml, or for a `loratool merge` output the
+    recipe.yaml of the adapter its merge.json names."""
+    import yaml
+
+    candidates = [source / "recipe.yaml"]
+    merge_record = source / "merge.json"
+    if merge_record.is_file():
+        try:
+            adapter = json.loads(merge_record.read_text()).get("adapter", {}).get("path")
+        except json.JSONDecodeError:
+            adapter = None
+        if adapter:
+            candidates.append(Path(adapter) / "recipe.yaml")
+    for path in candidates:
+        if path.is_file():
+            recipe = yaml.safe_load(path.read_text())
+            return recipe if isinstance(recipe, dict) else None
+    return None
+
+
+def _system_prompt(recipe: dict[str, Any] | None) -> str | None:
+    """The recipe's system prompt when its training sources agree on one (Modelfile SYSTEM)."""
+    sources = ((recipe or {}).get("data") or {}).get("train") or []
+    prompts = {s.get("system_prompt") for s in sources if isinstance(s, dict)}
+    return prompts.pop() if len(prompts) == 1 else None
+
+
+def _validated(recipe: dict[str, Any] | None, log: Callable[[str], None]) -> Any:
+    if recipe is None:
+        return None
+    from loratool.recipe import validate_recipe
+
+    try:
+        return validate_recipe(recipe, source="recipe.yaml")
+    except LoratoolError as exc:
+        log(f"note: the run's recipe.yaml no longer validates ({exc.message.splitlines()[0]})")
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(16 * 2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("gguf", "torch", "transformers", "peft", "safetensors"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def finish(partial: Path, output: Path, record: dict[str, Any]) -> None:
+    """Write export.json and move the export into place — or keep a failed one under a name saying so."""
+    import os
+
+    verification = record["verification"]
+    if not verification.get("skipped") and not verification["passed"]:
+        from loratool.export_verify import verification_message
+
+        record["status"] = "failed-verification"
+        _write_record(partial, record)
+        kept = _keep_failed(partial, output)
+        raise LoratoolError(
+            verification_message(verification, kept),
+            hint="rerun with LORATOOL_DEBUG=1 and report a bug; --no-verify skips the check (not advised)",
+        )
+    _write_record(partial, record)
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    os.replace(partial, output)
+
+
+def _write_record(folder: Path, record: dict[str, Any]) -> None:
+    (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _keep_failed(partial: Path, output: Path) -> Path:
+    import os
+
+    failed = output.with_name(f"{output.name}.failed-verification")
+    if failed.exists() and (failed / EXPORT_RECORD).is_file():
+        shutil.rmtree(failed)
+    number = 1
+    while failed.exists():
+        number += 1
+        failed = output.with_name(f"{output.name}.failed-verification-{number}")
+    os.replace(partial, failed)
+    return failed

