@@ -174,8 +174,15 @@ def prepare_output(output: str | Path | None, source: Path, *, overwrite: bool) 
     return path
 
 
+def model_name(source: Path) -> str:
+    """The model's name (GGUF general.name, file name): a merge output called `merged` takes its run's."""
+    if source.name == "merged" and (source / "merge.json").is_file():
+        return source.parent.name
+    return source.name
+
+
 def gguf_name(source: Path, outtype: str) -> str:
-    return f"{source.name}.{outtype}.gguf"
+    return f"{model_name(source)}.{outtype}.gguf"
 
 
 def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str, is_run: bool) -> None:
@@ -271,7 +278,7 @@ def export_gguf(
 
     name = gguf_name(source, outtype)
     log(f"converting {model_dir} to GGUF ({outtype})")
-    gguf_file = write_gguf(model_dir, folder / name, outtype, log=log, name=source.name)
+    gguf_file = write_gguf(model_dir, folder / name, outtype, log=log, name=model_name(source))
     recipe = _recipe_of(source)
     modelfile = None
     if ollama:

@@ -563,3 +563,14 @@ def test_smollm2_round_trip(tmp_path):
     result = verify_gguf(out, source, "f16", None, log=lambda _: None)
     assert result["passed"], result
     assert result["logits"]["greedy_agreement"] >= 0.99 and result["logits"]["mean_kl"] < 1e-4
+
+
+def test_a_merge_output_is_named_after_its_run(tmp_path):
+    from loratool.export import gguf_name
+
+    merged = tmp_path / "my-run" / "merged"
+    merged.mkdir(parents=True)
+    assert gguf_name(merged, "f16") == "merged.f16.gguf"  # a folder that merely has that name
+    (merged / "merge.json").write_text("{}")
+    assert gguf_name(merged, "q8_0") == "my-run.q8_0.gguf"
+    assert gguf_name(tmp_path / "Llama-3.1-8B", "f16") == "Llama-3.1-8B.f16.gguf"
