@@ -282,11 +282,12 @@ def export_gguf(
     recipe = _recipe_of(source)
     modelfile = None
     if ollama:
-        from loratool.export_ollama import write_modelfile
+        from loratool.export_ollama import default_system_prompt, write_modelfile
 
         tokenizer = _tokenizer_config(model_dir)
+        system = _system_prompt(recipe) or default_system_prompt(tokenizer["chat_template"])
         modelfile = write_modelfile(
-            folder, name, tokenizer["chat_template"], _system_prompt(recipe), tokenizer["eos_token"]
+            folder, name, tokenizer["chat_template"], system, tokenizer["eos_token"]
         ).name
     record: dict[str, Any] = {
         "status": "complete",

@@ -76,6 +76,46 @@ def detect_chat_format(chat_template: str | None) -> ChatFormat | None:
     )
 
 
+def default_system_prompt(chat_template: str | None) -> str | None:
+    """The system message the Jinja template writes when a conversation has none (SmolLM2's and Qwen2.5's
+    do). The model was trained and evaluated with it, so the Modelfile must pass it as SYSTEM: Ollama's Go
+    template only sees the messages it is given.
+
+    Found by rendering [user] and [system=SENTINEL, user]: if the first is the second with the sentinel
+    replaced by some text, that text is the default."""
+    if not chat_template:
+        return None
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    # The settings transformers renders chat templates with.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.globals["raise_exception"] = raise_exception
+    sentinel, user = "\x00SYSTEM\x00", {"role": "user", "content": "hello"}
+    try:
+        template = env.from_string(chat_template)
+        plain = template.render(messages=[user], add_generation_prompt=False, bos_token="", eos_token="")
+        marked = template.render(
+            messages=[{"role": "system", "content": sentinel}, user],
+            add_generation_prompt=False,
+            bos_token="",
+            eos_token="",
+        )
+    except TemplateError:
+        return None  # a template that refuses system messages has no default one either
+    if marked.count(sentinel) != 1:
+        return None
+    before, after = marked.split(sentinel)
+    if len(plain) <= len(before) + len(after) or not (plain.startswith(before) and plain.endswith(after)):
+        return None
+    return plain[len(before) : len(plain) - len(after)] or None
+
+
 def modelfile_text(gguf_name: str, chat_template: str | None, system: str | None, eos: str | None) -> str:
     """The Modelfile for `gguf_name` (a file in the same directory)."""
     fmt = detect_chat_format(chat_template)

@@ -574,3 +574,24 @@ def test_a_merge_output_is_named_after_its_run(tmp_path):
     (merged / "merge.json").write_text("{}")
     assert gguf_name(merged, "q8_0") == "my-run.q8_0.gguf"
     assert gguf_name(tmp_path / "Llama-3.1-8B", "f16") == "Llama-3.1-8B.f16.gguf"
+
+
+def test_modelfile_carries_the_system_prompt_the_template_adds_by_default():
+    from loratool.export_ollama import default_system_prompt
+
+    # SmolLM2-style ChatML: a default system turn when the conversation has none.
+    smol = (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are SmolLM.<|im_end|>\n' }}{% endif %}"
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    assert default_system_prompt(smol) == "You are SmolLM."
+    plain = (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+        " + '<|im_end|>\n'}}{% endfor %}"
+    )
+    assert default_system_prompt(plain) is None
+    refusing = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}x"
+    assert default_system_prompt(refusing) is None
+    assert default_system_prompt(None) is None
