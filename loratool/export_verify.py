@@ -52,7 +52,7 @@ def verify_gguf(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loratool.merge_verify import _logits, build_probes, compare
+    from loratool.merge_verify import build_probes, compare, probe_logits
 
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -69,11 +69,13 @@ def verify_gguf(
     )
 
     probes, source = build_probes(tokenizer, recipe, log)
-    reference = _logits(AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval(), probes)
+    reference = probe_logits(
+        AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval(), probes
+    )
     model = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
     )
-    logits = compare(reference, _logits(model.eval(), probes), THRESHOLDS[outtype])
+    logits = compare(reference, probe_logits(model.eval(), probes), THRESHOLDS[outtype])
     del model
     log(
         f"  logits on {source}: max |Δlogit| {logits['max_abs_logit_diff']:.2e}, mean KL "

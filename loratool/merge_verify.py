@@ -111,11 +111,11 @@ def verify(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Compare the merged model with each reference; one result per reference, keyed like merge.json."""
-    merged = _logits(_load_merged(merged_dir), probes)
+    merged = probe_logits(_load_merged(merged_dir), probes)
     results: dict[str, Any] = {}
     for ref in references:
         model = _load_reference(base_dir, adapter_dir, ref.quantized)
-        result = compare(_logits(model, probes), merged, ref.thresholds)
+        result = compare(probe_logits(model, probes), merged, ref.thresholds)
         del model
         results[ref.key] = {"reference": ref.description, **result}
         log(
@@ -218,7 +218,7 @@ def _upcast(model: Any) -> None:
             param.data = param.data.float()
 
 
-def _logits(model: Any, probes: list[list[int]]) -> list[torch.Tensor]:
+def probe_logits(model: Any, probes: list[list[int]]) -> list[torch.Tensor]:
     import torch
 
     device = next(model.parameters()).device
