@@ -26,6 +26,7 @@ from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.eval_metrics import IGNORE, generation_metrics, heldout_loss
 from loratool.generate import Sampling, answer_text, fit_to_context, generate_ids
+from loratool.outputs import library_versions
 from loratool.target import Loaded, Target, load_checkpoint, load_target, merged_base_dir, resolve_target
 
 EVAL_DIR = "eval"
@@ -125,7 +126,7 @@ def run_eval(
         "difference": _difference(models) if "tuned" in models and "base" in models else None,
         "trainer_final_eval_loss": ((resolved.manifest.get("train") or {}).get("final_eval_loss")),
         "lm_eval": lm_eval,
-        "versions": _versions(),
+        "versions": library_versions("torch", "transformers", "peft", "rouge-score", "sacrebleu", "lm-eval"),
     }
     generations = _generation_rows(eval_data, loaded.tokenizer, answers)
     record["wall_time_s"] = round(time.time() - started, 2)
@@ -437,15 +438,3 @@ def _describe_target(target: Target) -> dict[str, Any]:
         info["base_model"] = record.get("base_model")
         info["adapter"] = (record.get("adapter") or {}).get("path")
     return info
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "peft", "rouge-score", "sacrebleu", "lm-eval"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found

@@ -23,7 +23,6 @@ Reads top to bottom like the export:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -33,6 +32,8 @@ from typing import Any
 
 from loratool import __version__
 from loratool.errors import LoratoolError
+from loratool.fingerprint import file_sha256
+from loratool.outputs import keep_failed, library_versions, make_partial, move_into_place, write_record
 
 EXPORT_RECORD = "export.json"
 FORMATS = ("gguf", "hf")
@@ -68,7 +69,7 @@ def run_export(
 
     file_type(outtype)  # refuse an unknown outtype before any work
     output = prepare_output(output, source, overwrite=overwrite)
-    partial = _make_partial(output)
+    partial = make_partial(output)
     try:
         check_disk_space(partial, source, base, outtype, is_run)
         if is_run:
@@ -225,18 +226,6 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _make_partial(output: Path) -> Path:
-    import os
-    import tempfile
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)  # mkdtemp makes the directory private (0700); the output should not be
-    os.umask(umask)
-    partial.chmod(0o777 & ~umask)
-    return partial
-
-
 # --- merge, convert, verify ----------------------------------------------------------------------------
 
 
@@ -298,9 +287,9 @@ def export_gguf(
         "outtype": outtype,
         "file": name,
         "bytes": gguf_file.stat().st_size,
-        "sha256": _sha256(gguf_file),
+        "sha256": file_sha256(gguf_file),
         "modelfile": modelfile,
-        "versions": _versions(),
+        "versions": library_versions("gguf", "torch", "transformers", "peft", "safetensors"),
     }
     if verify:
         from loratool.export_verify import verify_gguf
@@ -359,60 +348,19 @@ def _validated(recipe: dict[str, Any] | None, log: Callable[[str], None]) -> Any
         return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(16 * 2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {}
-    for name in ("gguf", "torch", "transformers", "peft", "safetensors"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def finish(partial: Path, output: Path, record: dict[str, Any]) -> None:
     """Write export.json and move the export into place — or keep a failed one under a name saying so."""
-    import os
 
     verification = record["verification"]
     if not verification.get("skipped") and not verification["passed"]:
         from loratool.export_verify import verification_message
 
         record["status"] = "failed-verification"
-        _write_record(partial, record)
-        kept = _keep_failed(partial, output)
+        write_record(partial, EXPORT_RECORD, record)
+        kept = keep_failed(partial, output, EXPORT_RECORD)
         raise LoratoolError(
             verification_message(verification, kept),
             hint="rerun with LORATOOL_DEBUG=1 and report a bug; --no-verify skips the check (not advised)",
         )
-    _write_record(partial, record)
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    os.replace(partial, output)
-
-
-def _write_record(folder: Path, record: dict[str, Any]) -> None:
-    (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def _keep_failed(partial: Path, output: Path) -> Path:
-    import os
-
-    failed = output.with_name(f"{output.name}.failed-verification")
-    if failed.exists() and (failed / EXPORT_RECORD).is_file():
-        shutil.rmtree(failed)
-    number = 1
-    while failed.exists():
-        number += 1
-        failed = output.with_name(f"{output.name}.failed-verification-{number}")
-    os.replace(partial, failed)
-    return failed
+    write_record(partial, EXPORT_RECORD, record)
+    move_into_place(partial, output)

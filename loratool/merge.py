@@ -14,9 +14,7 @@ Verification, when on, loads the base and the merged model one after the other, 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from loratool.errors import LoratoolError
 from loratool.fingerprint import weights_fingerprint
 from loratool.merge_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, is_adapter_dir
 from loratool.merge_checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
+from loratool.outputs import keep_failed, library_versions, make_partial, move_into_place, write_record
 
 MERGE_RECORD = "merge.json"
 QLORA_POLICIES = ("dequantized", "original")
@@ -102,7 +101,7 @@ def run_merge(
         f"merging {adapter_dir} into {base_id} ({base_dir}) as {out_dtype}"
         + (f", QLoRA base policy: {policy}" if policy else "")
     )
-    partial = _make_partial(output)
+    partial = make_partial(output)
     try:
         fold_into = quantized if policy == "dequantized" else None
         counts = write_weights(checkpoint, adapter, planned, fold_into, partial, log)
@@ -552,7 +551,7 @@ def describe_merge(
         "dtype": dtype,
         "qlora": qlora,
         "tensors": counts,
-        "versions": _versions(),
+        "versions": library_versions("torch", "transformers", "peft", "safetensors", "bitsandbytes"),
     }
 
 
@@ -562,59 +561,10 @@ def finish(partial: Path, output: Path, record: dict[str, Any]) -> None:
     verification = record["verification"]
     if not verification.get("skipped") and not verification["passed"]:
         record["status"] = "failed-verification"
-        _write_record(partial, record)
-        raise verification_error(verification, _keep_failed(partial, output))
-    _write_record(partial, record)
-    _move_into_place(partial, output)
-
-
-def _write_record(folder: Path, record: dict[str, Any]) -> None:
-    (folder / MERGE_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def _move_into_place(partial: Path, output: Path) -> None:
-    """The last step: the partial directory becomes the output (a previous merge output is replaced)."""
-    if output.exists():
-        if output.is_dir():
-            shutil.rmtree(output)
-        else:
-            output.unlink()
-    os.replace(partial, output)
-
-
-def _make_partial(output: Path) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)  # mkdtemp makes the directory private (0700); the output should not be
-    os.umask(umask)
-    partial.chmod(0o777 & ~umask)
-    return partial
-
-
-def _keep_failed(partial: Path, output: Path) -> Path:
-    """Rename a merge that failed verification so that its name says so; an earlier failed merge is
-    replaced, anything else under that name is left alone (a numbered name is used instead)."""
-    failed = output.with_name(f"{output.name}.failed-verification")
-    if failed.exists() and (failed / MERGE_RECORD).is_file():
-        shutil.rmtree(failed)
-    number = 1
-    while failed.exists():
-        number += 1
-        failed = output.with_name(f"{output.name}.failed-verification-{number}")
-    os.replace(partial, failed)
-    return failed
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "peft", "safetensors", "bitsandbytes"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+        write_record(partial, MERGE_RECORD, record)
+        raise verification_error(verification, keep_failed(partial, output, MERGE_RECORD))
+    write_record(partial, MERGE_RECORD, record)
+    move_into_place(partial, output)
 
 
 # --- verification --------------------------------------------------------------------------------------

@@ -25,8 +25,6 @@ from loratool.errors import LoratoolError
 from loratool.merge import (
     TrainingRun,
     _has_tokenizer,
-    _make_partial,
-    _move_into_place,
     copy_tokenizer,
     find_adapter,
     prepare_output,
@@ -36,6 +34,7 @@ from loratool.merge import (
     run_merge,
 )
 from loratool.merge_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, check_supported
+from loratool.outputs import make_partial, move_into_place
 
 COMBINE_RECORD = "combine.json"
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -90,7 +89,7 @@ def run_combine(
         output = prepare_output(output, combined_dir, base_dir, overwrite=overwrite)
 
     log(f"combining {len(dirs)} adapters on {base_id} ({base_dir}) with {method}, weights {weights}")
-    partial = _make_partial(combined_dir)
+    partial = make_partial(combined_dir)
     try:
         combine_with_peft(dirs, weights, method, density, base_dir, partial)
         tokenizer_dir = next((d for d in dirs if _has_tokenizer(d)), None)
@@ -98,7 +97,7 @@ def run_combine(
             copy_tokenizer(tokenizer_dir, partial)
         record = describe_combination(dirs, runs, weights, method, density, base_id, base_dir)
         (partial / COMBINE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _move_into_place(partial, combined_dir)
+        move_into_place(partial, combined_dir)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
