@@ -73,6 +73,27 @@ def smoke_recipe(
     return recipe
 
 
+def random_adapter(
+    base: Path, out: Path, seed: int = 0, *, r: int = 4, scale: float = 0.1, **lora: Any
+) -> Path:
+    """A PEFT LoRA adapter (lora_alpha = 2r) whose trainable weights all get random noise of size `scale`
+    (B, DoRA magnitudes, saved module copies), so that every part of it changes the model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=r, lora_alpha=2 * r, **lora)
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn_like(param))
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture()
 def smoke_data() -> Path:
     return REPO / "recipes" / "data" / "smoke.jsonl"

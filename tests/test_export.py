@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import REPO
+from conftest import random_adapter as peft_adapter
 from loratool.cli import app
 from loratool.export_gguf import unpermute_for_rope, write_gguf
 
@@ -59,22 +60,6 @@ def tied_copy(src: Path, dst: Path) -> Path:
     del weights["lm_head.weight"]
     save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
-
-
-def peft_adapter(base: Path, out: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear")
-    )
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(out)
-    return out
 
 
 def logits_of(model, ids: list[int]) -> torch.Tensor:
@@ -343,7 +328,9 @@ def test_modelfile_unknown_template_is_refused_and_base_model_passes_the_prompt(
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_llama) -> Path:
-    return peft_adapter(tiny_llama, tmp_path_factory.mktemp("adapter") / "adapter")
+    return peft_adapter(
+        tiny_llama, tmp_path_factory.mktemp("adapter") / "adapter", target_modules="all-linear"
+    )
 
 
 def test_format_hf_on_an_adapter_equals_run_merge(tmp_path, adapter):

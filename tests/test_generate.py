@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import conftest
 from loratool.cli import app
 from loratool.generate import Sampling, fit_to_context, generate_ids, run_generate
 
@@ -22,20 +23,8 @@ def cli(*args: str | Path, input: str | None = None):
 
 
 def random_adapter(base: Path, out: Path, seed: int) -> Path:
-    """A PEFT LoRA adapter with large random weights, so that adapters visibly change the answers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
-    )
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.5 * torch.randn_like(param))
-    model.save_pretrained(out)
-    return out
+    """Large random weights on every linear layer, so that adapters visibly change the answers."""
+    return conftest.random_adapter(base, out, seed, scale=0.5, target_modules="all-linear")
 
 
 @pytest.fixture(scope="module")

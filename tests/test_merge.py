@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe
+from conftest import random_adapter as peft_adapter
 from loratool.cli import app
 from loratool.fingerprint import weights_fingerprint
 from loratool.merge import run_merge
@@ -30,22 +31,6 @@ def train_cli(tmp: Path, base: Path, data_path: Path, **sections) -> Path:
     recipe = smoke_recipe(base, data_path, out, **sections)
     result = CliRunner().invoke(app, ["train", str(write_recipe(tmp / "recipe.yaml", recipe))])
     assert result.exit_code == 0, result.output
-    return out
-
-
-def peft_adapter(base: Path, out: Path, seed: int = 0, **lora) -> Path:
-    """A PEFT adapter with random, non-zero weights everywhere (B, magnitudes, saved copies), so every
-    part of the merge changes the result."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, **lora))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(out)
     return out
 
 

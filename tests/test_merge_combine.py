@@ -13,6 +13,7 @@ import torch
 from test_merge import assert_same_weights, merged_weights
 from typer.testing import CliRunner
 
+from conftest import random_adapter as peft_adapter
 from loratool.cli import app
 from loratool.fingerprint import file_sha256
 
@@ -26,23 +27,6 @@ def failed(result, message: str) -> str:
     assert f"error: {message}" in result.output, result.output
     assert "hint: " in result.output, result.output
     return result.output
-
-
-def peft_adapter(base: Path, out: Path, seed: int, r: int = 4, **lora) -> Path:
-    """A PEFT adapter with random, non-zero lora_A and lora_B (test_merge.peft_adapter, any rank)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=r, lora_alpha=2 * r, **lora)
-    )
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn_like(param))
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
