@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from loratool.errors import LoratoolError
-from loratool.target import Loaded, Target, load_target, read_json, resolve_target
+from loratool.outputs import read_json
+from loratool.target import Loaded, Target, load_target, resolve_target
 
 BASE = "base"  # the adapter name that means "no adapter"
 _PICK = re.compile(r"^@([A-Za-z0-9_.\-]+):\s*(.*)$", re.DOTALL)

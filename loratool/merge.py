@@ -28,7 +28,14 @@ from loratool.errors import LoratoolError
 from loratool.fingerprint import weights_fingerprint
 from loratool.merge_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, is_adapter_dir
 from loratool.merge_checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
-from loratool.outputs import keep_failed, library_versions, make_partial, move_into_place, write_record
+from loratool.outputs import (
+    keep_failed,
+    library_versions,
+    make_partial,
+    move_into_place,
+    read_json,
+    write_record,
+)
 
 MERGE_RECORD = "merge.json"
 QLORA_POLICIES = ("dequantized", "original")
@@ -141,7 +148,7 @@ def find_adapter(path: Path) -> Path:
     present = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]
     hint = f"pass a directory that holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
-    status = _read_json(path / "run.json").get("status")
+    status = read_json(path / "run.json").get("status")
     if status and status != "complete":
         hint = (
             f"run.json says the training run is {status!r}: the adapter is written only when training "
@@ -159,14 +166,7 @@ def find_adapter(path: Path) -> Path:
 def read_training_run(adapter_dir: Path) -> TrainingRun:
     recipe_path = adapter_dir / "recipe.yaml"
     recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None
-    return TrainingRun(_read_json(adapter_dir / "run.json"), recipe if isinstance(recipe, dict) else None)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return TrainingRun(read_json(adapter_dir / "run.json"), recipe if isinstance(recipe, dict) else None)
 
 
 # --- the base ------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def _short(fingerprint: str | None) -> str:
 
 
 def refuse_quantized_checkpoint(base_dir: Path) -> None:
-    config = _read_json(base_dir / "config.json")
+    config = read_json(base_dir / "config.json")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise LoratoolError(
@@ -253,9 +253,9 @@ def check_vocabulary(tokenizer_dir: Path, base_dir: Path) -> None:
 
     if not _has_tokenizer(tokenizer_dir):
         return
-    vocab = _read_json(base_dir / "config.json").get("vocab_size")
+    vocab = read_json(base_dir / "config.json").get("vocab_size")
     if vocab is None:
-        vocab = _read_json(base_dir / "config.json").get("text_config", {}).get("vocab_size")
+        vocab = read_json(base_dir / "config.json").get("text_config", {}).get("vocab_size")
     tokens = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     if vocab is not None and tokens > vocab:
         raise LoratoolError(
@@ -448,7 +448,7 @@ def write_weights(
 
 
 def write_config(base_dir: Path, folder: Path, dtype: str) -> None:
-    config = _read_json(base_dir / "config.json")
+    config = read_json(base_dir / "config.json")
     if "torch_dtype" in config:  # the name before transformers 5
         config["torch_dtype"] = dtype
     config["dtype"] = dtype
@@ -471,8 +471,8 @@ def copy_tokenizer(tokenizer_dir: Path, folder: Path) -> None:
 def write_generation_config(base_dir: Path, folder: Path) -> None:
     """The base's generation config, with generation stopping at the tokenizer's EOS and at the chat
     template's end-of-turn token (a chat fine-tune that only stops at EOS runs on past its answer)."""
-    generation = _read_json(base_dir / "generation_config.json")
-    config = _read_json(folder / "config.json")
+    generation = read_json(base_dir / "generation_config.json")
+    config = read_json(folder / "config.json")
     if not generation:
         ids = ("bos_token_id", "eos_token_id", "pad_token_id")
         generation = {k: config[k] for k in ids if config.get(k) is not None}

@@ -50,6 +50,16 @@ def keep_failed(partial: Path, output: Path, record_name: str) -> Path:
     return failed
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file (run.json, merge.json, config.json, ...); {} when missing, unreadable or not an
+    object, so that callers ask for keys and decide what an absent one means."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def write_record(folder: Path, record_name: str, record: dict[str, Any]) -> None:
     (folder / record_name).write_text(json.dumps(record, indent=2, default=str) + "\n")
 

@@ -16,7 +16,6 @@ Loading never unpickles (safetensors only) and runs remote code only when the ru
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from loratool.errors import LoratoolError
 from loratool.gguf_base import is_gguf, resolve_base_model
+from loratool.outputs import read_json
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe
@@ -305,11 +305,3 @@ def stop_ids(model: Any, tokenizer_dir: Path) -> list[int]:
         if token not in ids:
             ids.append(token)
     return [int(i) for i in ids]
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}

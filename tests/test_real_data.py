@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from data_helpers import IGNORE, chatml_tokenizer, loss_ids, section, source, template_ids, write_jsonl
+from test_data_formats import GLAIVE_ROW
 
 from conftest import SHARED_DATA, smoke_recipe, write_recipe
 from loratool.data import build_datasets
@@ -30,15 +31,6 @@ from loratool.data.tokenize import encode
 MAX_LENGTH = 4096  # tokens; long enough for all but a handful of rows with this small vocabulary
 END = "<|im_end|>"
 
-GLAIVE_ROW = {
-    "conversations": [
-        {"from": "human", "value": "Find a chicken recipe."},
-        {"from": "function_call", "value": '{"name": "search_recipes", "arguments": {"q": "chicken"}}'},
-        {"from": "observation", "value": '{"recipes": ["stir fry"]}'},
-        {"from": "gpt", "value": "Try the stir fry."},
-    ],
-    "tools": '[{"name": "search_recipes", "description": "Search", "parameters": {"type": "object"}}]',
-}
 CALL_JSON = '{"name": "search_recipes", "arguments": {"q": "chicken"}}'
 
 
