@@ -26,6 +26,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+INTERNAL_ERROR = 3  # exit codes: 0 done, 1 user-fixable error, 2 usage error, 3 internal error, 130 interrupted
 
 
 def debug_enabled() -> bool:
@@ -33,7 +34,9 @@ def debug_enabled() -> bool:
 
 
 def reports_errors(command: F) -> F:
-    """Map every failure to one clean message and exit code 1; LORATOOL_DEBUG=1 shows the traceback."""
+    """Map every failure to one clean message and an exit code: 1 for what the user can fix, 3 for an
+    internal error, 130 for an interrupt (2, a usage error, comes from the option parser itself).
+    LORATOOL_DEBUG=1 shows the traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -45,7 +48,7 @@ def reports_errors(command: F) -> F:
             typer.echo(f"error: {exc.message}", err=True)
             if exc.hint:
                 typer.echo(f"hint: {exc.hint}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted; nothing that looks finished was written", err=True)
             raise typer.Exit(130) from None
@@ -59,20 +62,32 @@ def reports_errors(command: F) -> F:
                 "hint: this is probably a loratool bug; rerun with LORATOOL_DEBUG=1 for the traceback",
                 err=True,
             )
-            raise typer.Exit(1) from None
+            raise typer.Exit(INTERNAL_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
 
 
+# (category, message regex) of library warnings that say nothing a loratool user can act on.
+KNOWN_NOISE: tuple[tuple[type[Warning], str], ...] = (
+    # peft still calls transformers' old name for activation checkpointing.
+    (FutureWarning, r".*`is_gradient_checkpointing` is deprecated"),
+    # The trainer asks for pinned memory by default; on a CPU-only machine there is nothing to pin.
+    (UserWarning, r".*'pin_memory' argument is set as true but no accelerator is found"),
+)
+
+
 def quiet_libraries() -> None:
-    """Library warnings and info logs drown the few lines that matter; LORATOOL_DEBUG=1 brings them back."""
+    """Known library noise and info logs drown the few lines that matter; LORATOOL_DEBUG=1 brings them
+    back. Only the warnings named here are hidden: any other library warning is printed (and lands in a
+    run's train.log), since it may be the one that explains a bad result."""
     if debug_enabled():
         return
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
+    for category, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
     import datasets
     import transformers
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.eval_metrics import IGNORE, generation_metrics, heldout_loss
 from loratool.generate import Sampling, answer_text, fit_to_context, generate_ids
-from loratool.outputs import library_versions
+from loratool.outputs import Output, check_output, claim_output, library_versions
 from loratool.target import Loaded, Target, load_checkpoint, load_target, merged_base_dir, resolve_target
 
 EVAL_DIR = "eval"
@@ -80,60 +79,64 @@ def run_eval(
         require_lm_eval()
     data_path = _check_data_path(data)
     out = output_dir(resolved, output)
-    _require_data(resolved, data_path)
-    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    with claim_output(out, kind="eval", record_name=METRICS, overwrite=True, log=log) as claimed:
+        _require_data(resolved, data_path)
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed)
 
-    loaded = load_target(resolved, log)
-    log(f"loaded in {loaded.load_seconds:.1f}s ({loaded.device}, {loaded.dtype})")
-    eval_data = build_eval_data(
-        resolved,
-        data_path,
-        loaded.tokenizer,
-        max_samples=max_samples,
-        context=loaded.context,
-        stop_ids=loaded.stop_ids,
-    )
-    log(f"evaluating on {eval_data.description}")
-    batch = resolved.recipe.training.per_device_eval_batch_size if resolved.recipe else 8
-    name = "base" if resolved.kind == "base" else "tuned"
-    models: dict[str, dict[str, Any]] = {}
-    answers: dict[str, list[str]] = {}
-    models[name], answers[name] = evaluate_model(loaded, eval_data, sampling, batch, log, label=name)
-    lm_eval = run_lm_eval(loaded, lm_eval_tasks, max_samples, batch, log) if lm_eval_tasks else None
-    if compare_base:
-        base_numbers, base_answers = evaluate_base(resolved, loaded, eval_data, sampling, batch, log)
-        models["base"], answers["base"] = base_numbers, base_answers
+        loaded = load_target(resolved, log)
+        log(f"loaded in {loaded.load_seconds:.1f}s ({loaded.device}, {loaded.dtype})")
+        eval_data = build_eval_data(
+            resolved,
+            data_path,
+            loaded.tokenizer,
+            max_samples=max_samples,
+            context=loaded.context,
+            stop_ids=loaded.stop_ids,
+        )
+        log(f"evaluating on {eval_data.description}")
+        batch = resolved.recipe.training.per_device_eval_batch_size if resolved.recipe else 8
+        name = "base" if resolved.kind == "base" else "tuned"
+        models: dict[str, dict[str, Any]] = {}
+        answers: dict[str, list[str]] = {}
+        models[name], answers[name] = evaluate_model(loaded, eval_data, sampling, batch, log, label=name)
+        lm_eval = run_lm_eval(loaded, lm_eval_tasks, max_samples, batch, log) if lm_eval_tasks else None
+        if compare_base:
+            base_numbers, base_answers = evaluate_base(resolved, loaded, eval_data, sampling, batch, log)
+            models["base"], answers["base"] = base_numbers, base_answers
 
-    record = {
-        "loratool_eval": 1,
-        "loratool_version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "target": _describe_target(resolved),
-        "data": eval_data.details,
-        "settings": {
-            "max_new_tokens": max_new_tokens,
-            "decoding": "greedy" if sampling.greedy else "sampling",
-            "temperature": temperature,
-            "top_p": top_p,
-            "seed": seed,
-            "max_samples": max_samples,
-            "device": loaded.device,
-            "dtype": loaded.dtype,
-            "quantized_base": loaded.quantized,
-            "stop_token_ids": loaded.stop_ids,
-        },
-        "models": models,
-        "difference": _difference(models) if "tuned" in models and "base" in models else None,
-        "trainer_final_eval_loss": ((resolved.manifest.get("train") or {}).get("final_eval_loss")),
-        "lm_eval": lm_eval,
-        "versions": library_versions("torch", "transformers", "peft", "rouge-score", "sacrebleu", "lm-eval"),
-    }
-    generations = _generation_rows(eval_data, loaded.tokenizer, answers)
-    record["wall_time_s"] = round(time.time() - started, 2)
-    loss_curve = resolved.run_dir / "loss_curve.png" if resolved.run_dir else None
-    write_outputs(out, record, generations, loss_curve if loss_curve and loss_curve.is_file() else None)
-    for line in eval_report.terminal_summary(record, generations):
-        log(line)
+        record = {
+            "loratool_version": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "target": _describe_target(resolved),
+            "data": eval_data.details,
+            "settings": {
+                "max_new_tokens": max_new_tokens,
+                "decoding": "greedy" if sampling.greedy else "sampling",
+                "temperature": temperature,
+                "top_p": top_p,
+                "seed": seed,
+                "max_samples": max_samples,
+                "device": loaded.device,
+                "dtype": loaded.dtype,
+                "quantized_base": loaded.quantized,
+                "stop_token_ids": loaded.stop_ids,
+            },
+            "models": models,
+            "difference": _difference(models) if "tuned" in models and "base" in models else None,
+            "trainer_final_eval_loss": ((resolved.manifest.get("train") or {}).get("final_eval_loss")),
+            "lm_eval": lm_eval,
+            "versions": library_versions(
+                "torch", "transformers", "peft", "rouge-score", "sacrebleu", "lm-eval"
+            ),
+        }
+        generations = _generation_rows(eval_data, loaded.tokenizer, answers)
+        record["wall_time_s"] = round(time.time() - started, 2)
+        loss_curve = resolved.run_dir / "loss_curve.png" if resolved.run_dir else None
+        write_outputs(
+            claimed, record, generations, loss_curve if loss_curve and loss_curve.is_file() else None, log
+        )
+        for line in eval_report.terminal_summary(record, generations):
+            log(line)
     log(f"report written to {out}")
     return out
 
@@ -355,50 +358,41 @@ def run_lm_eval(
 
 def output_dir(target: Target, output: str | Path | None) -> Path:
     """--output, else TARGET/eval (a base model's report goes to ./eval-NAME: its directory may be a
-    read-only hub cache). Refuses a directory that holds anything but an earlier eval report."""
+    read-only hub cache). What may already be there is checked by outputs.check_output: an earlier eval
+    report is replaced, anything else refused."""
     if output is not None:
-        out = Path(output).expanduser().resolve()
+        out = Path(output).expanduser().absolute()
     elif target.kind == "base":
-        out = Path.cwd().resolve() / f"eval-{target.path.stem if target.path.is_file() else target.path.name}"
+        out = (
+            Path.cwd().absolute() / f"eval-{target.path.stem if target.path.is_file() else target.path.name}"
+        )
     else:
         out = target.path / EVAL_DIR
-    if out == target.path or out in target.path.parents:
+    if out.resolve() == target.path or out.resolve() in target.path.parents:
         raise LoratoolError(f"--output {out} would replace TARGET", hint="choose another directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not _is_eval_report(out):
-        raise LoratoolError(
-            f"--output {out} exists and is not a `loratool eval` report",
-            hint="choose a new or empty directory (loratool never deletes files it did not write)",
-        )
+    check_output(out, kind="eval", record_name=METRICS, overwrite=True, option="--output")
     return out
 
 
-def _is_eval_report(path: Path) -> bool:
-    try:
-        return bool(json.loads((path / METRICS).read_text()).get("loratool_eval"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def write_outputs(
-    out: Path, record: dict[str, Any], generations: list[dict[str, Any]], loss_curve: Path | None
+    claimed: Output,
+    record: dict[str, Any],
+    generations: list[dict[str, Any]],
+    loss_curve: Path | None,
+    log: Callable[[str], None],
 ) -> None:
-    """Write the three files into a hidden partial directory, then rename it into place (an earlier
-    report there is replaced): a crash never leaves a report that looks complete."""
+    """Write the three files into a partial directory, then rename it into place (an earlier report
+    there is replaced, only what it wrote): a crash never leaves a report that looks complete."""
     from loratool.eval_report import report_markdown
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    partial = claimed.partial()
     try:
-        curve = os.path.relpath(loss_curve, out) if loss_curve is not None else None
+        curve = os.path.relpath(loss_curve, claimed.path) if loss_curve is not None else None
         (partial / GENERATIONS).write_text(
             "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations), encoding="utf-8"
         )
         (partial / REPORT).write_text(report_markdown(record, generations, curve), encoding="utf-8")
-        (partial / METRICS).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-        partial.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        claimed.place(partial, record, log)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)

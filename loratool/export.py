@@ -33,7 +33,7 @@ from typing import Any
 from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.fingerprint import file_sha256
-from loratool.outputs import keep_failed, library_versions, make_partial, move_into_place, write_record
+from loratool.outputs import Output, claim_output, library_versions
 
 EXPORT_RECORD = "export.json"
 FORMATS = ("gguf", "hf")
@@ -68,23 +68,24 @@ def run_export(
         )
 
     file_type(outtype)  # refuse an unknown outtype before any work
-    output = prepare_output(output, source, overwrite=overwrite)
-    partial = make_partial(output)
-    try:
-        check_disk_space(partial, source, base, outtype, is_run)
-        if is_run:
-            model_dir, merge_record = merge_for_export(source, partial, base, outtype, verify, force, log)
-        else:
-            model_dir, merge_record = source, None
-        record = export_gguf(model_dir, partial, source, outtype, ollama, verify, log)
-        record["source"]["merge"] = merge_record
-        if is_run:
-            shutil.rmtree(model_dir)  # the temporary merge: see the module docstring
-        record["wall_time_s"] = round(time.time() - started, 2)
-        finish(partial, output, record)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+    output = output_location(output, source)
+    with claim_output(output, kind="export", record_name=EXPORT_RECORD, overwrite=overwrite, log=log) as out:
+        partial = out.partial()
+        try:
+            check_disk_space(partial, source, base, outtype, is_run)
+            if is_run:
+                model_dir, merge_record = merge_for_export(source, partial, base, outtype, verify, force, log)
+            else:
+                model_dir, merge_record = source, None
+            record = export_gguf(model_dir, partial, source, outtype, ollama, verify, log)
+            record["source"]["merge"] = merge_record
+            if is_run:
+                shutil.rmtree(model_dir)  # the temporary merge: see the module docstring
+            record["wall_time_s"] = round(time.time() - started, 2)
+            finish(out, partial, record, log)
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
     log(f"exported to {output / record['file']} ({record['wall_time_s']:.0f}s)")
     return output
 
@@ -147,31 +148,22 @@ def check_options(
 # --- the output ----------------------------------------------------------------------------------------
 
 
-def prepare_output(output: str | Path | None, source: Path, *, overwrite: bool) -> Path:
-    """The output directory: absent or empty, or (with --overwrite) a previous export."""
-    path = Path(output).expanduser().resolve() if output else source.with_name(f"{source.name}-gguf")
+def output_location(output: str | Path | None, source: Path) -> Path:
+    """The output directory (default SOURCE-gguf next to SOURCE), never inside or over the source. What may
+    already be there is checked by outputs.check_output."""
+    path = Path(output).expanduser().absolute() if output else source.with_name(f"{source.name}-gguf")
     if path.suffix == ".gguf":
         raise LoratoolError(
             f"--output {path}: give a directory; the GGUF file is named <name>.<outtype>.gguf inside it, next "
             f"to {EXPORT_RECORD}",
             hint=f"e.g. --output {path.with_suffix('')}",
         )
-    if path == source or path in source.parents or source in path.parents:
+    resolved = path.resolve()
+    if resolved == source or resolved in source.parents or source in resolved.parents:
         raise LoratoolError(
             f"--output {path} would overlap the source {source}",
             hint="choose a directory outside the source, e.g. the default (SOURCE-gguf next to it)",
         )
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not overwrite:
-            raise LoratoolError(
-                f"output directory {path} already exists",
-                hint="pass --overwrite to replace it, or choose another --output",
-            )
-        if not (path / EXPORT_RECORD).is_file():
-            raise LoratoolError(
-                f"--overwrite: {path} is not the output of `loratool export` (it has no {EXPORT_RECORD})",
-                hint="choose another --output (loratool never deletes files it did not write)",
-            )
     return path
 
 
@@ -348,19 +340,16 @@ def _validated(recipe: dict[str, Any] | None, log: Callable[[str], None]) -> Any
         return None
 
 
-def finish(partial: Path, output: Path, record: dict[str, Any]) -> None:
+def finish(out: Output, partial: Path, record: dict[str, Any], log: Callable[[str], None]) -> None:
     """Write export.json and move the export into place — or keep a failed one under a name saying so."""
-
     verification = record["verification"]
     if not verification.get("skipped") and not verification["passed"]:
         from loratool.export_verify import verification_message
 
         record["status"] = "failed-verification"
-        write_record(partial, EXPORT_RECORD, record)
-        kept = keep_failed(partial, output, EXPORT_RECORD)
+        kept = out.keep_failed(partial, record)
         raise LoratoolError(
             verification_message(verification, kept),
             hint="rerun with LORATOOL_DEBUG=1 and report a bug; --no-verify skips the check (not advised)",
         )
-    write_record(partial, EXPORT_RECORD, record)
-    move_into_place(partial, output)
+    out.place(partial, record, log)

@@ -28,14 +28,7 @@ from loratool.errors import LoratoolError
 from loratool.fingerprint import weights_fingerprint
 from loratool.merge_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, is_adapter_dir
 from loratool.merge_checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
-from loratool.outputs import (
-    keep_failed,
-    library_versions,
-    make_partial,
-    move_into_place,
-    read_json,
-    write_record,
-)
+from loratool.outputs import Output, claim_output, library_versions, read_json
 
 MERGE_RECORD = "merge.json"
 QLORA_POLICIES = ("dequantized", "original")
@@ -89,45 +82,50 @@ def run_merge(
     base_id, base_dir = resolve_base(base, run, adapter)
     identity = check_base_identity(run, base_id, base_dir, force=force, log=log)
     policy = choose_qlora_policy(qlora_base, run)
-    output = prepare_output(output, adapter_dir, base_dir, overwrite=overwrite)
-
-    checkpoint = open_checkpoint(base_dir)
-    refuse_quantized_checkpoint(base_dir)
-    check_against_base(adapter.updates, checkpoint.shapes())
-    tokenizer_dir = adapter_dir if _has_tokenizer(adapter_dir) else base_dir
-    check_vocabulary(tokenizer_dir, base_dir)
-    base_dtype = checkpoint_dtype(base_dir, checkpoint)
-    out_dtype = base_dtype if dtype == "auto" else dtype
-    # How training quantized the base: needed to fold into the 4-bit weights (dequantized) and to compare
-    # with the 4-bit model (both policies). 8-bit runs have no weight-only round trip.
-    quantized = quantized_base(run, base_dir, base_dtype) if policy and run.quantization != "8bit" else None
-    planned = plan_output(checkpoint, adapter, dtype)
-    check_disk_space(output, planned, tokenizer_dir)
-
-    log(
-        f"merging {adapter_dir} into {base_id} ({base_dir}) as {out_dtype}"
-        + (f", QLoRA base policy: {policy}" if policy else "")
-    )
-    partial = make_partial(output)
-    try:
-        fold_into = quantized if policy == "dequantized" else None
-        counts = write_weights(checkpoint, adapter, planned, fold_into, partial, log)
-        write_config(base_dir, partial, out_dtype)
-        copy_tokenizer(tokenizer_dir, partial)
-        write_generation_config(base_dir, partial)
-        record = describe_merge(
-            adapter, run, base_id, base_dir, identity, out_dtype, policy, quantized, counts
+    output_path = output_location(output, adapter_dir, base_dir)
+    with claim_output(
+        output_path, kind="merge", record_name=MERGE_RECORD, overwrite=overwrite, log=log
+    ) as out:
+        checkpoint = open_checkpoint(base_dir)
+        refuse_quantized_checkpoint(base_dir)
+        check_against_base(adapter.updates, checkpoint.shapes())
+        tokenizer_dir = adapter_dir if _has_tokenizer(adapter_dir) else base_dir
+        check_vocabulary(tokenizer_dir, base_dir)
+        base_dtype = checkpoint_dtype(base_dir, checkpoint)
+        out_dtype = base_dtype if dtype == "auto" else dtype
+        # How training quantized the base: needed to fold into the 4-bit weights (dequantized) and to
+        # compare with the 4-bit model (both policies). 8-bit runs have no weight-only round trip.
+        quantized = (
+            quantized_base(run, base_dir, base_dtype) if policy and run.quantization != "8bit" else None
         )
-        record["verification"] = (
-            verify_merge(partial, base_dir, adapter_dir, run, policy, quantized, out_dtype, log)
-            if verify
-            else {"skipped": True}
+        planned = plan_output(checkpoint, adapter, dtype)
+        check_disk_space(output_path, planned, tokenizer_dir)
+
+        log(
+            f"merging {adapter_dir} into {base_id} ({base_dir}) as {out_dtype}"
+            + (f", QLoRA base policy: {policy}" if policy else "")
         )
-        record["wall_time_s"] = round(time.time() - started, 2)
-        finish(partial, output, record)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+        partial = out.partial()
+        try:
+            fold_into = quantized if policy == "dequantized" else None
+            counts = write_weights(checkpoint, adapter, planned, fold_into, partial, log)
+            write_config(base_dir, partial, out_dtype)
+            copy_tokenizer(tokenizer_dir, partial)
+            write_generation_config(base_dir, partial)
+            record = describe_merge(
+                adapter, run, base_id, base_dir, identity, out_dtype, policy, quantized, counts
+            )
+            record["verification"] = (
+                verify_merge(partial, base_dir, adapter_dir, run, policy, quantized, out_dtype, log)
+                if verify
+                else {"skipped": True}
+            )
+            record["wall_time_s"] = round(time.time() - started, 2)
+            finish(out, partial, record, log)
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
+    output = output_path
     log(f"merged model written to {output} ({record['wall_time_s']:.0f}s)")
     return output
 
@@ -342,25 +340,16 @@ def training_load_dtype(run: TrainingRun, base_dtype: str) -> str:
 # --- the output ----------------------------------------------------------------------------------------
 
 
-def prepare_output(output: str | Path | None, adapter_dir: Path, base_dir: Path, *, overwrite: bool) -> Path:
-    """The output directory, checked: absent or empty, or (with --overwrite) a previous merge output."""
-    path = Path(output).expanduser().resolve() if output else adapter_dir / "merged"
-    if path in (adapter_dir, base_dir) or path in adapter_dir.parents or path in base_dir.parents:
+def output_location(output: str | Path | None, adapter_dir: Path, base_dir: Path) -> Path:
+    """Where the merged model goes (default ADAPTER/merged); never over the adapter or the base. What may
+    already be there is checked by outputs.check_output."""
+    path = Path(output).expanduser().absolute() if output else adapter_dir / "merged"
+    resolved = path.resolve()
+    if resolved in (adapter_dir, base_dir) or resolved in adapter_dir.parents or resolved in base_dir.parents:
         raise LoratoolError(
             f"--output {path} would replace the adapter or the base model",
             hint="choose a new directory, e.g. --output out/merged",
         )
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not overwrite:
-            raise LoratoolError(
-                f"output directory {path} already exists",
-                hint="pass --overwrite to replace it, or choose another --output",
-            )
-        if not (path / MERGE_RECORD).is_file():
-            raise LoratoolError(
-                f"--overwrite: {path} is not the output of `loratool merge` (it has no {MERGE_RECORD})",
-                hint="choose another --output (loratool never deletes files it did not write)",
-            )
     return path
 
 
@@ -555,16 +544,14 @@ def describe_merge(
     }
 
 
-def finish(partial: Path, output: Path, record: dict[str, Any]) -> None:
+def finish(out: Output, partial: Path, record: dict[str, Any], log: Callable[[str], None]) -> None:
     """Write merge.json and move the merge into place — or, if verification failed, keep it under a name
     that says so and raise."""
     verification = record["verification"]
     if not verification.get("skipped") and not verification["passed"]:
         record["status"] = "failed-verification"
-        write_record(partial, MERGE_RECORD, record)
-        raise verification_error(verification, keep_failed(partial, output, MERGE_RECORD))
-    write_record(partial, MERGE_RECORD, record)
-    move_into_place(partial, output)
+        raise verification_error(verification, out.keep_failed(partial, record))
+    out.place(partial, record, log)
 
 
 # --- verification --------------------------------------------------------------------------------------

@@ -23,18 +23,19 @@ from typing import Any
 from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.merge import (
+    MERGE_RECORD,
     TrainingRun,
     _has_tokenizer,
     copy_tokenizer,
     find_adapter,
-    prepare_output,
+    output_location,
     read_training_run,
     refuse_quantized_checkpoint,
     resolve_base,
     run_merge,
 )
 from loratool.merge_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, check_supported
-from loratool.outputs import make_partial, move_into_place
+from loratool.outputs import check_output, claim_output
 
 COMBINE_RECORD = "combine.json"
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -84,23 +85,33 @@ def run_combine(
     check_ranks(dirs, configs, method)
     base_id, base_dir = resolve_base(base, runs[0], Adapter(dirs[0], configs[0], {}))
     refuse_quantized_checkpoint(base_dir)
-    combined_dir = prepare_adapter_output(adapter_output, dirs, base_dir, method, overwrite=overwrite)
+    combined_dir = adapter_output_location(adapter_output, dirs, base_dir, method)
     if not adapter_only:  # refuse an existing merge output now, not after the combination
-        output = prepare_output(output, combined_dir, base_dir, overwrite=overwrite)
+        output = output_location(output, combined_dir, base_dir)
+        check_output(output, kind="merge", record_name=MERGE_RECORD, overwrite=overwrite, option="--output")
 
-    log(f"combining {len(dirs)} adapters on {base_id} ({base_dir}) with {method}, weights {weights}")
-    partial = make_partial(combined_dir)
-    try:
-        combine_with_peft(dirs, weights, method, density, base_dir, partial)
-        tokenizer_dir = next((d for d in dirs if _has_tokenizer(d)), None)
-        if tokenizer_dir is not None:  # the first run's tokenizer carries the chat template it trained with
-            copy_tokenizer(tokenizer_dir, partial)
-        record = describe_combination(dirs, runs, weights, method, density, base_id, base_dir)
-        (partial / COMBINE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        move_into_place(partial, combined_dir)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+    with claim_output(
+        combined_dir,
+        kind="combine",
+        record_name=COMBINE_RECORD,
+        overwrite=overwrite,
+        option="--adapter-output",
+        log=log,
+    ) as out:
+        log(f"combining {len(dirs)} adapters on {base_id} ({base_dir}) with {method}, weights {weights}")
+        partial = out.partial()
+        try:
+            combine_with_peft(dirs, weights, method, density, base_dir, partial)
+            tokenizer_dir = next((d for d in dirs if _has_tokenizer(d)), None)
+            if (
+                tokenizer_dir is not None
+            ):  # the first run's tokenizer carries the chat template it trained with
+                copy_tokenizer(tokenizer_dir, partial)
+            record = describe_combination(dirs, runs, weights, method, density, base_id, base_dir)
+            out.place(partial, record, log)
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
     log(f"combined adapter written to {combined_dir}")
     if adapter_only:
         return combined_dir
@@ -224,28 +235,20 @@ def check_ranks(dirs: list[Path], configs: list[dict[str, Any]], method: str) ->
         )
 
 
-def prepare_adapter_output(
-    given: str | Path | None, dirs: list[Path], base_dir: Path, method: str, *, overwrite: bool
-) -> Path:
-    """--adapter-output, checked; default: `combined-<method>` next to the first adapter."""
-    path = Path(given).expanduser().resolve() if given else dirs[0].parent / f"combined-{method}"
-    if path == base_dir or path in base_dir.parents or any(path == d or path in d.parents for d in dirs):
+def adapter_output_location(given: str | Path | None, dirs: list[Path], base_dir: Path, method: str) -> Path:
+    """--adapter-output; default: `combined-<method>` next to the first adapter. Never over an adapter or
+    the base; what may already be there is checked by outputs.check_output."""
+    path = Path(given).expanduser().absolute() if given else dirs[0].parent / f"combined-{method}"
+    resolved = path.resolve()
+    if (
+        resolved == base_dir
+        or resolved in base_dir.parents
+        or any(resolved == d or resolved in d.parents for d in dirs)
+    ):
         raise LoratoolError(
             f"--adapter-output {path} would replace an adapter or the base model",
             hint="choose a new directory, e.g. --adapter-output out/combined",
         )
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not overwrite:
-            raise LoratoolError(
-                f"adapter output directory {path} already exists",
-                hint="pass --overwrite to replace it, or choose another --adapter-output",
-            )
-        if not (path / COMBINE_RECORD).is_file():
-            raise LoratoolError(
-                f"--overwrite: {path} is not a combined adapter written by loratool (it has no "
-                f"{COMBINE_RECORD})",
-                hint="choose another --adapter-output (loratool never deletes files it did not write)",
-            )
     return path
 
 

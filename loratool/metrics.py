@@ -32,6 +32,29 @@ class MetricsLog(TrainerCallback):
         return control
 
 
+def trim_metrics(path: Path, last_step: int) -> int:
+    """Keep only the lines logged up to `last_step` (a resume retrains the steps after its checkpoint,
+    which log again); returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            dropped += 1  # a line cut short by a kill
+            continue
+        if isinstance(step, int) and step > last_step:
+            dropped += 1
+        else:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped
+
+
 class ConciseProgress(ProgressCallback):
     """The trainer's progress bar, with one short line per log instead of a dump of every metric, and
     no second bar for each evaluation. Without a terminal (CI logs, `| tee`), only the lines."""

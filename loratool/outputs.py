@@ -1,67 +1,377 @@
-"""Writing an output directory so that it never looks complete before it is: merge, combine and export.
+"""Every output directory loratool writes, and the rules that keep them safe: one module for all commands.
 
-Each writes into `<output>.partial-XXXX` beside the output, then renames it into place as the last step.
-A result that fails its verification is renamed `<output>.failed-verification` instead. The record file
-(merge.json, combine.json, export.json) is what marks a directory as loratool's own, so that only those are
-ever replaced.
+- Ownership. Each output carries a record file (run.json, merge.json, combine.json, export.json, eval's
+  metrics.json) holding a marker, `"loratool_output": {"kind": ..., "format": 1}`, and `"files"`: the
+  top-level names loratool wrote there. A directory is loratool's only when its record carries the marker
+  of the expected kind, and `--overwrite` removes only the listed names — a file or folder that loratool
+  did not write is never deleted, whatever the directory is called or what else is in it. Symbolic links
+  are removed as links, never followed.
+- One writer. A command holds an exclusive lock on its output for its whole life (`.NAME.lock` beside it,
+  an flock that the kernel releases when the process dies, even under kill -9). A second writer is refused
+  with the holder's pid, host, command and start time; a lock whose holder died is taken over.
+- Never looks complete early. merge, combine, export and eval write into `<output>.partial-XXXX` beside the
+  output and rename it into place as the last step; a result that fails verification is renamed
+  `<output>.failed-verification`. An output that appeared while we worked is not replaced.
+- Records are written atomically (temporary file, fsync, rename).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loratool.errors import LoratoolError
 
-def make_partial(output: Path) -> Path:
-    """A new, empty `<output>.partial-XXXX` directory beside `output`."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)  # mkdtemp makes the directory private (0700); the output should not be
-    os.umask(umask)
-    partial.chmod(0o777 & ~umask)
-    return partial
-
-
-def move_into_place(partial: Path, output: Path) -> None:
-    """The last step: the partial directory becomes the output (a previous output is replaced)."""
-    if output.exists():
-        if output.is_dir():
-            shutil.rmtree(output)
-        else:
-            output.unlink()
-    os.replace(partial, output)
+MARKER = "loratool_output"
+FORMAT = 1
+# The record file of each kind of output. Other commands' outputs can live inside a run directory (merge's
+# `merged/`, export's `merged-gguf/`, eval's `eval/`): they are derived from it, not foreign to it.
+RECORD_OF_KIND = {
+    "run": "run.json",
+    "merge": "merge.json",
+    "combine": "combine.json",
+    "export": "export.json",
+    "eval": "metrics.json",
+}
 
 
-def keep_failed(partial: Path, output: Path, record_name: str) -> Path:
-    """Rename a result that failed verification so that its name says so. An earlier failed result (it has
-    `record_name`) is replaced; anything else under that name is left alone and a numbered name is used."""
-    failed = output.with_name(f"{output.name}.failed-verification")
-    if failed.exists() and (failed / record_name).is_file():
-        shutil.rmtree(failed)
-    number = 1
-    while failed.exists():
-        number += 1
-        failed = output.with_name(f"{output.name}.failed-verification-{number}")
-    os.replace(partial, failed)
-    return failed
+# --- records -------------------------------------------------------------------------------------------
+
+
+def marker(kind: str) -> dict[str, Any]:
+    """The marker that makes a record loratool's own."""
+    return {"kind": kind, "format": FORMAT}
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file (run.json, merge.json, config.json, ...); {} when missing, unreadable or not an
+    """A JSON object file (config.json, generation_config.json, ...); {} when missing, unreadable or not an
     object, so that callers ask for keys and decide what an absent one means."""
     try:
         value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
 
 
-def write_record(folder: Path, record_name: str, record: dict[str, Any]) -> None:
-    (folder / record_name).write_text(json.dumps(record, indent=2, default=str) + "\n")
+def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    """Write JSON to `path` so that a reader sees the old or the new content, never half a file; on
+    failure (a full disk) nothing is left behind but the old file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(json.dumps(value, indent=2, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def owned_record(folder: Path, record_name: str, kind: str) -> dict[str, Any] | None:
+    """The record of a loratool output of `kind` in `folder`, or None when it is not one."""
+    record = read_json(folder / record_name)
+    mark = record.get(MARKER)
+    if isinstance(mark, dict) and mark.get("kind") == kind and isinstance(record.get("files"), list):
+        return record
+    return None
+
+
+def write_record(folder: Path, record_name: str, record: dict[str, Any], *, kind: str) -> None:
+    """Write `record` as `folder/record_name`, marked as loratool's and listing every name in `folder`
+    (all written by the command that calls this, into its partial directory)."""
+    files = sorted({p.name for p in folder.iterdir() if not p.name.startswith(f".{record_name}.tmp")})
+    full = {MARKER: marker(kind), **record, "files": sorted({*files, record_name})}
+    write_json_atomic(folder / record_name, full)
+
+
+def _owned_entries(folder: Path, record: dict[str, Any]) -> list[Path]:
+    """The listed names that are safe to remove: plain names inside `folder`, nothing that climbs out."""
+    entries = []
+    for name in record.get("files", []):
+        if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or "\\" in name:
+            continue
+        path = folder / name
+        if path.is_symlink() or path.exists():
+            entries.append(path)
+    return entries
+
+
+def remove_entry(path: Path) -> None:
+    """Remove one file, link or directory tree; a link is removed itself, never what it points to."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def derived_output(path: Path) -> tuple[str, str] | None:
+    """(kind, record name) when `path` is a directory holding a loratool output of any kind."""
+    if path.is_symlink() or not path.is_dir():
+        return None
+    for kind, record_name in RECORD_OF_KIND.items():
+        if owned_record(path, record_name, kind) is not None:
+            return kind, record_name
+    return None
+
+
+def remove_owned(
+    folder: Path, record_name: str, kind: str, log: Callable[[str], None], *, derived: bool = True
+) -> list[str]:
+    """Remove what a loratool output of `kind` wrote in `folder` (its record last) and, with `derived`, the
+    loratool outputs made from it inside it (each only what it wrote); then the folder itself when that
+    leaves it empty. Prints what it removes and what it keeps; returns the names kept."""
+    record = owned_record(folder, record_name, kind)
+    if record is None:
+        return sorted(p.name for p in folder.iterdir())
+    owned = _owned_entries(folder, record)
+    listed = {p.name for p in owned}
+    if derived:
+        for path in sorted(folder.iterdir()):
+            found = derived_output(path) if path.name not in listed else None
+            if found is not None:
+                log(f"removing {path.name}/, a `loratool {found[0]}` output made from the previous {kind}")
+                remove_owned(path, found[1], found[0], log)
+    owned.sort(key=lambda p: p.name == record_name)  # the record last: an interruption leaves it findable
+    for path in owned:
+        remove_entry(path)
+    kept = sorted(p.name for p in folder.iterdir())
+    if owned:
+        log(f"removed the previous {kind} output in {folder}: {', '.join(sorted(listed))}")
+    if kept:
+        log(f"kept in {folder} (not written by loratool): {', '.join(kept)}")
+    elif kind != "run":
+        folder.rmdir()
+    return kept
+
+
+def foreign_entries(folder: Path, record: dict[str, Any]) -> list[str]:
+    """Names in `folder` that its record does not list and that are not loratool outputs derived from it
+    (files the user or another tool put there)."""
+    listed = set(record.get("files", []))
+    return sorted(
+        p.name + ("/" if p.is_dir() and not p.is_symlink() else "")
+        for p in folder.iterdir()
+        if p.name not in listed and derived_output(p) is None and not _is_lock_file(p)
+    )
+
+
+# --- locks ---------------------------------------------------------------------------------------------
+
+
+def _is_lock_file(path: Path) -> bool:
+    """A lock of an output beside this one (`.merged.lock` while a merge writes into a run directory)."""
+    return path.name.startswith(".") and path.name.endswith(".lock") and path.is_file()
+
+
+def lock_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.lock")
+
+
+@contextmanager
+def output_lock(output: Path, command: str, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the exclusive lock on `output` for the duration; refuse if another process holds it."""
+    path = lock_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise LoratoolError(
+                f"{output} is being written by another loratool process ({_describe_holder(path)})",
+                hint="wait for it to finish (or stop it), or choose another output directory",
+            ) from None
+        # The file may have been unlinked by the previous holder between our open and our lock: then we
+        # locked a dead inode, and must try again on the file that is there now.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    previous = _read_holder(fd)
+    if previous and previous.get("pid") and previous.get("pid") != os.getpid():
+        log(
+            f"note: took over the lock on {output} left by {_holder_text(previous)}, which is no longer running"
+        )
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    try:
+        yield
+    finally:
+        # Unlink while still holding the lock, so that nobody can lock this inode after we let go.
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        value = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return "holder unknown"
+    try:
+        holder = _read_holder(fd)
+    finally:
+        os.close(fd)
+    return _holder_text(holder) if holder else "holder unknown"
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}, `{holder.get('command')}`, "
+        f"started {holder.get('started')}"
+    )
+
+
+def command_line() -> str:
+    """How this process was started, for lock holders and records."""
+    name = Path(sys.argv[0]).name if sys.argv else "loratool"
+    if name in ("__main__.py", "-m", "-c", ""):
+        name = "loratool"
+    return " ".join([name, *sys.argv[1:]])[:300]
+
+
+# --- outputs written in a partial directory and renamed into place --------------------------------------
+
+
+@dataclass
+class Output:
+    """An output directory a command is about to write, checked and locked by `claim_output`."""
+
+    path: Path
+    kind: str
+    record_name: str
+    replaces: bool  # an earlier output of this kind was there when we started (and --overwrite was given)
+
+    def partial(self) -> Path:
+        """A new, empty `<output>.partial-XXXX` directory beside the output."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.partial-", dir=self.path.parent))
+        umask = os.umask(0)  # mkdtemp makes the directory private (0700); the output should not be
+        os.umask(umask)
+        partial.chmod(0o777 & ~umask)
+        return partial
+
+    def place(self, partial: Path, record: dict[str, Any], log: Callable[[str], None]) -> None:
+        """The last step: write the record into `partial`, then make it the output (removing what the
+        earlier output of this kind wrote, and only that)."""
+        write_record(partial, self.record_name, record, kind=self.kind)
+        if self.path.is_symlink() or self.path.exists():
+            if not self.replaces:
+                raise LoratoolError(
+                    f"{self.path} appeared while this command was running; it was not replaced",
+                    hint=f"the new result is in {partial}; move it where you want it",
+                )
+            if self.path.is_dir() and not self.path.is_symlink() and not any(self.path.iterdir()):
+                self.path.rmdir()
+            else:
+                kept = [n for n in remove_owned(self.path, self.record_name, self.kind, log)
+                        if not _is_lock_file(self.path / n)]  # fmt: skip
+                if kept:
+                    raise LoratoolError(
+                        f"{self.path} now holds files loratool did not write ({', '.join(kept)})",
+                        hint=f"the new result is in {partial}; move those files away and rename it",
+                    )
+        os.replace(partial, self.path)
+
+    def keep_failed(self, partial: Path, record: dict[str, Any]) -> Path:
+        """Rename a result that failed verification so that its name says so. An earlier failed result of
+        this kind is replaced; anything else under that name is left alone and a numbered name is used."""
+        write_record(partial, self.record_name, record, kind=self.kind)
+        failed = self.path.with_name(f"{self.path.name}.failed-verification")
+        if failed.is_dir() and not failed.is_symlink() and owned_record(failed, self.record_name, self.kind):
+            remove_owned(failed, self.record_name, self.kind, lambda _: None)
+        number = 1
+        while failed.is_symlink() or failed.exists():
+            number += 1
+            failed = self.path.with_name(f"{self.path.name}.failed-verification-{number}")
+        os.replace(partial, failed)
+        return failed
+
+
+def check_output(path: Path, *, kind: str, record_name: str, overwrite: bool, option: str) -> Output:
+    """Refuse an output directory that would lose anything: a file, a link, a directory that is not a
+    loratool output of this kind, or one that also holds files loratool did not write. With --overwrite a
+    previous output of the same kind is replaced (only what it wrote); without it, refused."""
+    if path.is_symlink():
+        raise LoratoolError(
+            f"{option} {path} is a symbolic link",
+            hint=f"give the directory it points to ({path.resolve()}) or a new directory",
+        )
+    if path.exists() and not path.is_dir():
+        raise LoratoolError(f"{option} {path} is a file", hint="choose a directory (new or empty)")
+    if not path.exists() or not any(path.iterdir()):
+        return Output(path, kind, record_name, replaces=False)
+    record = owned_record(path, record_name, kind)
+    if record is None:
+        raise LoratoolError(
+            f"{option} {path} is not empty and is not the output of `loratool {kind}` (no loratool "
+            f"{record_name} there)",
+            hint=f"choose a new or empty directory with {option} (loratool never deletes files it did not "
+            "write)",
+        )
+    if not overwrite:
+        raise LoratoolError(
+            f"output directory {path} already exists",
+            hint=f"pass --overwrite to replace it, or choose another {option}",
+        )
+    foreign = foreign_entries(path, record)
+    if foreign:
+        raise LoratoolError(
+            f"--overwrite: {path} also holds files loratool did not write: {', '.join(foreign)}",
+            hint="move them out of the directory (loratool never deletes files it did not write), or choose "
+            f"another {option}",
+        )
+    return Output(path, kind, record_name, replaces=True)
+
+
+@contextmanager
+def claim_output(
+    path: Path,
+    *,
+    kind: str,
+    record_name: str,
+    overwrite: bool,
+    option: str = "--output",
+    log: Callable[[str], None] = print,
+) -> Iterator[Output]:
+    """Lock `path` for this command and check it (see check_output); the lock is held until the block ends."""
+    with output_lock(path, command_line(), log):
+        yield check_output(path, kind=kind, record_name=record_name, overwrite=overwrite, option=option)
 
 
 def library_versions(*names: str) -> dict[str, str | None]:

@@ -4,10 +4,16 @@
       adapter_config.json, adapter_model.safetensors, README.md   the adapter (PeftModel.from_pretrained)
       tokenizer.json, tokenizer_config.json, chat_template.jinja  the tokenizer, with the template trained on
       recipe.yaml       the resolved recipe, every default filled in (re-runnable as is)
-      run.json          manifest: status, versions, base model + fingerprint, data counts, hardware, time...
+      run.json          the record: status, versions, base model + fingerprint, data, hardware, resumes...
+      train.log         everything the run printed, library warnings included
       metrics.jsonl     one line per logged step (loss, learning rate, eval loss, ...)
       loss_curve.png    training and validation loss against optimizer steps
       checkpoints/      trainer checkpoints, for --resume
+      traceback.txt     only after a failure: the full traceback
+
+This module owns run.json: train writes it through RunDir, and every other command reads it through
+`read_run`. A directory is a loratool run only when its run.json carries loratool's marker (see
+outputs.py), and `--overwrite` removes only the names run.json lists as written by the run.
 
 Crash safety: recipe.yaml and run.json ("status": "running") are written first, so the directory is known
 as a loratool run from the start; the adapter and tokenizer are written to a hidden staging folder and
@@ -17,30 +23,126 @@ adapter files at its root, and its run.json says "running" or "failed".
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import shutil
+import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from loratool.errors import LoratoolError
+from loratool.outputs import (
+    MARKER,
+    marker,
+    owned_record,
+    read_json,
+    remove_entry,
+    remove_owned,
+    write_json_atomic,
+)
 
+KIND = "run"
 MANIFEST = "run.json"
 RECIPE = "recipe.yaml"
 METRICS = "metrics.jsonl"
+LOG = "train.log"
+TRACEBACK = "traceback.txt"
 LOSS_CURVE = "loss_curve.png"
 CHECKPOINTS = "checkpoints"
 STAGING = ".finishing"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Written into a checkpoint by the trainer callback (checkpoints.py) once everything else in it is saved:
+# a checkpoint without it is incomplete (a crash or a full disk mid-save) and is never resumed from.
+CHECKPOINT_SEAL = "loratool-checkpoint.json"
+
+
+# --- reading: the one reader of run.json ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class BaseModelRecord:
+    """The base a run trained on."""
+
+    id: str | None = None
+    revision: str | None = None
+    resolved_path: str | None = None
+    fingerprint: str | None = None
+    quantization: str | None = None  # "4bit", "8bit" or None
+    gguf: dict[str, Any] | None = None  # a .gguf base: its file, sha256 and conversion
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json, as read back. `raw` keeps every field for records that copy it whole (eval reports)."""
+
+    path: Path
+    status: str | None
+    error: str | None = None
+    base_model: BaseModelRecord = field(default_factory=BaseModelRecord)
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    world_size: int | None = None
+    effective_batch_size: int | None = None
+    tokenizer_sha256: str | None = None
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def recipe(self) -> dict[str, Any] | None:
+        """The resolved recipe the run wrote (recipe.yaml), or None when missing or unreadable."""
+        try:
+            value = yaml.safe_load((self.path / RECIPE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+        return value if isinstance(value, dict) else None
+
+
+def read_run(path: Path) -> RunRecord | None:
+    """The record of the loratool run in `path`, or None when `path` holds no loratool run.json."""
+    record = owned_record(path, MANIFEST, KIND)
+    if record is None:
+        return None
+    base = record.get("base_model")
+    base = base if isinstance(base, dict) else {}
+    known = {f for f in BaseModelRecord.__dataclass_fields__}
+    return RunRecord(
+        path=path,
+        status=record.get("status"),
+        error=record.get("error"),
+        base_model=BaseModelRecord(**{k: v for k, v in base.items() if k in known}),
+        data=_dict(record.get("data")),
+        train=_dict(record.get("train")),
+        world_size=record.get("world_size"),
+        effective_batch_size=record.get("effective_batch_size"),
+        tokenizer_sha256=record.get("tokenizer_sha256"),
+        resumes=list(record.get("resumes") or []),
+        raw=record,
+    )
+
+
+def has_run_record(path: Path) -> bool:
+    """Whether `path` holds a run.json at all (loratool's, an older loratool's or another tool's)."""
+    return (path / MANIFEST).is_file()
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+
+@dataclass
 class RunDir:
     path: Path
+    files: set[str] = field(default_factory=set)  # top-level names this run wrote (run.json "files")
 
     @property
     def checkpoints(self) -> Path:
@@ -50,31 +152,51 @@ class RunDir:
     def metrics(self) -> Path:
         return self.path / METRICS
 
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG
+
     @classmethod
     def prepare(
-        cls, output_dir: str | Path, *, overwrite: bool = False, resume: bool = False, dry_run: bool = False
+        cls,
+        output_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        dry_run: bool = False,
+        log: Callable[[str], None] = print,
     ) -> RunDir:
         """Check what is already at output_dir and make it ready, refusing anything that would lose work.
 
         With dry_run the same checks run but nothing on disk changes."""
-        run = cls(Path(output_dir).expanduser().resolve())
-        state = run.state()
+        given = Path(output_dir).expanduser()
+        run = cls(given.resolve())  # a link to a directory elsewhere: the run lives where it points
         if resume and overwrite:
             raise LoratoolError("--resume and --overwrite contradict each other", hint="pass one of them")
-        if state == "foreign":
+        if run.path.exists() and not run.path.is_dir():
             raise LoratoolError(
-                f"training.output_dir {run.path} is not empty and is not a loratool run directory",
+                f"training.output_dir {given} is a file, not a directory",
+                hint="set training.output_dir to a new or empty directory (e.g. --set training.output_dir=out/run2)",
+            )
+        state = run.state()
+        if state in ("foreign", "legacy"):
+            what = (
+                "holds a run.json that loratool did not write (or an older loratool, without its marker)"
+                if state == "legacy"
+                else "is not empty and is not a loratool run directory"
+            )
+            raise LoratoolError(
+                f"training.output_dir {run.path} {what}",
                 hint="choose a new or empty directory (loratool never deletes files it did not write)",
             )
         if resume:
-            if run.latest_checkpoint() is None:
+            checkpoint, _ = run.latest_checkpoint()
+            if checkpoint is None:
                 raise LoratoolError(
-                    f"--resume: {run.path} has no checkpoint to resume from",
+                    f"--resume: {run.path} has no complete checkpoint to resume from",
                     hint="drop --resume to start a new run there (add --overwrite if it holds a previous run)",
                 )
-            for name in (*ADAPTER_FILES, STAGING):  # the finished adapter is superseded by the resumed run
-                if not dry_run:
-                    _remove(run.path / name)
+            run.files = set(owned_record(run.path, MANIFEST, KIND)["files"])  # type: ignore[index]
             return run
         if state == "finished" and not overwrite:
             raise LoratoolError(
@@ -83,7 +205,7 @@ class RunDir:
                 "set another training.output_dir (e.g. --set training.output_dir=out/run2)",
             )
         if state == "unfinished" and not overwrite:
-            checkpoint = run.latest_checkpoint()
+            checkpoint, _ = run.latest_checkpoint()
             resume_hint = f"--resume to continue from {checkpoint.name}, " if checkpoint else ""
             raise LoratoolError(
                 f"training.output_dir {run.path} holds a run that did not finish",
@@ -92,67 +214,96 @@ class RunDir:
         if dry_run:
             return run
         if overwrite and state in ("finished", "unfinished"):
-            shutil.rmtree(run.path)
+            remove_owned(run.path, MANIFEST, KIND, log)
         run.path.mkdir(parents=True, exist_ok=True)
         return run
 
     def state(self) -> str:
-        """new (absent or empty), finished, unfinished (a loratool run that stopped early) or foreign."""
+        """new (absent or empty), finished, unfinished (a loratool run that stopped early), legacy (a
+        run.json without loratool's marker) or foreign."""
         if not self.path.exists() or not any(self.path.iterdir()):
             return "new"
-        if not self.path.is_dir() or not (self.path / MANIFEST).is_file():
+        if not self.path.is_dir():
             return "foreign"
-        finished = self.read_manifest().get("status") == "complete"
-        return (
-            "finished" if finished and all((self.path / f).is_file() for f in ADAPTER_FILES) else "unfinished"
-        )
+        record = read_run(self.path)
+        if record is None:
+            return "legacy" if has_run_record(self.path) else "foreign"
+        finished = record.complete and all((self.path / f).is_file() for f in ADAPTER_FILES)
+        return "finished" if finished else "unfinished"
 
-    def read_manifest(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
-
-    def latest_checkpoint(self) -> Path | None:
+    def latest_checkpoint(self) -> tuple[Path | None, list[Path]]:
+        """The newest complete checkpoint, and the newer ones skipped because they are incomplete."""
         found = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-        return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+        skipped = []
+        for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+            if (path / CHECKPOINT_SEAL).is_file():
+                return path, skipped
+            skipped.append(path)
+        return None, skipped
 
     def start(self, resolved_recipe: dict[str, Any], manifest: dict[str, Any]) -> None:
-        (self.path / RECIPE).write_text(yaml.safe_dump(resolved_recipe, sort_keys=False, allow_unicode=True))
-        self.write_manifest({**manifest, "status": "running"})
+        self.files |= {MANIFEST, RECIPE, METRICS, LOG, CHECKPOINTS, STAGING}
+        self.write_manifest({**manifest, "status": "running"})  # first: it marks the directory as ours
+        self.write_recipe(resolved_recipe)
+
+    def write_recipe(self, resolved_recipe: dict[str, Any]) -> None:
+        tmp = self.path / f".{RECIPE}.tmp"
+        tmp.write_text(yaml.safe_dump(resolved_recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        os.replace(tmp, self.path / RECIPE)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        tmp = self.path / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        os.replace(tmp, self.path / MANIFEST)
+        record = {MARKER: marker(KIND), **manifest, "files": sorted(self.files)}
+        write_json_atomic(self.path / MANIFEST, record)
 
-    def fail(self, manifest: dict[str, Any], error: BaseException) -> None:
+    def fail(self, manifest: dict[str, Any], error: BaseException) -> str:
+        """Record the failure: traceback.txt, and run.json "failed" with the cause. On a full disk, the
+        incomplete checkpoint being written is removed first, so that there is room to say so."""
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.remove_incomplete_checkpoints()
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
-        self.write_manifest({**manifest, "status": "failed", "error": reason[:2000]})
+        try:
+            text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            (self.path / TRACEBACK).write_text(text, encoding="utf-8")
+            self.files.add(TRACEBACK)
+        except OSError:
+            pass
+        try:
+            self.write_manifest({**manifest, "status": "failed", "error": reason[:2000]})
+        except OSError:
+            pass  # a disk that is still full: run.json keeps "running", which is also not "complete"
+        return reason
+
+    def remove_incomplete_checkpoints(self) -> list[str]:
+        """Remove the checkpoints newer than the newest complete one (they cannot be resumed from)."""
+        _, skipped = self.latest_checkpoint()
+        for path in skipped:
+            shutil.rmtree(path, ignore_errors=True)
+        return [p.name for p in skipped]
 
     def finish(self, write_outputs: Callable[[Path], None], manifest: dict[str, Any]) -> None:
         """Write the adapter & co. into staging with `write_outputs(dir)`, then move them into place."""
         staging = self.path / STAGING
-        _remove(staging)
+        if staging.exists() or staging.is_symlink():
+            remove_entry(staging)
         staging.mkdir()
         write_outputs(staging)
+        names = sorted(p.name for p in staging.iterdir())
+        self.files |= set(names)
+        self.write_manifest({**manifest, "status": "running"})  # the names are ours before they land
         # Adapter weights before their config: a directory with weights but no adapter_config.json is
         # not loadable, so no interruption point leaves something that looks like a finished adapter.
-        names = sorted(p.name for p in staging.iterdir())
         order = [n for n in names if n not in ADAPTER_FILES] + [
             n for n in reversed(ADAPTER_FILES) if n in names
         ]
         for name in order:
             target = self.path / name
-            if target.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(staging / name, target)
         staging.rmdir()
         self.write_manifest({**manifest, "status": "complete"})
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+def read_checkpoint_seal(checkpoint: Path) -> dict[str, Any]:
+    """What the run's totals were when `checkpoint` was saved (see checkpoints.py)."""
+    return read_json(checkpoint / CHECKPOINT_SEAL)

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loratool import __version__, hardware
 from loratool.data import build_datasets
-from loratool.errors import LoratoolError
+from loratool.errors import InternalError, LoratoolError
 from loratool.fingerprint import weights_fingerprint
 from loratool.gguf_base import gguf_record, is_gguf, resolve_base_model
 from loratool.lora import attach_adapter, build_loraplus_optimizer, keep_adapter_in
-from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics
+from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics, trim_metrics
 from loratool.model import load_model, load_tokenizer, local_model_dir
+from loratool.outputs import command_line, output_lock, remove_entry
 from loratool.recipe import Recipe, recipe_to_dict
-from loratool.rundir import LOSS_CURVE, RunDir
+from loratool.resume import check_resume, tokenizer_sha256
+from loratool.rundir import LOSS_CURVE, TRACEBACK, RunDir, read_run
+from loratool.runlog import RunLog
 from loratool.sft_config import build_sft_config, check_report_to
 
 
@@ -25,30 +31,47 @@ def run_train(
     recipe: Recipe, *, overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print
 ) -> Path:
     """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory."""
+    from accelerate import PartialState
+
+    # Under `accelerate launch` every process runs this function; only the main one prints, holds the
+    # output's lock and touches the run directory (the trainer saves checkpoints from it only).
+    main_process = PartialState().is_main_process
+    output_dir = Path(recipe.training.output_dir).expanduser().resolve()
+    with RunLog() as run_log, ExitStack() as held:
+        if main_process:
+            held.enter_context(output_lock(output_dir, command_line(), log))
+        else:
+            log = _quiet
+        return _train(recipe, overwrite=overwrite, resume=resume, log=log, run_log=run_log)
+
+
+def _train(
+    recipe: Recipe, *, overwrite: bool, resume: bool, log: Callable[[str], None], run_log: RunLog
+) -> Path:
     import torch
     from accelerate import PartialState
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
 
+    from loratool.checkpoints import CheckpointSeal
+
     started = time.time()
-    # Under `accelerate launch` every process runs this function; only the main one prints and touches
-    # the run directory (the trainer itself saves checkpoints from the main process only).
-    main_process = PartialState().is_main_process
-    if not main_process:
-        log = _quiet
-    hw = hardware.detect()
-    hardware.check(recipe, hw)
-    check_report_to(recipe.training)
-    # Refuse a bad output directory now, but create it only once data and model have loaded: a typo in
-    # a data path or base model must not leave behind a "run that did not finish".
-    RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
+    state = PartialState()
+    main_process = state.is_main_process
+    checks = preflight(recipe, overwrite=overwrite, resume=resume, log=log)
+    hw, tokenizer, data = checks.hw, checks.tokenizer, checks.data
+    manifest = {
+        **_manifest_header(recipe, hw, started),
+        **_layout(recipe, state.num_processes),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "data": data.summary.to_dict(),
+    }
+    checkpoint, resume_entry = None, None
+    if resume:
+        checkpoint, resume_entry = _check_resume(recipe, checks.run, manifest, log)
 
     set_seed(recipe.training.seed)
-    tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
-    data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
-    log(data.summary.format())
-
     log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
     model = load_model(recipe, hw, log)
     model = attach_adapter(
@@ -60,13 +83,18 @@ def run_train(
     trainable, total = model.get_nb_trainable_parameters()
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
 
-    manifest = {**_manifest_header(recipe, hw, started), "data": data.summary.to_dict()}
+    # The run directory is created (or emptied of the previous run) only now that data and model loaded.
     if main_process:
-        run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume)
-        run.start(recipe_to_dict(recipe), manifest)
+        run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, log=log)
+        if resume_entry is not None:
+            manifest = _continue_record(run, manifest, resume_entry, log)
+            run.write_recipe(recipe_to_dict(recipe))
+        else:
+            run.start(recipe_to_dict(recipe), manifest)
+        run_log.attach(run.log_file, resumed=resume_entry is not None)
     else:
         run = RunDir(Path(recipe.training.output_dir).expanduser().resolve())
-    PartialState().wait_for_everyone()
+    state.wait_for_everyone()
     try:
         bf16, fp16 = hardware.mixed_precision(recipe, hw)
         args = build_sft_config(
@@ -77,7 +105,8 @@ def run_train(
             bf16=bf16,
             fp16=fp16,
         )
-        callbacks: list[Any] = [MetricsLog(run.metrics)]
+        seal = CheckpointSeal(resumed_from=checkpoint)
+        callbacks: list[Any] = [MetricsLog(run.metrics), seal]
         if recipe.training.early_stopping_patience is not None:
             callbacks.append(
                 EarlyStoppingCallback(
@@ -98,19 +127,24 @@ def run_train(
             raise LoratoolError(
                 f"trl's SFTTrainer refused this setup: {exc}", hint="check the training section of the recipe"
             ) from None
+        seal.trainer = trainer
         if recipe.is_quantized() and hardware.compute_dtype(recipe, hw) == torch.float32:
             keep_adapter_in(model, torch.float32)
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(ConciseProgress())
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        result = trainer.train(resume_from_checkpoint=str(run.latest_checkpoint()) if resume else None)
+        first_step = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         final_eval = _final_evaluation(trainer) if data.validation is not None else {}
 
+        global_step = trainer.state.global_step
         manifest["train"] = {
-            "global_step": trainer.state.global_step,
+            "global_step": global_step,
             "epochs": trainer.state.epoch,
-            "train_loss": result.training_loss,
+            # Whole-run figures: a resumed run adds what its checkpoint carried (checkpoints.py).
+            "train_loss": seal.whole_run_train_loss(result.training_loss, global_step, first_step),
+            "train_seconds": round(seal.train_seconds(), 2),
             "final_eval_loss": final_eval.get("eval_loss"),
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "tokens_trained": int(trainer.state.num_input_tokens_seen),
@@ -120,7 +154,7 @@ def run_train(
             "fp16": fp16,
         }
         manifest["peak_memory_bytes"] = _peak_memory(hw)
-        manifest["wall_time_s"] = round(time.time() - started, 2)
+        manifest["wall_time_s"] = round(seal.seconds_before + time.time() - started, 2)
         manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
         def write_outputs(folder: Path) -> None:
@@ -135,21 +169,122 @@ def run_train(
     except BaseException as exc:
         if main_process:
             run.fail(manifest, exc)
-        if isinstance(exc, torch.OutOfMemoryError):
-            raise LoratoolError(
-                f"out of GPU memory while training (run state saved in {run.path / 'run.json'})",
-                hint="lower training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
-                "effective batch), lower data.max_length, set training.gradient_checkpointing: true, or load "
-                "the base in 4 bits (quantization.load_in_4bit: true)",
-            ) from None
-        raise
+        raise _as_training_error(exc, run) from exc
+    train = manifest["train"]
     log(
-        f"done in {manifest['wall_time_s']:.0f}s: {manifest['train']['global_step']} steps, "
-        f"{manifest['train']['tokens_trained']:,} tokens, train loss {result.training_loss:.4f}"
+        f"done in {manifest['wall_time_s']:.0f}s: {train['global_step']} steps, "
+        f"{train['tokens_trained']:,} tokens, train loss {train['train_loss']:.4f}"
         + (f", validation loss {_eval_trend(trainer, final_eval)}" if final_eval else "")
     )
     log(f"adapter written to {run.path}")
     return run.path
+
+
+@dataclass
+class Preflight:
+    """What train and --dry-run both check and load before any weights: see `preflight`."""
+
+    hw: hardware.Hardware
+    run: RunDir
+    tokenizer: Any
+    data: Any
+
+
+def preflight(recipe: Recipe, *, overwrite: bool, resume: bool, log: Callable[[str], None]) -> Preflight:
+    """The checks `train` and `train --dry-run` share, in order, before any weights load: hardware rules,
+    the values only the libraries know (optimizer, scheduler, trackers), the output directory, the
+    tokenizer and chat template, and every data row. Nothing is written."""
+    hw = hardware.detect()
+    hardware.check(recipe, hw)
+    check_report_to(recipe.training)
+    run = RunDir.prepare(
+        recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True, log=log
+    )
+    tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
+    data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    log(data.summary.format())
+    return Preflight(hw, run, tokenizer, data)
+
+
+def _layout(recipe: Recipe, world_size: int) -> dict[str, int]:
+    """How many processes train and how many rows one optimizer step sees across all of them."""
+    t = recipe.training
+    return {
+        "world_size": world_size,
+        "effective_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size,
+    }
+
+
+def _check_resume(
+    recipe: Recipe, run: RunDir, manifest: dict[str, Any], log: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from and what the resume changes, or a LoratoolError listing every
+    difference that would make it a different training (resume.py)."""
+    record = read_run(run.path)
+    assert record is not None  # RunDir.prepare refused anything else
+    checkpoint, skipped = run.latest_checkpoint()
+    assert checkpoint is not None
+    base = manifest["base_model"]
+    matches = None
+    if record.base_model.fingerprint and base.get("fingerprint"):
+        matches = record.base_model.fingerprint == base["fingerprint"]
+    changes = check_resume(
+        record,
+        recipe_to_dict(recipe),
+        data=manifest["data"],
+        base_fingerprint_matches=matches,
+        base_fingerprint=base.get("fingerprint"),
+        tokenizer_sha256=manifest["tokenizer_sha256"],
+        world_size=manifest["world_size"],
+        effective_batch_size=manifest["effective_batch_size"],
+    )
+    if skipped:
+        log(
+            f"note: skipping incomplete checkpoint{'s' if len(skipped) > 1 else ''} "
+            f"{', '.join(p.name for p in skipped)} (interrupted while saving); resuming from {checkpoint.name}"
+        )
+    else:
+        log(f"resuming from {checkpoint.name}")
+    for key, (before, after) in changes.items():
+        log(f"  {key}: {before!r} -> {after!r}")
+    entry = {
+        "from_checkpoint": checkpoint.name,
+        "step": int(checkpoint.name.split("-")[-1]),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "changed": changes,
+        "skipped_incomplete_checkpoints": [p.name for p in skipped],
+        "command": sys.argv,
+    }
+    return checkpoint, entry
+
+
+def _continue_record(
+    run: RunDir, manifest: dict[str, Any], entry: dict[str, Any], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Make the run directory ready to continue from entry's checkpoint: the finished adapter (if any)
+    is superseded, incomplete checkpoints go, metrics.jsonl keeps only the steps up to the checkpoint, and
+    run.json records this resume next to the earlier ones."""
+    from loratool.rundir import ADAPTER_FILES, STAGING
+
+    for name in (*ADAPTER_FILES, STAGING):
+        path = run.path / name
+        if path.is_symlink() or path.exists():
+            remove_entry(path)
+    run.remove_incomplete_checkpoints()
+    dropped = trim_metrics(run.metrics, entry["step"])
+    if dropped:
+        log(
+            f"metrics.jsonl: dropped {dropped} line(s) logged after {entry['from_checkpoint']} (retrained now)"
+        )
+    record = read_run(run.path)
+    assert record is not None
+    continued = {
+        **manifest,
+        "started_at": record.raw.get("started_at", manifest["started_at"]),
+        "resumes": [*record.resumes, entry],
+    }
+    run.write_manifest({**continued, "status": "running"})
+    return continued
 
 
 def _quiet(message: str) -> None:
@@ -235,20 +370,25 @@ def _peak_memory(hw: hardware.Hardware) -> dict[str, int]:
 def dry_run(
     recipe: Recipe, *, overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print
 ) -> None:
-    """Everything `train` checks and resolves before loading weights, with nothing written to disk:
-    hardware rules, the output directory, the tokenizer and chat template, every data row, and the
-    adapter's target modules and size on a weightless (meta-device) copy of the model. The exception: a
-    .gguf base is converted to its cached checkpoint (as training would), since that is what is checked."""
+    """Everything `train` checks and resolves before loading weights, with nothing written to disk: the
+    shared preflight (hardware, library values, output directory, tokenizer, every data row), the resume
+    contract with --resume, and the adapter's target modules and size on a weightless (meta-device) copy
+    of the model. The exception: a .gguf base is converted to its cached checkpoint (as training would),
+    since that is what is checked."""
     import torch
+    from accelerate import PartialState
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hw = hardware.detect()
-    hardware.check(recipe, hw)
-    check_report_to(recipe.training)
-    run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
-    tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
-    data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
-    log(data.summary.format())
+    checks = preflight(recipe, overwrite=overwrite, resume=resume, log=log)
+    hw, run = checks.hw, checks.run
+    if resume:
+        manifest = {
+            **_manifest_header(recipe, hw, time.time()),
+            **_layout(recipe, PartialState().num_processes),
+            "tokenizer_sha256": tokenizer_sha256(checks.tokenizer),
+            "data": checks.data.summary.to_dict(),
+        }
+        _check_resume(recipe, run, manifest, log)
     config = AutoConfig.from_pretrained(
         resolve_base_model(recipe.base_model, log),  # a .gguf was converted (once) by load_tokenizer
         revision=recipe.model.revision,
@@ -269,3 +409,37 @@ def dry_run(
     log(f"hardware: {hw.device} ({hw.name}) · compute in {precision}")
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
     log(f"output: {run.path} ({run.state()})")
+
+
+def _as_training_error(exc: BaseException, run: RunDir) -> BaseException:
+    """The error to show for a failed training: a user-fixable one for what the user can fix (memory,
+    disk, a file that cannot be written), naming the file; else an internal error that points to the
+    traceback the run directory keeps."""
+    import torch
+
+    where = f"run state saved in {run.path / 'run.json'}"
+    if isinstance(exc, (LoratoolError, KeyboardInterrupt, SystemExit)):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError):
+        return LoratoolError(
+            f"out of GPU memory while training ({where})",
+            hint="lower training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
+            "effective batch), lower data.max_length, set training.gradient_checkpointing: true, or load "
+            "the base in 4 bits (quantization.load_in_4bit: true)",
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        latest, _ = run.latest_checkpoint()
+        resume = f"then continue from {latest.name} with --resume" if latest else "then train again"
+        return LoratoolError(
+            f"no space left on the device while writing {exc.filename or run.path} ({where})",
+            hint=f"free disk space on that device, {resume}",
+        )
+    if isinstance(exc, OSError) and exc.filename:
+        return LoratoolError(
+            f"could not access {exc.filename}: {exc.strerror} ({where})",
+            hint="check that the path exists, is writable and is on a working disk, then resume with --resume",
+        )
+    return InternalError(
+        f"training failed: {type(exc).__name__}: {exc}",
+        hint=f"the full traceback is in {run.path / TRACEBACK}; please report it with that file",
+    )

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loratool.errors import LoratoolError
-from loratool.rundir import RunDir
+from loratool.rundir import CHECKPOINT_SEAL, RunDir, read_run
 
 
 def finished_run(path):
@@ -19,9 +19,15 @@ def finished_run(path):
         (folder / "adapter_model.safetensors").write_text("w")
         (folder / "tokenizer.json").write_text("{}")
 
-    (run.checkpoints / "checkpoint-4").mkdir(parents=True)
+    seal(run.checkpoints / "checkpoint-4")
     run.finish(outputs, {"x": 1})
     return run
+
+
+def seal(checkpoint):
+    """A checkpoint as the trainer leaves it once complete (checkpoints.py writes the seal last)."""
+    checkpoint.mkdir(parents=True)
+    (checkpoint / CHECKPOINT_SEAL).write_text("{}")
 
 
 def test_new_and_finished_states(tmp_path):
@@ -39,6 +45,12 @@ def test_new_and_finished_states(tmp_path):
         "run.json",
         "tokenizer.json",
     ]
+    record = read_run(tmp_path / "out")
+    assert record is not None and record.complete
+    assert manifest["loratool_output"] == {"kind": "run", "format": 1}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml"} <= set(
+        manifest["files"]
+    )
 
 
 def test_finished_run_is_refused_unless_overwrite_or_resume(tmp_path):
@@ -50,8 +62,7 @@ def test_finished_run_is_refused_unless_overwrite_or_resume(tmp_path):
     RunDir.prepare(tmp_path / "out", dry_run=True, overwrite=True)
     assert (tmp_path / "out" / "adapter_config.json").exists()  # a dry run changes nothing
     resumed = RunDir.prepare(tmp_path / "out", resume=True)
-    assert not (tmp_path / "out" / "adapter_config.json").exists()  # superseded by the resumed run
-    assert resumed.latest_checkpoint().name == "checkpoint-4"
+    assert resumed.latest_checkpoint()[0].name == "checkpoint-4"
     finished_run_again = RunDir.prepare(tmp_path / "out", overwrite=True)
     assert finished_run_again.state() == "new"
 
@@ -79,8 +90,9 @@ def test_crash_while_writing_outputs_leaves_nothing_that_looks_finished(tmp_path
 def test_unfinished_run_hint_names_the_checkpoint(tmp_path):
     run = RunDir.prepare(tmp_path / "out")
     run.start({}, {})
-    (run.checkpoints / "checkpoint-2").mkdir(parents=True)
-    (run.checkpoints / "checkpoint-10").mkdir(parents=True)
+    seal(run.checkpoints / "checkpoint-2")
+    seal(run.checkpoints / "checkpoint-10")
+    (run.checkpoints / "checkpoint-12").mkdir(parents=True)  # incomplete: never offered
     with pytest.raises(LoratoolError) as info:
         RunDir.prepare(run.path)
     assert "--resume to continue from checkpoint-10" in info.value.hint
@@ -96,7 +108,7 @@ def test_foreign_directory_is_never_touched(tmp_path):
 
 
 def test_resume_without_checkpoint_and_contradicting_flags(tmp_path):
-    with pytest.raises(LoratoolError, match="no checkpoint to resume from"):
+    with pytest.raises(LoratoolError, match="no complete checkpoint to resume from"):
         RunDir.prepare(tmp_path / "new", resume=True)
     with pytest.raises(LoratoolError, match="contradict"):
         RunDir.prepare(tmp_path / "new", resume=True, overwrite=True)

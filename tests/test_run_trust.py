@@ -1,0 +1,377 @@
+"""Runs you can trust: overwrite never deletes what loratool did not write, one writer per output, the
+resume contract (same training or refused; resumed == uninterrupted), failures leave a clear record."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import REPO, random_adapter, smoke_recipe, write_recipe
+from loratool.cli import app
+from loratool.errors import LoratoolError
+from loratool.metrics import MetricsLog
+from loratool.outputs import lock_path, output_lock
+from loratool.rundir import CHECKPOINT_SEAL, read_run
+
+
+def train(recipe_path: Path, *args: str):
+    return CliRunner().invoke(app, ["train", str(recipe_path), *args])
+
+
+def make_recipe(tmp_path: Path, tiny_llama: Path, smoke_data: Path, name: str = "r.yaml", **sections) -> Path:
+    recipe = smoke_recipe(tiny_llama, smoke_data, tmp_path / "out", **sections)
+    return write_recipe(tmp_path / name, recipe)
+
+
+def adapter_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter_model.safetensors")
+
+
+def metric_steps(run: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r]
+
+
+# --- 1. never delete what loratool did not write -------------------------------------------------------
+
+
+def test_overwrite_keeps_user_files_and_says_what_it_removes(tmp_path, tiny_llama, smoke_data):
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 2, "save_steps": 2})
+    assert train(recipe).exit_code == 0
+    out = tmp_path / "out"
+    (out / "NOTES.md").write_text("my notes")
+    (out / "mydata").mkdir()
+    (out / "mydata" / "rows.jsonl").write_text("{}\n")
+    # A loratool merge output inside the run (derived from it): removed by name, only what merge wrote.
+    merged = out / "merged"
+    merged.mkdir()
+    (merged / "model.safetensors").write_text("w")
+    (merged / "mine.txt").write_text("user file inside a derived output")
+    (merged / "merge.json").write_text(
+        json.dumps(
+            {"loratool_output": {"kind": "merge", "format": 1}, "files": ["model.safetensors", "merge.json"]}
+        )
+    )
+    result = train(recipe, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (out / "NOTES.md").read_text() == "my notes"
+    assert (out / "mydata" / "rows.jsonl").is_file()
+    assert (merged / "mine.txt").is_file() and not (merged / "model.safetensors").exists()
+    assert "removed the previous run output" in result.output
+    assert "NOTES.md" in result.output and "mydata" in result.output  # said to be kept
+    assert "merged/" in result.output
+    assert read_run(out).complete
+
+
+def test_another_tools_run_json_is_never_a_loratool_run(tmp_path, tiny_llama, smoke_data):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("key")
+    (home / "run.json").write_text(json.dumps({"status": "complete", "files": [".ssh"]}))
+    recipe = write_recipe(tmp_path / "r.yaml", smoke_recipe(tiny_llama, smoke_data, home))
+    for args in ((), ("--overwrite",), ("--resume",)):
+        result = train(recipe, *args)
+        assert result.exit_code == 1
+        assert "loratool did not write" in result.output or "no complete checkpoint" in result.output
+    assert (home / ".ssh" / "id_ed25519").read_text() == "key"
+
+
+def test_symlinked_output_dir_keeps_the_targets_other_files(tmp_path, tiny_llama, smoke_data):
+    real = tmp_path / "scratch"
+    link = tmp_path / "out"
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        smoke_recipe(tiny_llama, smoke_data, link, training={"max_steps": 2, "save_steps": 2}),
+    )
+    real.mkdir()
+    link.symlink_to(real)
+    assert train(recipe).exit_code == 0
+    (real / "keep.txt").write_text("x")
+    assert train(recipe, "--overwrite").exit_code == 0
+    assert (real / "keep.txt").read_text() == "x" and link.is_symlink()
+    assert read_run(real).complete
+
+
+def test_a_forged_file_list_cannot_reach_outside_the_run(tmp_path):
+    from loratool.outputs import remove_owned
+
+    outside = tmp_path / "precious.txt"
+    outside.write_text("x")
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {
+        "loratool_output": {"kind": "run", "format": 1},
+        "files": ["../precious.txt", "/etc", "run.json"],
+    }
+    (run / "run.json").write_text(json.dumps(record))
+    remove_owned(run, "run.json", "run", lambda _: None)
+    assert outside.read_text() == "x"
+
+
+def test_merge_overwrite_refuses_an_output_holding_user_files(tmp_path, tiny_llama):
+    adapter = random_adapter(tiny_llama, tmp_path / "adapter", target_modules=["q_proj"])
+    out = tmp_path / "merged"
+    run = CliRunner().invoke(
+        app, ["merge", "--adapter", str(adapter), "--base", str(tiny_llama), "--output", str(out)]
+    )
+    assert run.exit_code == 0, run.output
+    again = CliRunner().invoke(
+        app, ["merge", "--adapter", str(adapter), "--base", str(tiny_llama), "--output", str(out)]
+    )
+    assert again.exit_code == 1 and "already exists" in again.output
+    (out / "NOTES.md").write_text("mine")
+    forced = CliRunner().invoke(
+        app,
+        ["merge", "--adapter", str(adapter), "--base", str(tiny_llama), "--output", str(out), "--overwrite"],
+    )
+    assert forced.exit_code == 1 and "NOTES.md" in forced.output
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "merge.json").is_file()
+
+
+# --- 2. one writer per output ---------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from loratool.outputs import output_lock
+with output_lock(Path(sys.argv[1]), "loratool train other.yaml"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_lock_in_another_process(path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_writer_is_refused_naming_the_holder_and_the_first_run_is_intact(
+    tmp_path, tiny_llama, smoke_data
+):
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 2, "save_steps": 2})
+    assert train(recipe).exit_code == 0
+    before = adapter_weights(tmp_path / "out")
+    holder = hold_lock_in_another_process(tmp_path / "out")
+    try:
+        for args in (("--overwrite",), ("--resume", "--set", "training.max_steps=4")):
+            result = train(recipe, *args)
+            assert result.exit_code == 1
+            assert "being written by another loratool process" in result.output
+            assert f"pid {holder.pid}" in result.output and "loratool train other.yaml" in result.output
+        merge = CliRunner().invoke(app, ["merge", "--adapter", str(tmp_path / "out")])
+        assert merge.exit_code == 0  # another output (out/merged) is not locked by the training run
+    finally:
+        holder.kill()
+        holder.wait()
+    after = adapter_weights(tmp_path / "out")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert read_run(tmp_path / "out").complete
+
+
+def test_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    holder = hold_lock_in_another_process(out)
+    holder.kill()  # like kill -9: the lock file stays, naming a process that is gone
+    holder.wait()
+    assert lock_path(out).is_file()
+    said: list[str] = []
+    with output_lock(out, "loratool merge", said.append):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+    assert said and "took over the lock" in said[0] and str(holder.pid) in said[0]
+    assert not lock_path(out).exists()
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path):
+    with output_lock(tmp_path / "o", "a", lambda _: None):
+        with pytest.raises(LoratoolError, match="being written by another loratool process"):
+            with output_lock(tmp_path / "o", "b", lambda _: None):
+                pass
+
+
+# --- 3. the resume contract -----------------------------------------------------------------------------
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def interrupt_after_step(monkeypatch, step: int) -> None:
+    original = MetricsLog.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            raise Interrupt()
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(MetricsLog, "on_step_end", on_step_end)
+
+
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    settings = {"training": {"max_steps": 8, "save_steps": 3, "logging_steps": 1}}
+    whole = write_recipe(
+        tmp_path / "whole.yaml", smoke_recipe(tiny_llama, smoke_data, tmp_path / "whole", **settings)
+    )
+    assert train(whole).exit_code == 0
+    parts = write_recipe(
+        tmp_path / "parts.yaml", smoke_recipe(tiny_llama, smoke_data, tmp_path / "parts", **settings)
+    )
+    with monkeypatch.context() as patch:
+        interrupt_after_step(patch, 5)  # killed after checkpoint-3 and two more logged steps
+        first = train(parts)
+    assert first.exit_code == 130
+    record = read_run(tmp_path / "parts")
+    assert record.status == "failed" and record.error == "interrupted"
+    assert (tmp_path / "parts" / "traceback.txt").is_file()
+    resumed = train(parts, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from checkpoint-3" in resumed.output
+    a, b = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "parts")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert metric_steps(tmp_path / "parts") == list(range(1, 9))  # each step logged once
+    whole_run, parts_run = read_run(tmp_path / "whole").train, read_run(tmp_path / "parts").train
+    assert parts_run["tokens_trained"] == whole_run["tokens_trained"]
+    assert parts_run["train_loss"] == pytest.approx(whole_run["train_loss"], rel=1e-5)
+    assert read_run(tmp_path / "parts").resumes[0]["from_checkpoint"] == "checkpoint-3"
+
+
+def test_resume_refuses_what_changes_the_training_and_lists_every_difference(
+    tmp_path, tiny_llama, smoke_data
+):
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 4, "save_steps": 2})
+    assert train(recipe).exit_code == 0
+    before = (tmp_path / "out" / "recipe.yaml").read_text()
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(smoke_data.read_text().replace("a", "b", 5))
+    result = train(
+        recipe,
+        "--resume",
+        "--set", "training.learning_rate=1e-4",
+        "--set", f"data.train.0.path={other_data}",
+        "--set", "lora.r=4",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    for expected in ("training.learning_rate: 0.005 -> 0.0001", "lora.r: 8 -> 4", "data.train:"):
+        assert expected in result.output
+    assert (tmp_path / "out" / "recipe.yaml").read_text() == before  # the record still says what happened
+    assert read_run(tmp_path / "out").complete
+    dry = train(recipe, "--resume", "--dry-run", "--set", "training.learning_rate=1e-4")
+    assert dry.exit_code == 1 and "training.learning_rate" in dry.output
+
+
+def test_resume_may_extend_a_finished_run_and_records_what_changed(tmp_path, tiny_llama, smoke_data):
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 4, "save_steps": 2})
+    assert train(recipe).exit_code == 0
+    result = train(recipe, "--resume", "--set", "training.max_steps=6")
+    assert result.exit_code == 0, result.output
+    record = read_run(tmp_path / "out")
+    assert record.train["global_step"] == 6
+    assert record.resumes[-1]["changed"] == {"training.max_steps": [4, 6]}
+    assert record.resumes[-1]["step"] == 4
+    assert "max_steps: 6" in (tmp_path / "out" / "recipe.yaml").read_text()
+
+
+def test_incomplete_newest_checkpoint_is_skipped_and_named(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 6, "save_steps": 2})
+    with monkeypatch.context() as patch:
+        interrupt_after_step(patch, 5)
+        assert train(recipe).exit_code == 130
+    newest = tmp_path / "out" / "checkpoints" / "checkpoint-4"
+    (newest / CHECKPOINT_SEAL).unlink()  # as if the process died while saving it
+    (newest / "optimizer.pt").write_bytes(b"")
+    result = train(recipe, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "skipping incomplete checkpoint checkpoint-4" in result.output
+    assert read_run(tmp_path / "out").resumes[0]["skipped_incomplete_checkpoints"] == ["checkpoint-4"]
+
+
+# --- failures -------------------------------------------------------------------------------------------
+
+
+def test_disk_full_names_the_file_and_leaves_a_failed_record_without_temp_files(
+    tmp_path, tiny_llama, smoke_data, monkeypatch
+):
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 4, "save_steps": 2})
+    original = MetricsLog.on_log
+
+    def full_disk(self, args, state, control, logs=None, **kwargs):
+        if state.global_step >= 3:
+            raise OSError(28, "No space left on device", str(self.path))
+        return original(self, args, state, control, logs=logs, **kwargs)
+
+    monkeypatch.setattr(MetricsLog, "on_log", full_disk)
+    result = train(recipe)
+    assert result.exit_code == 1
+    assert "no space left on the device while writing" in result.output and "metrics.jsonl" in result.output
+    assert "--resume" in result.output and "loratool bug" not in result.output
+    record = read_run(tmp_path / "out")
+    assert record.status == "failed" and "No space left" in record.error
+    assert not [p.name for p in (tmp_path / "out").iterdir() if ".tmp" in p.name]
+    assert "OSError" in (tmp_path / "out" / "traceback.txt").read_text()
+
+
+def test_internal_error_exit_code_and_traceback_file(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 2, "save_steps": 2})
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("something inside went wrong")
+
+    monkeypatch.setattr(MetricsLog, "on_step_end", broken)
+    result = train(recipe)
+    assert result.exit_code == 3
+    assert "training failed: RuntimeError: something inside went wrong" in result.output
+    assert str(tmp_path / "out" / "traceback.txt") in result.output
+    assert read_run(tmp_path / "out").status == "failed"
+
+
+def test_usage_error_exit_code():
+    assert CliRunner().invoke(app, ["train", "--no-such-option", "x.yaml"]).exit_code == 2
+
+
+def test_everything_printed_lands_in_train_log(tmp_path, tiny_llama, smoke_data):
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 2, "save_steps": 2})
+    result = train(recipe)
+    assert result.exit_code == 0
+    log = (tmp_path / "out" / "train.log").read_text()
+    for line in ("data: train", "adapter: ", "done in "):
+        assert line in log  # printed before and after the run directory existed
+    assert "train.log" in read_run(tmp_path / "out").raw["files"]
+
+
+@pytest.mark.slow
+def test_kill_dash_nine_then_resume_equals_uninterrupted(tmp_path, tiny_llama, smoke_data):
+    """A real SIGKILL in the middle of training (after a checkpoint), then --resume."""
+    settings = {"training": {"max_steps": 60, "save_steps": 5, "logging_steps": 1}}
+    whole = write_recipe(
+        tmp_path / "whole.yaml", smoke_recipe(tiny_llama, smoke_data, tmp_path / "whole", **settings)
+    )
+    assert train(whole).exit_code == 0
+    parts = write_recipe(
+        tmp_path / "parts.yaml", smoke_recipe(tiny_llama, smoke_data, tmp_path / "parts", **settings)
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "loratool", "train", str(parts)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    checkpoint_seal = tmp_path / "parts" / "checkpoints" / "checkpoint-10" / CHECKPOINT_SEAL
+    deadline = time.monotonic() + 300
+    while not checkpoint_seal.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert checkpoint_seal.exists(), "training ended before its 10th step was checkpointed"
+    assert read_run(tmp_path / "parts").status == "running"
+    resumed = train(parts, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    a, b = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "parts")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert metric_steps(tmp_path / "parts") == list(range(1, 61))
