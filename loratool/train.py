@@ -18,7 +18,7 @@ from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_
 from loratool.model import load_model, load_tokenizer, local_model_dir
 from loratool.recipe import Recipe, recipe_to_dict
 from loratool.rundir import LOSS_CURVE, RunDir
-from loratool.sft_config import build_sft_config, check_report_to
+from loratool.sft_config import build_sft_config, check_trainer_settings
 
 
 def run_train(
@@ -39,7 +39,7 @@ def run_train(
         log = _quiet
     hw = hardware.detect()
     hardware.check(recipe, hw)
-    check_report_to(recipe.training)
+    check_trainer_settings(recipe, hw)  # library-only values (optim, lr_scheduler_type, report_to, ...)
     # Refuse a bad output directory now, but create it only once data and model have loaded: a typo in
     # a data path or base model must not leave behind a "run that did not finish".
     RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
@@ -244,7 +244,7 @@ def dry_run(
 
     hw = hardware.detect()
     hardware.check(recipe, hw)
-    check_report_to(recipe.training)
+    check_trainer_settings(recipe, hw)  # library-only values (optim, lr_scheduler_type, report_to, ...)
     run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True)
     tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
     data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
