@@ -174,7 +174,7 @@ def _check_regex(pattern: str, given: str, what: str) -> None:
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"{given!r} is not a valid regular expression ({exc}) — {what}") from None
+        raise ValueError(f"'{given}' is not a valid regular expression ({exc}) — {what}") from None
 
 
 class DataSource(Section):
