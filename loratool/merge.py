@@ -26,7 +26,13 @@ import yaml
 from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.fingerprint import weights_fingerprint
-from loratool.merge_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, is_adapter_dir
+from loratool.merge_adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    Adapter,
+    check_adapter_files,
+    is_adapter_dir,
+)
 from loratool.merge_checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
 from loratool.outputs import Output, claim_output, library_versions, read_json
 
@@ -142,6 +148,7 @@ def find_adapter(path: Path) -> Path:
             f"directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})",
         )
     if is_adapter_dir(path):
+        check_adapter_files(path)
         return path
     present = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]

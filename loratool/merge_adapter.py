@@ -103,11 +103,58 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
 
 
+def check_adapter_files(path: Path) -> dict[str, Any]:
+    """Check that an adapter directory's two files are whole before any library reads them, and return the
+    config. Without this a garbage adapter_config.json ends in a bare JSONDecodeError or KeyError inside
+    PEFT, and a truncated adapter_model.safetensors in safetensors' "incomplete metadata"; both name no file.
+    Called where every command finds its adapter: merge.find_adapter (merge, combine, export, generate and
+    chat --adapter) and target.resolve_target (generate, chat and eval of a run directory)."""
+    config_path = path / ADAPTER_CONFIG
+    hint = "the adapter directory is damaged: train again, or restore it from a copy"
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LoratoolError(f"{config_path}: cannot read the adapter's config: {exc}", hint=hint) from None
+    if not isinstance(config, dict):
+        raise LoratoolError(
+            f"{config_path}: the adapter's config is a JSON {type(config).__name__}, not an object", hint=hint
+        )
+    if not isinstance(config.get("peft_type"), str):
+        raise LoratoolError(f"{config_path}: no peft_type: this is not a PEFT adapter config", hint=hint)
+    check_safetensors_file(path / ADAPTER_WEIGHTS, hint)
+    return config
+
+
+def check_safetensors_file(path: Path, hint: str) -> None:
+    """Refuse a .safetensors file whose header cannot be read or whose size is not the one its header
+    describes (a copy or a save cut short): 8 bytes of header length, the JSON header, then the tensor data
+    up to the largest data_offsets end."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length)) if 8 <= size and 8 + length <= size else None
+    except (OSError, ValueError) as exc:
+        raise LoratoolError(f"{path}: not a readable safetensors file: {exc}", hint=hint) from None
+    if header is None:
+        raise LoratoolError(f"{path}: truncated: {size} bytes, shorter than its own header says", hint=hint)
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        raise LoratoolError(
+            f"{path}: not a safetensors file (its header lists no tensors)", hint=hint
+        ) from None
+    expected = 8 + length + end
+    if size != expected:
+        state = "truncated" if size < expected else "longer than its tensors"
+        raise LoratoolError(f"{path}: {state}: {size} bytes, its header describes {expected}", hint=hint)
+
+
 def read_adapter(path: Path) -> Adapter:
     """Read and check a PEFT LoRA adapter directory (config + weights), all tensors kept in float32."""
     from safetensors.torch import load_file
 
-    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    config = check_adapter_files(path)
     check_supported(config, path)
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
     return Adapter(path, config, updates_from(tensors, config))

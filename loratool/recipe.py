@@ -13,11 +13,12 @@ The loaded recipe is frozen; derived values are functions, never fields written 
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loratool.errors import LoratoolError
 from loratool.library_fields import LORA_CONFIG_FIELDS, SFT_CONFIG_FIELDS
@@ -139,6 +140,41 @@ class LoraSection(Section):
 
     loraplus_lr_embedding: float = Field(1e-6, gt=0)
     """LoRA+: learning rate of adapters on embedding layers."""
+
+    # PEFT compiles these only when the adapter is attached, after the model has loaded: check them now.
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _module_regex(cls, value: list[str] | str | None) -> list[str] | str | None:
+        # A string is a regex PEFT fullmatches on full module names; a list holds plain names (suffixes).
+        if isinstance(value, str):
+            _check_regex(
+                value,
+                value,
+                "a string is a regex matched on full module names; list plain names as [q_proj, v_proj]",
+            )
+        return value
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _pattern_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            _check_regex(rf"(.*\.)?({key})$", key, "each key is a regex matched on the end of module names")
+        return value
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _saved_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            _check_regex(rf"(^|.*\.){name}($|\..*)", name, "PEFT puts each name into a regex")
+        return value
+
+
+def _check_regex(pattern: str, given: str, what: str) -> None:
+    """Raise ValueError (a recipe problem at the field's path) when PEFT's regex would not compile."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"'{given}' is not a valid regular expression ({exc}) — {what}") from None
 
 
 class DataSource(Section):
@@ -441,13 +477,8 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe file. Raises LoratoolError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise LoratoolError(
-            f"recipe file not found: {path}",
-            hint="pass the path of a YAML recipe, e.g. recipes/tiny-smoke.yaml",
-        )
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw, duplicates = parse_yaml(_read_recipe_text(path), str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -466,12 +497,127 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for override in overrides:
         apply_override(raw, override)
     _resolve_relative_paths(raw, path.parent)
-    return validate_recipe(raw, source=str(path))
+    return validate_recipe(raw, source=str(path), problems=duplicates)
 
 
-def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
-    """Validate a raw recipe mapping, reporting unknown keys, wrong types and cross-field rules together."""
-    problems = unknown_key_problems(raw, Recipe, prefix="")
+def _read_recipe_text(path: Path) -> str:
+    """The recipe file as text, or a LoratoolError saying why it cannot be one."""
+    if path.is_dir():
+        raise LoratoolError(
+            f"{path} is a directory, not a recipe file",
+            hint="pass the path of a YAML recipe inside it, e.g. recipes/tiny-smoke.yaml",
+        )
+    if not path.is_file():
+        raise LoratoolError(
+            f"recipe file not found: {path}",
+            hint="pass the path of a YAML recipe, e.g. recipes/tiny-smoke.yaml",
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LoratoolError(f"{path}: cannot read the recipe: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise LoratoolError(
+            f"{path}:{line}: the recipe is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            hint="save the file as UTF-8 (most editors: 'save with encoding'), or check that it is a recipe",
+        ) from None
+
+
+# Aliases (`*name`) may add at most this many YAML nodes to a document on top of the ones written out. A
+# recipe reuses a data source or a module list at most (tens of nodes); nine nested aliases of nine items
+# each ("billion laughs") would expand to 9**9 nodes, a recursive alias to infinitely many, and validation
+# walks every one of them. Counting stops at the limit, so refusing costs at most this many steps.
+MAX_ALIAS_NODES = 10_000
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader (no Python tags, same types) that also checks the node graph before building
+    anything: every repeated key is collected in `duplicate_keys` (PyYAML would keep the last silently),
+    and a document whose aliases expand past MAX_ALIAS_NODES is refused."""
+
+    def __init__(self, stream: str, source: str):
+        super().__init__(stream)
+        self.source = source
+        self.duplicate_keys: list[str] = []
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self.duplicate_keys = self._check(node)
+        return super().construct_document(node)
+
+    def _check(self, root: yaml.Node) -> list[str]:
+        """One walk over the document as it would expand: duplicate keys of each mapping (once per mapping,
+        with the path it was first reached by), and the count of nodes that aliases add."""
+        problems: list[str] = []
+        seen: set[int] = set()
+        repeated = 0
+        stack: list[tuple[yaml.Node, str]] = [(root, "")]
+        while stack:
+            node, path = stack.pop()
+            first_visit = id(node) not in seen
+            if first_visit:
+                seen.add(id(node))
+            else:  # reached again through an alias: one more node in the expanded document
+                repeated += 1
+                if repeated > MAX_ALIAS_NODES:
+                    raise LoratoolError(
+                        f"{self.source}: YAML aliases expand this document past {MAX_ALIAS_NODES:,} extra "
+                        "values (nested or recursive `*alias` references); refused before building it",
+                        hint="write the values out, or use aliases only for a few small repeated parts",
+                    )
+            if isinstance(node, yaml.SequenceNode):
+                children = [(item, f"{path}{i}.") for i, item in enumerate(node.value)]
+                stack.extend(reversed(children))  # depth first in document order: paths as first written
+            elif isinstance(node, yaml.MappingNode):
+                if first_visit:
+                    problems += self._duplicates(node, path)
+                children = []
+                for key, value in node.value:
+                    name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                    children += [(key, path), (value, f"{path}{name}.")]
+                stack.extend(reversed(children))
+        return problems
+
+    def _duplicates(self, node: yaml.MappingNode, path: str) -> list[str]:
+        marks: dict[Any, list[yaml.Mark]] = {}
+        shown: dict[Any, str] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys merge by design; complex keys do not occur in recipes
+            value = self.construct_object(key)  # `lora`, "lora" and 'lora' are the same key
+            marks.setdefault(value, []).append(key.start_mark)
+            shown[value] = key.value
+        problems = []
+        for value, found in marks.items():
+            if len(found) > 1:
+                times = "twice" if len(found) == 2 else f"{len(found)} times"
+                # One line (a flow mapping such as --set lora={r: 8, r: 16}): the columns tell them apart.
+                one_line = len({m.line for m in found}) == 1
+                at = [m.column + 1 if one_line else m.line + 1 for m in found]
+                where = ", ".join(map(str, at[:-1])) + f" and {at[-1]}"
+                unit = "columns" if one_line else "lines"
+                problems.append(f"{path}{shown[value]}: key given {times} ({unit} {where}) — keep one")
+        return problems
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, list[str]]:
+    """YAML text -> (data, one message per duplicated key). A syntax error raises yaml.YAMLError; an alias
+    bomb, LoratoolError."""
+    loader = RecipeLoader(text, source)
+    try:
+        return loader.get_single_data(), loader.duplicate_keys
+    finally:
+        loader.dispose()
+
+
+def validate_recipe(
+    raw: dict[str, Any], source: str = "recipe", problems: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    """Validate a raw recipe mapping, reporting unknown keys, wrong types and cross-field rules together
+    (with `problems` already found, such as duplicated keys)."""
+    problems = [*problems, *unknown_key_problems(raw, Recipe, prefix="")]
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -595,10 +741,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             f"--set {override!r}: expected KEY.PATH=VALUE",
             hint="for example --set training.learning_rate=1e-4 or --set data.train.0.path=my.jsonl",
         )
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
+    value: Any = ""
+    if text.strip():
+        try:
+            value, duplicates = parse_yaml(text, f"--set {override!r}")
+        except yaml.YAMLError:
+            value, duplicates = text, []
+        if duplicates:
+            raise LoratoolError(f"--set {override!r}: {'; '.join(duplicates)}")
     keys = key_path.strip().split(".")
     node: Any = raw
     for i, key in enumerate(keys[:-1]):

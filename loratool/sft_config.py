@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,7 +12,8 @@ from loratool.errors import LoratoolError
 if TYPE_CHECKING:
     from trl import SFTConfig
 
-    from loratool.recipe import DataSection, TrainingSection
+    from loratool.hardware import Hardware
+    from loratool.recipe import DataSection, Recipe, TrainingSection
 
 _OURS_NOT_SFT = {"warmup_ratio", "warmup_steps", "early_stopping_patience", "early_stopping_threshold"}
 
@@ -66,10 +68,73 @@ def build_sft_config(
             remove_unused_columns=True,
         )
     except (TypeError, ValueError) as exc:
+        # Name the recipe keys the library's message mentions ("--save_steps ...", "optim ..."), if any.
+        given = sorted(set(training.model_fields_set) | set(training.model_extra or {}))
+        named = [key for key in given if re.search(rf"\b{re.escape(key)}\b", str(exc))]
+        where = ", ".join(f"training.{key}" for key in named) or "training"
         raise LoratoolError(
-            f"training: the trainer rejected the settings: {exc}",
+            f"{where}: the trainer rejected the settings: {exc}",
             hint="check the training section against trl.SFTConfig / transformers.TrainingArguments",
         ) from None
+
+
+# How the library's enum-typed settings are named in messages.
+_WHAT = {"optim": "optimizer", "lr_scheduler_type": "learning-rate scheduler"}
+
+
+def check_trainer_settings(recipe: Recipe, hw: Hardware | None = None) -> None:
+    """Build the trainer's settings exactly as training will, so that a value only the libraries know
+    (training.optim, lr_scheduler_type, report_to, any pass-through SFTConfig field) is refused before
+    anything is written or loaded. SFTConfig only validates: it creates no directory and writes no file."""
+    from loratool import hardware
+    from loratool.rundir import CHECKPOINTS
+
+    check_report_to(recipe.training)
+    check_enum_values(recipe.training)
+    hw = hw or hardware.detect()
+    bf16, fp16 = hardware.mixed_precision(recipe, hw)
+    build_sft_config(
+        recipe.training,
+        recipe.data,
+        checkpoints_dir=Path(recipe.training.output_dir).expanduser().resolve() / CHECKPOINTS,
+        has_validation=recipe.data.validation is not None,
+        bf16=bf16,
+        fp16=fp16,
+    )
+
+
+def check_enum_values(training: TrainingSection) -> None:
+    """Values of SFTConfig's enum-typed fields (optim, lr_scheduler_type, save_strategy, ...) checked against
+    the library's own enums, every wrong one named with its key and the closest valid value. SFTConfig
+    would refuse them too, but with the enum's name and one value at a time."""
+    import dataclasses
+    import enum
+    import typing
+
+    from trl import SFTConfig
+
+    given = {**training.model_dump(), **(training.model_extra or {})}
+    problems, valid_lists = [], []
+    for field in dataclasses.fields(SFTConfig):
+        value = given.get(field.name)
+        enums = [t for t in typing.get_args(field.type) if isinstance(t, type) and issubclass(t, enum.Enum)]
+        if not isinstance(value, str) or not enums:
+            continue
+        valid = [str(member.value) for member in enums[0]]
+        if value in valid:
+            continue
+        close = difflib.get_close_matches(value, valid, n=1)
+        what = _WHAT.get(field.name, "value")
+        problems.append(
+            f"training.{field.name}: {value!r} is not a valid {what}"
+            + (f" — did you mean {close[0]}?" if close else "")
+        )
+        valid_lists.append(f"{field.name}: {', '.join(valid)}")
+    if problems:
+        raise LoratoolError(
+            "\n".join(problems),
+            hint="valid values (from transformers' own list) — " + "; ".join(valid_lists),
+        )
 
 
 def check_report_to(training: TrainingSection) -> None:

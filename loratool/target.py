@@ -116,6 +116,7 @@ def model_dir(target: Target, log: Callable[[str], None]) -> Path:
 
 
 def _run_target(path: Path) -> Target:
+    from loratool.merge_adapter import check_adapter_files
     from loratool.recipe import load_recipe
     from loratool.rundir import ADAPTER_FILES
 
@@ -134,6 +135,7 @@ def _run_target(path: Path) -> Target:
             f"the run in {path} says it finished but {', '.join(missing)} is missing",
             hint="the directory was changed after training; train again or restore the files",
         )
+    check_adapter_files(path)
     try:
         recipe = load_recipe(path / "recipe.yaml")
     except LoratoolError as exc:

@@ -24,7 +24,7 @@ from loratool.recipe import Recipe, recipe_to_dict
 from loratool.resume import check_resume, tokenizer_sha256
 from loratool.rundir import LOSS_CURVE, TRACEBACK, RunDir, read_run
 from loratool.runlog import RunLog
-from loratool.sft_config import build_sft_config, check_report_to
+from loratool.sft_config import build_sft_config, check_trainer_settings
 
 
 def run_train(
@@ -196,7 +196,7 @@ def preflight(recipe: Recipe, *, overwrite: bool, resume: bool, log: Callable[[s
     tokenizer and chat template, and every data row. Nothing is written."""
     hw = hardware.detect()
     hardware.check(recipe, hw)
-    check_report_to(recipe.training)
+    check_trainer_settings(recipe, hw)  # library-only values (optim, lr_scheduler_type, report_to, ...)
     run = RunDir.prepare(
         recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True, log=log
     )

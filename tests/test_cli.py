@@ -108,3 +108,37 @@ def test_recipe_errors_exit_1_with_error_and_hint(tmp_path, text, expected):
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and expected in result.output
     assert "\nhint: " in result.output and "Traceback" not in result.output
+
+
+def test_unreadable_recipes_exit_1_naming_the_file(tmp_path):
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("base_model: x  # café\n".encode("latin-1"))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(
+        "base_model: x\nlora: {r: 8}\ndata: {train: [{path: a}]}\ntraining: {output_dir: o}\nlora: {}\n"
+    )
+    for path, expected in [
+        (tmp_path, f"error: {tmp_path} is a directory, not a recipe file"),
+        (latin, f"error: {latin}:1: the recipe is not UTF-8 text"),
+        (twice, "lora: key given twice (lines 2 and 5)"),
+    ]:
+        result = CliRunner().invoke(app, ["train", str(path), "--dry-run"])
+        assert result.exit_code == 1, result.output
+        assert expected in result.output and "\nhint: " in result.output and "Traceback" not in result.output
+
+
+def test_optimizer_typo_is_refused_by_dry_run_before_anything_is_written(tmp_path, tiny_llama, smoke_data):
+    from conftest import smoke_recipe, write_recipe
+
+    out = tmp_path / "run"
+    recipe = smoke_recipe(tiny_llama, smoke_data, out, training={"optim": "adamw_tourch"})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    for extra in (["--dry-run"], []):
+        result = CliRunner().invoke(app, ["train", str(path), *extra])
+        assert result.exit_code == 1, result.output
+        assert (
+            "error: training.optim: 'adamw_tourch' is not a valid optimizer — did you mean adamw_torch?"
+            in result.output
+        )
+        assert "Traceback" not in result.output and "loading" not in result.output
+        assert not out.exists()
