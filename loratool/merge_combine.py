@@ -22,9 +22,11 @@ from typing import Any
 
 from loratool import __version__
 from loratool.errors import LoratoolError
+from loratool.fingerprint import fingerprint_scheme
 from loratool.merge import (
     TrainingRun,
     _has_tokenizer,
+    check_base_identity,
     copy_tokenizer,
     find_adapter,
     prepare_output,
@@ -84,6 +86,8 @@ def run_combine(
     check_ranks(dirs, configs, method)
     base_id, base_dir = resolve_base(base, runs[0], Adapter(dirs[0], configs[0], {}))
     refuse_quantized_checkpoint(base_dir)
+    for run in runs:  # the base the combination is applied to must be the one each adapter trained on
+        check_base_identity(run, base_id, base_dir, force=force, log=log)
     combined_dir = prepare_adapter_output(adapter_output, dirs, base_dir, method, overwrite=overwrite)
     if not adapter_only:  # refuse an existing merge output now, not after the combination
         output = prepare_output(output, combined_dir, base_dir, overwrite=overwrite)
@@ -181,7 +185,9 @@ def check_same_base(
     """Refuse adapters trained on different bases: run.json's base fingerprints when every adapter has
     one, else adapter_config.json's base_model_name_or_path (adapters that do not say are not compared)."""
     fingerprints = [run.base.get("fingerprint") for run in runs]
-    if all(fingerprints):
+    # Records compare as strings within one scheme; mixed ones (older runs) are each checked against
+    # the base's weights by check_base_identity instead.
+    if all(fingerprints) and len({fingerprint_scheme(f) for f in fingerprints}) == 1:
         seen, what = fingerprints, "base fingerprint (run.json)"
     else:
         seen, what = (
