@@ -5,11 +5,11 @@ names, shapes, dtypes, offsets; and all tensor data), so one changed tensor anyw
 is hashed with xxh3-128 and the directory's fingerprint combines the per-file digests with the file names
 and sizes; the directory's path is not part of it (the same weights elsewhere have the same fingerprint).
 
-Why xxh3-128: it hashes at memory speed (several GB/s on one core, `scripts/bench_fingerprint.py`), so
-the cost of a fingerprint is the cost of reading the files; sha256 (with SHA-NI) and blake2b are 3-10x
-slower from the page cache. The fingerprint guards against the wrong or a modified base by mistake
-(another fine-tune, a corrupt download, an edited shard), not against someone forging a collision, so
-a non-cryptographic 128-bit hash is enough. Files named in run.json as *sha256* (data, GGUF files) keep
+Why xxh3-128: it hashes at memory speed (GB/s on one core), so a fingerprint costs about what reading
+the files costs; sha256 (even with SHA-NI) and blake2b are 4-10x slower from the page cache
+(docs/benchmarks.md, `scripts/bench_fingerprint.py`). The fingerprint guards against the wrong or a
+modified base by mistake (another fine-tune, a corrupt download, an edited shard), not against someone
+forging a collision, so a non-cryptographic 128-bit hash is enough. Files named in run.json as *sha256* (data, GGUF files) keep
 sha256: `file_sha256`.
 
 Per-file digests are remembered in a small JSON file under loratool's cache directory

@@ -109,6 +109,7 @@ def main() -> None:
         first, again = [], []
         for _ in range(args.repeat):
             (tmp / "cache" / fingerprint.CACHE_FILE).unlink(missing_ok=True)
+            fingerprint._REMEMBERED.clear()  # this process's memo too: a first call, as a new command
             drop_from_page_cache(path)
             first.append(timed(lambda: fingerprint.weights_fingerprint(model)))
             again.append(timed(lambda: fingerprint.weights_fingerprint(model)))

@@ -180,6 +180,13 @@ def test_a_directory_without_safetensors_has_no_fingerprint(tmp_path, model):
     assert not fingerprint_matches(tmp_path / "empty", weights_fingerprint(model))
 
 
+def test_file_sha256_is_the_sha256_of_the_whole_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(fingerprint, "CHUNK", 1000)  # several reads, the last one short
+    path = tmp_path / "data.bin"
+    path.write_bytes(os.urandom(4321))
+    assert fingerprint.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 # --- the digest cache ---------------------------------------------------------------------------------
 
 
@@ -388,3 +395,20 @@ def test_generate_compares_adapters_recorded_in_either_scheme(trained, tmp_path,
     as_run = resolve_target(run)
     assert as_run.base_matches(old_sampled_fingerprint(base, 64 * 2**20, 2**20))
     assert not as_run.base_matches(old_sampled_fingerprint(other, 64 * 2**20, 2**20))
+
+
+def test_combine_refuses_a_base_with_one_tensor_negated(trained, tmp_path, legacy_windows):
+    run, base = trained
+    other = shutil.copytree(base, tmp_path / "other-base")
+    negate_tensor(
+        other / "model.safetensors", sampled_windows(other / "model.safetensors", fingerprint._SAMPLE)
+    )
+    twin = shutil.copytree(run, tmp_path / "twin")
+    args = ["merge", "--adapter", str(run), "--adapter", str(twin), "--adapter-only"]
+    out = tmp_path / "combined"
+    refused = CliRunner().invoke(app, [*args, "--base", str(other), "--adapter-output", str(out)])
+    assert refused.exit_code == 1, refused.output
+    assert "error: the base model is not the one this adapter was trained on" in refused.output
+    assert not out.exists()
+    accepted = CliRunner().invoke(app, [*args, "--base", str(base), "--adapter-output", str(out)])
+    assert accepted.exit_code == 0, accepted.output
