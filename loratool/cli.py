@@ -26,7 +26,9 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-INTERNAL_ERROR = 3  # exit codes: 0 done, 1 user-fixable error, 2 usage error, 3 internal error, 130 interrupted
+INTERNAL_ERROR = (
+    3  # exit codes: 0 done, 1 user-fixable error, 2 usage error, 3 internal error, 130 interrupted
+)
 
 
 def debug_enabled() -> bool:

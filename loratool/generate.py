@@ -218,7 +218,7 @@ def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loa
         f"{target.base_id}" + (" (a merged model)" if target.kind == "merged" else "")
     )
     hint = "pass as TARGET the base (or a run on the base) this adapter was trained on"
-    if recorded and loaded_print and recorded != loaded_print:
+    if recorded and loaded_print and not target.base_matches(recorded):
         raise LoratoolError(
             f"{mismatch}: their weights differ (fingerprints {recorded[:31]}… and {loaded_print[:31]}…)",
             hint=hint,

@@ -25,7 +25,7 @@ import yaml
 
 from loratool import __version__
 from loratool.errors import LoratoolError
-from loratool.fingerprint import weights_fingerprint
+from loratool.fingerprint import fingerprint_matches, weights_fingerprint
 from loratool.merge_adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -219,7 +219,14 @@ def check_base_identity(
     info = {"fingerprint": actual, "recorded_fingerprint": recorded}
     if not recorded:
         return {**info, "fingerprint_check": "not recorded (adapter without run.json)"}
-    if actual == recorded:
+    try:
+        matches = fingerprint_matches(base_dir, recorded)
+    except LoratoolError as exc:  # a record this version cannot read: only --force merges unchecked
+        if not force:
+            raise
+        log(f"warning: {exc.message}; merging anyway (--force)")
+        return {**info, "fingerprint_check": "not checked (unknown fingerprint scheme), merged with --force"}
+    if matches:
         return {**info, "fingerprint_check": "match"}
     message = (
         f"the base model is not the one this adapter was trained on: run.json records "

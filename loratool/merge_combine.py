@@ -22,10 +22,12 @@ from typing import Any
 
 from loratool import __version__
 from loratool.errors import LoratoolError
+from loratool.fingerprint import fingerprint_scheme
 from loratool.merge import (
     MERGE_RECORD,
     TrainingRun,
     _has_tokenizer,
+    check_base_identity,
     copy_tokenizer,
     find_adapter,
     output_location,
@@ -85,6 +87,8 @@ def run_combine(
     check_ranks(dirs, configs, method)
     base_id, base_dir = resolve_base(base, runs[0], Adapter(dirs[0], configs[0], {}))
     refuse_quantized_checkpoint(base_dir)
+    for run in runs:  # the base the combination is applied to must be the one each adapter trained on
+        check_base_identity(run, base_id, base_dir, force=force, log=log)
     combined_dir = adapter_output_location(adapter_output, dirs, base_dir, method)
     if not adapter_only:  # refuse an existing merge output now, not after the combination
         output = output_location(output, combined_dir, base_dir)
@@ -103,9 +107,7 @@ def run_combine(
         try:
             combine_with_peft(dirs, weights, method, density, base_dir, partial)
             tokenizer_dir = next((d for d in dirs if _has_tokenizer(d)), None)
-            if (
-                tokenizer_dir is not None
-            ):  # the first run's tokenizer carries the chat template it trained with
+            if tokenizer_dir is not None:  # the first run's tokenizer: the chat template it trained with
                 copy_tokenizer(tokenizer_dir, partial)
             record = describe_combination(dirs, runs, weights, method, density, base_id, base_dir)
             out.place(partial, record, log)
@@ -192,7 +194,9 @@ def check_same_base(
     """Refuse adapters trained on different bases: run.json's base fingerprints when every adapter has
     one, else adapter_config.json's base_model_name_or_path (adapters that do not say are not compared)."""
     fingerprints = [run.base.get("fingerprint") for run in runs]
-    if all(fingerprints):
+    # Records compare as strings within one scheme; mixed ones (older runs) are each checked against
+    # the base's weights by check_base_identity instead.
+    if all(fingerprints) and len({fingerprint_scheme(f) for f in fingerprints}) == 1:
         seen, what = fingerprints, "base fingerprint (run.json)"
     else:
         seen, what = (

@@ -66,6 +66,21 @@ class Target:
             return (self.manifest.get("base_model") or {}).get("fingerprint")
         return weights_fingerprint(model_dir(self, log=lambda _: None))
 
+    def base_matches(self, recorded: str) -> bool:
+        """Whether the weights extra adapters go on top of are the ones `recorded` (another run's record)
+        describes; records of one scheme compare as they are, others against the weights themselves."""
+        from loratool.fingerprint import fingerprint_matches, fingerprint_scheme
+        from loratool.model import local_model_dir
+
+        own = self.base_fingerprint
+        if own and fingerprint_scheme(own) == fingerprint_scheme(recorded):
+            return own == recorded
+        if self.kind != "run":
+            return fingerprint_matches(model_dir(self, log=lambda _: None), recorded)
+        assert self.recipe is not None
+        found = local_model_dir(self.recipe.base_model, self.recipe.model.revision, lambda _: None)
+        return found is None or fingerprint_matches(found, recorded)  # not found: it cannot be loaded either
+
 
 @dataclass
 class Loaded:
@@ -237,14 +252,14 @@ def _load_run(target: Target, hw: Any, log: Callable[[str], None]) -> tuple[Any,
 
 def check_run_base(target: Target, log: Callable[[str], None]) -> None:
     """Refuse a base whose weights changed since training: the adapter would be evaluated on another model."""
-    from loratool.fingerprint import weights_fingerprint
+    from loratool.fingerprint import fingerprint_matches, weights_fingerprint
     from loratool.model import local_model_dir
 
     recorded = (target.manifest.get("base_model") or {}).get("fingerprint")
     assert target.recipe is not None
     found = local_model_dir(target.recipe.base_model, target.recipe.model.revision, log)
     actual = weights_fingerprint(found) if found is not None else None
-    if recorded and actual and actual != recorded:
+    if recorded and actual and not fingerprint_matches(found, recorded):
         raise LoratoolError(
             f"the base model {target.recipe.base_model} is not the one the run in {target.path} trained on: "
             f"run.json records fingerprint {recorded[:31]}…, the weights there now have {actual[:31]}…",

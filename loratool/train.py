@@ -14,7 +14,7 @@ from typing import Any
 from loratool import __version__, hardware
 from loratool.data import build_datasets
 from loratool.errors import InternalError, LoratoolError
-from loratool.fingerprint import weights_fingerprint
+from loratool.fingerprint import fingerprint_matches, weights_fingerprint
 from loratool.gguf_base import gguf_record, is_gguf, resolve_base_model
 from loratool.lora import attach_adapter, build_loraplus_optimizer, keep_adapter_in
 from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics, trim_metrics
@@ -226,8 +226,8 @@ def _check_resume(
     assert checkpoint is not None
     base = manifest["base_model"]
     matches = None
-    if record.base_model.fingerprint and base.get("fingerprint"):
-        matches = record.base_model.fingerprint == base["fingerprint"]
+    if record.base_model.fingerprint and base.get("resolved_path"):
+        matches = fingerprint_matches(Path(base["resolved_path"]), record.base_model.fingerprint)
     changes = check_resume(
         record,
         recipe_to_dict(recipe),
