@@ -128,6 +128,9 @@ class DivergenceGuard(TrainerCallback):
             control.should_save = False
         return control
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self.on_step_end(args, state, control)  # the same for a checkpoint at the end of an epoch
+
     def on_train_end(self, args, state, control, **kwargs):
         # The last steps collapsed and training ended before COLLAPSE_PATIENCE: that adapter is broken too.
         if self._collapsed_steps:

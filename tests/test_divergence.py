@@ -231,6 +231,9 @@ def test_guard_needs_the_collapse_for_patience_steps_in_a_row():
     for _ in range(COLLAPSE_PATIENCE - 1):
         run.step(math.log(VOCAB) + 0.01, grad=0.0, accumulation=4)
         assert not run.control.should_save  # a checkpoint inside the streak would be resumed from
+        run.control.should_save = True
+        run.guard.on_epoch_end(run.args, run.state, run.control)
+        assert not run.control.should_save
     run.step(5.0, grad=1.0)  # recovered: the streak starts over
     assert run.control.should_save
     for _ in range(COLLAPSE_PATIENCE - 1):
