@@ -13,6 +13,7 @@ from typing import Any
 
 from loratool import __version__, hardware
 from loratool.data import build_datasets
+from loratool.divergence import DivergenceGuard, check_finite_adapter
 from loratool.errors import InternalError, LoratoolError
 from loratool.fingerprint import fingerprint_matches, weights_fingerprint
 from loratool.gguf_base import gguf_record, is_gguf, resolve_base_model
@@ -132,6 +133,7 @@ def _train(
             keep_adapter_in(model, torch.float32)
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(ConciseProgress())
+        trainer.add_callback(DivergenceGuard(trainer))  # raises at the step where training diverges
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         first_step = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
@@ -165,6 +167,7 @@ def _train(
             )
 
         if main_process:
+            check_finite_adapter(trainer.model)
             run.finish(write_outputs, manifest)
     except BaseException as exc:
         if main_process:
