@@ -66,6 +66,13 @@ def reports_errors(command: F) -> F:
 
 def quiet_libraries() -> None:
     """Library warnings and info logs drown the few lines that matter; LORATOOL_DEBUG=1 brings them back."""
+    # --- bitsandbytes' hub-kernel warning (loratool/bnb_cpu.py) ---
+    # On AVX512-BF16 CPUs, importing bitsandbytes (peft does, on every command) logs that it cannot load a
+    # fused CPU kernel that loratool turns off anyway; not even LORATOOL_DEBUG=1 needs that line.
+    from loratool.bnb_cpu import silence_kernel_hub_warning
+
+    silence_kernel_hub_warning()
+    # --- end of the bitsandbytes block ---
     if debug_enabled():
         return
     import warnings
