@@ -17,8 +17,9 @@ bitsandbytes 0.50 has two CPU paths for a `Linear4bit`:
 Measured: on a real AVX512-BF16 machine one Linear4bit (float32 compute) is off by ~7e-3 from the float32
 path and the QLoRA merge test's logits by 3.7e-2, 37 times merge verification's 1e-3 bound. With a stand-in
 that rounds like the fused kernel (tests/conftest.py), one 128->64 layer is off by 5e-3, the 2-layer
-test model's logits by 5e-2 and the same merge test by 4.0e-2. A trainer evaluation during QLoRA training repacks every layer, so the training
-steps after it would run through the kernel too, and without a gradient through the base layers.
+test model's logits by 5e-2 and the same merge test by 4.0e-2. A trainer evaluation during QLoRA training
+repacks every layer, so the training steps after it would run through the kernel too, and without a
+gradient through the base layers.
 
 `use_exact_4bit_matmul(model)` clears that flag on every 4-bit layer right after loading, before the first
 forward. The flag is read only in `Linear4bit.forward`, only for this choice, so each layer then computes
