@@ -82,6 +82,13 @@ def quiet_libraries() -> None:
     """Known library noise and info logs drown the few lines that matter; LORATOOL_DEBUG=1 brings them
     back. Only the warnings named here are hidden: any other library warning is printed (and lands in a
     run's train.log), since it may be the one that explains a bad result."""
+    # --- bitsandbytes' hub-kernel warning (loratool/bnb_cpu.py) ---
+    # On AVX512-BF16 CPUs, importing bitsandbytes (peft does, on every command) logs that it cannot load a
+    # fused CPU kernel that loratool turns off anyway; not even LORATOOL_DEBUG=1 needs that line.
+    from loratool.bnb_cpu import silence_kernel_hub_warning
+
+    silence_kernel_hub_warning()
+    # --- end of the bitsandbytes block ---
     if debug_enabled():
         return
     import warnings

@@ -67,6 +67,7 @@ def run_eval(
 ) -> Path:
     """Evaluate TARGET and write its report directory; returns that directory."""
     from loratool import eval_report
+    from loratool.bnb_cpu import four_bit_matmul
 
     started = time.time()
     resolved = resolve_target(target)
@@ -119,6 +120,7 @@ def run_eval(
                 "device": loaded.device,
                 "dtype": loaded.dtype,
                 "quantized_base": loaded.quantized,
+                "four_bit_matmul": four_bit_matmul(loaded.model),  # the same on every CPU: bnb_cpu.py
                 "stop_token_ids": loaded.stop_ids,
             },
             "models": models,

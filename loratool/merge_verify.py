@@ -10,9 +10,10 @@ next token (greedy agreement). Which reference, and how close it must be:
 
 - EXACT: the merge is the same float32 arithmetic as base + adapter (plain LoRA; QLoRA with the
   `dequantized` policy against the 4-bit base; `original` against the full-precision base), stored in
-  float32. Only summation order differs, so logits agree to ~1e-5: required max |Δlogit| <= 1e-3, mean KL
-  <= 1e-6 and 100% greedy agreement. Anything looser would hide a real bug (a wrong scaling, a transposed
-  delta, a missed layer all show up at 1e-2 or more).
+  float32 (the 4-bit base too, on every CPU: loratool/bnb_cpu.py). Only summation order differs, so
+  logits agree to ~1e-5: required max |Δlogit| <= 1e-3, mean KL <= 1e-6 and 100% greedy agreement.
+  Anything looser would hide a real bug (a wrong scaling, a transposed delta, a missed layer all show up
+  at 1e-2 or more).
 - ROUNDED: the same, but the merged weights are stored in bfloat16 / float16. Rounding W + dW to 8 (bf16)
   or 11 (fp16) mantissa bits moves logits by ~1e-2 on real models: required mean KL <= 1e-3 and greedy
   agreement >= 95%; max |Δlogit| is reported only.
@@ -111,13 +112,18 @@ def verify(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Compare the merged model with each reference; one result per reference, keyed like merge.json."""
+    from loratool.bnb_cpu import four_bit_matmul
+
     merged = probe_logits(_load_merged(merged_dir), probes)
     results: dict[str, Any] = {}
     for ref in references:
         model = _load_reference(base_dir, adapter_dir, ref.quantized)
         result = compare(probe_logits(model, probes), merged, ref.thresholds)
+        matmul = four_bit_matmul(model)
         del model
         results[ref.key] = {"reference": ref.description, **result}
+        if matmul is not None:
+            results[ref.key]["four_bit_matmul"] = matmul
         log(
             f"  vs {ref.description}: max |Δlogit| {result['max_abs_logit_diff']:.2e}, "
             f"mean KL {result['mean_kl']:.2e}, greedy agreement {100 * result['greedy_agreement']:.1f}% "
@@ -179,6 +185,8 @@ def _load_reference(base_dir: Path, adapter_dir: Path, quantized: QuantizedBase 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from loratool.bnb_cpu import use_exact_4bit_matmul
+
     if quantized is None:
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(_device())
     else:
@@ -199,6 +207,8 @@ def _load_reference(base_dir: Path, adapter_dir: Path, quantized: QuantizedBase 
             dtype=getattr(torch, quantized.load_dtype),
             device_map={"": quantized.device},
         )
+        # The comparison is a float32 one on every CPU, not bfloat16 on AVX512-BF16 ones (loratool/bnb_cpu.py).
+        use_exact_4bit_matmul(base)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     _upcast(model)
     return model

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loratool.bnb_cpu import use_exact_4bit_matmul
 from loratool.errors import LoratoolError
 from loratool.gguf_base import check_gguf_file, is_gguf, resolve_base_model
 from loratool.hardware import Hardware, compute_dtype, model_dtype
@@ -108,6 +109,10 @@ def load_model(recipe: Recipe, hw: Hardware, log: Callable[[str], None] = print)
                 "save_pretrained(dir, safe_serialization=True)) and point base_model at the result",
             ) from None
         raise _not_loadable("model", recipe.base_model, exc) from None
+    if recipe.quantization is not None:
+        # Before the first forward: the trainer's evaluations, eval and generate would otherwise run 4-bit
+        # layers through a bfloat16 kernel on AVX512-BF16 CPUs (loratool/bnb_cpu.py).
+        use_exact_4bit_matmul(model)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return model
 

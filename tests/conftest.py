@@ -97,3 +97,52 @@ def random_adapter(
 @pytest.fixture()
 def smoke_data() -> Path:
     return REPO / "recipes" / "data" / "smoke.jsonl"
+
+
+# --- both 4-bit CPU kernel paths on any CPU (loratool/bnb_cpu.py) ---------------------------------------
+
+
+def fused_cpu_kernel_stand_in(A, B, out=None, state=None):
+    """bitsandbytes' fused AVX512-BF16 CPU kernel (`F.gemv_4bit` on a weight that `Linear4bit.forward`
+    repacked), played on any CPU: the same 4-bit weight, computed the way that kernel computes it — input,
+    block absmax and result in bfloat16, whatever the compute dtype — and, like it, without a gradient."""
+    import copy
+
+    import torch
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+
+    absmax = state.absmax  # repacking cast it to bfloat16 and laid it out (K / blocksize, N)
+    codes, plain = _convert_weight_packed_for_cpu_inverse(B.clone(), copy.deepcopy(state))
+    plain.absmax, plain.nested, plain.dtype = absmax.T.reshape(-1).float(), False, torch.bfloat16
+    with torch.no_grad():
+        weight = dequantize_4bit(codes, plain)  # bfloat16 codes x bfloat16 absmax
+        result = torch.nn.functional.linear(A.to(torch.bfloat16), weight).to(A.dtype)
+    if out is not None:
+        return out.copy_(result)
+    return result
+
+
+def simulate_avx512bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as on a CPU with AVX512-BF16 (a recent AMD EPYC, say): Linear4bit layers built from now
+    on take bitsandbytes' fused CPU kernel in eval mode, played by `fused_cpu_kernel_stand_in`. The choice
+    stays bitsandbytes' own: `Linear4bit.__init__` asks `has_avx512bf16()`, `forward` repacks the weight,
+    `matmul_4bit` calls `F.gemv_4bit` on it."""
+    import bitsandbytes.functional
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: True)
+    monkeypatch.setattr(bitsandbytes.functional, "gemv_4bit", fused_cpu_kernel_stand_in)
+
+
+@pytest.fixture()
+def simulated_avx512bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    simulate_avx512bf16(monkeypatch)
+
+
+@pytest.fixture(params=["this CPU", "AVX512-BF16 CPU"])
+def any_cpu(request) -> str:
+    """Run the test twice: on this CPU's own 4-bit kernel path, and as on a CPU with AVX512-BF16."""
+    if request.param == "AVX512-BF16 CPU":
+        request.getfixturevalue("simulated_avx512bf16")
+    return request.param

@@ -333,7 +333,7 @@ def test_lm_eval_not_installed(run, monkeypatch):
 
 
 @pytest.mark.slow
-def test_qlora_run_is_evaluated_on_its_4bit_base_as_trained(tmp_path, tiny_llama):
+def test_qlora_run_is_evaluated_on_its_4bit_base_as_trained(tmp_path, tiny_llama, any_cpu):
     recipe = smoke_recipe(
         tiny_llama,
         SMOKE,
@@ -347,6 +347,7 @@ def test_qlora_run_is_evaluated_on_its_4bit_base_as_trained(tmp_path, tiny_llama
     assert result.exit_code == 0, result.output
     record = metrics(tmp_path / "run" / "eval")
     assert record["settings"]["quantized_base"] is True
+    assert record["settings"]["four_bit_matmul"] == "dequantize-then-matmul in float32 (cpu)"  # every CPU
     trainer = json.loads((tmp_path / "run" / "run.json").read_text())["train"]["final_eval_loss"]
     assert record["models"]["tuned"]["loss"] == pytest.approx(trainer, abs=1e-4)
 

@@ -289,7 +289,7 @@ def test_qlora_round_trip_is_what_linear4bit_holds(qlora_run, tiny_llama):
     )
 
 
-def test_qlora_policies(tmp_path, qlora_run):
+def test_qlora_policies(tmp_path, qlora_run, any_cpu):
     dequantized, original = tmp_path / "dequantized", tmp_path / "original"
     first = merge_cli("--adapter", qlora_run, "--output", dequantized)  # the default policy
     second = merge_cli("--adapter", qlora_run, "--output", original, "--qlora-base", "original")
@@ -305,11 +305,30 @@ def test_qlora_policies(tmp_path, qlora_run):
     as_trained_d = d["verification"]["quantized_base"]
     as_trained_o = o["verification"]["quantized_base"]
     assert as_trained_d["passed"] and as_trained_d["max_abs_logit_diff"] < 1e-3
+    # On every CPU, CPUs with AVX512-BF16 included (loratool/bnb_cpu.py).
+    assert as_trained_d["four_bit_matmul"] == "dequantize-then-matmul in float32 (cpu)"
     assert as_trained_o["max_abs_logit_diff"] > 100 * as_trained_d["max_abs_logit_diff"]
     assert as_trained_o["mean_kl"] > 100 * max(as_trained_d["mean_kl"], 1e-9)
     # The original merge is still exactly base + adapter on the full-precision base.
     assert o["verification"]["full_precision_base"]["max_abs_logit_diff"] < 1e-3
     assert "full_precision_base" not in d["verification"]
+
+
+def test_qlora_verification_fails_on_the_bfloat16_kernel(
+    tmp_path, qlora_run, simulated_avx512bf16, monkeypatch
+):
+    """What the test above meets on an AVX512-BF16 CPU without loratool/bnb_cpu.py: the 4-bit reference
+    computes in bfloat16 and the merge fails verification (measured 4.0e-2 here; 3.7e-2 on a real EPYC)."""
+    import loratool.bnb_cpu
+
+    monkeypatch.setattr(loratool.bnb_cpu, "use_exact_4bit_matmul", lambda model: 0)
+    result = merge_cli("--adapter", qlora_run, "--output", tmp_path / "m")
+    assert result.exit_code == 1 and "error: verification failed" in result.output
+    failed = record(tmp_path / "m.failed-verification")["verification"]["quantized_base"]
+    assert failed["max_abs_logit_diff"] > 1e-2
+    assert (
+        failed["four_bit_matmul"] == "fused AVX512-BF16 kernel in eval mode (bfloat16)"
+    )  # the record says so
 
 
 def test_verification_thresholds():
