@@ -33,7 +33,8 @@ from typing import Any
 from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.fingerprint import file_sha256
-from loratool.outputs import Output, claim_output, library_versions
+from loratool.outputs import Output, claim_output, library_versions, read_record
+from loratool.rundir import has_run_record, read_run
 
 EXPORT_RECORD = "export.json"
 FORMATS = ("gguf", "hf")
@@ -114,7 +115,7 @@ def source_kind(path: Path) -> str:
     """`run` for a training run / adapter directory, `model` for an HF checkpoint; refuses anything else."""
     from loratool.merge_adapter import ADAPTER_CONFIG
 
-    if (path / ADAPTER_CONFIG).is_file() or (path / "run.json").is_file():
+    if (path / ADAPTER_CONFIG).is_file() or has_run_record(path):
         return "run"
     if (path / "config.json").is_file():
         return "model"
@@ -169,7 +170,7 @@ def output_location(output: str | Path | None, source: Path) -> Path:
 
 def model_name(source: Path) -> str:
     """The model's name (GGUF general.name, file name): a merge output called `merged` takes its run's."""
-    if source.name == "merged" and (source / "merge.json").is_file():
+    if source.name == "merged" and read_record(source, "merge") is not None:
         return source.parent.name
     return source.name
 
@@ -303,22 +304,12 @@ def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
 def _recipe_of(source: Path) -> dict[str, Any] | None:
     """The training recipe behind the source: the run's recipe.yaml, or for a `loratool merge` output the
     recipe.yaml of the adapter its merge.json names."""
-    import yaml
-
-    candidates = [source / "recipe.yaml"]
-    merge_record = source / "merge.json"
-    if merge_record.is_file():
-        try:
-            adapter = json.loads(merge_record.read_text()).get("adapter", {}).get("path")
-        except json.JSONDecodeError:
-            adapter = None
-        if adapter:
-            candidates.append(Path(adapter) / "recipe.yaml")
-    for path in candidates:
-        if path.is_file():
-            recipe = yaml.safe_load(path.read_text())
-            return recipe if isinstance(recipe, dict) else None
-    return None
+    run = read_run(source)
+    merge_record = read_record(source, "merge")
+    if run is None and merge_record is not None:
+        adapter = (merge_record.get("adapter") or {}).get("path")
+        run = read_run(Path(adapter)) if adapter and Path(adapter).is_dir() else None
+    return run.recipe() if run is not None else None
 
 
 def _system_prompt(recipe: dict[str, Any] | None) -> str | None:

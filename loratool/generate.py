@@ -207,8 +207,8 @@ def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loa
 
     run = read_training_run(adapter_dir)
     config = read_json(adapter_dir / "adapter_config.json")
-    adapter_base = run.base.get("id") or config.get("base_model_name_or_path") or "an unrecorded base"
-    recorded = run.base.get("fingerprint")
+    adapter_base = run.base.id or config.get("base_model_name_or_path") or "an unrecorded base"
+    recorded = run.base.fingerprint
     if not recorded and config.get("base_model_name_or_path"):
         found = local_model_dir(config["base_model_name_or_path"], config.get("revision"), log=lambda _: None)
         recorded = weights_fingerprint(found) if found is not None else None

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.fingerprint import fingerprint_matches, weights_fingerprint
@@ -35,6 +33,7 @@ from loratool.merge_adapter import (
 )
 from loratool.merge_checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
 from loratool.outputs import Output, claim_output, library_versions, read_json
+from loratool.rundir import BaseModelRecord, RunRecord, read_run
 
 MERGE_RECORD = "merge.json"
 QLORA_POLICIES = ("dequantized", "original")
@@ -51,16 +50,22 @@ _MARGIN = 64 * 2**20  # bytes of free disk kept beyond the estimate (file-system
 class TrainingRun:
     """What a loratool run directory says about the adapter; empty for an adapter from another tool."""
 
-    manifest: dict[str, Any]  # run.json
+    record: RunRecord | None  # run.json, read by rundir.read_run
     recipe: dict[str, Any] | None  # recipe.yaml as written (fully resolved)
 
     @property
-    def base(self) -> dict[str, Any]:
-        return self.manifest.get("base_model") or {}
+    def base(self) -> BaseModelRecord:
+        return self.record.base_model if self.record is not None else BaseModelRecord()
 
     @property
     def quantization(self) -> str | None:
-        return self.base.get("quantization")
+        return self.base.quantization
+
+    @property
+    def hardware(self) -> dict[str, Any]:
+        """The hardware the run trained on (run.json), {} for an adapter from another tool."""
+        value = self.record.raw.get("hardware") if self.record is not None else None
+        return value if isinstance(value, dict) else {}
 
 
 def run_merge(
@@ -153,11 +158,11 @@ def find_adapter(path: Path) -> Path:
     present = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]
     hint = f"pass a directory that holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
-    status = read_json(path / "run.json").get("status")
-    if status and status != "complete":
+    record = read_run(path)
+    if record is not None and not record.complete:
         hint = (
-            f"run.json says the training run is {status!r}: the adapter is written only when training "
-            "finishes"
+            f"run.json says the training run is {record.status!r}: the adapter is written only when "
+            "training finishes"
         )
     elif (path / "adapter_model.bin").is_file():
         hint = "the adapter is saved as a pickle (adapter_model.bin); save it again with safetensors"
@@ -169,9 +174,8 @@ def find_adapter(path: Path) -> Path:
 
 
 def read_training_run(adapter_dir: Path) -> TrainingRun:
-    recipe_path = adapter_dir / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else None
-    return TrainingRun(read_json(adapter_dir / "run.json"), recipe if isinstance(recipe, dict) else None)
+    record = read_run(adapter_dir)
+    return TrainingRun(record, record.recipe() if record is not None else None)
 
 
 # --- the base ------------------------------------------------------------------------------------------
@@ -182,13 +186,13 @@ def resolve_base(given: str | None, run: TrainingRun, adapter: Adapter) -> tuple
     resolved path, then its id; then adapter_config.json's base_model_name_or_path."""
     from loratool.model import local_model_dir
 
-    recorded_path = run.base.get("resolved_path")
+    recorded_path = run.base.resolved_path
     if given:
         name, revision, origin = given, None, "--base"
     elif recorded_path and Path(recorded_path).is_dir():
         name, revision, origin = recorded_path, None, "run.json"
-    elif run.base.get("id"):
-        name, revision, origin = run.base["id"], run.base.get("revision"), "run.json"
+    elif run.base.id:
+        name, revision, origin = run.base.id, run.base.revision, "run.json"
     elif adapter.base_model:
         name, revision, origin = adapter.base_model, None, f"{ADAPTER_CONFIG} (base_model_name_or_path)"
     else:
@@ -207,14 +211,14 @@ def resolve_base(given: str | None, run: TrainingRun, adapter: Adapter) -> tuple
             "the Hugging Face cache (loratool merge never downloads)",
         )
     # The run's own name for its base (a hub id, or the path as the recipe gave it) reads best in messages.
-    return (run.base.get("id") or name) if origin == "run.json" else name, found
+    return (run.base.id or name) if origin == "run.json" else name, found
 
 
 def check_base_identity(
     run: TrainingRun, base_id: str, base_dir: Path, *, force: bool, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Refuse a base whose weights are not the ones the run trained on (unless --force)."""
-    recorded = run.base.get("fingerprint")
+    recorded = run.base.fingerprint
     actual = weights_fingerprint(base_dir)
     info = {"fingerprint": actual, "recorded_fingerprint": recorded}
     if not recorded:
@@ -230,7 +234,7 @@ def check_base_identity(
         return {**info, "fingerprint_check": "match"}
     message = (
         f"the base model is not the one this adapter was trained on: run.json records "
-        f"{run.base.get('id')} (fingerprint {_short(recorded)}), and {base_id} ({base_dir}) has fingerprint "
+        f"{run.base.id} (fingerprint {_short(recorded)}), and {base_id} ({base_dir}) has fingerprint "
         f"{_short(actual)}"
     )
     if not force:
@@ -304,7 +308,7 @@ def choose_qlora_policy(requested: str | None, run: TrainingRun) -> str | None:
         return "original"
     if trained_on == "4bit":
         return requested or "dequantized"
-    if requested == "dequantized" and run.manifest:
+    if requested == "dequantized" and run.record is not None:
         raise LoratoolError(
             "--qlora-base dequantized: run.json says this adapter was trained on a full-precision base",
             hint="drop --qlora-base; the adapter is folded into the weights it was trained with",
@@ -330,7 +334,7 @@ def quantized_base(run: TrainingRun, base_dir: Path, base_dtype: str) -> Any:
         load_dtype=training_load_dtype(run, base_dtype),
         skip_modules=tuple(skip) if skip is not None else None,
         weights=quantized_weight_names(base_dir, skip, bool(model.get("trust_remote_code"))),
-        device=quantization_device((run.manifest.get("hardware") or {}).get("device")),
+        device=quantization_device(run.hardware.get("device")),
     )
 
 
@@ -342,7 +346,7 @@ def training_load_dtype(run: TrainingRun, base_dtype: str) -> str:
     from loratool.hardware import Hardware, model_dtype
 
     requested = ((run.recipe or {}).get("model") or {}).get("dtype", "auto")
-    hardware = run.manifest.get("hardware")
+    hardware = run.hardware
     if requested != "auto":
         return requested
     if not hardware:
@@ -542,7 +546,7 @@ def describe_merge(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "adapter": {
             "path": str(adapter.path),
-            "loratool_run": bool(run.manifest),
+            "loratool_run": run.record is not None,
             "r": c.get("r"),
             "lora_alpha": c.get("lora_alpha"),
             "use_rslora": bool(c.get("use_rslora")),

@@ -193,7 +193,7 @@ def check_same_base(
 ) -> None:
     """Refuse adapters trained on different bases: run.json's base fingerprints when every adapter has
     one, else adapter_config.json's base_model_name_or_path (adapters that do not say are not compared)."""
-    fingerprints = [run.base.get("fingerprint") for run in runs]
+    fingerprints = [run.base.fingerprint for run in runs]
     # Records compare as strings within one scheme; mixed ones (older runs) are each checked against
     # the base's weights by check_base_identity instead.
     if all(fingerprints) and len({fingerprint_scheme(f) for f in fingerprints}) == 1:
@@ -313,7 +313,7 @@ def describe_combination(
             {
                 "path": str(d),
                 "sha256": file_sha256(d / ADAPTER_WEIGHTS),
-                "base_fingerprint": run.base.get("fingerprint"),
+                "base_fingerprint": run.base.fingerprint,
             }
             for d, run in zip(dirs, runs, strict=True)
         ],

@@ -89,6 +89,12 @@ def owned_record(folder: Path, record_name: str, kind: str) -> dict[str, Any] | 
     return None
 
 
+def read_record(folder: Path, kind: str) -> dict[str, Any] | None:
+    """The record of the loratool `kind` output in `folder` (merge.json of a merge, ...), or None. Runs
+    are read through rundir.read_run, which types what run.json holds."""
+    return owned_record(folder, RECORD_OF_KIND[kind], kind)
+
+
 def write_record(folder: Path, record_name: str, record: dict[str, Any], *, kind: str) -> None:
     """Write `record` as `folder/record_name`, marked as loratool's and listing every name in `folder`
     (all written by the command that calls this, into its partial directory)."""

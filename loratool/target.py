@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from loratool.errors import LoratoolError
 from loratool.gguf_base import is_gguf, resolve_base_model
-from loratool.outputs import read_json
+from loratool.outputs import read_record
+from loratool.rundir import RECIPE, has_run_record, read_run
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe
@@ -104,9 +105,9 @@ def resolve_target(path: str | Path) -> Target:
             f"TARGET not found: {path}",
             hint="pass a `loratool train` run directory, a `loratool merge` output, or a model directory",
         )
-    if path.is_dir() and (path / "run.json").is_file():
+    if path.is_dir() and has_run_record(path):
         return _run_target(path)
-    if path.is_dir() and (path / "merge.json").is_file():
+    if path.is_dir() and read_record(path, "merge") is not None:
         return _merged_target(path)
     if path.is_dir() and (path / "config.json").is_file():
         return Target("base", path)
@@ -135,16 +136,22 @@ def _run_target(path: Path) -> Target:
     from loratool.recipe import load_recipe
     from loratool.rundir import ADAPTER_FILES
 
-    manifest = read_json(path / "run.json")
-    status = manifest.get("status")
+    record = read_run(path)
+    if record is None:
+        raise LoratoolError(
+            f"{path} holds a run.json that loratool did not write (or an older loratool, without its marker)",
+            hint="evaluate its adapter through its base model: TARGET = the base, --adapter NAME=DIR",
+        )
+    manifest = record.raw
+    status = record.status
     if status != "complete":
-        reason = f": {manifest['error']}" if manifest.get("error") else ""
+        reason = f": {record.error}" if record.error else ""
         raise LoratoolError(
             f"the run in {path} is not finished (run.json status: {status!r}{reason})",
             hint="only a finished run has an adapter to evaluate: resume it with `loratool train RECIPE "
             "--resume`, or evaluate another run",
         )
-    missing = [name for name in (*ADAPTER_FILES, "recipe.yaml") if not (path / name).is_file()]
+    missing = [name for name in (*ADAPTER_FILES, RECIPE) if not (path / name).is_file()]
     if missing:
         raise LoratoolError(
             f"the run in {path} says it finished but {', '.join(missing)} is missing",
@@ -152,7 +159,7 @@ def _run_target(path: Path) -> Target:
         )
     check_adapter_files(path)
     try:
-        recipe = load_recipe(path / "recipe.yaml")
+        recipe = load_recipe(path / RECIPE)
     except LoratoolError as exc:
         raise LoratoolError(
             f"{path / 'recipe.yaml'} no longer validates: {exc.message}",
@@ -164,7 +171,7 @@ def _run_target(path: Path) -> Target:
 def _merged_target(path: Path) -> Target:
     from loratool.recipe import load_recipe
 
-    record = read_json(path / "merge.json")
+    record = read_record(path, "merge") or {}
     if record.get("status") != "complete":
         raise LoratoolError(
             f"the merge in {path} did not complete (merge.json status: {record.get('status')!r})",
@@ -173,10 +180,11 @@ def _merged_target(path: Path) -> Target:
     adapter_path = (record.get("adapter") or {}).get("path")
     run_dir = Path(adapter_path) if adapter_path else None
     recipe, manifest = None, {}
-    if run_dir is not None and (run_dir / "recipe.yaml").is_file() and (run_dir / "run.json").is_file():
+    run_record = read_run(run_dir) if run_dir is not None and run_dir.is_dir() else None
+    if run_record is not None and (run_record.path / RECIPE).is_file():
         try:
-            recipe = load_recipe(run_dir / "recipe.yaml")
-            manifest = read_json(run_dir / "run.json")
+            recipe = load_recipe(run_record.path / RECIPE)
+            manifest = run_record.raw
         except LoratoolError:
             recipe = None  # the run's data is then simply unknown: --data is required
     return Target(

@@ -82,7 +82,7 @@ def test_unexpected_errors_are_clean_too(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loratool.recipe, "load_recipe", explode)
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml")])
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # an internal error, not one the user can fix
     assert "error: unexpected RuntimeError: boom" in result.output and "LORATOOL_DEBUG=1" in result.output
 
 

@@ -320,7 +320,7 @@ def test_not_a_target(tmp_path):
 def test_output_that_is_not_a_report_is_refused(run, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     result = eval_cli(run, "--output", tmp_path)
-    assert result.exit_code == 1 and "is not a `loratool eval` report" in result.output
+    assert result.exit_code == 1 and "is not the output of `loratool eval`" in result.output
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 

@@ -115,7 +115,7 @@ def test_adapter_only_writes_a_loadable_adapter(tmp_path, tiny_llama, adapters):
         out,
         "--adapter-only",
     ]
-    failed(merge_cli(*again), f"adapter output directory {out} already exists")
+    failed(merge_cli(*again), f"output directory {out} already exists")
     assert merge_cli(*again, "--overwrite").exit_code == 0
 
 

@@ -30,6 +30,7 @@ EXPECTED_RUN_FILES = {
     "run.json",
     "tokenizer.json",
     "tokenizer_config.json",
+    "train.log",
 }
 
 
