@@ -260,7 +260,10 @@ class RunDir:
         incomplete checkpoint being written is removed first, so that there is room to say so."""
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             self.remove_incomplete_checkpoints()
-        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        if isinstance(error, KeyboardInterrupt):
+            reason = str(error) if str(error).startswith("terminated") else "interrupted"
+        else:
+            reason = f"{type(error).__name__}: {error}"
         try:
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
             (self.path / TRACEBACK).write_text(text, encoding="utf-8")

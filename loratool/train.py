@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +41,33 @@ def run_train(
     with RunLog() as run_log, ExitStack() as held:
         if main_process:
             held.enter_context(output_lock(output_dir, command_line(), log))
+            held.enter_context(_terminate_as_interrupt())
         else:
             log = _quiet
         return _train(recipe, overwrite=overwrite, resume=resume, log=log, run_log=run_log)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `kill PID`): handled like Ctrl-C, so run.json says why it stopped."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(

@@ -375,3 +375,28 @@ def test_kill_dash_nine_then_resume_equals_uninterrupted(tmp_path, tiny_llama, s
     a, b = adapter_weights(tmp_path / "whole"), adapter_weights(tmp_path / "parts")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert metric_steps(tmp_path / "parts") == list(range(1, 61))
+
+
+def test_output_dir_that_is_a_file_is_refused_before_anything_loads(tmp_path, tiny_llama, smoke_data):
+    target = tmp_path / "out"
+    target.write_text("not a directory")
+    result = train(make_recipe(tmp_path, tiny_llama, smoke_data), "--dry-run")
+    assert result.exit_code == 1 and "is a file, not a directory" in result.output
+    assert target.read_text() == "not a directory"
+
+
+def test_sigterm_leaves_a_failed_record_that_says_so(tmp_path, tiny_llama, smoke_data):
+    """`kill PID` (SIGTERM, as schedulers send) is recorded like Ctrl-C: run.json says why it stopped."""
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 400, "save_steps": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "loratool", "train", str(recipe)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seal = tmp_path / "out" / "checkpoints" / "checkpoint-2" / CHECKPOINT_SEAL
+    deadline = time.monotonic() + 300
+    while not seal.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=120)
+    assert seal.exists(), stderr
+    assert proc.returncode == 130, stderr
+    record = read_run(tmp_path / "out")
+    assert record.status == "failed" and record.error == "terminated by signal 15"
