@@ -218,15 +218,20 @@ def interrupt_after_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(MetricsLog, "on_step_end", on_step_end)
 
 
-def test_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_llama, smoke_data, monkeypatch):
-    settings = {"training": {"max_steps": 8, "save_steps": 3, "logging_steps": 1}}
+def whole_and_parts(tmp_path: Path, tiny_llama: Path, smoke_data: Path, **training) -> Path:
+    """Train `whole` uninterrupted; return the recipe of `parts`, the same run in another directory."""
+    settings = {"training": training}
     whole = write_recipe(
         tmp_path / "whole.yaml", smoke_recipe(tiny_llama, smoke_data, tmp_path / "whole", **settings)
     )
     assert train(whole).exit_code == 0
-    parts = write_recipe(
+    return write_recipe(
         tmp_path / "parts.yaml", smoke_recipe(tiny_llama, smoke_data, tmp_path / "parts", **settings)
     )
+
+
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    parts = whole_and_parts(tmp_path, tiny_llama, smoke_data, max_steps=8, save_steps=3, logging_steps=1)
     with monkeypatch.context() as patch:
         interrupt_after_step(patch, 5)  # killed after checkpoint-3 and two more logged steps
         first = train(parts)
@@ -352,14 +357,7 @@ def test_everything_printed_lands_in_train_log(tmp_path, tiny_llama, smoke_data)
 @pytest.mark.slow
 def test_kill_dash_nine_then_resume_equals_uninterrupted(tmp_path, tiny_llama, smoke_data):
     """A real SIGKILL in the middle of training (after a checkpoint), then --resume."""
-    settings = {"training": {"max_steps": 60, "save_steps": 5, "logging_steps": 1}}
-    whole = write_recipe(
-        tmp_path / "whole.yaml", smoke_recipe(tiny_llama, smoke_data, tmp_path / "whole", **settings)
-    )
-    assert train(whole).exit_code == 0
-    parts = write_recipe(
-        tmp_path / "parts.yaml", smoke_recipe(tiny_llama, smoke_data, tmp_path / "parts", **settings)
-    )
+    parts = whole_and_parts(tmp_path, tiny_llama, smoke_data, max_steps=60, save_steps=5, logging_steps=1)
     proc = subprocess.Popen([sys.executable, "-m", "loratool", "train", str(parts)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     checkpoint_seal = tmp_path / "parts" / "checkpoints" / "checkpoint-10" / CHECKPOINT_SEAL
