@@ -86,6 +86,7 @@ def run_eval(
 
         loaded = load_target(resolved, log)
         log(f"loaded in {loaded.load_seconds:.1f}s ({loaded.device}, {loaded.dtype})")
+        kernel = four_bit_matmul(loaded.model)  # now: --compare-base may let go of the model
         eval_data = build_eval_data(
             resolved,
             data_path,
@@ -120,7 +121,7 @@ def run_eval(
                 "device": loaded.device,
                 "dtype": loaded.dtype,
                 "quantized_base": loaded.quantized,
-                "four_bit_matmul": four_bit_matmul(loaded.model),  # the same on every CPU: bnb_cpu.py
+                "four_bit_matmul": kernel,  # the same on every CPU: bnb_cpu.py
                 "stop_token_ids": loaded.stop_ids,
             },
             "models": models,

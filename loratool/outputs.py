@@ -296,14 +296,14 @@ class Output:
         """The last step: write the record into `partial`, then make it the output (removing what the
         earlier output of this kind wrote, and only that)."""
         write_record(partial, self.record_name, record, kind=self.kind)
+        if self.path.is_dir() and not self.path.is_symlink() and not any(self.path.iterdir()):
+            self.path.rmdir()  # an empty directory is replaced whether or not it was there at the start
         if self.path.is_symlink() or self.path.exists():
             if not self.replaces:
                 raise LoratoolError(
                     f"{self.path} appeared while this command was running; it was not replaced",
                     hint=f"the new result is in {partial}; move it where you want it",
                 )
-            if self.path.is_dir() and not self.path.is_symlink() and not any(self.path.iterdir()):
-                self.path.rmdir()
             else:
                 kept = [n for n in remove_owned(self.path, self.record_name, self.kind, log)
                         if not _is_lock_file(self.path / n)]  # fmt: skip

@@ -15,6 +15,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# What makes a run.json loratool's own (outputs.py); fixtures that write a minimal run.json start from it.
+LORATOOL_RUN = {"loratool_output": {"kind": "run", "format": 1}, "files": ["run.json"]}
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

@@ -558,7 +558,14 @@ def test_a_merge_output_is_named_after_its_run(tmp_path):
     merged = tmp_path / "my-run" / "merged"
     merged.mkdir(parents=True)
     assert gguf_name(merged, "f16") == "merged.f16.gguf"  # a folder that merely has that name
-    (merged / "merge.json").write_text("{}")
+    (merged / "merge.json").write_text(json.dumps({"files": [], "status": "complete"}))
+    assert gguf_name(merged, "q8_0") == "merged.q8_0.gguf"  # another tool's merge.json: not ours
+    record = {
+        "loratool_output": {"kind": "merge", "format": 1},
+        "files": ["merge.json"],
+        "status": "complete",
+    }
+    (merged / "merge.json").write_text(json.dumps(record))
     assert gguf_name(merged, "q8_0") == "my-run.q8_0.gguf"
     assert gguf_name(tmp_path / "Llama-3.1-8B", "f16") == "Llama-3.1-8B.f16.gguf"
 

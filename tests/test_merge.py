@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import REPO, smoke_recipe, write_recipe
+from conftest import LORATOOL_RUN, REPO, smoke_recipe, write_recipe
 from conftest import random_adapter as peft_adapter
 from loratool.cli import app
 from loratool.fingerprint import weights_fingerprint
@@ -264,12 +264,10 @@ def test_qlora_round_trip_is_what_linear4bit_holds(qlora_run, tiny_llama):
     from peft.utils.integrations import dequantize_module_weight
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from loratool.merge import TrainingRun, quantized_base
+    from loratool.merge import quantized_base, read_training_run
     from loratool.merge_qlora import as_trained
 
-    quant = quantized_base(
-        TrainingRun(json.loads((qlora_run / "run.json").read_text()), None), tiny_llama, "float32"
-    )
+    quant = quantized_base(read_training_run(qlora_run), tiny_llama, "float32")
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -406,7 +404,7 @@ def test_adapter_dir_missing(tmp_path):
 def test_adapter_dir_without_adapter_files_lists_what_is_there(tmp_path):
     folder = tmp_path / "run"
     (folder / "checkpoints").mkdir(parents=True)
-    (folder / "run.json").write_text(json.dumps({"status": "failed"}))
+    (folder / "run.json").write_text(json.dumps({**LORATOOL_RUN, "status": "failed"}))
     (folder / "recipe.yaml").write_text("x: 1\n")
     result = merge_cli("--adapter", folder)
     assert result.exit_code == 1

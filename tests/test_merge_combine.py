@@ -13,6 +13,7 @@ import torch
 from test_merge import assert_same_weights, merged_weights
 from typer.testing import CliRunner
 
+from conftest import LORATOOL_RUN
 from conftest import random_adapter as peft_adapter
 from loratool.cli import app
 from loratool.fingerprint import file_sha256
@@ -170,7 +171,7 @@ def test_different_base_fingerprints_are_refused(tmp_path, adapters):
     dirs = []
     for name, fingerprint in (("x", "sha256-sampled:aaa"), ("y", "sha256-sampled:bbb")):
         d = shutil.copytree(adapters["a"], tmp_path / name)
-        (d / "run.json").write_text(json.dumps({"base_model": {"fingerprint": fingerprint}}))
+        (d / "run.json").write_text(json.dumps({**LORATOOL_RUN, "base_model": {"fingerprint": fingerprint}}))
         dirs.append(d)
     failed(
         merge_cli("--adapter", dirs[0], "--adapter", dirs[1], "--adapter-only"),
@@ -198,7 +199,7 @@ def test_target_modules_given_differently_surface_peft_error(tmp_path, tiny_llam
 
 def test_qlora_adapters_are_refused(tmp_path, adapters):
     qlora = shutil.copytree(adapters["a"], tmp_path / "qlora")
-    (qlora / "run.json").write_text(json.dumps({"base_model": {"quantization": "4bit"}}))
+    (qlora / "run.json").write_text(json.dumps({**LORATOOL_RUN, "base_model": {"quantization": "4bit"}}))
     out = failed(
         merge_cli("--adapter", qlora, "--adapter", adapters["b"]),
         f"{qlora} was trained on a 4-bit (QLoRA) base",
