@@ -109,6 +109,13 @@ def load_model(recipe: Recipe, hw: Hardware, log: Callable[[str], None] = print)
             ) from None
         raise _not_loadable("model", recipe.base_model, exc) from None
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if recipe.data.padding_free:
+        # Flattened batches: sdpa / eager attend within each example instead of over the whole row
+        # (attention.py); flash attention keeps its own varlen kernels.
+        from loratool.attention import use_per_example_attention
+
+        if (name := use_per_example_attention(model)) is not None:
+            log(f"attention: {name} (padding-free batches: each example attends only to itself)")
     return model
 
 

@@ -11,6 +11,7 @@ from loratool.errors import LoratoolError
 if TYPE_CHECKING:
     from trl import SFTConfig
 
+    from loratool.data.summary import SplitSummary
     from loratool.recipe import DataSection, TrainingSection
 
 _OURS_NOT_SFT = {"warmup_ratio", "warmup_steps", "early_stopping_patience", "early_stopping_threshold"}
@@ -24,6 +25,7 @@ def build_sft_config(
     has_validation: bool,
     bf16: bool,
     fp16: bool,
+    train_summary: SplitSummary | None = None,
 ) -> SFTConfig:
     from trl import SFTConfig
 
@@ -36,6 +38,8 @@ def build_sft_config(
     # Defaults a recipe may override with a pass-through key (e.g. disable_tqdm: true for log files).
     fields = {"disable_tqdm": False, "include_num_input_tokens_seen": "non_padding", **fields}
     fields.update(training.model_extra or {})
+    if data.packing and train_summary is not None and train_summary.rows:
+        fields["per_device_train_batch_size"] = packed_rows_per_batch(training, data, train_summary)
     eval_strategy = "no" if not has_validation else ("steps" if training.eval_steps else "epoch")
     # Early stopping restores the best checkpoint, so checkpoints must line up with evaluations.
     early = training.early_stopping_patience is not None
@@ -70,6 +74,14 @@ def build_sft_config(
             f"training: the trainer rejected the settings: {exc}",
             hint="check the training section against trl.SFTConfig / transformers.TrainingArguments",
         ) from None
+
+
+def packed_rows_per_batch(training: TrainingSection, data: DataSection, train: SplitSummary) -> int:
+    """Packed rows per micro-batch: as many as hold per_device_train_batch_size examples of average length,
+    at least one. A step then sees about as many examples (and tokens, and memory) as without packing,
+    instead of per_device_train_batch_size full rows of max_length (2-10x more)."""
+    average = train.tokens / train.rows
+    return max(1, round(training.per_device_train_batch_size * average / data.max_length))
 
 
 def check_report_to(training: TrainingSection) -> None:

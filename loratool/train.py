@@ -76,6 +76,7 @@ def run_train(
             has_validation=data.validation is not None,
             bf16=bf16,
             fp16=fp16,
+            train_summary=data.summary.train,
         )
         callbacks: list[Any] = [MetricsLog(run.metrics)]
         if recipe.training.early_stopping_patience is not None:
