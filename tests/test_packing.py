@@ -113,3 +113,32 @@ def test_without_position_resets_examples_would_leak(tiny_llama, examples, attn)
     leaky = {k: v for k, v in batch.items() if not k.startswith("cu_seq_lens")}
     leaky["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
     assert (token_losses(model, leaky) - one_by_one(model, examples)).abs().max() > 1e-3
+
+
+def test_packing_trains_with_micro_batches_sized_from_the_data(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    """`loratool train` with packing: the trainer gets packed rows of max_length, as many per micro-batch
+    as hold per_device_train_batch_size examples of average length, and trains."""
+    from typer.testing import CliRunner
+
+    from conftest import smoke_recipe, write_recipe
+    from loratool import sft_config
+    from loratool.cli import app
+
+    seen = {}
+    build = sft_config.build_sft_config
+
+    def recording(*args, **kwargs):
+        seen["args"] = build(*args, **kwargs)
+        seen["train"] = kwargs["train_summary"]
+        return seen["args"]
+
+    monkeypatch.setattr("loratool.train.build_sft_config", recording)
+    out = tmp_path / "run"
+    recipe = smoke_recipe(tiny_llama, smoke_data, out, data={"packing": True}, training={"max_steps": 2})
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    assert result.exit_code == 0, result.output
+    args, train = seen["args"], seen["train"]
+    assert args.packing and args.max_length == 64
+    expected = max(1, round(8 * train.tokens / train.rows / 64))
+    assert args.per_device_train_batch_size == expected
+    assert json.loads((out / "run.json").read_text())["train"]["global_step"] == 2
