@@ -45,7 +45,10 @@ class ModelSection(Section):
 
     attn_implementation: str | None = None
     """`sdpa`, `eager`, `flash_attention_2`, `flash_attention_3`, ... None lets transformers choose (sdpa
-    where the model supports it). Packed / padding-free batches stay separated with all of these."""
+    where the model supports it). Packed / padding-free batches stay separated with all of these. With
+    such batches, sdpa and eager run per example (`sdpa_per_example` / `eager_per_example`, same kernels):
+    attention costs the sum of each example's length squared, not the whole row's length squared;
+    flash_attention_2/3 use their own varlen kernels. Padded batches and generation use the stock path."""
 
     trust_remote_code: bool = False
     """Run Python code shipped with the model repository. Off unless you have read that code."""
@@ -235,11 +238,16 @@ class DataSection(Section):
 
     packing: bool = False
     """Pack examples into rows of max_length (best-fit decreasing). Examples never attend to each other.
-    Changes which examples share a step; fastest when lengths vary a lot."""
+    A micro-batch takes as many rows as hold per_device_train_batch_size examples of average length, so
+    a step sees about as many examples and tokens as without packing, but every step is about the same
+    size. Changes which examples share a step. On CPU it runs at about the speed of padding-free
+    batches (docs/benchmarks.md); it helps where steps of even size matter (memory headroom, compiled or
+    fixed-shape kernels)."""
 
     padding_free: bool = True
-    """Concatenate each batch into one row with no pad tokens (position ids keep examples apart). Same
-    examples, same loss as padding, less compute: no reason to turn it off but debugging."""
+    """Concatenate each batch into one row with no pad tokens (position ids keep examples apart, and
+    attention runs per example: see model.attn_implementation). Same examples, same loss as padding,
+    less compute: no reason to turn it off but debugging."""
 
     on_bad_row: Literal["fail", "skip"] = "fail"
     """A malformed row (bad JSON, missing field, wrong type, empty conversation): `fail` stops with its file

@@ -12,6 +12,7 @@ from loratool.errors import LoratoolError
 if TYPE_CHECKING:
     from trl import SFTConfig
 
+    from loratool.data.summary import SplitSummary
     from loratool.hardware import Hardware
     from loratool.recipe import DataSection, Recipe, TrainingSection
 
@@ -26,6 +27,7 @@ def build_sft_config(
     has_validation: bool,
     bf16: bool,
     fp16: bool,
+    train_summary: SplitSummary | None = None,
 ) -> SFTConfig:
     from trl import SFTConfig
 
@@ -38,6 +40,8 @@ def build_sft_config(
     # Defaults a recipe may override with a pass-through key (e.g. disable_tqdm: true for log files).
     fields = {"disable_tqdm": False, "include_num_input_tokens_seen": "non_padding", **fields}
     fields.update(training.model_extra or {})
+    if data.packing and train_summary is not None and train_summary.rows:
+        fields["per_device_train_batch_size"] = packed_rows_per_batch(training, data, train_summary)
     eval_strategy = "no" if not has_validation else ("steps" if training.eval_steps else "epoch")
     # Early stopping restores the best checkpoint, so checkpoints must line up with evaluations.
     early = training.early_stopping_patience is not None
@@ -135,6 +139,14 @@ def check_enum_values(training: TrainingSection) -> None:
             "\n".join(problems),
             hint="valid values (from transformers' own list) — " + "; ".join(valid_lists),
         )
+
+
+def packed_rows_per_batch(training: TrainingSection, data: DataSection, train: SplitSummary) -> int:
+    """Packed rows per micro-batch: as many as hold per_device_train_batch_size examples of average length,
+    at least one. A step then sees about as many examples (and tokens, and memory) as without packing,
+    instead of per_device_train_batch_size full rows of max_length (2-10x more)."""
+    average = train.tokens / train.rows
+    return max(1, round(training.per_device_train_batch_size * average / data.max_length))
 
 
 def check_report_to(training: TrainingSection) -> None:

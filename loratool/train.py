@@ -129,6 +129,7 @@ def _train(
             has_validation=data.validation is not None,
             bf16=bf16,
             fp16=fp16,
+            train_summary=data.summary.train,
         )
         seal = CheckpointSeal(resumed_from=checkpoint)
         callbacks: list[Any] = [MetricsLog(run.metrics), seal]

@@ -1,201 +1,455 @@
-"""Training throughput: `loratool train` against the hand-written recipe, on the same job, in one run.
+"""Training throughput: the hand-written baseline against `loratool train` (default, and packing), interleaved.
 
 The baseline is what people write by hand from the TRL/PEFT docs: AutoModelForCausalLM + LoraConfig
-(r=16, all-linear) + SFTTrainer on a prompt/completion dataset, no packing, batches padded to their
-longest row. loratool runs the same job from a recipe: same model, data, masks (loss on completions +
-EOS), hyperparameters, seed and example order — only how batches are laid out differs.
+(r=16, alpha 32, all-linear) + SFTTrainer with TRL's defaults, batches padded to their longest row,
+bf16=False (a CPU has no bf16 autocast the trainer accepts). loratool runs the same job from a recipe through
+its real entry point (`python -m loratool train`): same model, data, masks, hyperparameters, seed and, for
+the default (padding-free) mode, the same examples in the same steps. `packing` packs the same data.
 
-Each side runs in its own process so that peak memory (max RSS) is its own. Printed: real tokens
-(non-padding) per second of training loop, peak RSS, final training loss, and the ratios.
+Shapes (all fp32; the CPU threads are set by --threads):
+  a        random Llama, hidden 256, MLP 688, 4 layers, 8 heads / 4 KV heads, vocab 2,000; 2,000 alpaca rows
+           (Alpaca prompt template) of 65-450 tokens, mean ~185; max_length 512, micro-batch 8, 30 steps
+  b        the same data on a wider random Llama: hidden 1024, MLP 2752, 8 layers
+  smollm2  SmolLM2-135M-Instruct on the demo task (recipes/smollm2-demo.yaml: 480 orders, chat template,
+           micro-batch 8, 24 steps); `python scripts/fetch_smollm2.py` first
 
-    python scripts/bench_train.py [--rows 128] [--batch-size 8] [--hidden-size 512] [--layers 8]
+Every run is its own process (peak RSS is its own; launch-to-first-step counts the interpreter and
+imports), and rounds interleave the sides so that load from other jobs hits them alike. Printed per shape
+and side: real (non-padding) tokens per second of the training loop, loop time, launch to first step,
+peak RSS, mean loss per loss-carrying token; medians with [min-max] over rounds, and the ratios.
+
+    python scripts/bench_train.py [--shapes a,b,smollm2] [--rounds 3] [--sides baseline,default,packing]
+                                  [--steps N] [--threads 2] [--json results.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
+SIDES = ("baseline", "default", "packing")
+SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_RECIPE = REPO / "recipes" / "smollm2-demo.yaml"
+
+RANDOM_MODELS = {
+    "a": {"hidden_size": 256, "intermediate_size": 688, "num_layers": 4},
+    "b": {"hidden_size": 1024, "intermediate_size": 2752, "num_layers": 8},
+}
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 WORDS = (
-    "the model learns to answer questions about data training loss adapter rank layer token batch "
-    "memory speed river mountain city history science music language number letter word sentence story "
-    "explain describe list compare summarize write translate classify why how what when where which"
+    "the model learns to answer questions about data training loss adapter rank layer token batch memory "
+    "speed river mountain city history science music language number letter word sentence story explain "
+    "describe list compare summarize write translate classify why how what when where which"
 ).split()
 
 
-def make_dataset(path: Path, rows: int, seed: int) -> None:
-    """Alpaca-like prompt/completion rows: short prompts, completions from a few to a few hundred tokens
-    with a long tail (log-normal, median ~60 words), like instruction-tuning data."""
+# ---------------------------------------------------------------------------------------------- the jobs
+
+
+def make_alpaca_rows(tokenizer, rows: int, seed: int) -> list[dict]:
+    """Alpaca rows whose prompt (template included) is 60-150 tokens (mean ~76) and whose output is 5-30
+    tokens (30%), 30-150 (40%) or 150-300 (30%): templated examples of ~65-450 tokens, mean ~185."""
     rng = random.Random(seed)
-    with path.open("w") as fh:
-        for _ in range(rows):
-            prompt_words = rng.randint(4, 40)
-            completion_words = min(350, max(2, int(rng.lognormvariate(math.log(60), 0.9))))
-            prompt = " ".join(rng.choice(WORDS) for _ in range(prompt_words)).capitalize() + "?\n"
-            completion = " ".join(rng.choice(WORDS) for _ in range(completion_words)).capitalize() + "."
-            fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    template_tokens = len(tokenizer(ALPACA_PROMPT.format(instruction="", input=""))["input_ids"])
+
+    def text(tokens: int) -> str:
+        words = " ".join(rng.choice(WORDS) for _ in range(tokens * 2))
+        return tokenizer.decode(tokenizer(words, add_special_tokens=False)["input_ids"][: max(1, tokens)])
+
+    out = []
+    for _ in range(rows):
+        prompt = min(150, 60 + int(rng.expovariate(1 / 16)))
+        kind = rng.random()
+        output = (
+            rng.randint(5, 30)
+            if kind < 0.3
+            else rng.randint(30, 150)
+            if kind < 0.7
+            else rng.randint(150, 300)
+        )
+        free = max(4, prompt - template_tokens)
+        instruction_tokens = rng.randint(2, max(2, free // 2))
+        out.append(
+            {
+                "instruction": text(instruction_tokens).strip().capitalize() + ".",
+                "input": text(free - instruction_tokens).strip(),
+                "output": text(output - 1).strip().capitalize() + ".",
+            }
+        )
+    return out
 
 
-def run_baseline(model_dir: str, data: str, out: str, batch_size: int, max_length: int) -> dict:
-    """The canonical hand-written recipe."""
-    from datasets import load_dataset
+def prepare(shape: str, work: Path, steps: int | None) -> dict:
+    """Model directory, data files and the job's settings for one shape (built once, shared by all runs)."""
+    if shape in RANDOM_MODELS:
+        from transformers import AutoTokenizer
+
+        from loratool.tiny_model import build_tiny_model, count_parameters
+
+        model_dir = work / f"model-{shape}"
+        build_tiny_model(
+            model_dir, arch="llama", num_heads=8, num_kv_heads=4, vocab_size=2000, **RANDOM_MODELS[shape]
+        )
+        data_file = work / "alpaca.jsonl"
+        if not data_file.exists():
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            rows = make_alpaca_rows(tokenizer, 2000, seed=0)
+            data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            # The same rows as prompt / completion text, for loratool (the baseline builds it in memory).
+            (work / "prompt-completion.jsonl").write_text(
+                "".join(
+                    json.dumps({"prompt": ALPACA_PROMPT.format(**r), "completion": r["output"]}) + "\n"
+                    for r in rows
+                )
+            )
+        return {
+            "shape": shape,
+            "model": str(model_dir),
+            "parameters": count_parameters(model_dir),
+            "data": str(data_file),
+            "format": "alpaca_prompt",  # rendered with ALPACA_PROMPT into prompt / completion text
+            "max_length": 512,
+            "batch_size": 8,
+            "steps": steps or 30,
+            "learning_rate": 2e-4,
+            "warmup_steps": 0,
+            "lora_dropout": 0.05,
+        }
+    if shape == "smollm2":
+        import yaml
+
+        from loratool.gguf_base import resolve_base_model
+
+        if not SMOLLM2_GGUF.is_file():
+            raise SystemExit(f"{SMOLLM2_GGUF} is missing: run `python scripts/fetch_smollm2.py` first")
+        demo = yaml.safe_load(DEMO_RECIPE.read_text())
+        return {
+            "shape": shape,
+            "model": str(resolve_base_model(str(SMOLLM2_GGUF), print)),  # the cached HF conversion
+            "parameters": None,
+            "data": str((DEMO_RECIPE.parent / demo["data"]["train"][0]["path"]).resolve()),
+            "format": "alpaca_chat",  # rendered with the model's chat template
+            "max_length": demo["data"]["max_length"],
+            "batch_size": demo["training"]["per_device_train_batch_size"],
+            "steps": steps or demo["training"]["max_steps"],
+            "learning_rate": demo["training"]["learning_rate"],
+            "warmup_steps": demo["training"]["warmup_steps"],
+            "lora_dropout": demo["lora"]["lora_dropout"],
+        }
+    raise SystemExit(f"unknown shape {shape!r}: choose from a, b, smollm2")
+
+
+def loratool_order(rows: list[dict], seed: int) -> list[dict]:
+    """The rows in the order loratool's data module puts them (it shuffles with training.seed), so that the
+    baseline's sampler, seeded alike, puts the same examples in the same steps."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def baseline_dataset(job: dict):
+    """The job's rows as TRL prompt-completion data, in loratool's order."""
+    from datasets import Dataset
+
+    rows = loratool_order([json.loads(line) for line in Path(job["data"]).read_text().splitlines()], seed=0)
+    if job["format"] == "alpaca_prompt":
+        records = [{"prompt": ALPACA_PROMPT.format(**r), "completion": r["output"]} for r in rows]
+    else:  # conversational: TRL applies the chat template, loss on the assistant turn
+        records = [
+            {
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": r["instruction"] + ("\n\n" + r["input"] if r["input"] else ""),
+                    }
+                ],
+                "completion": [{"role": "assistant", "content": r["output"]}],
+            }
+            for r in rows
+        ]
+    return Dataset.from_list(records)
+
+
+# ------------------------------------------------------------------------------------------- the sides
+
+
+def run_baseline(job: dict, out: Path) -> None:
+    """The hand-written recipe."""
+    import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = load_dataset("json", data_files=data, split="train")
+    set_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
     peft_config = LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=16,
+        lora_alpha=32,
+        lora_dropout=job["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
     args = SFTConfig(
-        output_dir=out,
-        per_device_train_batch_size=batch_size,
+        output_dir=str(out),
+        per_device_train_batch_size=job["batch_size"],
         gradient_accumulation_steps=1,
-        num_train_epochs=1,
-        learning_rate=2e-4,
+        max_steps=job["steps"],
+        learning_rate=job["learning_rate"],
+        warmup_steps=job["warmup_steps"],
         lr_scheduler_type="linear",
         optim="adamw_torch",
-        logging_steps=10,
         save_strategy="no",
         report_to="none",
-        max_length=max_length,
+        max_length=job["max_length"],
         seed=0,
         disable_tqdm=True,
         bf16=False,  # SFTConfig defaults to bf16, which the trainer refuses on a machine without a GPU
     )
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+        model=model,
+        args=args,
+        train_dataset=baseline_dataset(job),
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
-    result = trainer.train()
-    real_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    return {
-        "train_runtime_s": result.metrics["train_runtime"],
-        "real_tokens": real_tokens,
-        "train_loss": result.training_loss,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+    trainer.train()
 
 
-def run_loratool(model_dir: str, data: str, out: str, batch_size: int, max_length: int) -> dict:
-    """The same job as a recipe, through the real CLI entry point."""
+def run_loratool(job: dict, out: Path, packing: bool) -> None:
+    """The same job as a recipe, through `python -m loratool train` (run in this process)."""
+    import runpy
+
+    import yaml
+
+    source = {"path": job["data"], "format": "alpaca"}
+    if job["format"] == "alpaca_prompt":  # the same prompt / completion text the baseline reads
+        source = {
+            "path": str(Path(job["data"]).with_name("prompt-completion.jsonl")),
+            "format": "prompt_completion",
+        }
     recipe = {
-        "base_model": model_dir,
-        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
-        "data": {"train": [{"path": data, "format": "prompt_completion"}], "max_length": max_length},
+        "base_model": job["model"],
+        "model": {"dtype": "float32"},
+        "lora": {
+            "r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": job["lora_dropout"],
+            "target_modules": "all-linear",
+        },
+        "data": {"train": [source], "max_length": job["max_length"], "packing": packing},
         "training": {
-            "output_dir": out,
-            "per_device_train_batch_size": batch_size,
+            "output_dir": str(out),
+            "per_device_train_batch_size": job["batch_size"],
             "gradient_accumulation_steps": 1,
-            "num_train_epochs": 1,
-            "learning_rate": 2e-4,
+            "max_steps": job["steps"],
+            "learning_rate": job["learning_rate"],
             "lr_scheduler_type": "linear",
-            "warmup_steps": 0,
+            "warmup_steps": job["warmup_steps"],
             "optim": "adamw_torch",
-            "logging_steps": 10,
             "seed": 0,
             "disable_tqdm": True,
         },
     }
-    recipe_path = Path(out).with_suffix(".yaml")
+    recipe_path = out.with_suffix(".yaml")
     recipe_path.write_text(yaml.safe_dump(recipe))
-    from typer.testing import CliRunner
+    sys.argv = ["loratool", "train", str(recipe_path), "--overwrite"]
+    try:
+        runpy.run_module("loratool", run_name="__main__")
+    except SystemExit as exc:
+        if exc.code:
+            raise
 
-    from loratool.cli import app
 
-    result = CliRunner().invoke(app, ["train", str(recipe_path)])
-    if result.exit_code != 0:
-        raise SystemExit(result.output)
-    manifest = json.loads((Path(out) / "run.json").read_text())
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    runtime = next(r["train_runtime"] for r in rows if "train_runtime" in r)
+def measure(side: str, job: dict, out: Path) -> dict:
+    """Run one side with the trainer's training_step wrapped: when the first step starts, each step's real
+    tokens, loss tokens and loss. Importing the trainer here costs nothing extra: every side needs it."""
+    from transformers import Trainer
+
+    steps: list[dict] = []
+    checkpointing: list[bool] = []
+    original = Trainer.training_step
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        start = time.time()
+        labels = inputs["labels"][..., 1:]
+        mask = inputs.get("attention_mask")
+        real = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        loss = original(self, model, inputs, *args, **kwargs)
+        steps.append(
+            {"start": start, "real": real, "loss_tokens": int((labels != -100).sum()), "loss": float(loss)}
+        )
+        checkpointing.append(
+            bool(
+                getattr(self.args, "activation_checkpointing", False)
+                or getattr(self.args, "gradient_checkpointing", False)
+            )
+        )
+        return loss
+
+    Trainer.training_step = training_step
+    if side == "baseline":
+        run_baseline(job, out)
+    else:
+        run_loratool(job, out, packing=side == "packing")
+    n = len(steps)
+    loop_s = (
+        (steps[-1]["start"] - steps[0]["start"]) * n / (n - 1)
+    )  # without what follows the last step (a save)
+    real = sum(s["real"] for s in steps)
+    loss_tokens = sum(s["loss_tokens"] for s in steps)
     return {
-        "train_runtime_s": float(runtime),
-        "real_tokens": manifest["data"]["train"]["tokens"],
-        "train_loss": manifest["train"]["train_loss"],
+        "first_step_at": steps[0]["start"],
+        "steps": n,
+        "loop_s": loop_s,
+        "real_tokens": real,
+        "loss_tokens": loss_tokens,
+        "tokens_per_s": real / loop_s,
+        "loss_per_token": sum(s["loss"] * s["loss_tokens"] for s in steps) / loss_tokens,
+        "step_tokens": [s["real"] for s in steps],
+        "step_losses": [s["loss"] for s in steps],
+        "activation_checkpointing": checkpointing[0],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
+# ----------------------------------------------------------------------------------------- the harness
+
+
+def run_one(side: str, job: dict, work: Path, threads: int, round_: int) -> dict:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    out = work / f"{job['shape']}-{side}-{round_}"
+    job_file = work / f"{job['shape']}.json"
+    job_file.write_text(json.dumps(job))
+    command = [sys.executable, __file__, "--role", side, "--job", str(job_file), "--out", str(out)]
+    launched = time.time()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{job['shape']} {side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result = json.loads(line.removeprefix("RESULT "))
+    result["launch_to_first_step_s"] = result.pop("first_step_at") - launched
+    return result
+
+
+def summary(values: list[float], fmt: str) -> str:
+    med = statistics.median(values)
+    if len(values) == 1:
+        return format(med, fmt)
+    return f"{format(med, fmt)} [{format(min(values), fmt)}-{format(max(values), fmt)}]"
+
+
+def report(shape: str, job: dict, results: dict[str, list[dict]]) -> None:
+    params = f", {job['parameters'] / 1e6:.1f}M parameters" if job["parameters"] else ""
+    rounds = len(next(iter(results.values())))
+    print(
+        f"\nshape {shape}{params}: micro-batch {job['batch_size']}, {job['steps']} steps, {rounds} round(s)"
+    )
+    header = f"{'side':9} {'real tok/s':>22} {'loop s':>20} {'launch->step 1 s':>18} {'peak RSS MiB':>20} {'loss/token':>10}"
+    print(header)
+    for side, runs in results.items():
+        print(
+            f"{side:9} {summary([r['tokens_per_s'] for r in runs], '.0f'):>22} "
+            f"{summary([r['loop_s'] for r in runs], '.1f'):>20} "
+            f"{summary([r['launch_to_first_step_s'] for r in runs], '.1f'):>18} "
+            f"{summary([r['peak_rss_bytes'] / 2**20 for r in runs], '.0f'):>20} "
+            f"{statistics.median(r['loss_per_token'] for r in runs):>10.4f}"
+        )
+    if "baseline" in results:
+        base = results["baseline"]
+        for side in (s for s in results if s != "baseline"):
+            # Ratios per round (the sides of one round ran back to back), then their median and range.
+            speed = [o["tokens_per_s"] / b["tokens_per_s"] for o, b in zip(results[side], base, strict=True)]
+            rss = [
+                o["peak_rss_bytes"] / b["peak_rss_bytes"] for o, b in zip(results[side], base, strict=True)
+            ]
+            print(
+                f"{side} / baseline: real tokens/s {summary(speed, '.2f')}x, peak RSS {summary(rss, '.2f')}x"
+            )
+        if "default" in results:
+            same = all(
+                d["step_tokens"] == b["step_tokens"] for d, b in zip(results["default"], base, strict=True)
+            )
+            gap = max(
+                abs(x - y)
+                for d, b in zip(results["default"], base, strict=True)
+                for x, y in zip(d["step_losses"], b["step_losses"], strict=False)
+            )
+            print(
+                f"default vs baseline: same examples in every step: {'yes' if same else 'NO'}; "
+                f"largest per-step loss difference {gap:.2e}"
+            )
+    if "default" in results and "packing" in results:
+        speed = [
+            p["tokens_per_s"] / d["tokens_per_s"]
+            for p, d in zip(results["packing"], results["default"], strict=True)
+        ]
+        print(f"packing / default: real tokens/s {summary(speed, '.2f')}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--intermediate-size", type=int, default=1376)
-    parser.add_argument("--vocab-size", type=int, default=4000)
-    parser.add_argument("--role", choices=["baseline", "loratool"], help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", default="a,b,smollm2", help="comma-separated: a, b, smollm2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help="comma-separated: baseline, default, packing"
+    )
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 30; 24 for smollm2)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write every run's figures here")
+    parser.add_argument("--role", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     if args.role:  # one side of the comparison, in its own process
-        side = run_baseline if args.role == "baseline" else run_loratool
-        print("RESULT " + json.dumps(side(args.model, args.data, args.out, args.batch_size, args.max_length)))
+        result = measure(args.role, json.loads(args.job.read_text()), args.out)
+        print("RESULT " + json.dumps(result))
         return
 
-    from loratool.tiny_model import build_tiny_model, count_parameters
-
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    model_dir = build_tiny_model(
-        work / "model",
-        arch="llama",
-        hidden_size=args.hidden_size,
-        num_layers=args.layers,
-        num_heads=8,
-        num_kv_heads=4,
-        intermediate_size=args.intermediate_size,
-        vocab_size=args.vocab_size,
-    )
-    data = work / "train.jsonl"
-    make_dataset(data, args.rows, seed=0)
-    print(
-        f"model: random Llama, {count_parameters(model_dir) / 1e6:.1f}M parameters · data: {args.rows} rows"
-    )
-    results = {}
-    for role in ("baseline", "loratool"):
-        command = [
-            sys.executable, __file__, "--role", role, "--model", str(model_dir), "--data", str(data),
-            "--out", str(work / role), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-        ]  # fmt: skip
-        proc = subprocess.run(command, capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            raise SystemExit(f"{role} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        results[role] = json.loads(line.removeprefix("RESULT "))
-
-    print(
-        f"{'':10} {'real tokens':>12} {'train loop s':>13} {'tokens/s':>10} {'peak RSS MiB':>13} {'train loss':>11}"
-    )
-    for role, r in results.items():
-        r["tokens_per_s"] = r["real_tokens"] / r["train_runtime_s"]
-        print(
-            f"{role:10} {r['real_tokens']:>12,} {r['train_runtime_s']:>13.1f} {r['tokens_per_s']:>10.0f} "
-            f"{r['peak_rss_bytes'] / 2**20:>13.0f} {r['train_loss']:>11.4f}"
-        )
-    base, ours = results["baseline"], results["loratool"]
-    print(
-        f"speed ratio (loratool / baseline, real tokens per second): {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x"
-    )
-    print(f"peak memory ratio (loratool / baseline): {ours['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x")
-    print(f"train loss difference: {abs(ours['train_loss'] - base['train_loss']):.4f}")
+    everything = {}
+    for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
+        job = prepare(shape, work, args.steps)
+        results: dict[str, list[dict]] = {side: [] for side in sides}
+        for round_ in range(args.rounds):
+            order = sides if round_ % 2 == 0 else sides[::-1]  # alternate who runs first
+            for side in order:
+                results[side].append(run_one(side, job, work, args.threads, round_))
+                r = results[side][-1]
+                print(
+                    f"  {shape} round {round_ + 1} {side}: {r['tokens_per_s']:.0f} real tok/s, loop {r['loop_s']:.1f}s, "
+                    f"first step after {r['launch_to_first_step_s']:.1f}s, {r['peak_rss_bytes'] / 2**20:.0f} MiB",
+                    flush=True,
+                )
+        report(shape, job, results)
+        everything[shape] = {"job": job, "runs": results}
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=1))
 
 
 if __name__ == "__main__":

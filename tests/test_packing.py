@@ -29,15 +29,27 @@ def examples(tmp_path_factory, tiny_llama):
     return build_datasets(data, tokenizer, seed=0).train
 
 
+ATTENTION = ["sdpa", "eager", "sdpa_per_example", "eager_per_example"]
+
+
 def load(tiny_llama, attn):
+    """`sdpa_per_example` / `eager_per_example`: loaded as sdpa / eager, then switched as load_model does."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn).eval()
+    from loratool.attention import use_per_example_attention
+
+    stock = attn.removesuffix("_per_example")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=stock)
+    if attn != stock:
+        assert use_per_example_attention(model) == attn
+    return model.eval()
 
 
 def token_losses(model, batch) -> torch.Tensor:
     """Cross-entropy of every loss-carrying token (labels != -100), in order."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    # What the trainer passes: TRL's padding-free collator adds the example boundaries (cu_seq_lens_*).
+    keys = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q")
+    inputs = {k: batch[k] for k in keys if k in batch}
     with torch.no_grad():
         # As in training (load_model turns the cache off): with a KV cache, transformers does not look
         # for packed sequences in the position ids.
@@ -53,7 +65,7 @@ def one_by_one(model, dataset) -> torch.Tensor:
     return torch.cat([token_losses(model, collate([row])) for row in dataset])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ATTENTION)
 def test_padding_free_batch_equals_examples_one_by_one(tiny_llama, examples, attn):
     model = load(tiny_llama, attn)
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(list(examples))
@@ -61,8 +73,9 @@ def test_padding_free_batch_equals_examples_one_by_one(tiny_llama, examples, att
     torch.testing.assert_close(token_losses(model, batch), one_by_one(model, examples), atol=1e-5, rtol=1e-5)
 
 
-def test_packed_rows_equal_examples_one_by_one(tiny_llama, examples):
-    model = load(tiny_llama, "sdpa")
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_packed_rows_equal_examples_one_by_one(tiny_llama, examples, attn):
+    model = load(tiny_llama, attn)
     packed = pack_dataset(examples.select_columns(["input_ids", "labels"]), seq_length=96, strategy="bfd")
     assert len(packed) < len(examples)  # several examples really share a row
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
@@ -91,10 +104,41 @@ def test_padded_and_padding_free_batches_give_the_same_mean_loss(tiny_llama, exa
     torch.testing.assert_close(loss_free, loss_padded, atol=1e-5, rtol=1e-5)
 
 
-def test_without_position_resets_examples_would_leak(tiny_llama, examples):
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_per_example"])
+def test_without_position_resets_examples_would_leak(tiny_llama, examples, attn):
     """The control that shows the tests above can fail: one row without the position-id resets lets later
     examples attend to earlier ones, and their losses change."""
-    model = load(tiny_llama, "sdpa")
+    model = load(tiny_llama, attn)
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(list(examples))
-    leaky = {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]}
+    leaky = {k: v for k, v in batch.items() if not k.startswith("cu_seq_lens")}
+    leaky["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
     assert (token_losses(model, leaky) - one_by_one(model, examples)).abs().max() > 1e-3
+
+
+def test_packing_trains_with_micro_batches_sized_from_the_data(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    """`loratool train` with packing: the trainer gets packed rows of max_length, as many per micro-batch
+    as hold per_device_train_batch_size examples of average length, and trains."""
+    from typer.testing import CliRunner
+
+    from conftest import smoke_recipe, write_recipe
+    from loratool import sft_config
+    from loratool.cli import app
+
+    seen = {}
+    build = sft_config.build_sft_config
+
+    def recording(*args, **kwargs):
+        seen["args"] = build(*args, **kwargs)
+        seen["train"] = kwargs["train_summary"]
+        return seen["args"]
+
+    monkeypatch.setattr("loratool.train.build_sft_config", recording)
+    out = tmp_path / "run"
+    recipe = smoke_recipe(tiny_llama, smoke_data, out, data={"packing": True}, training={"max_steps": 2})
+    result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", recipe))])
+    assert result.exit_code == 0, result.output
+    args, train = seen["args"], seen["train"]
+    assert args.packing and args.max_length == 64
+    expected = max(1, round(8 * train.tokens / train.rows / 64))
+    assert args.per_device_train_batch_size == expected
+    assert json.loads((out / "run.json").read_text())["train"]["global_step"] == 2

@@ -343,30 +343,56 @@ def test_missing_or_unknown_tracker_is_refused_before_loading(
     assert not out.exists()
 
 
-def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, tiny_llama, smoke_data):
+def one_sgd_step(
+    tmp_path, tiny_llama, smoke_data, name, *, batch, accumulation, attn=None, padding_free=True
+):
+    """The adapter after one plain-SGD step (the update is the gradient itself: Adam's first step is nearly
+    sign(gradient) and would hide a wrong normalization)."""
+    out = tmp_path / name
+    recipe = smoke_recipe(
+        tiny_llama,
+        smoke_data,
+        out,
+        model={"attn_implementation": attn},
+        data={"padding_free": padding_free},
+        training={
+            "max_steps": 1,
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": accumulation,
+            "optim": "sgd",
+            "learning_rate": 1.0,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+            "max_grad_norm": 0.0,
+        },
+    )
+    assert train_cli(write_recipe(tmp_path / f"{name}.yaml", recipe)).exit_code == 0
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)  # the step did move B
+    return adapter
+
+
+@pytest.mark.parametrize(
+    ("attn", "padding_free"),
+    [(None, True), ("eager", True), ("sdpa", False)],
+    ids=["sdpa_per_example", "eager_per_example", "padded-sdpa"],
+)
+def test_batch_8_equals_batch_2_times_accumulation_4(tmp_path, tiny_llama, smoke_data, attn, padding_free):
     """One optimizer step sees the same 8 examples either way, and the loss is normalized over all of
-    their loss tokens, so the adapter moves identically. Plain SGD, so that the update is the gradient
-    itself (Adam's first step is nearly sign(gradient) and would hide a wrong normalization)."""
-    adapters = []
-    for batch, accumulation in ((8, 1), (2, 4)):
-        out = tmp_path / f"b{batch}"
-        recipe = smoke_recipe(
-            tiny_llama,
-            smoke_data,
-            out,
-            training={
-                "max_steps": 1,
-                "per_device_train_batch_size": batch,
-                "gradient_accumulation_steps": accumulation,
-                "optim": "sgd",
-                "learning_rate": 1.0,
-                "lr_scheduler_type": "constant",
-                "warmup_steps": 0,
-                "max_grad_norm": 0.0,
-            },
-        )
-        assert train_cli(write_recipe(tmp_path / f"r{batch}.yaml", recipe)).exit_code == 0
-        adapters.append(load_file(out / "adapter_model.safetensors"))
-    assert any(t.abs().max() > 0 for k, t in adapters[0].items() if "lora_B" in k)  # the step did move B
-    for key in adapters[0]:
-        torch.testing.assert_close(adapters[1][key], adapters[0][key], atol=1e-5, rtol=1e-4)
+    their loss tokens, so the adapter moves identically."""
+    settings = {"attn": attn, "padding_free": padding_free}
+    whole = one_sgd_step(tmp_path, tiny_llama, smoke_data, "b8", batch=8, accumulation=1, **settings)
+    split = one_sgd_step(tmp_path, tiny_llama, smoke_data, "b2", batch=2, accumulation=4, **settings)
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], atol=1e-5, rtol=1e-4)
+
+
+def test_padding_free_step_equals_padded_step(tmp_path, tiny_llama, smoke_data):
+    """The default (padding-free batches, attention per example) moves the adapter exactly as padded
+    batches with the stock sdpa do: same examples, same loss per token, same gradient."""
+    free = one_sgd_step(tmp_path, tiny_llama, smoke_data, "free", batch=8, accumulation=1)
+    padded = one_sgd_step(
+        tmp_path, tiny_llama, smoke_data, "padded", batch=8, accumulation=1, padding_free=False
+    )
+    for key in free:
+        torch.testing.assert_close(free[key], padded[key], atol=1e-5, rtol=1e-4)
