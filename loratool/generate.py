@@ -77,6 +77,7 @@ def generate_ids(
     stop_ids: list[int],
     batch_size: int = 8,
     streamer: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (the stop token, if reached, included). Prompts go in batches of
     similar length, padded on the left so that every row's next token comes right after its prompt."""
@@ -99,6 +100,8 @@ def generate_ids(
     else:
         options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
     for start in range(0, len(order), batch_size):
+        if progress is not None:  # called with the prompts done so far (metrics.Heartbeat.tick)
+            progress(start)
         batch = [prompts[i] for i in order[start : start + batch_size]]
         width = max(len(p) for p in batch)
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
