@@ -537,6 +537,15 @@ def generate(
     system: Annotated[
         str | None, typer.Option("--system", help="A system message.", show_default=False)
     ] = None,
+    tools: Annotated[
+        Path | None,
+        typer.Option(
+            "--tools",
+            metavar="FILE",
+            help="A JSON list of tool definitions, rendered by the chat template as in training.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Answer prompts with the fine-tuned model, through its chat template."""
     quiet_libraries()
@@ -551,6 +560,7 @@ def generate(
         top_p=top_p,
         seed=seed,
         system=system,
+        tools=tools,
         log=typer.echo,
     )
 
@@ -576,6 +586,15 @@ def chat(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     system: Annotated[str | None, typer.Option("--system", show_default=False)] = None,
+    tools: Annotated[
+        Path | None,
+        typer.Option(
+            "--tools",
+            metavar="FILE",
+            help="A JSON list of tool definitions, rendered by the chat template as in training.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Talk to the model interactively, answers streamed as they are generated."""
     quiet_libraries()
@@ -588,6 +607,7 @@ def chat(
         temperature=temperature,
         top_p=top_p,
         system=system,
+        tools=tools,
         log=typer.echo,
         write=lambda text: typer.echo(text, nl=False),
     )

@@ -38,7 +38,12 @@ class LossResult:
 
 
 def heldout_loss(
-    model: Any, rows: list[tuple[list[int], list[int]]], *, pad_id: int, max_batch_tokens: int = 2048
+    model: Any,
+    rows: list[tuple[list[int], list[int]]],
+    *,
+    pad_id: int,
+    max_batch_tokens: int = 2048,
+    progress: Any = None,
 ) -> LossResult:
     """Cross-entropy of every loss token of `rows` ((input_ids, labels) pairs), summed in float64.
 
@@ -51,7 +56,11 @@ def heldout_loss(
 
     device = next(model.parameters()).device
     sums, counts = [0.0] * len(rows), [0] * len(rows)
+    done = 0
     for batch in _batches(rows, max_batch_tokens):
+        if progress is not None:  # a callable(rows done), e.g. metrics.Heartbeat(...).tick
+            progress(done)
+        done += len(batch)
         width = max(len(rows[i][0]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)

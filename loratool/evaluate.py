@@ -277,7 +277,12 @@ def evaluate_model(
     """Loss on the rows and metrics of the answers generated for their prompts."""
     started = time.perf_counter()
     pad = loaded.tokenizer.pad_token_id
-    loss = heldout_loss(loaded.model, data.rows, pad_id=pad)
+    from loratool.metrics import Heartbeat
+
+    rows_beat = Heartbeat(f"{label}: loss", len(data.rows), write=log)
+    loss = heldout_loss(
+        loaded.model, data.rows, pad_id=pad, progress=lambda n: rows_beat.tick(n, unit="rows")
+    )
     loss_seconds = time.perf_counter() - started
     prompts, cut = [], 0
     for p in data.prompts:
@@ -288,9 +293,11 @@ def evaluate_model(
         log(
             f"warning: {cut} prompt(s) were cut from the left to leave room for {sampling.max_new_tokens} new tokens"
         )
+    answers_beat = Heartbeat(f"{label}: generating", len(prompts), write=log)
     new_ids = generate_ids(
-        loaded.model, prompts, sampling, pad_id=pad, stop_ids=loaded.stop_ids, batch_size=batch
-    )
+        loaded.model, prompts, sampling, pad_id=pad, stop_ids=loaded.stop_ids, batch_size=batch,
+        progress=lambda n: answers_beat.tick(n, unit="answers"),
+    )  # fmt: skip
     answers = [answer_text(loaded.tokenizer, ids) for ids in new_ids]
     references = [answer_text(loaded.tokenizer, p.reference_ids) for p in data.prompts]
     lengths = [len(ids) - (1 if ids and ids[-1] in loaded.stop_ids else 0) for ids in new_ids]

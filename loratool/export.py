@@ -77,7 +77,8 @@ def run_export(
             if is_run:
                 model_dir, merge_record = merge_for_export(source, partial, base, outtype, verify, force, log)
             else:
-                model_dir, merge_record = source, None
+                # A `loratool merge` output: its merge.json is the chain back to the run (adapter, base).
+                model_dir, merge_record = source, merge_record_of(source)
             record = export_gguf(model_dir, partial, source, outtype, ollama, verify, log)
             record["source"]["merge"] = merge_record
             if is_run:
@@ -92,6 +93,14 @@ def run_export(
 
 
 # --- the source ----------------------------------------------------------------------------------------
+
+
+def merge_record_of(model_dir: Path) -> dict[str, Any] | None:
+    """merge.json of a `loratool merge` output (loratool's marker checked), or None for any other model."""
+    from loratool.merge import MERGE_RECORD
+    from loratool.outputs import owned_record
+
+    return owned_record(model_dir, MERGE_RECORD, "merge")
 
 
 def find_source(path: Path) -> Path:

@@ -5,8 +5,14 @@ that one base, switched with `set_adapter` (the reported switch cost is that cal
 picks its adapter with an `@NAME:` prefix (`@base:` answers with every adapter switched off); prompts
 without one go to the first adapter (the run's own, for a run TARGET).
 
-Prompts are rendered with the chat template the adapter was trained with (add_generation_prompt), and
-generation stops at EOS or the template's end-of-turn token. A prompt that would not leave
+Each adapter is prompted as it was trained (`Prompting`): with the chat template saved next to it (a run's
+tokenizer, or a tokenizer saved with a bare adapter) and the system prompt its recipe gave every source;
+`@base:` with the base's own template. When two of them differ, a note says so. `--tools FILE` passes
+tool definitions to the template as training did (rows with `tools`). Generation stops at EOS or the
+template's end-of-turn token. A merged model answers under the name of its run.
+
+The first generate call on a freshly loaded model is slower (kernel selection, allocator and KV-cache
+warm-up): a one-token warm-up right after loading takes that cost, and its time is printed. A prompt that would not leave
 `max_new_tokens` of room in the model's context is cut from the left, with a warning.
 """
 
@@ -16,7 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +77,7 @@ def generate_ids(
     stop_ids: list[int],
     batch_size: int = 8,
     streamer: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (the stop token, if reached, included). Prompts go in batches of
     similar length, padded on the left so that every row's next token comes right after its prompt."""
@@ -93,6 +100,8 @@ def generate_ids(
     else:
         options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
     for start in range(0, len(order), batch_size):
+        if progress is not None:  # called with the prompts done so far (metrics.Heartbeat.tick)
+            progress(start)
         batch = [prompts[i] for i in order[start : start + batch_size]]
         width = max(len(p) for p in batch)
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
@@ -116,16 +125,44 @@ def answer_text(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The conversation so far, rendered by the chat template with the assistant's generation prompt."""
+def render_prompt(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None
+) -> list[int]:
+    """The conversation so far, rendered by the chat template with the assistant's generation prompt
+    (and the tool definitions, as training rendered rows that have `tools`)."""
     if not tokenizer.chat_template:
         # A base model without a template: the last message is sent as raw text.
         return tokenizer(messages[-1]["content"])["input_ids"]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    options = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # --- several adapters on one base ----------------------------------------------------------------------
+
+
+@dataclass
+class Prompting:
+    """How one adapter (or the base) is prompted: the tokenizer carrying the chat template it was trained
+    with, the system prompt its training data had, and the tokens that end its answers."""
+
+    tokenizer: Any
+    system: str | None
+    stop_ids: list[int]
+    origin: str  # where the template comes from, in words
+
+    @property
+    def template(self) -> str | None:
+        template = self.tokenizer.chat_template
+        return template if isinstance(template, str) or template is None else repr(template)
+
+    def messages(self, history: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+        """The conversation with its system message: `system` (--system) wins over the trained one."""
+        system = system if system is not None else self.system
+        return ([{"role": "system", "content": system}] if system else []) + history
+
+    def render(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> list[int]:
+        return render_prompt(self.tokenizer, messages, tools)
 
 
 @dataclass
@@ -136,10 +173,18 @@ class Adapters:
     names: list[str]  # in load order; names[0] is the default
     load_ms: dict[str, float]
     active: str | None = None
+    plain: str = BASE  # how the model with no adapter active is named (a merged model: its run's name)
+    prompting: dict[str, Prompting] = field(default_factory=dict)
+    sources: dict[str, Callable[[], Prompting]] = field(default_factory=dict)  # built on first use
+    log: Callable[[str], None] = print
 
     @property
     def model(self) -> Any:
         return self.loaded.model
+
+    def label(self, name: str) -> str:
+        """The name answers are printed under."""
+        return self.plain if name == BASE else name
 
     def use(self, name: str) -> float:
         """Activate adapter `name` (or BASE: none). Returns the wall time of the switch, in ms."""
@@ -151,20 +196,55 @@ class Adapters:
         self.active = name
         return 1000 * (time.perf_counter() - started)
 
+    def prompting_of(self, name: str) -> Prompting:
+        """How `name` is prompted; a note is printed when its template is not the default adapter's."""
+        if name not in self.prompting:
+            self.prompting[name] = self.sources[name]()
+            first = self.names[0] if self.names else BASE
+            if name != first and first in self.prompting:
+                own, default = self.prompting[name], self.prompting[first]
+                if own.template != default.template:
+                    self.log(
+                        f"note: {self.label(name)} is prompted with {own.origin}, which differs from "
+                        f"{self.label(first)}'s ({default.origin}): each answers in the format it was trained on"
+                    )
+                if own.system != default.system and own.system:
+                    self.log(f"note: {self.label(name)} gets the system prompt it was trained with")
+        return self.prompting[name]
+
     def generate(self, prompts: list[list[int]], sampling: Sampling, streamer: Any = None) -> list[list[int]]:
         """Generate with the active adapter (with every adapter off for BASE)."""
         from contextlib import nullcontext
 
+        prompting = self.prompting_of(self.active or BASE)
         off = self.model.disable_adapter() if self.active == BASE and self.names else nullcontext()
         with off:
             return generate_ids(
                 self.model,
                 prompts,
                 sampling,
-                pad_id=self.loaded.tokenizer.pad_token_id,
-                stop_ids=self.loaded.stop_ids,
+                pad_id=_pad_id(prompting.tokenizer, self.loaded.tokenizer),
+                stop_ids=prompting.stop_ids,
                 streamer=streamer,
             )
+
+    def warm_up(self) -> float:
+        """One short generate: the first call on a fresh model pays for kernel selection and memory
+        set-up (several times a later prompt's time on CPU); paid here, and said, not on the first answer."""
+        started = time.perf_counter()
+        tokenizer = self.loaded.tokenizer
+        ids = tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
+        generate_ids(self.model, [ids], Sampling(max_new_tokens=2), pad_id=_pad_id(tokenizer, tokenizer),
+                     stop_ids=[])  # fmt: skip
+        return time.perf_counter() - started
+
+
+def _pad_id(tokenizer: Any, fallback: Any) -> int:
+    for source in (tokenizer, fallback):
+        for value in (source.pad_token_id, source.eos_token_id):
+            if value is not None:
+                return int(value)
+    return 0
 
 
 def parse_adapter_options(options: list[str], target: Target) -> list[tuple[str, Path]]:
@@ -243,13 +323,22 @@ def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loa
         raise LoratoolError(f"{mismatch}: {exc.message}", hint=hint) from None
 
 
-def load_adapters(target: Target, options: list[str], log: Callable[[str], None]) -> Adapters:
+def load_adapters(
+    target: Target, options: list[str], log: Callable[[str], None], *, warm_up: bool = True
+) -> Adapters:
     """Load TARGET and put every `--adapter` on its base; each adapter's base is checked first."""
     extra = parse_adapter_options(options, target)
     loaded = load_target(target, log)
     names = [target.adapter_name] if target.kind == "run" else []
     load_ms: dict[str, float] = {}
     log(f"loaded in {loaded.load_seconds:.1f}s ({loaded.device}, {loaded.dtype})")
+    sources: dict[str, Callable[[], Prompting]] = {}
+    own = Prompting(loaded.tokenizer, _run_system(target), loaded.stop_ids, _own_origin(target))
+    if target.kind == "run":
+        sources[target.adapter_name] = lambda: own
+        sources[BASE] = lambda: _run_base_prompting(target, loaded, log)
+    else:
+        sources[BASE] = lambda: own
     for name, adapter_dir in extra:
         check_adapter_base(name, adapter_dir, target, loaded)
         started = time.perf_counter()
@@ -268,20 +357,170 @@ def load_adapters(target: Target, options: list[str], log: Callable[[str], None]
             ) from None
         load_ms[name] = 1000 * (time.perf_counter() - started)
         names.append(name)
+        sources[name] = _adapter_prompting_source(adapter_dir, loaded, sources[BASE])
         log(f"adapter {name} loaded from {adapter_dir} in {load_ms[name]:.0f} ms")
-    adapters = Adapters(loaded, names, load_ms)
+    adapters = Adapters(loaded, names, load_ms, plain=plain_name(target), sources=sources, log=log)
     adapters.use(names[0] if names else BASE)
+    adapters.prompting_of(adapters.active or BASE)
+    if warm_up:
+        seconds = adapters.warm_up()
+        log(f"warmed up in {seconds:.1f}s (the first generate on a fresh model sets up kernels and memory)")
     return adapters
 
 
-def pick_adapter(prompt: str, adapters: list[str]) -> tuple[str | None, str]:
-    """`@NAME: text` -> (NAME, text); a plain prompt -> (None, prompt)."""
+def plain_name(target: Target) -> str:
+    """How answers of TARGET with no adapter active are labelled: a merged model by its run's name."""
+    if target.kind != "merged":
+        return BASE
+    adapter_path = ((target.merge_record or {}).get("adapter") or {}).get("path")
+    return _safe_name(Path(adapter_path).name if adapter_path else target.path.name)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name) or "merged"
+
+
+def trained_system(system_prompts: list[str | None]) -> str | None:
+    """The system prompt training put before conversations: the sources' `system_prompt` when they all
+    agree (sources with different ones, or only some with one, have no single prompt to repeat)."""
+    distinct = set(system_prompts)
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def _run_system(target: Target) -> str | None:
+    if target.recipe is None:
+        return None
+    return trained_system([source.system_prompt for source in target.recipe.data.train])
+
+
+def _own_origin(target: Target) -> str:
+    if target.kind == "base":
+        return "the model's own chat template"
+    return f"the chat template its run trained with ({target.run_dir or target.path})"
+
+
+def _run_base_prompting(target: Target, loaded: Loaded, log: Callable[[str], None]) -> Prompting:
+    """The base of a run target, prompted with the base's own tokenizer and template."""
+    from loratool.model import load_tokenizer
+
+    assert target.recipe is not None
+    tokenizer = load_tokenizer(target.recipe.base_model, target.recipe.model, log)
+    origin = (
+        "the base's own chat template"
+        if tokenizer.chat_template
+        else "raw text (the base has no chat template)"
+    )
+    return Prompting(tokenizer, None, stop_ids_of(tokenizer, loaded.model), origin)
+
+
+def _adapter_prompting_source(
+    adapter_dir: Path, loaded: Loaded, base: Callable[[], Prompting]
+) -> Callable[[], Prompting]:
+    """How an extra adapter is prompted: with the tokenizer saved next to it (a run's, or a bare adapter's)
+    and its run's system prompt; an adapter saved without a tokenizer: like the base."""
+
+    def build() -> Prompting:
+        from transformers import AutoTokenizer
+
+        from loratool.rundir import read_run
+
+        if not (adapter_dir / "tokenizer_config.json").is_file():
+            fallback = base()
+            return Prompting(fallback.tokenizer, fallback.system, fallback.stop_ids,
+                             f"{fallback.origin} (no tokenizer was saved with {adapter_dir})")  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        record = read_run(adapter_dir)
+        recipe = record.recipe() if record is not None else None
+        sources = ((recipe or {}).get("data") or {}).get("train") or []
+        system = trained_system([s.get("system_prompt") for s in sources if isinstance(s, dict)])
+        origin = f"the chat template saved with it ({adapter_dir})"
+        return Prompting(tokenizer, system, stop_ids_of(tokenizer, loaded.model), origin)
+
+    return build
+
+
+def stop_ids_of(tokenizer: Any, model: Any) -> list[int]:
+    """Where answers of a template end: the model's and the tokenizer's EOS, and the special token the
+    template closes an assistant turn with (a chat fine-tune that stops only at EOS runs on)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if tokenizer.chat_template:
+        probe = "loratool-end-of-turn-probe"
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}], tokenize=False
+            )
+        except Exception:  # a template with rules of its own (roles, system prompt): EOS only
+            text = ""
+        after = text.split(probe, 1)[1].lstrip() if probe in text else ""
+        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        special = set(tokenizer.all_special_ids) | {
+            i for i, token in tokenizer.added_tokens_decoder.items() if token.special
+        }
+        if first and first[0] in special:
+            ids.append(first[0])
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def read_tools(path: Path | None) -> list[Any] | None:
+    """`--tools FILE`: a JSON list of tool definitions ({"type": "function", "function": {...}}), or an
+    object with a "tools" list — the shape training rows carry in their `tools` field."""
+    import json
+
+    if path is None:
+        return None
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise LoratoolError(f"--tools {path}: cannot read it: {exc.strerror or exc}",
+                            hint="pass a JSON file with a list of tool definitions") from None  # fmt: skip
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoratoolError(f"--tools {path}: not valid JSON: {exc}",
+                            hint="pass a JSON file with a list of tool definitions") from None  # fmt: skip
+    if isinstance(value, dict) and isinstance(value.get("tools"), list):
+        value = value["tools"]
+    if not isinstance(value, list) or not value or not all(isinstance(t, dict) for t in value):
+        raise LoratoolError(
+            f"--tools {path}: expected a non-empty JSON list of tool definitions (objects)",
+            hint='e.g. [{"type": "function", "function": {"name": "get_weather", "description": "...", '
+            '"parameters": {"type": "object", "properties": {...}}}}]',
+        )
+    return value
+
+
+def render_for(
+    adapters: Adapters,
+    name: str,
+    history: list[dict[str, Any]],
+    system: str | None,
+    tools: list[Any] | None,
+) -> list[int]:
+    """The prompt for adapter `name`, in the format it was trained on; tools refused by its template."""
+    from loratool.data.templates import renders_tools
+
+    prompting = adapters.prompting_of(name)
+    if tools and not (prompting.tokenizer.chat_template and renders_tools(prompting.tokenizer)):
+        raise LoratoolError(
+            f"--tools: {adapters.label(name)} is prompted with {prompting.origin}, which does not write tool "
+            "definitions into the prompt",
+            hint="drop --tools for this adapter, or train with a chat template that renders `tools`",
+        )
+    return prompting.render(prompting.messages(history, system), tools)
+
+
+def pick_adapter(prompt: str, adapters: list[str], plain: str = BASE) -> tuple[str | None, str]:
+    """`@NAME: text` -> (NAME, text); a plain prompt -> (None, prompt). `@PLAIN:` (a merged model's run
+    name) is the model with no adapter, like `@base:`."""
     match = _PICK.match(prompt)
     if match is None:
         return None, prompt
     name, text = match.group(1), match.group(2)
+    if name == plain:
+        return BASE, text
     if name != BASE and name not in adapters:
-        known = ", ".join([*adapters, BASE])
+        known = ", ".join([*adapters, plain])
         raise LoratoolError(
             f"--prompt {prompt[:40]!r}: no adapter named {name!r} (loaded: {known})",
             hint="load it with --adapter NAME=DIR, or pick one of the names above",
@@ -302,6 +541,8 @@ def run_generate(
     top_p: float = 1.0,
     seed: int = 0,
     system: str | None = None,
+    tools: Path | None = None,
+    warm_up: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Answer each prompt with the adapter it names (see module docstring); returns one record per prompt."""
@@ -309,22 +550,22 @@ def run_generate(
         raise LoratoolError(
             "no prompt given", hint='pass --prompt "..." (repeatable; "@NAME: ..." picks an adapter)'
         )
+    tool_list = read_tools(tools)
     resolved = resolve_target(target)
     known = [resolved.adapter_name] if resolved.kind == "run" else []
     known += [name for name, _ in parse_adapter_options(adapters, resolved)]
-    picked = [pick_adapter(p, known) for p in prompts]  # refuse an unknown name before loading anything
-    loaded = load_adapters(resolved, adapters, log)
+    plain = plain_name(resolved)
+    picked = [pick_adapter(p, known, plain) for p in prompts]  # refuse an unknown name before loading
+    loaded = load_adapters(resolved, adapters, log, warm_up=warm_up)
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    tokenizer, records = loaded.loaded.tokenizer, []
-    if not tokenizer.chat_template:
+    records = []
+    if not loaded.loaded.tokenizer.chat_template:
         log("note: this model has no chat template; prompts are sent as raw text")
     for name, text in picked:
         name = name or (loaded.names[0] if loaded.names else BASE)
         switch_ms = loaded.use(name)
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": text}
-        ]
-        ids, cut = fit_to_context(render_prompt(tokenizer, messages), loaded.loaded.context, max_new_tokens)
+        rendered = render_for(loaded, name, [{"role": "user", "content": text}], system, tool_list)
+        ids, cut = fit_to_context(rendered, loaded.loaded.context, max_new_tokens)
         if cut:
             log(
                 f"warning: the prompt is {len(ids) + cut} tokens; its first {cut} were cut so that it and "
@@ -333,8 +574,9 @@ def run_generate(
         started = time.perf_counter()
         new_ids = loaded.generate([ids], sampling)[0]
         seconds = time.perf_counter() - started
-        answer = answer_text(tokenizer, new_ids)
-        log(f"[{name}] {text}")
+        answer = answer_text(loaded.prompting_of(name).tokenizer, new_ids)
+        label = loaded.label(name)
+        log(f"[{label}] {text}")
         log(answer)
         log(
             f"({len(new_ids)} tokens in {seconds:.2f}s"
@@ -343,7 +585,7 @@ def run_generate(
         )
         records.append(
             {
-                "adapter": name,
+                "adapter": label,
                 "prompt": text,
                 "answer": answer,
                 "new_tokens": len(new_ids),
@@ -372,24 +614,25 @@ def run_chat(
     temperature: float = 0.0,
     top_p: float = 1.0,
     system: str | None = None,
+    tools: Path | None = None,
     log: Callable[[str], None] = print,
     write: Callable[[str], None] | None = None,
 ) -> None:
     """An interactive conversation on stdin/stdout, answers streamed token by token. The history is kept
-    within the context by dropping the oldest turns. Works with piped input (one message per line)."""
+    within the context by dropping the oldest turns. Works with piped input (one message per line).
+    Each adapter is prompted with its own template and system prompt (`/adapter` switches both)."""
     write = write or (lambda text: print(text, end="", flush=True))
+    tool_list = read_tools(tools)
     resolved = resolve_target(target)
     loaded = load_adapters(resolved, adapters, log)
-    tokenizer = loaded.loaded.tokenizer
-    if not tokenizer.chat_template:
+    if not loaded.prompting_of(loaded.active or BASE).tokenizer.chat_template:
         raise LoratoolError(
             f"{resolved.path} has no chat template, so there is no conversation format to chat in",
             hint='use `loratool generate TARGET --prompt "..."` for raw-text completion',
         )
     sampling = Sampling(max_new_tokens, temperature, top_p)
-    system_turn = [{"role": "system", "content": system}] if system else []
     history: list[dict[str, str]] = []
-    log(f"chatting with {loaded.active} · {CHAT_HELP}")
+    log(f"chatting with {loaded.label(loaded.active or BASE)} · {CHAT_HELP}")
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -405,15 +648,19 @@ def run_chat(
                 break
             continue
         history.append({"role": "user", "content": line})
+        name = loaded.active or BASE
         ids, dropped, cut = _fit_history(
-            tokenizer, system_turn, history, loaded.loaded.context, max_new_tokens
+            lambda turns, n=name: render_for(loaded, n, turns, system, tool_list),
+            history,
+            loaded.loaded.context,
+            max_new_tokens,
         )
         if dropped:
             log(f"(dropped the {dropped} oldest message(s) to stay within the context)")
         if cut:
             log(f"warning: the message is too long for the context; its first {cut} tokens were cut")
-        streamer = _streamer(tokenizer, write)
-        new_ids = loaded.generate([ids], sampling, streamer=streamer)[0]
+        tokenizer = loaded.prompting_of(name).tokenizer
+        new_ids = loaded.generate([ids], sampling, streamer=_streamer(tokenizer, write))[0]
         history.append({"role": "assistant", "content": answer_text(tokenizer, new_ids)})
 
 
@@ -430,22 +677,27 @@ def _chat_command(
     elif command == "/adapters":
         log(
             "adapters: "
-            + ", ".join(f"{n}{' (active)' if n == adapters.active else ''}" for n in [*adapters.names, BASE])
+            + ", ".join(
+                f"{adapters.label(n)}{' (active)' if n == adapters.active else ''}"
+                for n in [*adapters.names, BASE]
+            )
         )
     elif command == "/adapter":
         name = argument.strip()
+        name = BASE if name == adapters.plain else name
         if name != BASE and name not in adapters.names:
-            log(f"no adapter named {name!r}; loaded: {', '.join([*adapters.names, BASE])}")
+            log(f"no adapter named {name!r}; loaded: {', '.join([*adapters.names, adapters.plain])}")
         else:
-            log(f"(now answering with {name}; switched in {adapters.use(name):.2f} ms)")
+            switch_ms = adapters.use(name)
+            adapters.prompting_of(name)
+            log(f"(now answering with {adapters.label(name)}; switched in {switch_ms:.2f} ms)")
     else:
         log(f"unknown command {command}; {CHAT_HELP}")
     return True
 
 
 def _fit_history(
-    tokenizer: Any,
-    system_turn: list[dict[str, str]],
+    render: Callable[[list[dict[str, str]]], list[int]],
     history: list[dict[str, str]],
     context: int | None,
     max_new_tokens: int,
@@ -455,7 +707,7 @@ def _fit_history(
     Returns (ids, messages dropped, tokens cut)."""
     dropped = 0
     while True:
-        ids = render_prompt(tokenizer, system_turn + history)
+        ids = render(history)
         if context is None or len(ids) + max_new_tokens <= context or len(history) == 1:
             break
         count = min(2, len(history) - 1)  # a user message and its answer

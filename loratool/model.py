@@ -49,11 +49,32 @@ def load_tokenizer(
         )
     except (OSError, ValueError) as exc:
         raise _not_loadable("tokenizer", source, exc) from None
+    _keep_context_length(tokenizer, source, model)
     if tokenizer.pad_token is None:
         # Padding-free batches never pad, but evaluation and generation need a pad id; EOS is the usual
         # stand-in and is never confused with a target because padded positions carry no loss.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _keep_context_length(tokenizer: Any, source: str, model: ModelSection) -> None:
+    """A tokenizer saved without `model_max_length` reads back as 1e30 (transformers' "no limit"), and the
+    adapter's saved tokenizer would tell other tools the model has no context limit: take the model's."""
+    from transformers import AutoConfig
+
+    if tokenizer.model_max_length < 1e9:
+        return
+    try:
+        config = AutoConfig.from_pretrained(
+            source, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return
+    for part in (config, getattr(config, "text_config", None)):
+        value = getattr(part, "max_position_embeddings", None) if part is not None else None
+        if isinstance(value, int) and value > 0:
+            tokenizer.model_max_length = value
+            return
 
 
 def build_quantization_config(q: QuantizationSection, dtype: Any) -> BitsAndBytesConfig:

@@ -188,8 +188,13 @@ def _train(
             trainer.model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)  # with the chat template the data was rendered with
             plot_loss_curve(
-                read_metrics(run.metrics), folder / LOSS_CURVE, title=f"{recipe.base_model} · LoRA"
+                read_metrics(run.metrics),
+                folder / LOSS_CURVE,
+                title=f"{run.path.name} · LoRA on {recipe.base_model}",
             )
+            from loratool.model_card import finish_adapter_dir
+
+            finish_adapter_dir(folder, recipe_to_dict(recipe), manifest)  # model card, the real base's name
 
         if main_process:
             check_finite_adapter(trainer.model)

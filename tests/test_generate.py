@@ -33,17 +33,31 @@ def adapters(tmp_path_factory, tiny_llama) -> dict[str, Path]:
     return {name: random_adapter(tiny_llama, tmp / name, seed) for name, seed in (("one", 1), ("two", 2))}
 
 
-def reference_answer(base: Path, adapter: Path | None, prompt: str, max_new_tokens: int) -> str:
-    """transformers' own greedy generate on the chat-templated prompt, stopping at <|im_end|>."""
+def reference_answer(
+    base: Path,
+    adapter: Path | None,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    tokenizer_dir: Path | None = None,
+    system: str | None = None,
+    tools: list | None = None,
+) -> str:
+    """transformers' own greedy generate on the chat-templated prompt (the template of `tokenizer_dir`,
+    default the base's), stopping at the tokenizer's EOS."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base)
     model = AutoModelForCausalLM.from_pretrained(base)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
+        messages,
+        tools=tools,
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
@@ -244,3 +258,109 @@ def test_sampling_is_reproducible_with_a_seed(tiny_llama, adapters):
     first = sample(1)
     assert sample(1) == first
     assert {sample(2), sample(3)} != {first}  # another seed samples another answer
+
+
+# --- each adapter in its own format (issue 12) ------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def adapter_with_template(base: Path, out: Path, seed: int, template: str) -> Path:
+    """A random adapter saved with the base's tokenizer under another (built-in) chat template, as a run
+    trained with data.chat_template would save it."""
+    from transformers import AutoTokenizer
+
+    from loratool.data.templates import builtin_template
+
+    adapter = random_adapter(base, out, seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = builtin_template(template)
+    tokenizer.save_pretrained(adapter)
+    return adapter
+
+
+def test_each_adapter_is_prompted_with_its_own_template(tmp_path, tiny_llama, adapters):
+    zephyr = adapter_with_template(tiny_llama, tmp_path / "zephyr", seed=5, template="zephyr")
+    result = cli(
+        "generate", tiny_llama, "--adapter", f"z={zephyr}", "--adapter", f"one={adapters['one']}",
+        "--prompt", PROMPT, "--prompt", f"@one: {PROMPT}", "--prompt", f"@base: {PROMPT}",
+        "--max-new-tokens", "12",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    answers = dict(re.findall(r"^\[(\w+)\] .*\n(.*)$", result.output, flags=re.MULTILINE))
+    # z answers as it does alone under the zephyr template it was saved with, not the base's chatml
+    assert answers["z"] == reference_answer(tiny_llama, zephyr, PROMPT, 12, tokenizer_dir=zephyr)
+    assert answers["one"] == reference_answer(tiny_llama, adapters["one"], PROMPT, 12)
+    assert answers["base"] == reference_answer(tiny_llama, None, PROMPT, 12)
+    # the formats differ, and that is said once per adapter that differs from the first
+    assert re.search(r"note: one is prompted with .*which differs from z's", result.output)
+    assert re.search(r"note: base is prompted with .*which differs from z's", result.output)
+    assert re.search(r"warmed up in [\d.]+s", result.output)
+
+
+def test_tools_are_rendered_by_the_template(tmp_path, tiny_llama):
+    import json
+
+    chatml = adapter_with_template(tiny_llama, tmp_path / "chatml", seed=6, template="chatml")
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    records = run_generate(
+        tiny_llama,
+        prompts=["What is the weather in Paris?"],
+        adapters=[f"c={chatml}"],
+        max_new_tokens=10,
+        tools=tools,
+        warm_up=False,
+        log=lambda _: None,
+    )
+    expected = reference_answer(tiny_llama, chatml, "What is the weather in Paris?", 10, tokenizer_dir=chatml,
+                                tools=TOOLS)  # fmt: skip
+    assert records[0]["answer"] == expected
+    without = reference_answer(tiny_llama, chatml, "What is the weather in Paris?", 10, tokenizer_dir=chatml)
+    assert expected != without  # the tool definitions really were in the prompt
+
+    # the tiny base's own template drops tools: refused, naming who and why
+    result = cli("generate", tiny_llama, "--tools", tools, "--prompt", "hi")
+    assert result.exit_code == 1
+    assert "--tools: base is prompted with the model's own chat template, which does not write tool" in (
+        result.output
+    )
+    tools.write_text('{"name": "x"}')
+    result = cli("generate", tiny_llama, "--tools", tools, "--prompt", "hi")
+    assert result.exit_code == 1 and "expected a non-empty JSON list of tool definitions" in result.output
+
+
+def test_run_adapter_gets_its_system_prompt_and_a_merged_model_its_run_name(tmp_path, tiny_llama, smoke_data):
+    from conftest import smoke_recipe, write_recipe
+    from loratool.generate import load_adapters, render_for
+    from loratool.target import resolve_target
+
+    recipe = smoke_recipe(
+        tiny_llama, smoke_data, tmp_path / "calm", training={"max_steps": 2, "save_steps": 2}
+    )
+    recipe["data"]["train"][0]["system_prompt"] = "You are a calm falcon."
+    assert cli("train", write_recipe(tmp_path / "r.yaml", recipe)).exit_code == 0
+    loaded = load_adapters(resolve_target(tmp_path / "calm"), [], log=lambda _: None, warm_up=False)
+    user = [{"role": "user", "content": "hi"}]
+    text = loaded.prompting_of("calm").tokenizer.decode(render_for(loaded, "calm", user, None, None))
+    assert "You are a calm falcon." in text  # the trained system prompt, unasked
+    text = loaded.prompting_of("calm").tokenizer.decode(render_for(loaded, "calm", user, "Be brief.", None))
+    assert "Be brief." in text and "calm falcon" not in text  # --system wins
+    base_text = loaded.prompting_of("base").tokenizer.decode(render_for(loaded, "base", user, None, None))
+    assert "calm falcon" not in base_text  # the base was not trained with it
+
+    merged = cli("merge", "--adapter", tmp_path / "calm", "--output", tmp_path / "merged")
+    assert merged.exit_code == 0, merged.output
+    result = cli("generate", tmp_path / "merged", "--prompt", PROMPT, "--prompt", f"@calm: {PROMPT}",
+                 "--max-new-tokens", "4")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.count(f"[calm] {PROMPT}") == 2 and "[base]" not in result.output

@@ -1,0 +1,295 @@
+"""What makes a run directory shareable: a model card (README.md), an adapter_config.json that names the
+real base, and a check that vLLM's LoRA loader will take the adapter.
+
+PEFT's `save_pretrained` writes a README.md template full of "[More Information Needed]" and records as
+`base_model_name_or_path` whatever path the base was loaded from — for a .gguf base, a conversion in the
+local cache that nobody else has. `finish_adapter_dir` replaces both from the run's record; `loratool eval`
+calls `write_model_card` again to add its numbers.
+
+The vLLM check reads only adapter_config.json and the tensor names, with the rules vLLM's LoRA loader
+applies (vllm/lora/peft_helper.py, worker_manager): no DoRA, no bias, no modules_to_save, rank within
+`--max-lora-rank` (one of 1, 8, 16, ..., 512), one lora_alpha / r scaling for every module. vLLM need not be
+installed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from loratool.outputs import read_json, write_json_atomic
+
+CARD = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"
+# vLLM's --max-lora-rank accepts these values only; its default is 16.
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_RANK = 16
+# Under this many optimizer steps or trained tokens a run is a smoke test, not a model to use.
+SMOKE_STEPS = 100
+SMOKE_TOKENS = 100_000
+
+
+def base_name(base: dict[str, Any]) -> str:
+    """How someone else finds the base: its hub id (or local path) as the recipe named it; a .gguf base by
+    its file name (the sha256 goes next to it in the card)."""
+    gguf = base.get("gguf")
+    if isinstance(gguf, dict) and gguf.get("file"):
+        return str(gguf["file"])
+    return str(base.get("id") or base.get("resolved_path") or "unknown")
+
+
+def finish_adapter_dir(folder: Path, recipe: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Name the real base in adapter_config.json and write the model card (train, on the staging folder)."""
+    config_path = folder / ADAPTER_CONFIG
+    if config_path.is_file():
+        config = read_json(config_path)
+        config["base_model_name_or_path"] = base_name(manifest.get("base_model") or {})
+        write_json_atomic(config_path, config)
+    write_model_card(folder, recipe, manifest)
+
+
+def write_model_card(
+    folder: Path,
+    recipe: dict[str, Any] | None,
+    manifest: dict[str, Any],
+    evaluation: dict[str, Any] | None = None,
+) -> Path:
+    """README.md in `folder`: what the adapter is, how it was made, how well it did, how to load it."""
+    path = folder / CARD
+    path.write_text(model_card(folder, recipe or {}, manifest, evaluation), encoding="utf-8")
+    return path
+
+
+def is_smoke(manifest: dict[str, Any]) -> bool:
+    train = manifest.get("train") or {}
+    steps, tokens = train.get("global_step"), train.get("tokens_trained")
+    return (isinstance(steps, int) and steps < SMOKE_STEPS) or (
+        isinstance(tokens, int) and tokens < SMOKE_TOKENS
+    )
+
+
+def model_card(
+    folder: Path, recipe: dict[str, Any], manifest: dict[str, Any], evaluation: dict[str, Any] | None = None
+) -> str:
+    output_dir = (recipe.get("training") or {}).get("output_dir")
+    name = Path(output_dir).name if output_dir else folder.name  # train writes into a staging folder
+    base = manifest.get("base_model") or {}
+    base_ref = base_name(base)
+    gguf = base.get("gguf") if isinstance(base.get("gguf"), dict) else None
+    lora = recipe.get("lora") or {}
+    training = recipe.get("training") or {}
+    data = manifest.get("data") or {}
+    train = manifest.get("train") or {}
+    config = _adapter_config(folder)
+    hub_base = None if gguf or _looks_local(base_ref) else base_ref
+
+    lines = ["---", "library_name: peft", "tags: [lora, loratool]"]
+    if hub_base:
+        lines.append(f"base_model: {hub_base}")
+    lines += ["---", "", f"# {name}", ""]
+    lines.append(f"A LoRA adapter for **{base_ref}**, trained with loratool.")
+    if gguf:
+        lines.append(
+            f"The base is the GGUF file `{Path(gguf['file']).name}` (sha256 `{gguf.get('sha256')}`)."
+        )
+    if base.get("quantization"):
+        lines.append(f"Trained on the {base['quantization']}-quantized base (QLoRA).")
+    lines.append("")
+    if is_smoke(manifest):
+        lines += [
+            f"> **Smoke run**: {train.get('global_step')} optimizer steps, {train.get('tokens_trained'):,} tokens."
+            if isinstance(train.get("tokens_trained"), int)
+            else f"> **Smoke run**: {train.get('global_step')} optimizer steps.",
+            "> It checks that the pipeline works; it is not a model to use.",
+            "",
+        ]
+
+    lines += ["## Data", ""]
+    for split in ("train", "validation"):
+        summary = data.get(split)
+        if not isinstance(summary, dict):
+            continue
+        origin = f" ({summary['origin']})" if summary.get("origin") else ""
+        lines.append(
+            f"- {split}: {summary.get('rows', 0):,} rows, {summary.get('tokens', 0):,} tokens{origin}"
+        )
+        if not summary.get("origin"):
+            for source in summary.get("sources") or []:
+                lines.append(
+                    f"  - `{source.get('path')}` ({source.get('format')}): {source.get('rows_used', 0):,} of "
+                    f"{source.get('rows_read', 0):,} rows used"
+                )
+    if data.get("chat_template"):
+        lines.append(f"- chat template: {data['chat_template']} (saved with the tokenizer in this directory)")
+    lines.append("")
+
+    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+    for key, value in (
+        ("LoRA rank r / alpha", f"{_round(lora.get('r'))} / {_round(lora.get('lora_alpha'))}"),
+        ("target modules", _target_modules(lora.get("target_modules"), config.get("target_modules"))),
+        ("dropout", lora.get("lora_dropout")),
+        ("learning rate", training.get("learning_rate")),
+        ("optimizer steps", train.get("global_step")),
+        ("epochs", _round(train.get("epochs"))),
+        ("effective batch size", manifest.get("effective_batch_size")),
+        ("max length", data.get("max_length")),
+        ("seed", training.get("seed")),
+    ):
+        if value not in (None, "None / None"):
+            lines.append(f"| {key} | {value} |")
+    lines.append("")
+
+    lines += ["## Results", ""]
+    if train.get("train_loss") is not None:
+        lines.append(f"- final train loss: {_round(train['train_loss'])}")
+    if train.get("final_eval_loss") is not None:
+        lines.append(f"- final validation loss: {_round(train['final_eval_loss'])}")
+    for key, value in (evaluation or {}).items():
+        lines.append(f"- {key}: {value}")
+    lines += ["- the loss curve: `loss_curve.png`; every step: `metrics.jsonl`", ""]
+
+    load_base = hub_base or base_ref
+    lines += [
+        "## Use",
+        "",
+        "With PEFT:",
+        "",
+        "```python",
+        "from peft import AutoPeftModelForCausalLM",
+        "from transformers import AutoTokenizer",
+        "",
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{name}")  # loads {load_base} + this adapter',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # the chat template it was trained with',
+        "```",
+        "",
+    ]
+    if gguf:
+        lines += [
+            "The base is a GGUF file: PEFT loads it as a Hugging Face checkpoint converted from it "
+            f'(`AutoModelForCausalLM.from_pretrained(DIR, gguf_file="{Path(gguf["file"]).name}")`).',
+            "",
+        ]
+    lines += ["With vLLM:", "", "```sh"]
+    rank = config.get("r") if isinstance(config.get("r"), int) else lora.get("r")
+    max_rank = next((r for r in VLLM_RANKS if isinstance(rank, int) and r >= rank), None)
+    rank_flag = f" --max-lora-rank {max_rank}" if max_rank and max_rank > VLLM_DEFAULT_MAX_RANK else ""
+    lines += [f"vllm serve {load_base} --enable-lora --lora-modules {name}=./{name}{rank_flag}", "```", ""]
+    problems = vllm_problems(folder) if config else []
+    if problems:
+        lines += ["vLLM's LoRA loader will refuse this adapter as it is:", ""]
+        lines += [f"- {p}" for p in problems]
+        lines += ["", "Serve the merged model instead (`loratool merge`).", ""]
+    lines += [
+        "With llama.cpp or Ollama: merge and export it, then run the GGUF file:",
+        "",
+        "```sh",
+        f"loratool merge --adapter {name} --output {name}-merged",
+        f"loratool export {name}-merged --format gguf --output {name}-gguf",
+        "```",
+        "",
+        "Everything needed to train it again is in `recipe.yaml` (`loratool train recipe.yaml`); `run.json`",
+        "records the versions, the base's fingerprint and the data's.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def vllm_problems(folder: Path) -> list[str]:
+    """Why vLLM's LoRA loader would refuse the adapter in `folder` (empty: it would load it)."""
+    config = _adapter_config(folder)
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"it is a {config.get('peft_type')} adapter; vLLM serves LoRA only")
+    if config.get("use_dora"):
+        problems.append("DoRA (use_dora) is not supported by vLLM")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r}: vLLM loads LoRA adapters without bias terms")
+    if config.get("modules_to_save"):
+        problems.append(
+            f"modules_to_save ({_modules(config['modules_to_save'])}): vLLM does not load trained copies of "
+            "whole layers"
+        )
+    rank = config.get("r")
+    ranks = [rank, *(config.get("rank_pattern") or {}).values()]
+    top = max((r for r in ranks if isinstance(r, int)), default=None)
+    if top is not None and top > VLLM_RANKS[-1]:
+        problems.append(f"rank {top} is above vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]})")
+    if config.get("alpha_pattern") or config.get("rank_pattern"):
+        problems.append("rank_pattern / alpha_pattern: vLLM scales every module by one lora_alpha / r")
+    names = _tensor_names(folder)
+    odd = sorted(
+        {n for n in names if ".lora_A." not in n and ".lora_B." not in n and "lora_embedding" not in n}
+    )
+    if odd:
+        problems.append(f"tensors vLLM does not expect in a LoRA adapter: {', '.join(odd[:4])}")
+    return problems
+
+
+def vllm_summary(folder: Path) -> list[str]:
+    """Lines for `loratool export --format peft`: modules, rank, layers, and the verdict."""
+    config = _adapter_config(folder)
+    names = _tensor_names(folder)
+    modules = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names if ".lora_" in n})
+    layers = sorted({int(part) for n in names for part in _layer_index(n)})
+    lines = [
+        f"vLLM: LoRA on {', '.join(modules) or 'no module'}, rank {config.get('r')}"
+        + (f", layers {layers[0]}-{layers[-1]} ({len(layers)})" if layers else "")
+    ]
+    problems = vllm_problems(folder)
+    lines += [f"vLLM will refuse it: {p}" for p in problems] or ["vLLM's LoRA loader will accept it"]
+    return lines
+
+
+def _layer_index(name: str) -> Iterable[str]:
+    parts = name.split(".")
+    for before, part in zip(parts, parts[1:], strict=False):
+        if before in ("layers", "h", "blocks") and part.isdigit():
+            yield part
+            return
+
+
+def _tensor_names(folder: Path) -> list[str]:
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def _adapter_config(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _modules(value: Any) -> str:
+    if isinstance(value, list | tuple | set):
+        return ", ".join(sorted(map(str, value)))
+    return str(value)
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def _target_modules(asked: Any, saved: Any) -> str:
+    """The recipe's choice (e.g. all-linear) and the layer names it matched, without layer numbers."""
+    leaves = sorted({str(m).rsplit(".", 1)[-1] for m in saved}) if isinstance(saved, list | tuple) else []
+    shown = ", ".join(leaves) if leaves else _modules(saved)
+    if isinstance(asked, str) and asked != shown:
+        return f"{asked} ({shown})" if shown and shown != "None" else asked
+    return shown
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
