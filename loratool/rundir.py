@@ -143,6 +143,7 @@ def _dict(value: Any) -> dict[str, Any]:
 class RunDir:
     path: Path
     files: set[str] = field(default_factory=set)  # top-level names this run wrote (run.json "files")
+    removed_incomplete: list[str] = field(default_factory=list)  # checkpoints removed after a failure
 
     @property
     def checkpoints(self) -> Path:
@@ -258,7 +259,7 @@ class RunDir:
     def fail(self, manifest: dict[str, Any], error: BaseException) -> str:
         """Record the failure: traceback.txt, and run.json "failed" with the cause. On a full disk, the
         incomplete checkpoint being written is removed first, so that there is room to say so."""
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(error):
             self.remove_incomplete_checkpoints()
         if isinstance(error, KeyboardInterrupt):
             reason = str(error) if str(error).startswith("terminated") else "interrupted"
@@ -270,10 +271,17 @@ class RunDir:
             self.files.add(TRACEBACK)
         except OSError:
             pass
+        failed = {**manifest, "status": "failed", "error": reason[:2000]}
         try:
-            self.write_manifest({**manifest, "status": "failed", "error": reason[:2000]})
+            self.write_manifest(failed)
         except OSError:
-            pass  # a disk that is still full: run.json keeps "running", which is also not "complete"
+            # Still no room (the failure did not look like a full disk): the unfinished checkpoint is
+            # useless anyway, so make room with it and try once more.
+            self.remove_incomplete_checkpoints()
+            try:
+                self.write_manifest(failed)
+            except OSError:
+                pass  # run.json keeps "running", which is also not "complete"
         return reason
 
     def remove_incomplete_checkpoints(self) -> list[str]:
@@ -281,6 +289,7 @@ class RunDir:
         _, skipped = self.latest_checkpoint()
         for path in skipped:
             shutil.rmtree(path, ignore_errors=True)
+        self.removed_incomplete += [p.name for p in skipped]
         return [p.name for p in skipped]
 
     def finish(self, write_outputs: Callable[[Path], None], manifest: dict[str, Any]) -> None:
@@ -305,6 +314,15 @@ class RunDir:
             os.replace(staging / name, target)
         staging.rmdir()
         self.write_manifest({**manifest, "status": "complete"})
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A full disk or quota, however the library that was writing reports it (an OSError from Python, a
+    RuntimeError from torch.save, a SafetensorError from safetensors)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return any(sign in text for sign in ("No space left on device", "StorageFull", "Disk quota exceeded"))
 
 
 def read_checkpoint_seal(checkpoint: Path) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from loratool.model import load_model, load_tokenizer, local_model_dir
 from loratool.outputs import command_line, output_lock, remove_entry
 from loratool.recipe import Recipe, recipe_to_dict
 from loratool.resume import check_resume, tokenizer_sha256
-from loratool.rundir import LOSS_CURVE, TRACEBACK, RunDir, read_run
+from loratool.rundir import LOSS_CURVE, TRACEBACK, RunDir, is_disk_full, read_run
 from loratool.runlog import RunLog
 from loratool.sft_config import build_sft_config, check_trainer_settings
 
@@ -460,11 +459,16 @@ def _as_training_error(exc: BaseException, run: RunDir) -> BaseException:
             "effective batch), lower data.max_length, set training.gradient_checkpointing: true, or load "
             "the base in 4 bits (quantization.load_in_4bit: true)",
         )
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         latest, _ = run.latest_checkpoint()
         resume = f"then continue from {latest.name} with --resume" if latest else "then train again"
+        written = getattr(exc, "filename", None) or (
+            f"{run.checkpoints / run.removed_incomplete[0]} (incomplete, removed)"
+            if run.removed_incomplete
+            else run.path
+        )
         return LoratoolError(
-            f"no space left on the device while writing {exc.filename or run.path} ({where})",
+            f"no space left on the device while writing {written} ({where})",
             hint=f"free disk space on that device, {resume}",
         )
     if isinstance(exc, OSError) and exc.filename:

@@ -326,6 +326,32 @@ def test_disk_full_names_the_file_and_leaves_a_failed_record_without_temp_files(
     assert "OSError" in (tmp_path / "out" / "traceback.txt").read_text()
 
 
+def test_disk_full_while_saving_a_checkpoint_removes_it_and_says_which(
+    tmp_path, tiny_llama, smoke_data, monkeypatch
+):
+    """torch.save reports a full disk as a RuntimeError, after leaving half a checkpoint behind."""
+    from loratool.checkpoints import CheckpointSeal
+
+    recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 6, "save_steps": 2})
+
+    def full_disk(self, args, state, control, **kwargs):
+        if state.global_step == 4:  # checkpoint-4 is on disk but was never sealed
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . unexpected pos 1 vs 0: No space left on device"
+            )
+        return original(self, args, state, control, **kwargs)
+
+    original = CheckpointSeal.on_save
+    monkeypatch.setattr(CheckpointSeal, "on_save", full_disk)
+    result = train(recipe)
+    assert result.exit_code == 1, result.output
+    assert "no space left on the device while writing" in result.output and "checkpoint-4" in result.output
+    assert "continue from checkpoint-2 with --resume" in result.output
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert (checkpoints / "checkpoint-2").is_dir() and not (checkpoints / "checkpoint-4").exists()
+    assert read_run(tmp_path / "out").status == "failed"
+
+
 def test_internal_error_exit_code_and_traceback_file(tmp_path, tiny_llama, smoke_data, monkeypatch):
     recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 2, "save_steps": 2})
 
