@@ -36,7 +36,14 @@ def build_sft_config(
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
     fields["activation_checkpointing"] = training.gradient_checkpointing
     # Defaults a recipe may override with a pass-through key (e.g. disable_tqdm: true for log files).
-    fields = {"disable_tqdm": False, "include_num_input_tokens_seen": "non_padding", **fields}
+    # Under several processes (DDP) every adapter weight takes part in every forward pass, so DDP need not
+    # search the graph for unused parameters (transformers turns that search on without checkpointing).
+    fields = {
+        "disable_tqdm": False,
+        "include_num_input_tokens_seen": "non_padding",
+        "ddp_find_unused_parameters": False,
+        **fields,
+    }
     fields.update(training.model_extra or {})
     eval_strategy = "no" if not has_validation else ("steps" if training.eval_steps else "epoch")
     # Early stopping restores the best checkpoint, so checkpoints must line up with evaluations.
