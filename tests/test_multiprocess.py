@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from conftest import REPO, smoke_recipe, write_recipe
 from loratool.cli import app
 
-pytestmark = pytest.mark.slow  # about a minute on 2 CPU cores; `make test` runs it
+# The launches take about a minute and a half on 2 free CPU cores: marked slow, which `make test` runs.
+slow = pytest.mark.slow
 
 LAUNCH_TIMEOUT = 300  # seconds; a hang (a process waiting for one that died) fails instead of blocking CI
 CONFIGS = REPO / "configs" / "accelerate"
@@ -170,6 +171,7 @@ def resumed_on_two_machines(recipe, two_processes) -> tuple[Path, list[tuple[int
     return run, results
 
 
+@slow
 def test_torchrun_gives_one_run_printed_once(two_processes):
     run, result = two_processes
     printed = loratool_lines(result.stdout)
@@ -184,6 +186,7 @@ def test_torchrun_gives_one_run_printed_once(two_processes):
     assert not list(run.parent.glob("two-*")), "no second run directory"
 
 
+@slow
 def test_two_processes_train_like_one_with_the_same_global_batch(one_process, resumed_on_two_machines):
     two, _ = resumed_on_two_machines
     single, double = losses(one_process, "loss"), losses(two, "loss")
@@ -195,6 +198,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(one_process, re
     assert record(two)["train"]["tokens_trained"] == record(one_process)["train"]["tokens_trained"]
 
 
+@slow
 def test_validation_loss_covers_the_whole_set_once_like_one_process(one_process, resumed_on_two_machines):
     two, _ = resumed_on_two_machines
     single, double = losses(one_process, "eval_loss"), losses(two, "eval_loss")
@@ -203,6 +207,7 @@ def test_validation_loss_covers_the_whole_set_once_like_one_process(one_process,
         assert double[step] == pytest.approx(single[step], abs=1e-5), step
 
 
+@slow
 def test_final_adapters_are_equivalent(one_process, resumed_on_two_machines):
     two, _ = resumed_on_two_machines
     a = load_file(one_process / "adapter_model.safetensors")
@@ -215,6 +220,7 @@ def test_final_adapters_are_equivalent(one_process, resumed_on_two_machines):
     assert moved > 1e-3  # the comparison is not between two untrained adapters
 
 
+@slow
 def test_resume_as_two_machines_continues_the_same_run(resumed_on_two_machines):
     run, results = resumed_on_two_machines
     manifest = record(run)
@@ -227,6 +233,7 @@ def test_resume_as_two_machines_continues_the_same_run(resumed_on_two_machines):
     assert loratool_lines(out1) == []  # machine 1 runs a process that is not the main one
 
 
+@slow
 def test_resume_with_another_number_of_processes_is_refused(recipe, resumed_on_two_machines):
     run, _ = resumed_on_two_machines
     result = CliRunner().invoke(app, ["train", str(recipe), "--resume", "--set", "training.max_steps=10"])
@@ -235,6 +242,7 @@ def test_resume_with_another_number_of_processes_is_refused(recipe, resumed_on_t
     assert record(run)["train"]["global_step"] == STEPS  # untouched
 
 
+@slow
 def test_an_error_on_the_main_process_stops_the_others(tmp_path, tiny_llama):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -257,3 +265,70 @@ def test_an_error_on_the_main_process_stops_the_others(tmp_path, tiny_llama):
     assert code != 0
     assert err.count("error: training.output_dir") == 1, err  # said once, by the main process
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+# --- what cannot work, refused before any weights load (hardware.check) --------------------------------
+
+
+def recipe_with(tmp_path, tiny_llama, **sections):
+    from loratool.recipe import load_recipe
+
+    body = smoke_recipe(tiny_llama, REPO / "recipes" / "data" / "smoke.jsonl", tmp_path / "out", **sections)
+    return load_recipe(write_recipe(tmp_path / "r.yaml", body))
+
+
+def test_launch_is_read_from_accelerates_variables():
+    from loratool.hardware import launch
+
+    assert launch({}).sharding is None and launch({}).processes == 1
+    fsdp = launch({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "4"})
+    assert (fsdp.sharding, fsdp.processes, fsdp.shards_weights) == ("fsdp", 4, True)
+    zero2 = launch({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    assert (zero2.sharding, zero2.zero_stage, zero2.shards_weights) == ("deepspeed", 2, False)
+
+
+def test_impossible_combinations_are_all_listed_at_once(tmp_path, tiny_llama):
+    from loratool.errors import LoratoolError
+    from loratool.hardware import Hardware, Launch, check
+
+    cpu = Hardware(device="cpu", name="x86_64", device_count=1, bf16=False, cpu_count=2)
+    recipe = recipe_with(
+        tmp_path,
+        tiny_llama,
+        quantization={"load_in_8bit": True},
+        model={"attn_implementation": "flash_attention_2"},
+    )
+    with pytest.raises(LoratoolError) as caught:
+        check(recipe, cpu, Launch("fsdp", None, 2))
+    message = caught.value.message
+    assert "FSDP, which accelerate applies on CUDA GPUs only" in message
+    assert "quantization.load_in_8bit: 8-bit weights cannot be sharded by FSDP" in message
+    assert "flash_attention_2 needs a CUDA GPU" in message
+    assert message.count("\n  - ") == 3
+
+
+def test_four_bit_under_zero3_needs_the_compute_dtype_as_storage(tmp_path, tiny_llama):
+    import torch
+
+    from loratool.errors import LoratoolError
+    from loratool.hardware import Hardware, Launch, check, launch_conflicts, quant_storage
+
+    gpu = Hardware(device="cuda", name="H100", device_count=8, bf16=True, cpu_count=32)
+    zero3 = Launch("deepspeed", 3, 8)
+    wrong = recipe_with(
+        tmp_path,
+        tiny_llama,
+        model={"dtype": "bfloat16"},
+        quantization={"load_in_4bit": True, "bnb_4bit_quant_storage": "uint8"},
+    )
+    problems = __import__("loratool.hardware", fromlist=["launch_conflicts"]).launch_conflicts(
+        wrong, gpu, zero3
+    )
+    assert any("bnb_4bit_quant_storage: uint8 under DeepSpeed ZeRO-3 must equal" in p for p in problems)
+    unset = recipe_with(
+        tmp_path, tiny_llama, model={"dtype": "bfloat16"}, quantization={"load_in_4bit": True}
+    )
+    assert quant_storage(unset, gpu, zero3) == torch.bfloat16  # loratool sets it
+    assert quant_storage(unset, gpu, Launch(None, None, 8)) is None  # DDP: bitsandbytes' default
+    with pytest.raises(LoratoolError):
+        check(wrong, gpu, Launch("fsdp", None, 8))
