@@ -321,9 +321,7 @@ def test_four_bit_under_zero3_needs_the_compute_dtype_as_storage(tmp_path, tiny_
         model={"dtype": "bfloat16"},
         quantization={"load_in_4bit": True, "bnb_4bit_quant_storage": "uint8"},
     )
-    problems = __import__("loratool.hardware", fromlist=["launch_conflicts"]).launch_conflicts(
-        wrong, gpu, zero3
-    )
+    problems = launch_conflicts(wrong, gpu, zero3)
     assert any("bnb_4bit_quant_storage: uint8 under DeepSpeed ZeRO-3 must equal" in p for p in problems)
     unset = recipe_with(
         tmp_path, tiny_llama, model={"dtype": "bfloat16"}, quantization={"load_in_4bit": True}
