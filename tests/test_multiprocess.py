@@ -330,3 +330,19 @@ def test_four_bit_under_zero3_needs_the_compute_dtype_as_storage(tmp_path, tiny_
     assert quant_storage(unset, gpu, Launch(None, None, 8)) is None  # DDP: bitsandbytes' default
     with pytest.raises(LoratoolError):
         check(wrong, gpu, Launch("fsdp", None, 8))
+
+
+def test_every_shipped_accelerate_config_loads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {
+        path.name: str(load_config_from_file(str(path)).distributed_type).split(".")[-1]
+        for path in sorted(CONFIGS.glob("*.yaml"))
+    }
+    assert kinds == {
+        "ddp.yaml": "MULTI_GPU",
+        "deepspeed-zero2.yaml": "DEEPSPEED",
+        "deepspeed-zero3.yaml": "DEEPSPEED",
+        "fsdp.yaml": "FSDP",
+        "multi-machine.yaml": "MULTI_GPU",
+    }
