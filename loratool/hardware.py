@@ -89,9 +89,38 @@ def mixed_precision(recipe: Recipe, hw: Hardware) -> tuple[bool, bool]:
     return bool(bf16), bool(fp16)
 
 
-def check(recipe: Recipe, hw: Hardware) -> None:
-    """Refuse what this machine cannot run, all problems at once, before anything heavy loads."""
-    problems = []
+@dataclass(frozen=True)
+class Launch:
+    """How this process was launched: the sharding accelerate was asked for (from the variables
+    `accelerate launch` sets) and the number of processes."""
+
+    sharding: str | None  # "fsdp", "deepspeed" or None (one process, or plain data parallel)
+    zero_stage: int | None  # DeepSpeed ZeRO stage, when known
+    processes: int
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whether the base weights are split across processes (FSDP, ZeRO-3)."""
+        return self.sharding == "fsdp" or (self.sharding == "deepspeed" and self.zero_stage == 3)
+
+
+def launch(env: dict[str, str] | None = None) -> Launch:
+    env = dict(os.environ) if env is None else env
+
+    def flag(name: str) -> bool:
+        return env.get(name, "").lower() in ("1", "true", "yes")
+
+    sharding = (
+        "deepspeed" if flag("ACCELERATE_USE_DEEPSPEED") else "fsdp" if flag("ACCELERATE_USE_FSDP") else None
+    )
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+    return Launch(sharding, int(stage) if stage.isdigit() else None, int(env.get("WORLD_SIZE") or 1))
+
+
+def check(recipe: Recipe, hw: Hardware, how: Launch | None = None) -> None:
+    """Refuse what this machine and this launch cannot run, every problem at once, before anything heavy
+    loads: precision and attention the hardware lacks, and quantization with sharding that cannot work."""
+    problems = launch_conflicts(recipe, hw, how or launch())
     wants_bf16 = (
         recipe.model.dtype == "bfloat16"
         or recipe.training.bf16
@@ -111,5 +140,67 @@ def check(recipe: Recipe, hw: Hardware) -> None:
         raise LoratoolError(
             "this machine cannot run the recipe as written:\n" + "\n".join(f"  - {p}" for p in problems),
             hint="use model.dtype: auto and leave training.bf16/fp16 unset to pick what the hardware supports; "
-            "drop model.attn_implementation to let transformers choose",
+            "drop model.attn_implementation to let transformers choose; for sharding (FSDP, DeepSpeed) see "
+            "configs/accelerate/ and the README's 'Several processes and machines'",
         )
+
+
+def launch_conflicts(recipe: Recipe, hw: Hardware, how: Launch) -> list[str]:
+    """Combinations of the recipe and the launch (FSDP, DeepSpeed) that cannot work, one line each."""
+    import importlib.util
+
+    import torch
+
+    q = recipe.quantization
+    problems = []
+    what = "FSDP" if how.sharding == "fsdp" else f"DeepSpeed ZeRO-{how.zero_stage or '?'}"
+    if how.sharding == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append(
+                "the launch asks for DeepSpeed, which is not installed (pip install 'loratool[deepspeed]')"
+            )
+        if hw.device != "cuda":
+            problems.append(
+                "the launch asks for DeepSpeed, which loratool runs on CUDA GPUs only; this machine has none"
+            )
+    if how.sharding == "fsdp" and hw.device != "cuda":
+        # Measured with accelerate 1.15: on CPU processes the FSDP plugin is ignored without a word and
+        # every process holds the whole model (plain data parallel).
+        problems.append(
+            "the launch asks for FSDP, which accelerate applies on CUDA GPUs only (on CPU it would silently "
+            "train as plain data parallel); use configs/accelerate/ddp.yaml here"
+        )
+    if q is not None and q.load_in_8bit and how.shards_weights:
+        problems.append(
+            f"quantization.load_in_8bit: 8-bit weights cannot be sharded by {what}; use load_in_4bit "
+            "(QLoRA shards), or data parallel (configs/accelerate/ddp.yaml)"
+        )
+    if q is not None and q.load_in_4bit and how.shards_weights:
+        compute = compute_dtype(recipe, hw)
+        storage = q.bnb_4bit_quant_storage
+        if storage is not None and getattr(torch, storage) != compute:
+            problems.append(
+                f"quantization.bnb_4bit_quant_storage: {storage} under {what} must equal the compute dtype "
+                f"({str(compute).removeprefix('torch.')}) so that the 4-bit weights shard with the others; "
+                "leave it unset and loratool sets it"
+            )
+        if model_dtype(recipe.model.dtype, hw) != compute:
+            problems.append(
+                f"model.dtype: {recipe.model.dtype} differs from the 4-bit compute dtype "
+                f"({str(compute).removeprefix('torch.')}); under {what} the weights of a shard need one dtype"
+            )
+    return problems
+
+
+def quant_storage(recipe: Recipe, hw: Hardware, how: Launch | None = None) -> torch.dtype | None:
+    """The storage dtype of packed 4-bit weights: the recipe's; else the compute dtype when FSDP or
+    ZeRO-3 shard the weights (they shard tensors of one dtype, and bitsandbytes packs the 4-bit codes
+    into tensors of the storage dtype); else None (bitsandbytes' uint8)."""
+    import torch
+
+    q = recipe.quantization
+    if q is None or not q.load_in_4bit:
+        return None
+    if q.bnb_4bit_quant_storage is not None:
+        return getattr(torch, q.bnb_4bit_quant_storage)
+    return compute_dtype(recipe, hw) if (how or launch()).shards_weights else None

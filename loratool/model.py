@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from loratool.bnb_cpu import use_exact_4bit_matmul
 from loratool.errors import LoratoolError
 from loratool.gguf_base import check_gguf_file, is_gguf, resolve_base_model
-from loratool.hardware import Hardware, compute_dtype, model_dtype
+from loratool.hardware import Hardware, compute_dtype, model_dtype, quant_storage
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -115,6 +115,10 @@ def load_model(recipe: Recipe, hw: Hardware, log: Callable[[str], None] = print)
         kwargs["quantization_config"] = build_quantization_config(
             recipe.quantization, compute_dtype(recipe, hw)
         )
+        # FSDP / ZeRO-3 shard only weights of one dtype: the 4-bit codes are then stored in the compute dtype.
+        storage = quant_storage(recipe, hw)
+        if storage is not None:
+            kwargs["quantization_config"].bnb_4bit_quant_storage = storage
         # Quantized weights are placed at load time; under DDP each process holds its own copy.
         kwargs["device_map"] = (
             {"": PartialState().local_process_index} if hw.device == "cuda" else {"": "cpu"}

@@ -38,7 +38,14 @@ def build_sft_config(
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
     fields["activation_checkpointing"] = training.gradient_checkpointing
     # Defaults a recipe may override with a pass-through key (e.g. disable_tqdm: true for log files).
-    fields = {"disable_tqdm": False, "include_num_input_tokens_seen": "non_padding", **fields}
+    # Under several processes (DDP) every adapter weight takes part in every forward pass, so DDP need not
+    # search the graph for unused parameters (transformers turns that search on without checkpointing).
+    fields = {
+        "disable_tqdm": False,
+        "include_num_input_tokens_seen": "non_padding",
+        "ddp_find_unused_parameters": False,
+        **fields,
+    }
     fields.update(training.model_extra or {})
     if data.packing and train_summary is not None and train_summary.rows:
         fields["per_device_train_batch_size"] = packed_rows_per_batch(training, data, train_summary)

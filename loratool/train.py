@@ -25,24 +25,23 @@ from loratool.resume import check_resume, tokenizer_sha256
 from loratool.rundir import LOSS_CURVE, TRACEBACK, RunDir, is_disk_full, read_run
 from loratool.runlog import RunLog
 from loratool.sft_config import build_sft_config, check_trainer_settings
+from loratool.validation_loss import pad_for_processes, report_token_weighted_eval_loss
 
 
 def run_train(
     recipe: Recipe, *, overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print
 ) -> Path:
     """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory."""
-    from accelerate import PartialState
-
-    # Under `accelerate launch` every process runs this function; only the main one prints, holds the
-    # output's lock and touches the run directory (the trainer saves checkpoints from it only).
-    main_process = PartialState().is_main_process
+    # Under `accelerate launch` or `torchrun` every process runs this function; only the main one prints,
+    # holds the output's lock and touches the run directory (the trainer saves checkpoints from it only).
+    state = processes()
     output_dir = Path(recipe.training.output_dir).expanduser().resolve()
     with RunLog() as run_log, ExitStack() as held:
-        if main_process:
-            held.enter_context(output_lock(output_dir, command_line(), log))
-            held.enter_context(_terminate_as_interrupt())
-        else:
+        if not state.is_main_process:
             log = _quiet
+        on_main_first(state, lambda: held.enter_context(output_lock(output_dir, command_line(), log)))
+        if state.is_main_process:
+            held.enter_context(_terminate_as_interrupt())
         return _train(recipe, overwrite=overwrite, resume=resume, log=log, run_log=run_log)
 
 
@@ -83,7 +82,14 @@ def _train(
     started = time.time()
     state = PartialState()
     main_process = state.is_main_process
-    checks = preflight(recipe, overwrite=overwrite, resume=resume, log=log)
+    # The main process checks first (and fills the datasets cache); the others follow once it has passed.
+    checks = on_main_first(
+        state,
+        lambda: preflight(recipe, overwrite=overwrite, resume=resume, log=log),
+        then_others=lambda: preflight(
+            recipe, overwrite=overwrite, resume=resume, log=log, main_process=False
+        ),
+    )
     hw, tokenizer, data = checks.hw, checks.tokenizer, checks.data
     manifest = {
         **_manifest_header(recipe, hw, started),
@@ -93,7 +99,10 @@ def _train(
     }
     checkpoint, resume_entry = None, None
     if resume:
-        checkpoint, resume_entry = _check_resume(recipe, checks.run, manifest, log)
+        # The main process reads the record; every process resumes from the checkpoint it picked.
+        checkpoint, resume_entry = on_main_first(
+            state, lambda: _check_resume(recipe, checks.run, manifest, log), share=True
+        )
 
     set_seed(recipe.training.seed)
     log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
@@ -108,17 +117,22 @@ def _train(
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
 
     # The run directory is created (or emptied of the previous run) only now that data and model loaded.
-    if main_process:
+    def start_run() -> tuple[RunDir, dict[str, Any]]:
         run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, log=log)
         if resume_entry is not None:
-            manifest = _continue_record(run, manifest, resume_entry, log)
+            started_manifest = _continue_record(run, manifest, resume_entry, log)
             run.write_recipe(recipe_to_dict(recipe))
         else:
+            started_manifest = manifest
             run.start(recipe_to_dict(recipe), manifest)
         run_log.attach(run.log_file, resumed=resume_entry is not None)
+        return run, started_manifest
+
+    started_run = on_main_first(state, start_run)
+    if started_run is not None:
+        run, manifest = started_run
     else:
         run = RunDir(Path(recipe.training.output_dir).expanduser().resolve())
-    state.wait_for_everyone()
     try:
         bf16, fp16 = hardware.mixed_precision(recipe, hw)
         args = build_sft_config(
@@ -143,7 +157,12 @@ def _train(
                 model=model,
                 args=args,
                 train_dataset=data.train,
-                eval_dataset=data.validation,
+                eval_dataset=pad_for_processes(
+                    data.validation,
+                    state.num_processes,
+                    args.per_device_eval_batch_size,
+                    tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                ),
                 processing_class=tokenizer,
                 callbacks=callbacks,
                 optimizers=(build_loraplus_optimizer(model, recipe.lora, args), None),
@@ -153,6 +172,8 @@ def _train(
                 f"trl's SFTTrainer refused this setup: {exc}", hint="check the training section of the recipe"
             ) from None
         seal.trainer = trainer
+        # The same validation loss for any batching and number of processes (validation_loss.py).
+        report_token_weighted_eval_loss(trainer)
         if recipe.is_quantized() and hardware.compute_dtype(recipe, hw) == torch.float32:
             keep_adapter_in(model, torch.float32)
         if trainer.pop_callback(ProgressCallback) is not None:
@@ -184,7 +205,7 @@ def _train(
         manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
         def write_outputs(folder: Path) -> None:
-            trainer.model.save_pretrained(folder)
+            trainer.model.save_pretrained(folder, state_dict=adapter_state)
             tokenizer.save_pretrained(folder)  # with the chat template the data was rendered with
             plot_loss_curve(
                 read_metrics(run.metrics),
@@ -195,6 +216,8 @@ def _train(
 
             finish_adapter_dir(folder, recipe_to_dict(recipe), manifest)  # model card, the real base's name
 
+        # Every process takes part: under FSDP each holds only a shard of the adapter.
+        adapter_state = whole_adapter_state(trainer.model)
         if main_process:
             check_finite_adapter(trainer.model)
             run.finish(write_outputs, manifest)
@@ -222,20 +245,110 @@ class Preflight:
     data: Any
 
 
-def preflight(recipe: Recipe, *, overwrite: bool, resume: bool, log: Callable[[str], None]) -> Preflight:
-    """The checks `train` and `train --dry-run` share, in order, before any weights load: hardware rules,
-    the values only the libraries know (optimizer, scheduler, trackers), the output directory, the
-    tokenizer and chat template, and every data row. Nothing is written."""
+def preflight(
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    resume: bool,
+    log: Callable[[str], None],
+    main_process: bool = True,
+) -> Preflight:
+    """The checks `train` and `train --dry-run` share, in order, before any weights load: hardware and
+    launch rules, the values only the libraries know (optimizer, scheduler, trackers), the output
+    directory, the tokenizer and chat template, and every data row. Nothing is written.
+
+    The output directory belongs to the main process: the others skip its check (by the time they run
+    it, the main process may already have started the run there)."""
     hw = hardware.detect()
     hardware.check(recipe, hw)
     check_trainer_settings(recipe, hw)  # library-only values (optim, lr_scheduler_type, report_to, ...)
-    run = RunDir.prepare(
-        recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True, log=log
-    )
+    if main_process:
+        run = RunDir.prepare(
+            recipe.training.output_dir, overwrite=overwrite, resume=resume, dry_run=True, log=log
+        )
+    else:
+        run = RunDir(Path(recipe.training.output_dir).expanduser().resolve())
     tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
     data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
     log(data.summary.format())
     return Preflight(hw, run, tokenizer, data)
+
+
+def processes() -> Any:
+    """accelerate's process state, set up before anything else runs: one process, or one of several
+    started by `accelerate launch` or `torchrun`.
+
+    On a machine without CUDA, accelerate joins the processes into one (gloo) group only when told to
+    use the CPU: `accelerate launch --cpu` says so through ACCELERATE_USE_CPU, `torchrun` does not, and
+    each of its processes would then train a run of its own. Setting the same variable here makes both
+    launchers give one run; transformers' TrainingArguments reads it too when it rebuilds the state."""
+    import os
+
+    import torch
+    from accelerate import PartialState
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    return PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+
+
+class StoppedWithMainProcess(SystemExit):
+    """Raised on the other processes when the main one stopped with an error: it printed the error; these
+    leave quietly (exit code 1) rather than wait for it at the next collective until a timeout."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+
+def on_main_first(
+    state: Any,
+    step: Callable[[], Any],
+    *,
+    then_others: Callable[[], Any] | None = None,
+    share: bool = False,
+) -> Any:
+    """Run `step` on the main process while the others wait, then `then_others` on the others. If `step`
+    fails, the main process raises its error and every other process raises StoppedWithMainProcess.
+    With share, the others receive the main process's result (it must pickle); else they get
+    `then_others()`, or None."""
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = step()
+        except BaseException as exc:  # KeyboardInterrupt too: the others must not wait for a dead process
+            error = exc
+    if state.num_processes > 1:
+        message = [error is not None, result if share and error is None else None]
+        failed, shared = broadcast_object_list(message, from_process=0)
+    else:
+        failed, shared = error is not None, result
+    if error is not None:
+        raise error
+    if failed:
+        raise StoppedWithMainProcess()
+    if state.is_main_process:
+        return result
+    if share:
+        return shared
+    return then_others() if then_others is not None else None
+
+
+def whole_adapter_state(model: Any) -> dict[str, Any] | None:
+    """The trainable weights as whole tensors when FSDP shards them across processes (else None: PEFT
+    reads them from the model itself). Every process must call it: gathering the shards is collective."""
+    from torch.distributed.tensor import DTensor
+
+    names = {name for name, param in model.named_parameters() if param.requires_grad}
+    state = {name: value for name, value in model.state_dict().items() if name in names}
+    if not any(isinstance(value, DTensor) for value in state.values()):
+        return None
+    return {
+        name: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+        for name, value in state.items()
+    }
 
 
 def _layout(recipe: Recipe, world_size: int) -> dict[str, int]:
@@ -408,15 +521,17 @@ def dry_run(
     of the model. The exception: a .gguf base is converted to its cached checkpoint (as training would),
     since that is what is checked."""
     import torch
-    from accelerate import PartialState
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    state = processes()
+    if not state.is_main_process:
+        log = _quiet  # under a launcher, the main process reports for all
     checks = preflight(recipe, overwrite=overwrite, resume=resume, log=log)
     hw, run = checks.hw, checks.run
     if resume:
         manifest = {
             **_manifest_header(recipe, hw, time.time()),
-            **_layout(recipe, PartialState().num_processes),
+            **_layout(recipe, state.num_processes),
             "tokenizer_sha256": tokenizer_sha256(checks.tokenizer),
             "data": checks.data.summary.to_dict(),
         }
