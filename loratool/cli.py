@@ -451,7 +451,23 @@ def eval_(
     ] = False,
     max_samples: Annotated[
         int | None,
-        typer.Option("--max-samples", help="Evaluate at most N rows.", show_default=False, min=1),
+        typer.Option(
+            "--max-samples",
+            help="Evaluate at most N rows (the first N of --data, in file order). lm-eval tasks are not "
+            "limited by it: see --lm-eval-limit.",
+            show_default=False,
+            min=1,
+        ),
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-length",
+            help="Longest row in tokens (default: the run's data.max_length; for a base model, 2048 or its "
+            "context); longer rows are cut or dropped as data.truncation says.",
+            show_default=False,
+            min=1,
+        ),
     ] = None,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Longest generated answer, in tokens.", min=1)
@@ -474,9 +490,27 @@ def eval_(
         typer.Option(
             "--lm-eval-tasks",
             metavar="TASK,TASK",
-            help="Also run these lm-evaluation-harness tasks on the loaded model (needs the lm-eval extra "
-            "and the tasks' datasets).",
+            help="Also run these lm-evaluation-harness tasks (names, or paths of task YAML files) on the "
+            "loaded model, and on the base with --compare-base (needs the lm-eval extra and the tasks' "
+            "datasets). Checked before any model loads.",
             show_default=False,
+        ),
+    ] = None,
+    lm_eval_include: Annotated[
+        Path | None,
+        typer.Option(
+            "--lm-eval-include",
+            help="A folder of your own lm-eval task YAML files, so --lm-eval-tasks can name them.",
+            show_default=False,
+        ),
+    ] = None,
+    lm_eval_limit: Annotated[
+        int | None,
+        typer.Option(
+            "--lm-eval-limit",
+            help="Run at most N examples of each lm-eval task (default: all of them).",
+            show_default=False,
+            min=1,
         ),
     ] = None,
 ) -> None:
@@ -494,7 +528,10 @@ def eval_(
         top_p=top_p,
         seed=seed,
         output=output,
+        max_length=max_length,
         lm_eval_tasks=[t.strip() for t in lm_eval_tasks.split(",") if t.strip()] if lm_eval_tasks else None,
+        lm_eval_include=lm_eval_include,
+        lm_eval_limit=lm_eval_limit,
         log=typer.echo,
     )
 

@@ -46,24 +46,50 @@ def summary_table(record: dict[str, Any]) -> list[list[str]]:
 
 def terminal_summary(record: dict[str, Any], generations: list[dict[str, Any]]) -> list[str]:
     """The table with aligned columns, then a couple of prompts with the answers side by side."""
-    table = summary_table(record)
+    lines = _aligned(summary_table(record))
+    data = record["data"]
+    lines.insert(0, f"{data['rows']} rows, {data['loss_tokens']} loss tokens")
+    lines += _aligned(lm_eval_table(record))
+    error = (record.get("lm_eval") or {}).get("error")
+    if error:
+        lines.append(f"lm-evaluation-harness failed: {error}")
+    for g in generations[:EXAMPLES_IN_TERMINAL]:
+        lines.append("")
+        lines.append(f"prompt: {_last_lines(g['prompt'], 200)}")
+        lines.append(f"  reference{_cut_mark(g, record)}: {_short(g['reference'])}")
+        for name in _columns(record):
+            lines.append(f"  {name}: {_short(g[name])}")
+    return lines
+
+
+def lm_eval_table(record: dict[str, Any]) -> list[list[str]]:
+    """Header + one row per lm-eval task metric, one column per model; empty without lm-eval numbers."""
+    from loratool.eval_lm_harness import metric_rows
+
+    names, rows = metric_rows(record)
+    if not rows:
+        return []
+    return [["lm-eval task metric", *names], *rows]
+
+
+def _aligned(table: list[list[str]]) -> list[str]:
+    if not table:
+        return []
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [
+    return [
         "  ".join(
             cell.ljust(w) if i == 0 else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         )
         for row in table
     ]
-    data = record["data"]
-    lines.insert(0, f"{data['rows']} rows, {data['loss_tokens']} loss tokens")
-    for g in generations[:EXAMPLES_IN_TERMINAL]:
-        lines.append("")
-        lines.append(f"prompt: {_last_lines(g['prompt'], 200)}")
-        lines.append(f"  reference: {_short(g['reference'])}")
-        for name in _columns(record):
-            lines.append(f"  {name}: {_short(g[name])}")
-    return lines
+
+
+def _cut_mark(generation: dict[str, Any], record: dict[str, Any]) -> str:
+    """Marks a reference that max_length cut short: no answer can match it exactly."""
+    if generation.get("reference_complete", True):
+        return ""
+    return f" (cut at max_length={record['data'].get('max_length')} tokens)"
 
 
 def report_markdown(record: dict[str, Any], generations: list[dict[str, Any]], loss_curve: str | None) -> str:
@@ -72,7 +98,12 @@ def report_markdown(record: dict[str, Any], generations: list[dict[str, Any]], l
     out = [f"# Evaluation of `{target['path']}`", ""]
     out.append(
         f"{data['rows']} rows ({data['loss_tokens']} loss tokens) of "
-        + (f"`{data['path']}`" if data.get("path") else f"the run's validation split ({data.get('origin')})")
+        + (
+            f"`{data['path']}` (in file order)"
+            if data.get("path")
+            else f"the run's validation split ({data.get('origin')})"
+        )
+        + f", max_length {data.get('max_length')}"
         + f"; answers generated with {settings['decoding']} decoding, at most {settings['max_new_tokens']} "
         "new tokens."
     )
@@ -99,13 +130,27 @@ def report_markdown(record: dict[str, Any], generations: list[dict[str, Any]], l
             f"- {data['truncated_references']} reference(s) were cut by max_length={data['max_length']}: "
             "exact match cannot be reached on those rows."
         )
-    if record.get("lm_eval"):
-        out += ["", "## lm-evaluation-harness", "", "```", _json(record["lm_eval"]), "```"]
+    harness = record.get("lm_eval")
+    if harness:
+        out += ["", "## lm-evaluation-harness", ""]
+        limit = f", at most {harness['limit']} examples per task" if harness.get("limit") else ""
+        out.append(f"Tasks: {', '.join(f'`{t}`' for t in harness.get('tasks') or [])}{limit}.")
+        if harness.get("error"):
+            out += ["", f"**lm-eval failed**: `{harness['error']}`"]
+        table = lm_eval_table(record)
+        if table:
+            out += ["", "| " + " | ".join(table[0]) + " |"]
+            out.append("|" + "|".join(["---"] + ["---:"] * (len(table[0]) - 1)) + "|")
+            out += ["| " + " | ".join(row) + " |" for row in table[1:]]
+        if harness.get("models"):
+            out += ["", "<details><summary>lm-eval's results</summary>", "", "```json"]
+            out += [_json(harness["models"]), "```", "", "</details>"]
     if loss_curve:
         out += ["", "## Training loss", "", f"![training and validation loss]({loss_curve})"]
     out += ["", "## Examples", ""]
     for g in generations[:EXAMPLES_IN_REPORT]:
-        out += [f"### Row {g['index']}", "", "Prompt:", "", _fence(g["prompt"]), "", "Reference:", ""]
+        reference = f"Reference{_cut_mark(g, record)}:"
+        out += [f"### Row {g['index']}", "", "Prompt:", "", _fence(g["prompt"]), "", reference, ""]
         out += [_fence(g["reference"])]
         for name in _columns(record):
             out += ["", f"{name.capitalize()}:", "", _fence(g[name])]

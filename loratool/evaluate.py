@@ -23,6 +23,7 @@ from typing import Any
 
 from loratool import __version__
 from loratool.errors import LoratoolError
+from loratool.eval_lm_harness import HarnessTasks, failure, prepare_tasks, run_tasks
 from loratool.eval_metrics import IGNORE, generation_metrics, heldout_loss
 from loratool.generate import Sampling, answer_text, fit_to_context, generate_ids
 from loratool.outputs import Output, check_output, claim_output, library_versions
@@ -62,10 +63,14 @@ def run_eval(
     top_p: float = 1.0,
     seed: int = 0,
     output: str | Path | None = None,
+    max_length: int | None = None,
     lm_eval_tasks: list[str] | None = None,
+    lm_eval_include: str | Path | None = None,
+    lm_eval_limit: int | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Evaluate TARGET and write its report directory; returns that directory."""
+    """Evaluate TARGET and write its report directory; returns that directory. When lm-evaluation-harness
+    fails, the rest of the report is written (with lm-eval's error in it) and then the error is raised."""
     from loratool import eval_report
     from loratool.bnb_cpu import four_bit_matmul
 
@@ -76,12 +81,20 @@ def run_eval(
             f"--compare-base: {resolved.path} is a base model already; there is no adapter to compare with",
             hint="drop --compare-base, or pass the run directory (or merged checkpoint) as TARGET",
         )
-    if lm_eval_tasks:
-        require_lm_eval()
     data_path = _check_data_path(data)
     out = output_dir(resolved, output)
+    _require_data(resolved, data_path)
+    harness = (
+        prepare_tasks(
+            lm_eval_tasks,
+            Path(lm_eval_include).expanduser().resolve() if lm_eval_include else None,
+            lm_eval_limit,
+            log,
+        )
+        if lm_eval_tasks
+        else None
+    )
     with claim_output(out, kind="eval", record_name=METRICS, overwrite=True, log=log) as claimed:
-        _require_data(resolved, data_path)
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
 
         loaded = load_target(resolved, log)
@@ -92,6 +105,7 @@ def run_eval(
             data_path,
             loaded.tokenizer,
             max_samples=max_samples,
+            max_length=max_length,
             context=loaded.context,
             stop_ids=loaded.stop_ids,
         )
@@ -101,9 +115,12 @@ def run_eval(
         models: dict[str, dict[str, Any]] = {}
         answers: dict[str, list[str]] = {}
         models[name], answers[name] = evaluate_model(loaded, eval_data, sampling, batch, log, label=name)
-        lm_eval = run_lm_eval(loaded, lm_eval_tasks, max_samples, batch, log) if lm_eval_tasks else None
+        lm_eval = LmEvalRuns(harness, batch, log)
+        lm_eval.run(loaded.model, loaded.tokenizer, name)
         if compare_base:
-            base_numbers, base_answers = evaluate_base(resolved, loaded, eval_data, sampling, batch, log)
+            base_numbers, base_answers = evaluate_base(
+                resolved, loaded, eval_data, sampling, batch, log, lm_eval=lm_eval
+            )
             models["base"], answers["base"] = base_numbers, base_answers
 
         record = {
@@ -127,7 +144,7 @@ def run_eval(
             "models": models,
             "difference": _difference(models) if "tuned" in models and "base" in models else None,
             "trainer_final_eval_loss": ((resolved.manifest.get("train") or {}).get("final_eval_loss")),
-            "lm_eval": lm_eval,
+            "lm_eval": lm_eval.record(),
             "versions": library_versions(
                 "torch", "transformers", "peft", "rouge-score", "sacrebleu", "lm-eval"
             ),
@@ -141,7 +158,38 @@ def run_eval(
         for line in eval_report.terminal_summary(record, generations):
             log(line)
     log(f"report written to {out}")
+    if lm_eval.error is not None:
+        raise LoratoolError(
+            f"lm-evaluation-harness failed: {lm_eval.error} (the rest of the report was written to {out})",
+            hint="rerun with LORATOOL_DEBUG=1 for lm-eval's own output; check the task's YAML and dataset",
+        )
     return out
+
+
+class LmEvalRuns:
+    """lm-eval on each model evaluated (tuned, and base under --compare-base); a failure is kept, not
+    raised, so that the loss and generation results are still written."""
+
+    def __init__(self, harness: HarnessTasks | None, batch: int, log: Callable[[str], None]):
+        self.harness, self.batch, self.log = harness, batch, log
+        self.results: dict[str, dict[str, Any]] = {}
+        self.error: str | None = None
+
+    def run(self, model: Any, tokenizer: Any, label: str) -> None:
+        if self.harness is None or self.error is not None:
+            return
+        try:
+            self.results[label] = run_tasks(model, tokenizer, self.harness, self.batch, self.log, label)
+        except Exception as exc:  # whatever lm-eval raises: the other numbers must still be written
+            if os.environ.get("LORATOOL_DEBUG", "") not in ("", "0", "false"):
+                raise
+            self.error = failure(exc)
+            self.log(f"warning: lm-evaluation-harness failed on the {label} model: {self.error}")
+
+    def record(self) -> dict[str, Any] | None:
+        if self.harness is None:
+            return None
+        return {**self.harness.settings(), "models": self.results, "error": self.error}
 
 
 # --- data ----------------------------------------------------------------------------------------------
@@ -182,12 +230,14 @@ def build_eval_data(
     tokenizer: Any,
     *,
     max_samples: int | None = None,
+    max_length: int | None = None,
     context: int | None = None,
     stop_ids: list[int] | None = None,
 ) -> EvalData:
     """The rows to evaluate on, tokenized and masked exactly as training does (loratool.data). Without a
     recipe (a base model, or a merged model whose run is gone), the schema's data defaults apply, with
-    max_length capped at the model's context."""
+    max_length capped at the model's context; `max_length` replaces either. A `--data` file keeps its
+    order, so `max_samples` takes its first rows."""
     from loratool.data import build_datasets
     from loratool.recipe import DataSection
 
@@ -196,6 +246,8 @@ def build_eval_data(
     if data is None:
         assert recipe is not None and recipe.data.validation is not None
         section = recipe.data
+        if max_length is not None:
+            section = section.model_copy(update={"max_length": max_length})
         try:
             built = build_datasets(section, tokenizer, seed=seed)
         except LoratoolError as exc:
@@ -217,21 +269,28 @@ def build_eval_data(
             base = DataSection(train=[{"path": str(data)}]).model_dump()
             if context is not None and context < base["max_length"]:
                 base["max_length"] = context
-        section = DataSection.model_validate({**base, "train": [{"path": str(data)}], "validation": None})
+        if max_length is not None:
+            base["max_length"] = max_length
+        # Read as validation sources, which keep file order (training sources are shuffled); the train
+        # entry only satisfies the schema and is built too (the same rows, tokenized twice).
+        file = [{"path": str(data)}]
+        section = DataSection.model_validate({**base, "train": file, "validation": file})
         try:
             built = build_datasets(section, tokenizer, seed=seed)
         except LoratoolError as exc:
-            raise LoratoolError(exc.message.replace("data.train", f"--data {data}", 1), exc.hint) from None
-        dataset = built.train
-        description = f"{data} (shuffled with seed {seed})"
-        details = {"source": "file", "path": str(data), "seed": seed}
+            message = exc.message.replace("data.train", f"--data {data}", 1)
+            raise LoratoolError(message.replace("data.validation", f"--data {data}", 1), exc.hint) from None
+        dataset = built.validation
+        assert dataset is not None
+        description = f"{data} (in file order)"
+        details = {"source": "file", "path": str(data), "order": "file"}
     rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
     if max_samples is not None:
         rows = rows[:max_samples]
     stops = set(stop_ids or [tokenizer.eos_token_id])
     prompts = [_prompt_from_row(ids, labels, stops) for ids, labels in rows]
     if not section.completion_only_loss:
-        prompts = _prompts_with_completion_masks(section, tokenizer, seed, data is None, len(rows), stops)
+        prompts = _prompts_with_completion_masks(section, tokenizer, seed, len(rows), stops)
     details.update(
         rows=len(rows),
         loss_tokens=sum(len(labels) - labels.count(IGNORE) for _, labels in rows),
@@ -254,7 +313,7 @@ def _prompt_from_row(ids: list[int], labels: list[int], stops: set[int]) -> Prom
 
 
 def _prompts_with_completion_masks(
-    section: Any, tokenizer: Any, seed: int, validation: bool, count: int, stops: set[int]
+    section: Any, tokenizer: Any, seed: int, count: int, stops: set[int]
 ) -> list[Prompt]:
     """With completion_only_loss off every token carries loss, so prompts cannot be told from answers in
     the loss rows: the same rows are built again with the answers masked, for generation only."""
@@ -262,7 +321,7 @@ def _prompts_with_completion_masks(
 
     masked = section.model_copy(update={"completion_only_loss": True})
     built = build_datasets(masked, tokenizer, seed=seed)
-    dataset = built.validation if validation else built.train
+    dataset = built.validation
     assert dataset is not None
     rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))[:count]
     return [_prompt_from_row(ids, labels, stops) for ids, labels in rows]
@@ -319,13 +378,23 @@ def evaluate_model(
 
 
 def evaluate_base(
-    target: Target, loaded: Loaded, data: EvalData, sampling: Sampling, batch: int, log: Callable[[str], None]
+    target: Target,
+    loaded: Loaded,
+    data: EvalData,
+    sampling: Sampling,
+    batch: int,
+    log: Callable[[str], None],
+    lm_eval: LmEvalRuns | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The same numbers without the adapter: PEFT's disable_adapter() for a run (the base is not loaded
-    twice); the recorded base, loaded in place of the merged model, for a merged checkpoint."""
+    twice); the recorded base, loaded in place of the merged model, for a merged checkpoint. lm-eval runs
+    on that same base when given."""
     if target.kind == "run":
         with loaded.model.disable_adapter():
-            return evaluate_model(loaded, data, sampling, batch, log, label="base")
+            result = evaluate_model(loaded, data, sampling, batch, log, label="base")
+            if lm_eval is not None:
+                lm_eval.run(loaded.model, loaded.tokenizer, "base")
+            return result
     from loratool import hardware
 
     base_dir = merged_base_dir(target)
@@ -333,34 +402,10 @@ def evaluate_base(
     hw = hardware.detect()
     loaded.model = None  # free the merged model before the base loads
     base = Loaded(**{**loaded.__dict__, "model": load_checkpoint(base_dir, hw).eval()})
-    return evaluate_model(base, data, sampling, batch, log, label="base")
-
-
-# --- lm-evaluation-harness -----------------------------------------------------------------------------
-
-
-def require_lm_eval() -> None:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise LoratoolError(
-            "--lm-eval-tasks needs lm-evaluation-harness, which is not installed",
-            hint="pip install 'loratool[lm-eval]' (its tasks download their datasets: run once online, or "
-            "point HF_DATASETS_CACHE at a cache that has them)",
-        ) from None
-
-
-def run_lm_eval(
-    loaded: Loaded, tasks: list[str] | None, limit: int | None, batch: int, log: Callable[[str], None]
-) -> dict[str, Any]:
-    """lm-evaluation-harness tasks on the model already in memory (HFLM accepts a model object)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    log(f"lm-evaluation-harness: {', '.join(tasks or [])}")
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch)
-    results = simple_evaluate(model=lm, tasks=tasks, limit=limit)
-    return json.loads(json.dumps((results or {}).get("results", {}), default=str))
+    result = evaluate_model(base, data, sampling, batch, log, label="base")
+    if lm_eval is not None:
+        lm_eval.run(base.model, base.tokenizer, "base")
+    return result
 
 
 # --- writing -------------------------------------------------------------------------------------------

@@ -165,8 +165,10 @@ def _not_loadable(what: str, source: str, exc: Exception) -> LoratoolError:
         )
     else:
         hint = (
-            f"'{source}' is read as a hub id; on an offline machine it must already be in the Hugging Face "
-            "cache — or point base_model at a local directory"
+            f"'{source}' is read as a hub id: check its spelling on the hub; on a machine without network it "
+            "must be in the Hugging Face cache and HF_HUB_OFFLINE=1 set; a gated repository (Llama, Gemma, "
+            "...) needs `hf auth login` with an account that accepted its licence — or point base_model at "
+            "a local directory"
         )
     return LoratoolError(f"cannot load the {what} from '{source}': {first_line}", hint=hint)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from loratool.errors import LoratoolError
 from loratool.library_fields import LORA_CONFIG_FIELDS, SFT_CONFIG_FIELDS
@@ -366,6 +366,15 @@ class Recipe(Section):
     training: TrainingSection
     """Optimizer, schedule, precision, logging, evaluation and checkpoints."""
 
+    # Not a recipe key: where the recipe file was (set by load_recipe), so that an input that cannot be
+    # found can name every place a relative path was looked for (inputs.py).
+    _directory: Path | None = PrivateAttr(default=None)
+
+    @property
+    def directory(self) -> Path | None:
+        """The directory of the recipe file this recipe was loaded from (None when built in code)."""
+        return self._directory
+
     def is_quantized(self) -> bool:
         q = self.quantization
         return q is not None and (q.load_in_4bit or q.load_in_8bit)
@@ -505,7 +514,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for override in overrides:
         apply_override(raw, override)
     _resolve_relative_paths(raw, path.parent)
-    return validate_recipe(raw, source=str(path), problems=duplicates)
+    recipe = validate_recipe(raw, source=str(path), problems=duplicates)
+    recipe._directory = path.parent.resolve()
+    return recipe
 
 
 def _read_recipe_text(path: Path) -> str:

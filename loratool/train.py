@@ -16,6 +16,7 @@ from loratool.divergence import DivergenceGuard, check_finite_adapter
 from loratool.errors import InternalError, LoratoolError
 from loratool.fingerprint import fingerprint_matches, weights_fingerprint
 from loratool.gguf_base import gguf_record, is_gguf, resolve_base_model
+from loratool.inputs import check_inputs
 from loratool.lora import attach_adapter, build_loraplus_optimizer, keep_adapter_in
 from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics, trim_metrics
 from loratool.model import load_model, load_tokenizer, local_model_dir
@@ -259,6 +260,7 @@ def preflight(
 
     The output directory belongs to the main process: the others skip its check (by the time they run
     it, the main process may already have started the run there)."""
+    check_inputs(recipe, log)  # base model, tokenizer, every data source: all missing ones in one error
     hw = hardware.detect()
     hardware.check(recipe, hw)
     check_trainer_settings(recipe, hw)  # library-only values (optim, lr_scheduler_type, report_to, ...)

@@ -372,3 +372,113 @@ def test_real_model_from_gguf(tmp_path, tmp_path_factory, monkeypatch):
     assert result.exit_code == 0, result.output
     numbers = metrics(tmp_path / "ev")["models"]["base"]
     assert numbers["rows"] == 4 and numbers["loss"] < 3.0 and numbers["rouge_l_f1"] > 0.05
+
+
+# --- data order, max_length, lm-evaluation-harness -------------------------------------------------------
+
+
+def test_data_keeps_file_order_and_cut_references_are_marked(run, held_out, tmp_path):
+    result = eval_cli(
+        run, "--data", held_out, "--max-samples", "3", "--max-length", "40", "--output", tmp_path / "ev"
+    )
+    assert result.exit_code == 0, result.output
+    record, rows = metrics(tmp_path / "ev"), generations(tmp_path / "ev")
+    assert record["data"]["max_length"] == 40 and record["data"]["order"] == "file"
+    # The first three rows of the file, in its order (a shuffle would pick others, or reorder them).
+    assert [r["prompt"].count(row["input"]) > 0 for r, row in zip(rows, HELD_OUT, strict=False)] == [True] * 3
+    cut = [r for r in rows if not r["reference_complete"]]
+    assert cut and record["data"]["truncated_references"] == len(cut)
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert report.count("Reference (cut at max_length=40 tokens):") == len(cut)
+
+
+def lm_eval_installed() -> bool:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_lm_eval = pytest.mark.skipif(
+    not lm_eval_installed(), reason="lm-eval is not installed (loratool[lm-eval])"
+)
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory) -> Path:
+    """An lm-eval multiple-choice task on a local JSON file: runs offline, in a folder of its own."""
+    folder = tmp_path_factory.mktemp("lm-eval-tasks")
+    docs = [
+        {"question": "The opposite of hot is", "choices": ["cold", "blue"], "answer": 0},
+        {"question": "Two plus two is", "choices": ["five", "four"], "answer": 1},
+        {"question": "The sky is", "choices": ["blue", "loud"], "answer": 0},
+    ]
+    (folder / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    task = {
+        "task": "loratool_tiny_choice",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(folder / "docs.jsonl")}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}],
+    }
+    (folder / "tiny_choice.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    return folder
+
+
+@needs_lm_eval
+def test_unknown_lm_eval_task_fails_before_any_model_loads(run, local_task, monkeypatch, tmp_path):
+    import loratool.evaluate
+
+    monkeypatch.setattr(loratool.evaluate, "load_target", lambda *a: pytest.fail("loaded a model"))
+    result = eval_cli(run, "--lm-eval-tasks", "loratool_tiny_choise", "--lm-eval-include", local_task,
+                      "--output", tmp_path / "ev")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "unknown task(s)" in result.output and "did you mean loratool_tiny_choice?" in result.output
+    assert not (tmp_path / "ev").exists()
+
+
+@needs_lm_eval
+def test_lm_eval_local_task_on_tuned_and_base(run, local_task, tiny_llama, tmp_path, monkeypatch):
+    result = eval_cli(run, "--compare-base", "--max-samples", "2", "--lm-eval-tasks", "loratool_tiny_choice",
+                      "--lm-eval-include", local_task, "--output", tmp_path / "ev")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    harness = metrics(tmp_path / "ev")["lm_eval"]
+    assert harness["error"] is None and harness["limit"] is None  # --max-samples does not limit lm-eval
+    assert set(harness["models"]) == {"tuned", "base"}
+    for numbers in harness["models"].values():
+        assert 0.0 <= numbers["loratool_tiny_choice"]["acc,none"] <= 1.0
+    assert "lm-eval task metric" in result.output and "loratool_tiny_choice acc" in result.output
+    assert "loratool_tiny_choice acc" in (tmp_path / "ev" / "report.md").read_text()
+    # The base side is lm-eval on the base itself: the same numbers as evaluating the base alone, with
+    # the task named by its YAML path.
+    monkeypatch.chdir(tmp_path)
+    alone = eval_cli(tiny_llama, "--data", SMOKE, "--max-samples", "2",
+                     "--lm-eval-tasks", local_task / "tiny_choice.yaml")  # fmt: skip
+    assert alone.exit_code == 0, alone.output
+    base_alone = metrics(tmp_path / f"eval-{tiny_llama.name}")["lm_eval"]["models"]["base"]
+    assert base_alone == harness["models"]["base"]
+
+
+def test_lm_eval_failure_keeps_the_rest_of_the_report(run, monkeypatch, tmp_path):
+    import loratool.evaluate
+    from loratool.eval_lm_harness import HarnessTasks
+
+    def broken(*args):
+        raise RuntimeError("the task's dataset vanished")
+
+    monkeypatch.setattr(
+        loratool.evaluate, "prepare_tasks", lambda specs, *a: HarnessTasks(specs, None, None, None)
+    )
+    monkeypatch.setattr(loratool.evaluate, "run_tasks", broken)
+    result = eval_cli(run, "--max-samples", "2", "--lm-eval-tasks", "sometask", "--output", tmp_path / "ev")
+    assert result.exit_code == 1
+    assert "error: lm-evaluation-harness failed: RuntimeError: the task's dataset vanished" in result.output
+    record = metrics(tmp_path / "ev")
+    assert record["models"]["tuned"]["rows"] == 2  # loss and generation results were written
+    assert record["lm_eval"]["error"] == "RuntimeError: the task's dataset vanished"
+    assert "lm-eval failed" in (tmp_path / "ev" / "report.md").read_text()

@@ -254,8 +254,9 @@ def load_hub_dataset(source: DataSource) -> Any:
         raise LoratoolError(
             f"data source '{source.path}' is not a local file or directory, and loading it from the hub "
             f"failed: {reason}",
-            hint=f"no file or directory exists at {Path(source.path).resolve()}; "
-            "on offline machines (and in tests) point data paths at local files",
+            hint=f"no file or directory exists at {Path(source.path).resolve()}; on a machine without "
+            "network a hub dataset must be in the Hugging Face cache and HF_HUB_OFFLINE=1 set (else point "
+            "data paths at local files); a gated dataset needs `hf auth login` and its terms accepted",
         ) from None
 
 
