@@ -157,6 +157,8 @@ def run_eval(
         )
         for line in eval_report.terminal_summary(record, generations):
             log(line)
+        if resolved.kind == "run":
+            _add_to_model_card(resolved, record, out)
     log(f"report written to {out}")
     if lm_eval.error is not None:
         raise LoratoolError(
@@ -427,6 +429,26 @@ def output_dir(target: Target, output: str | Path | None) -> Path:
         raise LoratoolError(f"--output {out} would replace TARGET", hint="choose another directory")
     check_output(out, kind="eval", record_name=METRICS, overwrite=True, option="--output")
     return out
+
+
+def _add_to_model_card(target: Target, record: dict[str, Any], out: Path) -> None:
+    """The run's model card (its README.md) gets these numbers, so that a shared adapter says how it did."""
+    from loratool.model_card import write_model_card
+
+    rows = (record["models"].get("tuned") or {}).get("rows")
+    where = f"`loratool eval`, {rows} held-out rows" if rows else "`loratool eval`"
+    evaluation = {}
+    for side in ("tuned", "base"):
+        numbers = record["models"].get(side) or {}
+        for key in ("loss", "exact_match", "rouge_l_f1", "chrf"):
+            if isinstance(numbers.get(key), (int, float)):
+                label = "held-out loss" if key == "loss" else key.replace("_", " ")
+                evaluation[f"{label} ({side}, {where})"] = f"{numbers[key]:.4g}"
+    evaluation["full report"] = (
+        f"`{out.relative_to(target.path) if out.is_relative_to(target.path) else out}`"
+    )
+    write_model_card(target.path, target.recipe.model_dump(mode="json") if target.recipe else None,
+                     target.manifest, evaluation)  # fmt: skip
 
 
 def write_outputs(

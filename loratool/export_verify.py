@@ -70,12 +70,17 @@ def verify_gguf(
 
     probes, source = build_probes(tokenizer, recipe, log)
     reference = probe_logits(
-        AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval(), probes
+        AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval(),
+        probes,
+        "  verifying: the source checkpoint",
+        log,
     )
     model = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
     )
-    logits = compare(reference, probe_logits(model.eval(), probes), THRESHOLDS[outtype])
+    logits = compare(
+        reference, probe_logits(model.eval(), probes, "  verifying: the GGUF file", log), THRESHOLDS[outtype]
+    )
     del model
     log(
         f"  logits on {source}: max |Δlogit| {logits['max_abs_logit_diff']:.2e}, mean KL "

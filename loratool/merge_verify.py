@@ -114,11 +114,13 @@ def verify(
     """Compare the merged model with each reference; one result per reference, keyed like merge.json."""
     from loratool.bnb_cpu import four_bit_matmul
 
-    merged = probe_logits(_load_merged(merged_dir), probes)
+    merged = probe_logits(_load_merged(merged_dir), probes, "  verifying the merged model", log)
     results: dict[str, Any] = {}
     for ref in references:
         model = _load_reference(base_dir, adapter_dir, ref.quantized)
-        result = compare(probe_logits(model, probes), merged, ref.thresholds)
+        result = compare(
+            probe_logits(model, probes, f"  verifying: {ref.description}", log), merged, ref.thresholds
+        )
         matmul = four_bit_matmul(model)
         del model
         results[ref.key] = {"reference": ref.description, **result}
@@ -228,9 +230,21 @@ def _upcast(model: Any) -> None:
             param.data = param.data.float()
 
 
-def probe_logits(model: Any, probes: list[list[int]]) -> list[torch.Tensor]:
+def probe_logits(
+    model: Any, probes: list[list[int]], what: str = "", log: Callable[[str], None] | None = None
+) -> list[torch.Tensor]:
+    """The logits of each probe row. With `what`, a progress line (rate, ETA) at least every 15 s: a big
+    model on a busy CPU can take minutes here."""
     import torch
 
+    from loratool.metrics import Heartbeat
+
+    heartbeat = Heartbeat(what, len(probes), write=log) if what else None
     device = next(model.parameters()).device
+    logits = []
     with torch.inference_mode():
-        return [model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in probes]
+        for done, ids in enumerate(probes, start=1):
+            logits.append(model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu())
+            if heartbeat is not None:
+                heartbeat.tick(done, "rows")
+    return logits

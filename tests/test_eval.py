@@ -199,6 +199,13 @@ def test_report_files(run, evaluated):
     # The terminal: the table and two examples with the answers of both models.
     assert "loss (nats/token)" in output and output.count("reference: ") == 2
     assert not list(run.glob(".eval.partial-*"))
+    # The run's model card now says how the adapter did, for tuned and base.
+    card = (run / "README.md").read_text()
+    assert (
+        f"held-out loss (tuned, `loratool eval`, 8 held-out rows): {record['models']['tuned']['loss']:.4g}"
+        in card
+    )
+    assert "held-out loss (base, " in card and "full report: `eval`" in card
 
 
 def test_prompt_and_reference_come_from_the_template(run, held_out, tmp_path):

@@ -34,3 +34,20 @@ def test_training_and_validation_print_lines_without_a_terminal(capsys):
     assert re.search(r"^training \(step 2/4\): 2/4 steps · .* · ETA \d+:\d\d$", out, flags=re.MULTILINE), out
     assert re.search(r"^validation: 3/3 batches · ", out, flags=re.MULTILINE), out
     assert progress.evaluation is None  # the next validation pass counts from zero
+
+
+def test_verification_passes_print_progress(monkeypatch, tiny_llama):
+    """merge and export verification run the probe rows through whole models: they say how far they are."""
+    import functools
+
+    from transformers import AutoModelForCausalLM
+
+    import loratool.metrics
+    from loratool.merge_verify import probe_logits
+
+    monkeypatch.setattr(loratool.metrics, "Heartbeat", functools.partial(Heartbeat, every=0))
+    lines: list[str] = []
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    logits = probe_logits(model, [[1, 2, 3], [4, 5], [6]], "  verifying the merged model", lines.append)
+    assert [t.shape[0] for t in logits] == [3, 2, 1]
+    assert len(lines) == 3 and lines[-1].startswith("  verifying the merged model: 3/3 rows · ")
