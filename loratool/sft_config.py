@@ -40,10 +40,13 @@ def build_sft_config(
     # Defaults a recipe may override with a pass-through key (e.g. disable_tqdm: true for log files).
     # Under several processes (DDP) every adapter weight takes part in every forward pass, so DDP need not
     # search the graph for unused parameters (transformers turns that search on without checkpointing).
+    # With validation data, one evaluation before the first step shows where the base started (the loss
+    # curve's step-0 point): a pass over the validation set, usually seconds.
     fields = {
         "disable_tqdm": False,
         "include_num_input_tokens_seen": "non_padding",
         "ddp_find_unused_parameters": False,
+        "eval_on_start": has_validation,
         **fields,
     }
     fields.update(training.model_extra or {})

@@ -145,6 +145,8 @@ def _train(
             fp16=fp16,
             train_summary=data.summary.train,
         )
+        if checkpoint is not None:
+            args.eval_on_start = False  # the step-0 evaluation was logged by the first part of the run
         seal = CheckpointSeal(resumed_from=checkpoint)
         callbacks: list[Any] = [MetricsLog(run.metrics), seal]
         if recipe.training.early_stopping_patience is not None:

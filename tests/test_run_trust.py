@@ -424,3 +424,19 @@ def test_sigterm_leaves_a_failed_record_that_says_so(tmp_path, tiny_llama, smoke
     assert proc.returncode == 130, stderr
     record = read_run(tmp_path / "out")
     assert record.status == "failed" and record.error == "terminated by signal 15"
+
+
+def test_validation_starts_at_step_0_once_across_a_resume(tmp_path, tiny_llama, smoke_data):
+    """The loss curve shows where the base started; a resume does not evaluate step 0 again."""
+    recipe = make_recipe(
+        tmp_path,
+        tiny_llama,
+        smoke_data,
+        data={"validation": 0.1},
+        training={"max_steps": 2, "save_steps": 2, "eval_steps": 2},
+    )
+    assert train(recipe).exit_code == 0
+    assert train(recipe, "--resume", "--set", "training.max_steps=4").exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    eval_steps = [r["step"] for r in rows if "eval_loss" in r]
+    assert eval_steps == [0, 2, 4]
