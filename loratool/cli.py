@@ -156,21 +156,34 @@ def train(
         bool,
         typer.Option("--resume", help="Continue the run in training.output_dir from its last checkpoint."),
     ] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Print the resolved recipe with the origin of every value (default, file:line of the "
+            "recipe or a base it extends, or --set) and exit.",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune a model with LoRA / QLoRA as the recipe says; the output directory is a PEFT adapter."""
-    import yaml
+    from loratool.recipe import explain as explained
+    from loratool.recipe import load_recipe, load_recipe_with_origins
 
-    from loratool.recipe import load_recipe, recipe_to_dict
-
-    loaded = load_recipe(recipe, set_ or [])
+    if explain or dry_run:
+        loaded, origins = load_recipe_with_origins(recipe, set_ or [])
+    else:
+        loaded, origins = load_recipe(recipe, set_ or []), {}
+    if explain:
+        typer.echo(explained(loaded, origins))
+        return
     quiet_libraries()
     from loratool.train import dry_run as check_only
     from loratool.train import run_train
 
     if dry_run:
         check_only(loaded, overwrite=overwrite, resume=resume, log=typer.echo)
-        typer.echo("resolved recipe:")
-        typer.echo(yaml.safe_dump(recipe_to_dict(loaded), sort_keys=False, allow_unicode=True).rstrip())
+        typer.echo("resolved recipe:  # after each value: default, the file and line that set it, or --set")
+        typer.echo(explained(loaded, origins))
         return
     run_train(loaded, overwrite=overwrite, resume=resume, log=typer.echo)
 
@@ -185,6 +198,14 @@ def recipe_reference(
     from loratool.recipe import reference, reference_markdown
 
     typer.echo(reference_markdown() if markdown else reference(), nl=not markdown)
+
+
+@app.command("recipe-schema")
+def recipe_schema() -> None:
+    """Print the recipe's JSON Schema (draft 2020-12), for editors: see docs/recipe.schema.json."""
+    from loratool.recipe_schema import schema_json
+
+    typer.echo(schema_json(), nl=False)
 
 
 @app.command()
