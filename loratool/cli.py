@@ -156,6 +156,15 @@ def train(
         bool,
         typer.Option("--resume", help="Continue the run in training.output_dir from its last checkpoint."),
     ] = False,
+    smoke: Annotated[
+        bool,
+        typer.Option(
+            "--smoke",
+            help="Check the recipe end to end in about a minute: the same recipe on a small random model "
+            "of the base's architecture (no weights downloaded), a few steps on a few rows, then merge and "
+            "export, each verified. Outputs go to training.output_dir + '-smoke', marked as a smoke run.",
+        ),
+    ] = False,
     explain: Annotated[
         bool,
         typer.Option(
@@ -180,6 +189,15 @@ def train(
     from loratool.train import dry_run as check_only
     from loratool.train import run_train
 
+    if smoke:
+        if resume:
+            raise LoratoolError(
+                "--smoke and --resume: a smoke run always starts afresh", hint="drop --resume"
+            )
+        from loratool.smoke import run_smoke
+
+        run_smoke(loaded, log=typer.echo)
+        return
     if dry_run:
         check_only(loaded, overwrite=overwrite, resume=resume, log=typer.echo)
         typer.echo("resolved recipe:  # after each value: default, the file and line that set it, or --set")

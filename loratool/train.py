@@ -29,9 +29,15 @@ from loratool.sft_config import build_sft_config, check_trainer_settings
 
 
 def run_train(
-    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    smoke: dict[str, Any] | None = None,
 ) -> Path:
-    """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory."""
+    """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory. `smoke`:
+    the record of a smoke run (smoke.py), kept in run.json and on the model card."""
     from accelerate import PartialState
 
     # Under `accelerate launch` every process runs this function; only the main one prints, holds the
@@ -43,11 +49,17 @@ def run_train(
             held.enter_context(output_lock(output_dir, command_line(), log))
         else:
             log = _quiet
-        return _train(recipe, overwrite=overwrite, resume=resume, log=log, run_log=run_log)
+        return _train(recipe, overwrite=overwrite, resume=resume, log=log, run_log=run_log, smoke=smoke)
 
 
 def _train(
-    recipe: Recipe, *, overwrite: bool, resume: bool, log: Callable[[str], None], run_log: RunLog
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    resume: bool,
+    log: Callable[[str], None],
+    run_log: RunLog,
+    smoke: dict[str, Any] | None = None,
 ) -> Path:
     import torch
     from accelerate import PartialState
@@ -67,6 +79,7 @@ def _train(
         **_layout(recipe, state.num_processes),
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "data": data.summary.to_dict(),
+        **({"smoke": smoke} if smoke is not None else {}),
     }
     checkpoint, resume_entry = None, None
     if resume:
@@ -161,6 +174,10 @@ def _train(
 
         def write_outputs(folder: Path) -> None:
             trainer.model.save_pretrained(folder)
+            if smoke is not None:
+                from loratool.smoke import mark_model_card
+
+                mark_model_card(folder / "README.md")
             tokenizer.save_pretrained(folder)  # with the chat template the data was rendered with
             plot_loss_curve(
                 read_metrics(run.metrics), folder / LOSS_CURVE, title=f"{recipe.base_model} · LoRA"
