@@ -249,6 +249,50 @@ def data_(
         raise typer.Exit(1)
 
 
+@app.command("plan")
+@reports_errors
+def plan_(
+    recipe: Annotated[
+        Path, typer.Argument(help="YAML recipe file (see recipes/).", show_default=False, metavar="RECIPE")
+    ],
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", help="Plan for a named GPU (H100, A100-80GB, L4, RTX4090, T4, ...)."),
+    ] = None,
+    memory: Annotated[
+        str | None, typer.Option("--memory", help="Plan for a memory budget, e.g. 24GiB (GPU formula).")
+    ] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate", help="Also run a few real steps here and compare measured with predicted."
+        ),
+    ] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the plan as JSON (peak_memory_bytes, ...).")
+    ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key, as for train."),
+    ] = None,
+) -> None:
+    """Predict peak memory by component, speed and wall time, and list conflicts, without weights."""
+    from loratool.recipe import load_recipe
+
+    if gpu and memory:
+        raise LoratoolError("--gpu and --memory: give one", hint="--gpu H100, or --memory 24GiB")
+    loaded = load_recipe(recipe, set_ or [])
+    quiet_libraries()
+    from loratool.plan import calibrate as measure
+    from loratool.plan import plan_json, plan_recipe
+
+    log = (lambda _: None) if json_ else typer.echo
+    plan = plan_recipe(loaded, gpu=gpu, memory=memory, log=log)
+    if calibrate:
+        plan.calibration = measure(loaded, plan, log=log)
+    typer.echo(plan_json(plan) if json_ else plan.format())
+
+
 @app.command("recipe-reference")
 def recipe_reference(
     markdown: Annotated[

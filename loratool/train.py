@@ -429,6 +429,9 @@ def dry_run(
     log(f"hardware: {hw.device} ({hw.name}) · compute in {precision}")
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
     log(f"output: {run.path} ({run.state()})")
+    from loratool.plan import dry_run_line
+
+    log(dry_run_line(recipe, config, hw, checks.data))
 
 
 def _as_training_error(exc: BaseException, run: RunDir) -> BaseException:
