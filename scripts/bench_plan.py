@@ -113,20 +113,70 @@ def run_shape(shape: tuple, folder: Path) -> dict:
     }
 
 
+def repredict(results: list[dict]) -> list[dict]:
+    """The plan's prediction again for recorded measurements (after a change of the formula), from
+    configs alone: no model is built and nothing trains."""
+    from loratool.plan import make_plan, model_shape
+    from loratool.recipe import validate_recipe
+    from loratool.tiny_model import _make_config, build_tokenizer
+
+    vocab = len(build_tokenizer(512))
+    by_key = {(s[0], s[6], s[7], s[8]): s for s in SHAPES}
+    for r in results:
+        name, hidden, layers, heads, kv, inter, batch, length, checkpointing = by_key[
+            (r["shape"], r["batch"], r["max_length"], r["checkpointing"])
+        ]
+        config = _make_config(
+            "llama",
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            tie_word_embeddings=False,
+        )
+        recipe = validate_recipe(
+            {
+                "base_model": "m",
+                "lora": {"r": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
+                "data": {"train": [{"path": "rows.jsonl", "format": "text"}], "max_length": length},
+                "training": {
+                    "output_dir": "out",
+                    "per_device_train_batch_size": batch,
+                    "gradient_accumulation_steps": 1,
+                    "gradient_checkpointing": checkpointing,
+                },
+            }
+        )
+        plan = make_plan(recipe, model_shape(recipe, config), device="cpu")
+        r["predicted"] = plan.peak_memory_bytes
+        r["error"] = plan.peak_memory_bytes / r["measured"] - 1
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="only the three smallest shapes")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument(
+        "--repredict",
+        type=Path,
+        help="a --json file of earlier measurements: predict them again, train nothing",
+    )
     args = parser.parse_args()
     shapes = SHAPES[:3] if args.quick else SHAPES
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench-plan-") as folder:
-        for shape in shapes:
-            result = run_shape(shape, Path(folder))
-            results.append(result)
-            print(json.dumps({k: v for k, v in result.items() if k != "components"}), flush=True)
+    if args.repredict:
+        results = repredict(json.loads(args.repredict.read_text()))
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-plan-") as folder:
+            for shape in shapes:
+                result = run_shape(shape, Path(folder))
+                results.append(result)
+                print(json.dumps({k: v for k, v in result.items() if k != "components"}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     gib = 1024**3
