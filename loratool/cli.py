@@ -156,23 +156,141 @@ def train(
         bool,
         typer.Option("--resume", help="Continue the run in training.output_dir from its last checkpoint."),
     ] = False,
+    smoke: Annotated[
+        bool,
+        typer.Option(
+            "--smoke",
+            help="Check the recipe end to end in about a minute: the same recipe on a small random model "
+            "of the base's architecture (no weights downloaded), a few steps on a few rows, then merge and "
+            "export, each verified. Outputs go to training.output_dir + '-smoke', marked as a smoke run.",
+        ),
+    ] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Print the resolved recipe with the origin of every value (default, file:line of the "
+            "recipe or a base it extends, or --set) and exit.",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune a model with LoRA / QLoRA as the recipe says; the output directory is a PEFT adapter."""
-    import yaml
+    from loratool.recipe import explain as explained
+    from loratool.recipe import load_recipe, load_recipe_with_origins
 
-    from loratool.recipe import load_recipe, recipe_to_dict
-
-    loaded = load_recipe(recipe, set_ or [])
+    if explain or dry_run:
+        loaded, origins = load_recipe_with_origins(recipe, set_ or [])
+    else:
+        loaded, origins = load_recipe(recipe, set_ or []), {}
+    if explain:
+        typer.echo(explained(loaded, origins))
+        return
     quiet_libraries()
     from loratool.train import dry_run as check_only
     from loratool.train import run_train
 
+    if smoke:
+        if resume:
+            raise LoratoolError(
+                "--smoke and --resume: a smoke run always starts afresh", hint="drop --resume"
+            )
+        from loratool.smoke import run_smoke
+
+        run_smoke(loaded, log=typer.echo)
+        return
     if dry_run:
         check_only(loaded, overwrite=overwrite, resume=resume, log=typer.echo)
-        typer.echo("resolved recipe:")
-        typer.echo(yaml.safe_dump(recipe_to_dict(loaded), sort_keys=False, allow_unicode=True).rstrip())
+        typer.echo("resolved recipe:  # after each value: default, the file and line that set it, or --set")
+        typer.echo(explained(loaded, origins))
         return
     run_train(loaded, overwrite=overwrite, resume=resume, log=typer.echo)
+
+
+@app.command("data")
+@reports_errors
+def data_(
+    recipe: Annotated[
+        Path, typer.Argument(help="YAML recipe file (see recipes/).", show_default=False, metavar="RECIPE")
+    ],
+    rows: Annotated[int, typer.Option("--rows", min=0, help="How many rows to show, tokenized.")] = 3,
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Also write a self-contained HTML page (rows, checks, histogram)."),
+    ] = None,
+    histogram: Annotated[
+        Path | None, typer.Option("--histogram", help="Also write the token-length histogram as a PNG.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key, as for train."),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit with code 1 when a check warns (for CI).")
+    ] = False,
+) -> None:
+    """Show the data as training tokenizes it: loss tokens highlighted, lengths, summary and checks."""
+    from loratool.recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_ or [])
+    quiet_libraries()
+    from loratool.data.inspect import format_report, inspect_data, length_histogram_png, to_html
+    from loratool.model import load_tokenizer
+
+    tokenizer = load_tokenizer(loaded.base_model, loaded.model, typer.echo)
+    report = inspect_data(loaded, tokenizer)
+    typer.echo(format_report(report, rows=rows, color=sys.stdout.isatty()))
+    if histogram is not None:
+        length_histogram_png(report, histogram)
+        typer.echo(f"histogram written to {histogram}")
+    if html is not None:
+        html.write_text(to_html(report, rows=rows), encoding="utf-8")
+        typer.echo(f"HTML written to {html}")
+    if strict and report.findings:
+        raise typer.Exit(1)
+
+
+@app.command("plan")
+@reports_errors
+def plan_(
+    recipe: Annotated[
+        Path, typer.Argument(help="YAML recipe file (see recipes/).", show_default=False, metavar="RECIPE")
+    ],
+    gpu: Annotated[
+        str | None,
+        typer.Option("--gpu", help="Plan for a named GPU (H100, A100-80GB, L4, RTX4090, T4, ...)."),
+    ] = None,
+    memory: Annotated[
+        str | None, typer.Option("--memory", help="Plan for a memory budget, e.g. 24GiB (GPU formula).")
+    ] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate", help="Also run a few real steps here and compare measured with predicted."
+        ),
+    ] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the plan as JSON (peak_memory_bytes, ...).")
+    ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key, as for train."),
+    ] = None,
+) -> None:
+    """Predict peak memory by component, speed and wall time, and list conflicts, without weights."""
+    from loratool.recipe import load_recipe
+
+    if gpu and memory:
+        raise LoratoolError("--gpu and --memory: give one", hint="--gpu H100, or --memory 24GiB")
+    loaded = load_recipe(recipe, set_ or [])
+    quiet_libraries()
+    from loratool.plan import calibrate as measure
+    from loratool.plan import plan_json, plan_recipe
+
+    log = (lambda _: None) if json_ else typer.echo
+    plan = plan_recipe(loaded, gpu=gpu, memory=memory, log=log)
+    if calibrate:
+        plan.calibration = measure(loaded, plan, log=log)
+    typer.echo(plan_json(plan) if json_ else plan.format())
 
 
 @app.command("recipe-reference")
@@ -185,6 +303,14 @@ def recipe_reference(
     from loratool.recipe import reference, reference_markdown
 
     typer.echo(reference_markdown() if markdown else reference(), nl=not markdown)
+
+
+@app.command("recipe-schema")
+def recipe_schema() -> None:
+    """Print the recipe's JSON Schema (draft 2020-12), for editors: see docs/recipe.schema.json."""
+    from loratool.recipe_schema import schema_json
+
+    typer.echo(schema_json(), nl=False)
 
 
 @app.command()

@@ -13,6 +13,7 @@ The loaded recipe is frozen; derived values are functions, never fields written 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -493,9 +494,77 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe file. Raises LoratoolError listing every problem."""
+    return load_recipe_with_origins(path, overrides)[0]
+
+
+# Where a value of the recipe came from: "recipes/base.yaml:12", "--set lora.r=8"; absent = the default.
+Origins = dict[str, str]
+
+
+def load_recipe_with_origins(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[Recipe, Origins]:
+    """load_recipe, and for each key path given (`lora.r`, `data.train.0.path`) the file and line or the
+    --set that set it. `extends:` chains are followed and deep-merged first; --set applies last."""
     path = Path(path)
+    raw, duplicates, origins = _read_with_bases(path, chain=())
+    for override in overrides:
+        apply_override(raw, override)
+        key_path = override.partition("=")[0].strip()
+        _forget_under(origins, key_path)
+        where = f"--set {override}"
+        origins[key_path] = where
+        for sub in _leaf_paths(_get_path(raw, key_path), key_path):
+            origins[sub] = where
+    recipe = validate_recipe(raw, source=str(path), problems=duplicates)
+    recipe._directory = path.parent.resolve()
+    return recipe, origins
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], list[str], Origins]:
+    """One recipe file merged onto the files it extends: (raw mapping, duplicate-key problems, origins)."""
+    raw, duplicates, lines = _read_one(path)
+    if chain:  # a base file: its problems name it
+        duplicates = [f"{path}: {problem}" for problem in duplicates]
+    origins = {key: f"{path}:{line}" for key, line in lines.items() if not key.startswith("extends")}
+    _resolve_relative_paths(raw, path.parent)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw, duplicates, origins
+    if not isinstance(base, str) or not base.strip():
+        raise LoratoolError(
+            f"{path}:{lines.get('extends', 1)}: extends must be the path of one base recipe, got {base!r}",
+            hint="for example `extends: base.yaml` (relative to this recipe's directory)",
+        )
+    base_path = Path(base).expanduser()
+    if not base_path.is_absolute():
+        base_path = Path(os.path.normpath(path.parent / base_path))  # sub/../base.yaml -> base.yaml
+    here = (*chain, path)
+    if any(_same_file(base_path, seen) for seen in here):
+        cycle = " -> ".join(str(p) for p in (*here, base_path))
+        raise LoratoolError(
+            f"{path}: `extends` makes a cycle: {cycle}",
+            hint="a recipe cannot extend itself or a recipe that extends it; remove one `extends`",
+        )
+    if not base_path.is_file():
+        raise LoratoolError(
+            f"{path}:{lines.get('extends', 1)}: extends {base!r}: no such recipe file ({base_path})",
+            hint="the path is relative to the directory of the recipe that extends it",
+        )
+    base_raw, base_duplicates, base_origins = _read_with_bases(base_path, here)
+    merged = _deep_merge(base_raw, raw, base_origins, "")
+    return merged, base_duplicates + duplicates, {**base_origins, **origins}
+
+
+def _read_one(path: Path) -> tuple[dict[str, Any], list[str], dict[str, int]]:
+    """One YAML file -> (mapping, duplicate-key problems, 1-based line of every key path)."""
+    source = str(path)
     try:
-        raw, duplicates = parse_yaml(_read_recipe_text(path), str(path))
+        loader = RecipeLoader(_read_recipe_text(path), source)
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -511,12 +580,89 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             f"{path}: a recipe must be a YAML mapping of sections, got a {type(raw).__name__}",
             hint="start from one of the files in recipes/",
         )
-    for override in overrides:
-        apply_override(raw, override)
-    _resolve_relative_paths(raw, path.parent)
-    recipe = validate_recipe(raw, source=str(path), problems=duplicates)
-    recipe._directory = path.parent.resolve()
-    return recipe
+    return raw, loader.duplicate_keys, loader.key_lines
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _deep_merge(base: dict[str, Any], child: dict[str, Any], origins: Origins, prefix: str) -> dict[str, Any]:
+    """child over base: mappings merge key by key; lists and values replace (their base origins go)."""
+    merged = dict(base)
+    for key, value in child.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value, origins, f"{path}.")
+        else:
+            _forget_under(origins, path)
+            merged[key] = value
+    return merged
+
+
+def _forget_under(origins: Origins, path: str) -> None:
+    for key in [k for k in origins if k == path or k.startswith(f"{path}.")]:
+        del origins[key]
+
+
+def _get_path(raw: Any, key_path: str) -> Any:
+    node = raw
+    for key in key_path.split("."):
+        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        elif isinstance(node, dict) and key in node:
+            node = node[key]
+        else:
+            return None
+    return node
+
+
+def _leaf_paths(value: Any, prefix: str) -> list[str]:
+    """Every key path inside a value (a section set whole by --set, a list of sources)."""
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return []
+    paths = []
+    for key, sub in items:
+        paths += [f"{prefix}.{key}", *_leaf_paths(sub, f"{prefix}.{key}")]
+    return paths
+
+
+def explain(recipe: Recipe, origins: Origins) -> str:
+    """The resolved recipe as YAML, each value followed by a comment saying where it came from: a file and
+    line, a --set, or `default`. Itself a valid recipe."""
+    lines: list[tuple[str, str]] = []
+
+    def scalar(value: Any) -> str:
+        text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6).strip()
+        return text.removesuffix("\n...").strip()
+
+    def origin(path: str) -> str:
+        return origins.get(path, "default")
+
+    def walk(value: dict[str, Any], prefix: str, indent: str, first: str | None = None) -> None:
+        for i, (key, sub) in enumerate(value.items()):
+            lead = first if (first is not None and i == 0) else indent
+            path = f"{prefix}{key}"
+            if isinstance(sub, dict) and sub:
+                lines.append((f"{lead}{key}:", ""))
+                walk(sub, f"{path}.", indent + "  ")
+            elif isinstance(sub, list) and sub and all(isinstance(x, dict) for x in sub):
+                lines.append((f"{lead}{key}:", ""))
+                for n, item in enumerate(sub):
+                    walk(item, f"{path}.{n}.", indent + "    ", first=f"{indent}  - ")
+            else:
+                lines.append((f"{lead}{key}: {scalar(sub)}", origin(path)))
+
+    walk(recipe_to_dict(recipe), "", "")
+    width = min(max(len(text) for text, _ in lines), 60) + 2
+    return "\n".join(f"{text:<{width}}# {where}" if where else text for text, where in lines)
 
 
 def _read_recipe_text(path: Path) -> str:
@@ -561,6 +707,7 @@ class RecipeLoader(yaml.SafeLoader):
         super().__init__(stream)
         self.source = source
         self.duplicate_keys: list[str] = []
+        self.key_lines: dict[str, int] = {}  # "lora.r" -> 1-based line of the key, for --explain
 
     def construct_document(self, node: yaml.Node) -> Any:
         self.duplicate_keys = self._check(node)
@@ -587,6 +734,8 @@ class RecipeLoader(yaml.SafeLoader):
                         hint="write the values out, or use aliases only for a few small repeated parts",
                     )
             if isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    self.key_lines.setdefault(f"{path}{i}", item.start_mark.line + 1)
                 children = [(item, f"{path}{i}.") for i, item in enumerate(node.value)]
                 stack.extend(reversed(children))  # depth first in document order: paths as first written
             elif isinstance(node, yaml.MappingNode):
@@ -595,6 +744,7 @@ class RecipeLoader(yaml.SafeLoader):
                 children = []
                 for key, value in node.value:
                     name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                    self.key_lines.setdefault(f"{path}{name}", key.start_mark.line + 1)
                     children += [(key, path), (value, f"{path}{name}.")]
                 stack.extend(reversed(children))
         return problems
@@ -852,6 +1002,11 @@ def reference() -> str:
             for sub in subs:
                 walk(sub, f"{prefix}{name}{'.N' if sub is DataSource else ''}.")
 
+    out.append("extends  (optional)")
+    out.append(
+        "    Path of a base recipe (relative to this file) deep-merged under this one: mappings merge key"
+    )
+    out.append("    by key, lists and values replace. Chains are allowed, cycles refused.")
     walk(Recipe, "")
     out.append("")
     out.append("training also accepts any other trl.SFTConfig field; lora any other peft.LoraConfig field.")

@@ -30,9 +30,15 @@ from loratool.validation_loss import pad_for_processes, report_token_weighted_ev
 
 
 def run_train(
-    recipe: Recipe, *, overwrite: bool = False, resume: bool = False, log: Callable[[str], None] = print
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    smoke: dict[str, Any] | None = None,
 ) -> Path:
-    """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory."""
+    """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory. `smoke`:
+    the record of a smoke run (smoke.py), kept in run.json and on the model card."""
     # Under `accelerate launch` or `torchrun` every process runs this function; only the main one prints,
     # holds the output's lock and touches the run directory (the trainer saves checkpoints from it only).
     state = processes()
@@ -43,7 +49,7 @@ def run_train(
         on_main_first(state, lambda: held.enter_context(output_lock(output_dir, command_line(), log)))
         if state.is_main_process:
             held.enter_context(_terminate_as_interrupt())
-        return _train(recipe, overwrite=overwrite, resume=resume, log=log, run_log=run_log)
+        return _train(recipe, overwrite=overwrite, resume=resume, log=log, run_log=run_log, smoke=smoke)
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,7 +76,13 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def _train(
-    recipe: Recipe, *, overwrite: bool, resume: bool, log: Callable[[str], None], run_log: RunLog
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    resume: bool,
+    log: Callable[[str], None],
+    run_log: RunLog,
+    smoke: dict[str, Any] | None = None,
 ) -> Path:
     import torch
     from accelerate import PartialState
@@ -97,6 +109,7 @@ def _train(
         **_layout(recipe, state.num_processes),
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "data": data.summary.to_dict(),
+        **({"smoke": smoke} if smoke is not None else {}),
     }
     checkpoint, resume_entry = None, None
     if resume:
@@ -218,6 +231,10 @@ def _train(
             from loratool.model_card import finish_adapter_dir
 
             finish_adapter_dir(folder, recipe_to_dict(recipe), manifest)  # model card, the real base's name
+            if smoke is not None:
+                from loratool.smoke import mark_model_card
+
+                mark_model_card(folder / "README.md")
 
         # Every process takes part: under FSDP each holds only a shard of the adapter.
         adapter_state = whole_adapter_state(trainer.model)
@@ -560,6 +577,9 @@ def dry_run(
     log(f"hardware: {hw.device} ({hw.name}) · compute in {precision}")
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
     log(f"output: {run.path} ({run.state()})")
+    from loratool.plan import dry_run_line
+
+    log(dry_run_line(recipe, config, hw, checks.data))
 
 
 def _as_training_error(exc: BaseException, run: RunDir) -> BaseException:

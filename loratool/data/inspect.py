@@ -1,0 +1,532 @@
+"""`loratool data`: the rows as training sees them, which tokens carry loss, and what looks wrong.
+
+Nothing here re-implements the pipeline: rows are read, formatted, templated, tokenized and masked by the
+same functions build.py calls (open_source -> to_example -> encode_many), and the data summary is the one
+`build_datasets` prints before training. On top of that, each row's full tokenization (before
+data.max_length) is kept, so that truncation can be measured, and the checks below look for the mistakes
+that only show after a run has been paid for:
+
+- an end-of-turn / EOS token of the template that never carries loss (the model never learns to stop);
+- the generation config's EOS not being the template's end of turn (generation runs past the answer);
+- rows whose loss is all masked (nothing to learn; training drops them);
+- rows cut by max_length, and how many answer tokens that loses;
+- exact duplicate rows;
+- roles out of order (two user turns in a row, a system message in the middle, ...);
+- a system prompt the chat template drops.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loratool.data.build import build_datasets
+from loratool.data.formats import Conversation, RowError, check_columns, resolve_format, to_example
+from loratool.data.sources import open_source
+from loratool.data.tokenize import IGNORE, encode_many, render_conversation
+
+if TYPE_CHECKING:
+    from loratool.data.summary import DataSummary
+    from loratool.recipe import Recipe
+
+SHOWN_EXAMPLES = 3  # locations listed under each warning
+_PROBE_ANSWER = "Hello"
+_PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_ANSWER}]
+
+
+@dataclass
+class InspectedRow:
+    """One row as training tokenizes it; `input_ids` / `labels` are the full rendering, before the cut
+    at max_length (training keeps the first `max_length` tokens, or drops the row)."""
+
+    location: str
+    split: str
+    raw: dict[str, Any]
+    example: Any
+    input_ids: list[int]
+    labels: list[int]
+    max_length: int
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.input_ids) > self.max_length
+
+    @property
+    def loss_tokens(self) -> int:
+        """Loss tokens training keeps (within max_length)."""
+        return sum(label != IGNORE for label in self.labels[: self.max_length])
+
+    @property
+    def loss_tokens_cut(self) -> int:
+        """Answer tokens beyond max_length: learned by no one."""
+        return sum(label != IGNORE for label in self.labels[self.max_length :])
+
+
+@dataclass
+class Finding:
+    """One check that failed: what, how many rows, and the first few of them."""
+
+    check: str
+    message: str
+    count: int
+    examples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.check, "message": self.message, "count": self.count, "examples": self.examples}
+
+
+@dataclass
+class DataReport:
+    summary: DataSummary
+    rows: list[InspectedRow]
+    findings: list[Finding]
+    end_of_turn: str | None  # the token that closes an answer (template's end of turn, or EOS)
+    tokenizer: Any
+
+    def lengths(self) -> list[int]:
+        return [len(row.input_ids) for row in self.rows]
+
+
+def inspect_data(recipe: Recipe, tokenizer: Any) -> DataReport:
+    """Build the data as `train` does (summary included) and check every row."""
+    data = recipe.data
+    summary = build_datasets(data, tokenizer, seed=recipe.training.seed).summary  # sets the chat template
+    rows: list[InspectedRow] = []
+    splits = [("train", data.train)]
+    if isinstance(data.validation, list):
+        splits.append(("validation", data.validation))
+    for split, sources in splits:
+        for source in sources:
+            rows += _inspect_source(source, split, recipe, tokenizer)
+    eot_id = end_of_turn_id(tokenizer, rows)
+    findings = [
+        f
+        for f in (
+            _eot_without_loss(rows, tokenizer, eot_id),
+            _generation_eos(recipe, tokenizer, eot_id),
+            _no_loss(rows),
+            _truncated(rows, eot_id),
+            _duplicates(rows),
+            _roles_out_of_order(rows),
+            _system_dropped(rows, tokenizer),
+        )
+        if f is not None
+    ]
+    eot = tokenizer.convert_ids_to_tokens(eot_id) if eot_id is not None else None
+    return DataReport(summary, rows, findings, eot, tokenizer)
+
+
+def _inspect_source(source: Any, split: str, recipe: Recipe, tokenizer: Any) -> list[InspectedRow]:
+    """The rows of one source, encoded by the pipeline's own functions; malformed / empty rows are left
+    to the summary (which counts them exactly as training does)."""
+    rows = [row for row in open_source(source)[0] if row.error is None]
+    fmt = resolve_format(source, rows[0].data if rows else None, rows[0].location if rows else "")
+    check_columns(source, fmt)
+    kept, examples = [], []
+    for row in rows:
+        try:
+            examples.append(to_example(row.data, fmt, source))
+            kept.append(row)
+        except RowError:
+            continue
+    encoded = encode_many(examples, tokenizer, completion_only_loss=recipe.data.completion_only_loss)
+    out = []
+    for row, example, result in zip(kept, examples, encoded, strict=True):
+        if isinstance(result, RowError):
+            continue
+        ids, labels = result
+        out.append(InspectedRow(row.location, split, row.data, example, ids, labels, recipe.data.max_length))
+    return out
+
+
+def end_of_turn_id(tokenizer: Any, rows: list[InspectedRow]) -> int | None:
+    """The token that closes an assistant answer: the first special token the chat template writes after
+    an answer (<|im_end|>, <|eot_id|>, </s>), or the EOS that raw-text examples end with."""
+    conversational = any(isinstance(row.example, Conversation) for row in rows)
+    if conversational and tokenizer.chat_template:
+        try:
+            text = tokenizer.apply_chat_template(_PROBE, tokenize=False)
+        except Exception:  # the pipeline already refused a template that fails on this probe
+            text = ""
+        if _PROBE_ANSWER in text:
+            after = text[text.rindex(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
+            special = set(tokenizer.all_special_ids) | {
+                i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+            }
+            for token in tokenizer(after, add_special_tokens=False)["input_ids"]:
+                if token in special:
+                    return int(token)
+    return tokenizer.eos_token_id
+
+
+# --- the checks: each returns a Finding, or None when all is well ------------------------------------------
+
+
+def _eot_without_loss(rows: list[InspectedRow], tokenizer: Any, eot_id: int | None) -> Finding | None:
+    if eot_id is None:
+        return None
+    eot = tokenizer.convert_ids_to_tokens(eot_id)
+    have = [r for r in rows if eot_id in r.input_ids[: r.max_length] and r.loss_tokens]
+    if rows and not have and not any(eot_id in r.input_ids for r in rows):
+        return Finding(
+            "end_of_turn_never_learned",
+            f"the end of turn {eot!r} appears in no row: the model is never shown where an answer stops",
+            len(rows),
+            [r.location for r in rows[:SHOWN_EXAMPLES]],
+        )
+    unlearned = [
+        r
+        for r in have
+        if not any(i == eot_id and label != IGNORE for i, label in zip(r.input_ids, r.labels, strict=True))
+    ]
+    if not unlearned:
+        return None
+    share = "any" if len(unlearned) == len(have) else f"{len(unlearned):,}"
+    share = f"{share} of the {len(have):,} rows"
+    return Finding(
+        "end_of_turn_never_learned",
+        f"the end of turn {eot!r} carries no loss in {share} that hold it: the model does not learn to stop "
+        "there (check data.completion_only_loss and the template's generation markers)",
+        len(unlearned),
+        [r.location for r in unlearned[:SHOWN_EXAMPLES]],
+    )
+
+
+def _generation_eos(recipe: Recipe, tokenizer: Any, eot_id: int | None) -> Finding | None:
+    """generation_config.json's eos_token_id (else config.json's) must include the end of turn, or
+    `generate` runs on after the answer, into a made-up next turn."""
+    from loratool.model import local_model_dir
+
+    if eot_id is None:
+        return None
+    folder = local_model_dir(recipe.base_model, recipe.model.revision, log=lambda _: None)
+    eos: Any = None
+    where = None
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name if folder is not None else None
+        if path is not None and path.is_file():
+            try:
+                eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            except (OSError, ValueError, AttributeError):
+                eos = None
+            if eos is not None:
+                where = name
+                break
+    if eos is None:
+        return None
+    eos_ids = set(eos) if isinstance(eos, list) else {eos}
+    if eot_id in eos_ids:
+        return None
+    eot = tokenizer.convert_ids_to_tokens(eot_id)
+    names = ", ".join(f"{tokenizer.convert_ids_to_tokens(int(i))!r} ({i})" for i in sorted(eos_ids))
+    return Finding(
+        "generation_eos_mismatch",
+        f"the base model's {where} stops generation at {names}, but the chat template ends a turn with "
+        f"{eot!r} ({eot_id}): generation would run past the answer; add {eot_id} to "
+        "generation_config.eos_token_id when serving the model",
+        1,
+        [str(folder / where) if folder and where else recipe.base_model],
+    )
+
+
+def _no_loss(rows: list[InspectedRow]) -> Finding | None:
+    never = [r for r in rows if all(label == IGNORE for label in r.labels)]
+    cut = [r for r in rows if r not in never and r.loss_tokens == 0]
+    if not never and not cut:
+        return None
+    parts = []
+    if never:
+        parts.append(
+            f"{len(never):,} have no token that carries loss (no assistant turn, or only empty ones)"
+        )
+    if cut:
+        parts.append(f"{len(cut):,} lose every loss token to max_length")
+    return Finding(
+        "all_loss_masked",
+        f"rows with nothing to learn: {'; '.join(parts)}; training drops them",
+        len(never) + len(cut),
+        [r.location for r in (never + cut)[:SHOWN_EXAMPLES]],
+    )
+
+
+def _truncated(rows: list[InspectedRow], eot_id: int | None) -> Finding | None:
+    cut = [r for r in rows if r.truncated]
+    if not cut:
+        return None
+    lost = sum(r.loss_tokens_cut for r in cut)
+    total = sum(sum(label != IGNORE for label in r.labels) for r in rows)
+    stops = sum(1 for r in cut if eot_id is not None and eot_id in r.labels[r.max_length :])
+    longest = max(len(r.input_ids) for r in cut)
+    limit = cut[0].max_length
+    message = (
+        f"{len(cut):,} rows are longer than max_length={limit:,} (longest {longest:,} tokens): "
+        f"{lost:,} answer tokens ({lost / max(total, 1):.1%} of all) are cut"
+    )
+    if stops:
+        message += f", and {stops:,} rows lose the end of turn that teaches the model to stop"
+    return Finding(
+        "truncated",
+        message,
+        len(cut),
+        [
+            f"{r.location} ({len(r.input_ids):,} tokens, {r.loss_tokens_cut:,} answer tokens cut)"
+            for r in cut[:SHOWN_EXAMPLES]
+        ],
+    )
+
+
+def _duplicates(rows: list[InspectedRow]) -> Finding | None:
+    first: dict[str, str] = {}
+    repeats = []
+    for r in rows:
+        key = json.dumps(r.raw, sort_keys=True, ensure_ascii=False, default=str)
+        if key in first:
+            repeats.append(f"{r.location} = {first[key]}")
+        else:
+            first[key] = r.location
+    if not repeats:
+        return None
+    return Finding(
+        "duplicates",
+        f"{len(repeats):,} rows repeat an earlier row exactly: they weigh double in training, and a copy "
+        "that lands in validation measures memory, not generalization",
+        len(repeats),
+        repeats[:SHOWN_EXAMPLES],
+    )
+
+
+def _role_problem(messages: list[dict[str, Any]]) -> str | None:
+    roles = [m.get("role") for m in messages]
+    for i, role in enumerate(roles):
+        if role == "system" and i != 0:
+            return f"system message at position {i}"
+    body = [(i, r) for i, r in enumerate(roles) if r != "system"]
+    if body and body[0][1] not in ("user",):
+        return f"starts with {body[0][1]}, not user"
+    for (_, a), (j, b) in zip(body, body[1:], strict=False):
+        if a == b and a in ("user", "assistant"):
+            return f"two {a} turns in a row (positions {j - 1} and {j})"
+        if b == "tool" and a not in ("assistant", "tool"):
+            return f"tool result at position {j} does not follow an assistant call"
+    return None
+
+
+def _roles_out_of_order(rows: list[InspectedRow]) -> Finding | None:
+    bad = []
+    for r in rows:
+        if isinstance(r.example, Conversation):
+            problem = _role_problem(r.example.messages)
+            if problem:
+                bad.append(f"{r.location}: {problem}")
+    if not bad:
+        return None
+    return Finding(
+        "roles_out_of_order",
+        f"{len(bad):,} conversations have roles out of order (expected: optional system, then user and "
+        "assistant alternating): many templates render them silently as something the model never sees "
+        "at inference",
+        len(bad),
+        bad[:SHOWN_EXAMPLES],
+    )
+
+
+def _system_dropped(rows: list[InspectedRow], tokenizer: Any) -> Finding | None:
+    dropped, with_system = [], 0
+    for r in rows:
+        if not isinstance(r.example, Conversation):
+            continue
+        systems = [m for m in r.example.messages if m.get("role") == "system" and m.get("content")]
+        if not systems:
+            continue
+        with_system += 1
+        try:
+            text = render_conversation(r.example, tokenizer)[0]
+        except Exception:  # rows the template rejects were reported by the pipeline
+            continue
+        if any(str(m["content"]).strip() not in text for m in systems):
+            dropped.append(r.location)
+    if not dropped:
+        return None
+    return Finding(
+        "system_prompt_dropped",
+        f"the chat template drops the system prompt of {len(dropped):,} of {with_system:,} rows that have "
+        "one: the model is trained without it; choose a template that renders system messages "
+        "(data.chat_template: chatml or llama3)",
+        len(dropped),
+        dropped[:SHOWN_EXAMPLES],
+    )
+
+
+# --- rendering -----------------------------------------------------------------------------------------
+
+
+def token_runs(row: InspectedRow, tokenizer: Any) -> list[tuple[str, str]]:
+    """The row as (kind, text) runs: kind is `loss` (carries loss), `context` (no loss) or `cut` (past
+    max_length: never seen in training). Runs are decoded whole, so multi-byte characters stay intact."""
+    kinds = [
+        "cut" if i >= row.max_length else "loss" if label != IGNORE else "context"
+        for i, label in enumerate(row.labels)
+    ]
+    runs: list[tuple[str, str]] = []
+    start = 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[start]:
+            text = tokenizer.decode(row.input_ids[start:i], skip_special_tokens=False)
+            runs.append((kinds[start], text))
+            start = i
+    return runs
+
+
+_ANSI = {"loss": "\x1b[1;32m", "context": "\x1b[2m", "cut": "\x1b[9;31m"}
+_RESET = "\x1b[0m"
+
+
+def format_row(row: InspectedRow, tokenizer: Any, *, color: bool) -> str:
+    head = (
+        f"── {row.location} ({row.split}) · {len(row.input_ids):,} tokens, "
+        f"{row.loss_tokens:,} carry loss"
+        + (f" · cut at max_length {row.max_length:,}" if row.truncated else "")
+    )
+    parts = []
+    for kind, text in token_runs(row, tokenizer):
+        if color:
+            parts.append(f"{_ANSI[kind]}{text}{_RESET}")
+        elif kind == "loss":
+            parts.append(f"[[{text}]]")
+        elif kind == "cut":
+            parts.append(f"✂{text}")
+        else:
+            parts.append(text)
+    return head + "\n" + "".join(parts)
+
+
+def histogram_lines(lengths: list[int], max_length: int, bins: int = 10, width: int = 40) -> list[str]:
+    """A text histogram of token lengths."""
+    if not lengths:
+        return []
+    low, top = min(lengths), max(lengths)
+    step = max(1, -(-(top - low + 1) // bins))
+    bins = -(-(top - low + 1) // step)
+    counts = Counter(min((n - low) // step, bins - 1) for n in lengths)
+    most = max(counts.values())
+    lines = []
+    for b in range(bins):
+        lo, hi = low + b * step, min(low + (b + 1) * step - 1, top)
+        bar = "█" * round(width * counts.get(b, 0) / most)
+        over = " > max_length" if lo > max_length else ""
+        lines.append(f"  {lo:>7,}-{hi:<7,} {counts.get(b, 0):>7,} {bar}{over}")
+    return lines
+
+
+def format_report(report: DataReport, *, rows: int, color: bool) -> str:
+    lines = [report.summary.format(), ""]
+    lengths = report.lengths()
+    if lengths:
+        ordered = sorted(lengths)
+        median = ordered[len(ordered) // 2]
+        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        lines.append(
+            f"lengths (tokens, before max_length={report.summary.max_length:,}): median {median:,} · "
+            f"95th percentile {p95:,} · longest {ordered[-1]:,}"
+        )
+        lines += histogram_lines(lengths, report.summary.max_length)
+        lines.append("")
+    legend = (
+        f"{_ANSI['loss']}carries loss{_RESET} · {_ANSI['context']}no loss{_RESET} · "
+        f"{_ANSI['cut']}cut by max_length{_RESET}"
+        if color
+        else "[[carries loss]] · no loss · ✂cut by max_length"
+    )
+    shown = report.rows[:rows]
+    if shown:
+        lines.append(f"first {len(shown)} rows as training tokenizes them ({legend}):")
+        for row in shown:
+            lines += [format_row(row, report.tokenizer, color=color), ""]
+    if report.end_of_turn:
+        lines.append(f"end of turn: {report.end_of_turn!r}")
+    if report.findings:
+        lines.append(f"{len(report.findings)} warning{'s' if len(report.findings) > 1 else ''}:")
+        for f in report.findings:
+            lines.append(f"  warning: {f.message}")
+            lines += [f"    e.g. {example}" for example in f.examples]
+    else:
+        lines.append("checks: no problem found")
+    return "\n".join(lines)
+
+
+def length_histogram_png(report: DataReport, path: Path | None = None) -> bytes:
+    """The token-length histogram as a PNG (written to `path` when given), with max_length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    lengths = report.lengths()
+    ax.hist(lengths or [0], bins=min(50, max(5, len(set(lengths)))), color="#4a7ab5")
+    ax.axvline(report.summary.max_length, color="#c0392b", linestyle="--", label="data.max_length")
+    ax.set_xlabel("tokens per row (before max_length)")
+    ax.set_ylabel("rows")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    png = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(png)
+    return png
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #222; }
+pre.summary { background: #f6f6f6; padding: 1em; overflow-x: auto; }
+.row { border: 1px solid #ddd; border-radius: 4px; margin: 1em 0; }
+.row h3 { margin: 0; padding: .4em .8em; background: #f0f0f0; font-size: .9em; font-weight: normal; }
+.row pre { margin: 0; padding: .8em; white-space: pre-wrap; word-break: break-word; }
+.loss { background: #c8f0c8; color: #064006; font-weight: bold; }
+.context { color: #777; }
+.cut { color: #b22; text-decoration: line-through; }
+.warning { color: #8a4b00; }
+"""
+
+
+def to_html(report: DataReport, *, rows: int) -> str:
+    """A self-contained HTML page (inline CSS, the histogram as a data URI) to share the inspection."""
+    esc = html.escape
+    png = base64.b64encode(length_histogram_png(report)).decode()
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>loratool data</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Training data, as the model sees it</h1>",
+        "<p><span class='loss'>carries loss</span> · <span class='context'>no loss</span> · "
+        "<span class='cut'>cut by max_length</span></p>",
+        f"<pre class='summary'>{esc(report.summary.format())}</pre>",
+        f"<img alt='token lengths' src='data:image/png;base64,{png}'>",
+        "<h2>Checks</h2>",
+    ]
+    if report.findings:
+        parts.append("<ul>")
+        for f in report.findings:
+            examples = "".join(f"<li>{esc(e)}</li>" for e in f.examples)
+            parts.append(f"<li class='warning'>{esc(f.message)}<ul>{examples}</ul></li>")
+        parts.append("</ul>")
+    else:
+        parts.append("<p>No problem found.</p>")
+    parts.append(f"<h2>First {min(rows, len(report.rows))} rows</h2>")
+    for row in report.rows[:rows]:
+        body = "".join(
+            f"<span class='{kind}'>{esc(text)}</span>" for kind, text in token_runs(row, report.tokenizer)
+        )
+        parts.append(
+            f"<div class='row'><h3>{esc(row.location)} · {len(row.input_ids):,} tokens, "
+            f"{row.loss_tokens:,} carry loss</h3><pre>{body}</pre></div>"
+        )
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
