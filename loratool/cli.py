@@ -104,12 +104,11 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()  # weight-loading bars; the training bar is ours
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    # transformers' GGUF reader draws its own tqdm bar, which disable_progress_bar() does not reach.
-    import functools
+    # transformers' GGUF reader draws its own tqdm bar, which disable_progress_bar() does not reach; it is
+    # silenced where a GGUF file is read (importing the reader here would cost every command a second).
+    from loratool import gguf_base
 
-    import transformers.modeling_gguf_pytorch_utils as gguf_reader
-
-    gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)
+    gguf_base.QUIET_READER = True
 
 
 def version_callback(value: bool) -> None:

@@ -52,8 +52,10 @@ def verify_gguf(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from loratool.gguf_base import quiet_gguf_reader
     from loratool.merge_verify import build_probes, compare, probe_logits
 
+    quiet_gguf_reader()
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     tokens = compare_tokenizers(

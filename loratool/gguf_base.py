@@ -42,6 +42,19 @@ GGUF_MAGIC = b"GGUF"
 SOURCE_RECORD = "gguf_source.json"  # written last inside the conversion: its presence means complete
 FLOAT32_LIMIT = 2_000_000_000  # parameters; above this the conversion is saved in bfloat16
 _DISK_MARGIN = 256 * 2**20  # bytes kept free beyond the estimate (tokenizer, config, file-system slack)
+QUIET_READER = False  # set by the CLI (not under LORATOOL_DEBUG): no tqdm bar from transformers' GGUF reader
+
+
+def quiet_gguf_reader() -> None:
+    """Turn off the progress bar transformers' GGUF reader draws, when the CLI asked for quiet libraries."""
+    if not QUIET_READER:
+        return
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+    if not isinstance(gguf_reader.tqdm, functools.partial):
+        gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)
 
 
 def is_gguf(name_or_path: str | Path) -> bool:
@@ -165,6 +178,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf_file.parent), gguf_file.name
+    quiet_gguf_reader()
     parameters = _parameter_count(gguf_file)
     dtype = torch.float32 if parameters <= FLOAT32_LIMIT else torch.bfloat16
     _check_disk_space(out_dir, parameters * dtype.itemsize, gguf_file)
