@@ -71,8 +71,9 @@ def reports_errors(command: F) -> F:
 
 # (category, message regex) of library warnings that say nothing a loratool user can act on.
 KNOWN_NOISE: tuple[tuple[type[Warning], str], ...] = (
-    # peft still calls transformers' old name for activation checkpointing.
-    (FutureWarning, r".*`is_gradient_checkpointing` is deprecated"),
+    # peft and trl still call transformers' old names for activation checkpointing (loratool's own recipe key
+    # keeps the familiar name and maps it).
+    (FutureWarning, r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated"),
     # The trainer asks for pinned memory by default; on a CPU-only machine there is nothing to pin.
     (UserWarning, r".*'pin_memory' argument is set as true but no accelerator is found"),
 )
