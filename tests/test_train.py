@@ -98,7 +98,9 @@ def test_lora_end_to_end(tmp_path, tiny_llama, recording_trainer):
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert len(evals) == 3 and evals[-1] < evals[0] and evals[-1] < 0.5 * losses[0], evals
+    # Step 0 (where the base started, as the loss curve shows it) and three evaluations during training.
+    assert len(evals) == 4 and rows[0].get("step") == 0 and "eval_loss" in rows[0], rows[0]
+    assert evals[-1] < evals[0] and evals[-1] < 0.5 * losses[0], evals
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The manifest describes the run.
