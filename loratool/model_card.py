@@ -26,7 +26,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 # vLLM's --max-lora-rank accepts these values only; its default is 16.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_RANK = 16
-# Under this many optimizer steps or trained tokens a run is a smoke test, not a model to use.
+# Under this many optimizer steps or trained tokens the card says the run was short (a narrow task, or a smoke test).
 SMOKE_STEPS = 100
 SMOKE_TOKENS = 100_000
 
@@ -97,12 +97,13 @@ def model_card(
     if base.get("quantization"):
         lines.append(f"Trained on the {base['quantization']}-quantized base (QLoRA).")
     lines.append("")
-    if is_smoke(manifest):
+    if is_smoke(manifest) and not manifest.get("smoke"):  # a --smoke run gets its own banner (smoke.py)
+        size = f"{train.get('global_step')} optimizer steps" + (
+            f", {train['tokens_trained']:,} tokens" if isinstance(train.get("tokens_trained"), int) else ""
+        )
         lines += [
-            f"> **Smoke run**: {train.get('global_step')} optimizer steps, {train.get('tokens_trained'):,} tokens."
-            if isinstance(train.get("tokens_trained"), int)
-            else f"> **Smoke run**: {train.get('global_step')} optimizer steps.",
-            "> It checks that the pipeline works; it is not a model to use.",
+            f"> **Short run**: {size}. That can be enough for a narrow task, or only a smoke test of the "
+            "pipeline: check its evaluation before relying on it.",
             "",
         ]
 

@@ -44,7 +44,7 @@ def test_the_run_directory_has_a_real_model_card(run_dir, tiny_llama):
     assert "| LoRA rank r / alpha | 8 / 16 |" in card
     assert f"final train loss: {round(record['train']['train_loss'], 4)}" in card
     assert "final validation loss:" in card
-    assert "> **Smoke run**: 2 optimizer steps" in card  # two steps are no model to use
+    assert "> **Short run**: 2 optimizer steps" in card  # two steps: say so, and to check its evaluation
     assert 'AutoPeftModelForCausalLM.from_pretrained("falcon")' in card
     assert "vllm serve" in card and "--enable-lora" in card and "loratool export" in card
 
@@ -75,7 +75,7 @@ def test_a_gguf_base_is_named_by_its_file_and_sha256(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "`SmolLM2-135M-Instruct-Q8_0.gguf` (sha256 `" + "ab12cd" * 10 + "`)" in card
     assert ".cache/loratool" not in card
-    assert "Smoke run" not in card and "final train loss: 1.2346" in card
+    assert "Short run" not in card and "final train loss: 1.2346" in card
 
 
 def test_vllm_check_passes_a_plain_adapter_and_names_what_it_refuses(run_dir, tmp_path, tiny_llama):
