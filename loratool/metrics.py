@@ -81,7 +81,7 @@ class Heartbeat:
         pace = (
             f"{rate:.2f} {unit}/s"
             if rate >= 1
-            else f"{1 / rate:.1f} s per {unit.rstrip('s')}"
+            else f"{1 / rate:.1f} s per {_singular(unit)}"
             if rate
             else "-"
         )
@@ -89,6 +89,13 @@ class Heartbeat:
         if self.total and rate:
             line += f" · ETA {_clock((self.total - done) / rate)}"
         return line
+
+
+def _singular(unit: str) -> str:
+    """ "batches" -> "batch", "rows" -> "row" (units are English plurals)."""
+    if unit.endswith(("ches", "shes", "sses", "xes")):
+        return unit[:-2]
+    return unit[:-1] if unit.endswith("s") else unit
 
 
 def _clock(seconds: float) -> str:

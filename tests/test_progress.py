@@ -15,6 +15,7 @@ def test_heartbeat_line_has_rate_and_eta():
     beat.tick(4, unit="shards")
     assert re.fullmatch(r"merge verification: 4/10 shards · .+ · ETA \d+:\d\d", lines[0]), lines
     assert beat.line(5, 10.0) == "merge verification: 5/10 steps · 2.0 s per step · ETA 0:10"
+    assert beat.line(5, 10.0, "batches") == "merge verification: 5/10 batches · 2.0 s per batch · ETA 0:10"
     silent = Heartbeat("x", 3, every=3600, write=lines.append)
     silent.tick(1)
     assert len(lines) == 1  # shorter than `every`: nothing more printed
