@@ -26,6 +26,16 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+# --tools, shared by generate and chat.
+ToolsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tools",
+        metavar="FILE",
+        help="A JSON list of tool definitions, rendered by the chat template as in training.",
+        show_default=False,
+    ),
+]
 INTERNAL_ERROR = (
     3  # exit codes: 0 done, 1 user-fixable error, 2 usage error, 3 internal error, 130 interrupted
 )
@@ -700,15 +710,7 @@ def generate(
     system: Annotated[
         str | None, typer.Option("--system", help="A system message.", show_default=False)
     ] = None,
-    tools: Annotated[
-        Path | None,
-        typer.Option(
-            "--tools",
-            metavar="FILE",
-            help="A JSON list of tool definitions, rendered by the chat template as in training.",
-            show_default=False,
-        ),
-    ] = None,
+    tools: ToolsOption = None,
 ) -> None:
     """Answer prompts with the fine-tuned model, through its chat template."""
     quiet_libraries()
@@ -749,15 +751,7 @@ def chat(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     system: Annotated[str | None, typer.Option("--system", show_default=False)] = None,
-    tools: Annotated[
-        Path | None,
-        typer.Option(
-            "--tools",
-            metavar="FILE",
-            help="A JSON list of tool definitions, rendered by the chat template as in training.",
-            show_default=False,
-        ),
-    ] = None,
+    tools: ToolsOption = None,
 ) -> None:
     """Talk to the model interactively, answers streamed as they are generated."""
     quiet_libraries()
