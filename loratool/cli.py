@@ -303,6 +303,97 @@ def plan_(
     typer.echo(plan_json(plan) if json_ else plan.format())
 
 
+@app.command()
+@reports_errors
+def sweep(
+    recipe: Annotated[
+        Path, typer.Argument(help="YAML recipe file (see recipes/).", show_default=False, metavar="RECIPE")
+    ],
+    vary: Annotated[
+        list[str],
+        typer.Option(
+            "--vary",
+            metavar="KEY=V1,V2,...",
+            help="A recipe key and the values it takes, e.g. --vary lora.r=8,16,32 (YAML values; a list "
+            "stays whole: [q_proj,v_proj]). Repeat it for a grid: every combination is one cell.",
+            show_default=False,
+        ),
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key in every cell, as for train."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="The sweep's directory, one run directory per cell inside it. Default: sweep-NAME next to "
+            "the recipe's training.output_dir (out/NAME).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace a previous sweep there (each cell by its own record)."),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue a previous sweep there: finished cells with the same recipe are kept, unfinished "
+            "ones continue from their last checkpoint, the rest train.",
+        ),
+    ] = False,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--eval", help="Run `loratool eval` on each cell after it trains; its metrics join the table."
+        ),
+    ] = False,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--eval-data",
+            help="--eval on this file instead of each run's validation split (implies --eval).",
+            show_default=False,
+        ),
+    ] = None,
+    eval_max_samples: Annotated[
+        int | None,
+        typer.Option("--eval-max-samples", help="--eval on at most N rows (implies --eval).", min=1),
+    ] = None,
+    eval_max_new_tokens: Annotated[
+        int | None,
+        typer.Option("--eval-max-new-tokens", help="--eval's longest answer (implies --eval).", min=1),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check every cell as `train --dry-run` does (data, target modules, adapter size, plan) "
+            "and exit; nothing is written.",
+        ),
+    ] = False,
+) -> None:
+    """Train a grid of recipe variants, one run per cell, and compare them in one table and plot."""
+    from loratool.sweep import EvalOptions, run_sweep
+
+    asked = evaluate or any(v is not None for v in (eval_data, eval_max_samples, eval_max_new_tokens))
+    if dry_run:
+        quiet_libraries()
+    run_sweep(
+        recipe,
+        vary,
+        sets=set_ or [],
+        output=output,
+        overwrite=overwrite,
+        resume=resume,
+        evaluate=EvalOptions(eval_data, eval_max_samples, eval_max_new_tokens) if asked else None,
+        dry_run=dry_run,
+        log=typer.echo,
+    )
+
+
 @app.command("recipe-reference")
 def recipe_reference(
     markdown: Annotated[

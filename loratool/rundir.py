@@ -89,6 +89,8 @@ class RunRecord:
     effective_batch_size: int | None = None
     tokenizer_sha256: str | None = None
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    peak_memory_bytes: dict[str, int] = field(default_factory=dict)  # process_rss, cuda_allocated (GPU)
+    wall_time_s: float | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,6 +125,8 @@ def read_run(path: Path) -> RunRecord | None:
         effective_batch_size=record.get("effective_batch_size"),
         tokenizer_sha256=record.get("tokenizer_sha256"),
         resumes=list(record.get("resumes") or []),
+        peak_memory_bytes=_dict(record.get("peak_memory_bytes")),
+        wall_time_s=record.get("wall_time_s"),
         raw=record,
     )
 
