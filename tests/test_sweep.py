@@ -1,0 +1,275 @@
+"""`loratool sweep`: a grid of recipe variants, one run directory per cell, one table and one plot.
+
+The cells run in this process here (the sweep's `run_loratool` is replaced by the same command through the
+CLI runner), so that a 2x2 grid on a tiny model stays fast; the real fresh-process path is the slow test at
+the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO, smoke_recipe, write_recipe
+from loratool import sweep as sweep_module
+from loratool.cli import app
+from loratool.errors import LoratoolError
+from loratool.rundir import read_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def in_process(command: list[str], log) -> tuple[int, str | None]:
+    """`loratool COMMAND` through the CLI runner instead of a fresh process: same arguments, same exit
+    code and error line."""
+    result = CliRunner().invoke(app, command)
+    lines = result.output.splitlines()
+    for line in lines:
+        log(f"  {line}")
+    return result.exit_code, sweep_module.error_message(lines)
+
+
+def tiny_recipe(folder: Path, model: Path, data: Path, **sections) -> Path:
+    recipe = smoke_recipe(
+        model,
+        data,
+        folder / "out" / "tiny",
+        data={
+            "train": [{"path": str(data), "format": "alpaca", "max_rows": 40}],
+            "validation": 0.2,
+            "max_length": 64,
+        },
+        training={"max_steps": 2, "logging_steps": 1, "save_steps": 2, "per_device_train_batch_size": 4},
+        **sections,
+    )
+    return write_recipe(folder / "tiny.yaml", recipe)
+
+
+def sweep(*args: str):
+    return CliRunner().invoke(app, ["sweep", *args])
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, tiny_llama):
+    """A 2x2 grid (lora.r x lora.use_dora) trained once for the tests that read it."""
+    folder = tmp_path_factory.mktemp("grid")
+    recipe = tiny_recipe(folder, tiny_llama, REPO / "recipes" / "data" / "smoke.jsonl")
+    output = folder / "sweep"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep_module, "run_loratool", in_process)
+        result = sweep(str(recipe), "--vary", "lora.r=4,8", "--vary", "lora.use_dora=false,true",
+                       "--output", str(output))  # fmt: skip
+    return recipe, output, result
+
+
+def test_a_2x2_grid_gives_four_runs_and_a_table_that_matches_them(grid):
+    _, output, result = grid
+    assert result.exit_code == 0, result.output
+    names = ["r=4,use_dora=false", "r=4,use_dora=true", "r=8,use_dora=false", "r=8,use_dora=true"]
+    record = json.loads((output / "sweep.json").read_text())
+    assert record["status"] == "complete"
+    assert [c["cell"] for c in record["cells"]] == names
+    with (output / "results.csv").open() as fh:
+        table = {row["cell"]: row for row in csv.DictReader(fh)}
+    markdown = (output / "results.md").read_text()
+    for cell in record["cells"]:
+        run = read_run(output / cell["run_dir"])
+        assert run is not None and run.complete
+        recipe = run.recipe()
+        assert cell["values"] == {"lora.r": recipe["lora"]["r"], "lora.use_dora": recipe["lora"]["use_dora"]}
+        assert cell["trainable_parameters"] == run.train["trainable_parameters"]
+        assert cell["validation_loss"] == run.train["final_eval_loss"]
+        assert cell["train_loss_mean"] == run.train["train_loss"]
+        assert cell["peak_memory_bytes"] == run.peak_memory_bytes["process_rss"]  # no GPU in the tests
+        assert cell["tokens_per_second"] == pytest.approx(
+            run.train["tokens_trained"] / run.train["train_seconds"], abs=0.05
+        )
+        last_logged = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+        assert cell["train_loss_final"] == [r["loss"] for r in last_logged if "loss" in r][-1]
+        row = table[cell["cell"]]
+        assert int(row["trainable_parameters"]) == run.train["trainable_parameters"]
+        assert float(row["validation_loss"]) == pytest.approx(run.train["final_eval_loss"])
+        assert f"| {recipe['lora']['r']} | {str(recipe['lora']['use_dora']).lower()} | complete |" in markdown
+    params = {c["cell"]: c["trainable_parameters"] for c in record["cells"]}
+    assert params["r=8,use_dora=false"] == 2 * params["r=4,use_dora=false"]  # rank doubles A and B
+    assert params["r=4,use_dora=true"] > params["r=4,use_dora=false"]  # DoRA adds magnitude vectors
+    assert record["files"] == sorted(["sweep.json", "sweep.log", "results.md", "results.csv", "sweep.png"])
+
+
+def test_the_plot_is_a_png(grid):
+    _, output, _ = grid
+    png = output / "sweep.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(png).shape
+    assert width > height > 100
+
+
+def test_resume_keeps_finished_cells_without_training_them(grid, monkeypatch):
+    recipe, output, _ = grid
+
+    def must_not_run(command, log):
+        raise AssertionError(f"a finished cell was run again: {command}")
+
+    monkeypatch.setattr(sweep_module, "run_loratool", must_not_run)
+    args = [
+        str(recipe),
+        "--vary",
+        "lora.r=4,8",
+        "--vary",
+        "lora.use_dora=false,true",
+        "--output",
+        str(output),
+    ]
+    refused = sweep(*args)
+    assert refused.exit_code == 1 and "already exists" in refused.output and "--overwrite" in refused.output
+    result = sweep(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    record = json.loads((output / "sweep.json").read_text())
+    assert {c["status"] for c in record["cells"]} == {"complete (kept)"}
+    assert all(c["trainable_parameters"] for c in record["cells"])
+
+
+def test_unknown_key_names_the_closest_valid_key(tmp_path, tiny_llama, smoke_data):
+    recipe = tiny_recipe(tmp_path, tiny_llama, smoke_data)
+    result = sweep(str(recipe), "--vary", "lora.rr=4,8", "--output", str(tmp_path / "s"))
+    assert result.exit_code == 1
+    assert "error: --vary lora.rr: unknown key — did you mean lora.r?" in result.output
+    result = sweep(str(recipe), "--vary", "training.learnig_rate=1e-3", "--output", str(tmp_path / "s"))
+    assert "--vary training.learnig_rate: unknown key — did you mean training.learning_rate?" in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_bad_value_is_refused_before_any_cell_trains(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep_module, "run_loratool", lambda command, log: calls.append(command) or (0, None))
+    recipe = tiny_recipe(tmp_path, tiny_llama, smoke_data)
+    # The bad value is in the last cell: nothing may train before it is found.
+    result = sweep(str(recipe), "--vary", "lora.r=8,16,0", "--output", str(tmp_path / "s"))
+    assert result.exit_code == 1
+    assert "1 of 3 cells have a recipe that does not load (nothing was trained)" in result.output
+    assert "cell r=0: lora.r: expected greater than 0 (got 0)" in result.output
+    assert calls == [] and not (tmp_path / "s").exists()
+
+
+def test_a_failing_cell_is_reported_and_the_others_kept(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    # A value the schema accepts that fails only once the model is loaded: a layer name it does not have.
+    monkeypatch.setattr(sweep_module, "run_loratool", in_process)
+    recipe = tiny_recipe(tmp_path, tiny_llama, smoke_data)
+    output = tmp_path / "s"
+    result = sweep(str(recipe), "--vary", "lora.target_modules=[no_such_layer],[q_proj,v_proj]",
+                   "--output", str(output))  # fmt: skip
+    assert result.exit_code == 1
+    reason = "lora.target_modules: no_such_layer matches no layer of the model"
+    assert "error: sweep: 1 of 2 cells failed" in result.output
+    assert f"target_modules=no_such_layer: {reason}" in result.output
+    assert not (output / "target_modules=no_such_layer").exists()  # failed before it wrote anything
+    kept = read_run(output / "target_modules=q_proj_v_proj")
+    assert kept is not None and kept.complete
+    record = json.loads((output / "sweep.json").read_text())
+    assert record["status"] == "failed"
+    assert [(c["status"], c["error"]) for c in record["cells"]] == [("failed", reason), ("complete", None)]
+    assert f"- `target_modules=no_such_layer`: {reason}" in (output / "results.md").read_text()
+    assert (output / "sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_overwrite_follows_the_rules_of_every_output(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    monkeypatch.setattr(sweep_module, "run_loratool", lambda command, log: (1, "boom"))
+    recipe = tiny_recipe(tmp_path, tiny_llama, smoke_data)
+    args = [str(recipe), "--vary", "lora.r=4,8"]
+    first = sweep(*args)  # default output: sweep-NAME next to training.output_dir
+    output = tmp_path / "out" / "sweep-tiny"
+    assert first.exit_code == 1 and "2 of 2 cells failed" in first.output and "r=4: boom" in first.output
+    assert json.loads((output / "sweep.json").read_text())["status"] == "failed"
+    assert sweep(*args, "--resume", "--overwrite").exit_code == 1
+    (output / "NOTES.md").write_text("mine")
+    refused = sweep(*args, "--overwrite")
+    assert refused.exit_code == 1 and "NOTES.md" in refused.output
+    assert (output / "NOTES.md").read_text() == "mine"
+    (output / "NOTES.md").unlink()
+    again = sweep(*args, "--overwrite")
+    assert again.exit_code == 1 and "2 of 2 cells failed" in again.output
+    assert sorted(p.name for p in output.iterdir()) == [
+        "results.csv", "results.md", "sweep.json", "sweep.log", "sweep.png"
+    ]  # fmt: skip
+    nothing = tmp_path / "empty"
+    result = sweep(*args, "--resume", "--output", str(nothing))
+    assert result.exit_code == 1 and "holds no sweep to resume" in result.output
+
+
+def test_eval_metrics_join_the_table(tmp_path, tiny_llama, smoke_data, monkeypatch):
+    monkeypatch.setattr(sweep_module, "run_loratool", in_process)
+    recipe = tiny_recipe(tmp_path, tiny_llama, smoke_data)
+    output = tmp_path / "s"
+    result = sweep(str(recipe), "--vary", "lora.r=4", "--output", str(output), "--eval-max-samples", "3",
+                   "--eval-max-new-tokens", "4")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((output / "r=4" / "eval" / "metrics.json").read_text())
+    cell = json.loads((output / "sweep.json").read_text())["cells"][0]
+    assert report["models"]["tuned"]["rows"] == 3
+    assert cell["eval"]["loss"] == report["models"]["tuned"]["loss"]
+    assert cell["eval"]["exact_match"] == report["models"]["tuned"]["exact_match"]
+    assert "| eval loss | exact match |" in (output / "results.md").read_text()
+
+
+def test_dry_run_checks_every_cell_and_writes_nothing(tmp_path, tiny_llama, smoke_data):
+    recipe = tiny_recipe(tmp_path, tiny_llama, smoke_data)
+    result = sweep(str(recipe), "--vary", "lora.target_modules=[q_proj],[q_proj,v_proj]", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "--- cell 2/2: target_modules=q_proj_v_proj" in result.output
+    counts = [line for line in result.output.splitlines() if "trainable parameters" in line]
+    assert len(counts) == 2 and counts[0] != counts[1]
+    assert "dry run: all 2 cells check out" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_values_split_at_top_level_commas_only():
+    axes = sweep_module.parse_vary(["lora.target_modules=[q_proj,v_proj],all-linear,'a,b'", "lora.r=8"])
+    assert axes[0].values == ("[q_proj,v_proj]", "all-linear", "'a,b'")
+    assert axes[1].values == ("8",)
+    for bad, expected in [
+        ("lora.r=8,8", "8 listed twice"),
+        ("lora.r", "expected KEY.PATH=VALUE"),
+        ("lora.r=8,", "an empty value"),
+    ]:
+        with pytest.raises(LoratoolError, match=expected):
+            sweep_module.parse_vary([bad])
+    with pytest.raises(LoratoolError, match="given twice"):
+        sweep_module.parse_vary(["lora.r=4", "lora.r=8"])
+
+
+def test_output_dir_and_set_keys_cannot_vary(tmp_path, tiny_llama, smoke_data):
+    recipe = tiny_recipe(tmp_path, tiny_llama, smoke_data)
+    result = sweep(str(recipe), "--vary", "training.output_dir=a,b")
+    assert result.exit_code == 1 and "set by the sweep" in result.output
+    result = sweep(str(recipe), "--vary", "lora.r=4,8", "--set", "lora.r=16")
+    assert result.exit_code == 1 and "also given with --set" in result.output
+
+
+@pytest.mark.slow
+def test_cells_train_in_fresh_processes(tmp_path, tiny_llama, smoke_data):
+    """The real path: `python -m loratool sweep`, each cell a `loratool train` process of its own."""
+    recipe = tiny_recipe(tmp_path, tiny_llama, smoke_data)
+    output = tmp_path / "s"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "loratool", "sweep", str(recipe), "--output", str(output),
+         "--vary", "lora.target_modules=[q_proj],[no_such_layer]"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        "target_modules=no_such_layer: lora.target_modules: no_such_layer matches no layer" in result.stderr
+    )
+    record = json.loads((output / "sweep.json").read_text())
+    run = read_run(output / "target_modules=q_proj")
+    assert run is not None and run.complete
+    assert record["cells"][0]["peak_memory_bytes"] == run.peak_memory_bytes["process_rss"]
+    assert "step 2/2" in (output / "sweep.log").read_text()  # the cell's own output, kept
