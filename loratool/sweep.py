@@ -380,8 +380,8 @@ def run_sweep(
                 sweep_log(f"--- cell {number}/{len(cells)}: {cell.name}")
                 outcomes[cell.name] = _run_cell(cell, recipe_path, sets, resume, evaluate, sweep_log)
                 write_results("running")
-        except BaseException:
-            write_results("interrupted")
+        except BaseException as exc:
+            write_results("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
             raise
         failed = [
             cell for cell in cells if outcomes[cell.name].status == "failed" or outcomes[cell.name].eval_error
