@@ -273,3 +273,19 @@ def test_cells_train_in_fresh_processes(tmp_path, tiny_llama, smoke_data):
     assert run is not None and run.complete
     assert record["cells"][0]["peak_memory_bytes"] == run.peak_memory_bytes["process_rss"]
     assert "step 2/2" in (output / "sweep.log").read_text()  # the cell's own output, kept
+
+
+def test_sweep_help_lists_its_options():
+    result = CliRunner().invoke(app, ["sweep", "--help"])
+    assert result.exit_code == 0
+    for option in (
+        "--vary",
+        "--set",
+        "--output",
+        "--eval",
+        "--eval-data",
+        "--dry-run",
+        "--resume",
+        "--overwrite",
+    ):
+        assert option in result.output
