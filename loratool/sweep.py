@@ -11,8 +11,8 @@
       sweep.log                 everything the sweep and its cells printed
 
 Reads top to bottom like the sweep: parse the grid, check every key against the schema and every cell's
-recipe (all before anything trains), claim the output directory, train each cell in turn, write the table
-after each cell (an interrupted sweep leaves the table so far), then the plot.
+recipe (all before anything trains), claim the output directory, train each cell in turn, and write the
+table and the plot after each cell (an interrupted sweep leaves them as far as it got).
 
 Each cell trains in a fresh `loratool train` process. Peak memory is a per-process high-water mark
 (ru_maxrss, and CUDA's allocator statistics), so only a fresh process gives each cell its own; a fresh
@@ -371,7 +371,8 @@ def run_sweep(
             record["cells"] = [row(cell, outcomes.get(cell.name), evaluate is not None) for cell in cells]
             (sweep_dir / TABLE_MD).write_text(table_markdown(record, axes), encoding="utf-8")
             (sweep_dir / TABLE_CSV).write_text(table_csv(record, axes), encoding="utf-8")
-            files.update({TABLE_MD, TABLE_CSV})
+            plot_sweep(record, axes, sweep_dir, sweep_dir / PLOT)
+            files.update({TABLE_MD, TABLE_CSV, PLOT})
             _write_record(sweep_dir, record, files)
 
         _write_record(sweep_dir, record, files)  # first: it marks the directory as a loratool sweep
@@ -388,9 +389,6 @@ def run_sweep(
         ]
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_results("failed" if failed else "complete")
-        plot_sweep(record, axes, sweep_dir, sweep_dir / PLOT)
-        files.add(PLOT)
-        _write_record(sweep_dir, record, files)
         for line in table_markdown(record, axes, terminal=True).splitlines():
             sweep_log(line)
         sweep_log(f"table written to {sweep_dir / TABLE_MD} (and {TABLE_CSV}, {RECORD}); plot: {PLOT}")
