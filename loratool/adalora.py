@@ -34,8 +34,17 @@ class RankBudget(TrainerCallback):
     """Moves AdaLoRA's rank budget after every optimizer step; `record()` is what run.json keeps."""
 
     def __init__(self, model: Any) -> None:
+        import warnings
+
+        from peft.utils.warning import PeftWarning
+
         self.model = model  # the PeftModel with the AdaLoRA adapter
         self.total_steps: int | None = None
+        # A layer AdaLoRA cut to rank 0 is saved as a (0, n) tensor, which PEFT's save blames on unGathered
+        # FSDP / ZeRO-3 shards: not the case here.
+        warnings.filterwarnings(
+            "ignore", message=r"Adapter '.*': \d+ LoRA tensor\(s\) have invalid shape", category=PeftWarning
+        )
 
     @property
     def config(self) -> Any:

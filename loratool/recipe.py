@@ -158,36 +158,41 @@ class LoraSection(Section):
     # AdaLoRA (method: adalora). Unset = PEFT's default, given in each line. total_step is not a setting:
     # loratool sets it to the run's number of optimizer steps.
     init_r: PositiveInt | None = None
-    """AdaLoRA: starting rank of every layer (default 12). `r` is not used by AdaLoRA."""
+    """AdaLoRA: starting rank of every layer (unset: 12, PEFT's default). `r` is not used by AdaLoRA."""
 
     target_r: PositiveInt | None = None
-    """AdaLoRA: average rank per layer at the end (default 8); the total budget is target_r x layers."""
+    """AdaLoRA: average rank per layer at the end (unset: 8, PEFT's default); the total budget is
+    target_r x layers."""
 
     tinit: Annotated[int, Field(ge=0)] | None = None
-    """AdaLoRA: optimizer steps at the start trained at init_r before any rank is cut (default 0)."""
+    """AdaLoRA: optimizer steps at the start trained at init_r before any rank is cut (unset: 0, PEFT's
+    default)."""
 
     tfinal: Annotated[int, Field(ge=0)] | None = None
-    """AdaLoRA: optimizer steps at the end trained with the final ranks fixed (default 0). tinit + tfinal
-    must leave steps to reallocate in."""
+    """AdaLoRA: optimizer steps at the end trained with the final ranks fixed (unset: 0, PEFT's default).
+    tinit + tfinal must leave steps to reallocate in."""
 
     deltaT: PositiveInt | None = None
-    """AdaLoRA: reallocate the rank budget every deltaT optimizer steps (default 1)."""
+    """AdaLoRA: reallocate the rank budget every deltaT optimizer steps (unset: 1, PEFT's default)."""
 
     beta1: Annotated[float, Field(gt=0, lt=1)] | None = None
-    """AdaLoRA: smoothing of the importance scores, an exponential moving average (default 0.85)."""
+    """AdaLoRA: smoothing of the importance scores, an exponential moving average (unset: 0.85, PEFT's
+    default)."""
 
     beta2: Annotated[float, Field(gt=0, lt=1)] | None = None
-    """AdaLoRA: smoothing of the scores' uncertainty (default 0.85)."""
+    """AdaLoRA: smoothing of the scores' uncertainty (unset: 0.85, PEFT's default)."""
 
     orth_reg_weight: Annotated[float, Field(ge=0)] | None = None
-    """AdaLoRA: weight of the penalty keeping A and B orthogonal, added to the loss (default 0.5)."""
+    """AdaLoRA: weight of the penalty keeping A and B orthogonal, added to the loss (unset: 0.5, PEFT's
+    default)."""
 
     # VeRA (method: vera). `r` is the rank of the shared projections; lora_dropout is VeRA's dropout.
     projection_prng_key: int | None = None
-    """VeRA: seed of the shared random projections (default 0). They are saved with the adapter."""
+    """VeRA: seed of the shared random projections (unset: 0, PEFT's default). They are saved with the
+    adapter."""
 
     d_initial: Annotated[float, Field(gt=0)] | None = None
-    """VeRA: initial value of the per-layer scaling vector d (default 0.1); the vector b starts at 0."""
+    """VeRA: initial value of the per-layer scaling vector d (unset: 0.1, PEFT's default); the vector b starts at 0."""
 
     # PEFT compiles these only when the adapter is attached, after the model has loaded: check them now.
     @field_validator("target_modules", "exclude_modules")

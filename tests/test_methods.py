@@ -239,7 +239,9 @@ def test_each_method_merges_to_base_plus_adapter(runs, method, tiny_llama, tmp_p
     expected = reference.merge_and_unload().state_dict()
     base = load_file(tiny_llama / "model.safetensors")
     changed = [n for n in merged if not torch.equal(merged[n], base[n])]
-    assert len(changed) >= 10  # the adapter did something to most layers
+    # The adapter changed every adapted layer, but those AdaLoRA cut to rank 0.
+    ranks = json.loads((runs[method] / "run.json").read_text()).get("adalora", {}).get("final_ranks", {})
+    assert len(changed) == (sum(rank > 0 for rank in ranks.values()) if ranks else 14)
     for name, tensor in merged.items():
         torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)
 
