@@ -1,4 +1,5 @@
-"""The `lora` section: a peft LoraConfig, the adapter attached to the base, and the LoRA+ optimizer."""
+"""The `lora` section: the PEFT config of the chosen method (LoRA, AdaLoRA, VeRA, LoRA-FA), the adapter
+attached to the base, and the optimizers some methods bring (LoRA+, LoRA-FA)."""
 
 from __future__ import annotations
 
@@ -6,27 +7,60 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
+from loratool.methods import OWN_FIELDS
 
 if TYPE_CHECKING:
     import torch
-    from peft import LoraConfig, PeftModel
+    from peft import PeftConfig, PeftModel
     from transformers import PreTrainedModel, TrainingArguments
 
     from loratool.recipe import LoraSection
 
-_NOT_LORA_CONFIG = {"loraplus_lr_ratio", "loraplus_lr_embedding"}
+# Recipe fields that are not LoraConfig fields: the method, LoRA+ and the other methods' own settings.
+_NOT_LORA_CONFIG = {
+    "method",
+    "loraplus_lr_ratio",
+    "loraplus_lr_embedding",
+    *(field for fields in OWN_FIELDS.values() for field in fields),
+}
 
 
-def build_lora_config(lora: LoraSection) -> LoraConfig:
-    from peft import LoraConfig, TaskType
+def build_lora_config(lora: LoraSection, total_steps: int | None = None) -> PeftConfig:
+    """The PEFT config of `lora.method`. AdaLoRA needs the run's number of optimizer steps: `total_steps`,
+    or a provisional count that the trainer's own replaces before the first step (adalora.py)."""
+    from peft import AdaLoraConfig, LoraConfig, TaskType, VeraConfig
 
-    fields = lora.model_dump(exclude=_NOT_LORA_CONFIG)
-    fields.update(lora.model_extra or {})  # other LoraConfig fields the recipe passes through
+    own = {f: getattr(lora, f) for f in OWN_FIELDS.get(lora.method, ()) if getattr(lora, f) is not None}
+    if lora.method == "vera":
+        config_class: Any = VeraConfig
+        fields = {
+            "r": lora.r,
+            "target_modules": lora.target_modules,
+            "vera_dropout": lora.lora_dropout,
+            "bias": "vera_only" if lora.bias == "lora_only" else lora.bias,
+            "fan_in_fan_out": lora.fan_in_fan_out,
+            "modules_to_save": lora.modules_to_save,
+            "layers_to_transform": lora.layers_to_transform,
+            "layers_pattern": lora.layers_pattern,
+            "save_projection": True,  # merge and reloads read the projections from the adapter file
+            **own,
+        }
+    else:
+        # AdaLoRA's own rank settings replace r and rank_pattern (its rank_pattern is an output).
+        skip = {"r", "rank_pattern", "alpha_pattern"} if lora.method == "adalora" else set()
+        fields = lora.model_dump(exclude=_NOT_LORA_CONFIG | skip)
+        fields.update(lora.model_extra or {})  # other LoraConfig fields the recipe passes through
+        config_class = LoraConfig
+        if lora.method == "adalora":
+            from loratool.adalora import provisional_total_steps
+
+            config_class = AdaLoraConfig
+            fields.update(own, total_step=total_steps or provisional_total_steps(lora))
     try:
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, **fields)
+        return config_class(task_type=TaskType.CAUSAL_LM, **fields)
     except (TypeError, ValueError) as exc:
         raise LoratoolError(
-            f"lora: peft rejected the settings: {exc}", hint="check the lora section"
+            f"lora: peft rejected the {lora.method} settings: {exc}", hint="check the lora section"
         ) from None
 
 
@@ -84,6 +118,28 @@ def attach_adapter(
         raise LoratoolError(
             f"lora: cannot attach the adapter: {exc}", hint="check lora.target_modules"
         ) from None
+
+
+def build_optimizer(
+    model: PeftModel, lora: LoraSection, args: TrainingArguments
+) -> torch.optim.Optimizer | None:
+    """The optimizer the method brings (LoRA-FA, LoRA+), or None: the trainer builds `training.optim`."""
+    if lora.method == "lorafa":
+        return build_lorafa_optimizer(model, lora, args)
+    return build_loraplus_optimizer(model, lora, args)
+
+
+def build_lorafa_optimizer(
+    model: PeftModel, lora: LoraSection, args: TrainingArguments
+) -> torch.optim.Optimizer:
+    """LoRA-FA: every lora_A is frozen as initialized (PEFT sets requires_grad False) and each lora_B is
+    trained by AdamW on its gradient projected through A, which is what full fine-tuning of the layer would
+    do in B's subspace. Optimizer state for B only: less memory than LoRA at the same rank."""
+    from peft.optimizers import create_lorafa_optimizer
+
+    return create_lorafa_optimizer(
+        model, r=lora.r, lora_alpha=lora.lora_alpha, lr=args.learning_rate, weight_decay=args.weight_decay
+    )
 
 
 def build_loraplus_optimizer(

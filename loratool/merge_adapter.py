@@ -9,6 +9,13 @@ PEFT saves `base_model.model.<module>.<what>`, where <what> is
 (adapter names are stripped when saving; `lora_A.<name>.weight` from other tools is accepted too). Each
 becomes a `TensorUpdate` of the base tensor `<module>.weight` (or `.bias`, or `<module>.<param>`).
 
+Two other PEFT methods are LoRA pairs in disguise and are read as such:
+    AdaLoRA  `<module>.lora_A`, `lora_E`, `lora_B` (SVD form, each layer at the rank it kept):
+             delta = B @ (A * E) * scaling / init_r, i.e. the pair (A * E, B) at scaling / init_r
+    VeRA     `base_model.vera_A`, `base_model.vera_B` (random projections shared by every layer) and per
+             layer `<module>.vera_lambda_d`, `vera_lambda_b`: delta = (lambda_b * B) @ (lambda_d * A),
+             with A cut to the layer's input width and B to its output width, at scaling 1
+
 The arithmetic is PEFT's own merge (peft/tuners/lora/layer.py `Linear.get_delta_weight`, `Embedding.
 get_delta_weight`; peft/tuners/lora/variants.py `DoraLinearVariant.merge_safe`), in the same operation
 order, so a float32 merge matches `merge_and_unload()` to the last few bits.
@@ -19,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +40,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 _LORA_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+    r"|vera_lambda_b|vera_lambda_d)"
     r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.(?P<param>weight|bias))?$"
 )
 # A full copy PEFT saves under a wrapper name; the base tensor is <module>.<param>.
@@ -53,6 +61,9 @@ _UNSUPPORTED_FIELDS = {
     "use_qalora": "QA-LoRA",
     "trainable_token_indices": "trainable tokens",
 }
+# The adapter types merge folds, each read as LoRA pairs (module docstring).
+FOLDED_TYPES = ("LORA", "ADALORA", "VERA")
+VERA_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")  # VeRA's shared projections, (r, in) / (out, r)
 # Initialisations that rewrite the base weights when the adapter is created (PEFT recomputes that on load):
 # folding such an adapter into the untouched base would not give the trained model.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -69,10 +80,20 @@ class LoraFactors:
     # embedding's delta as (B @ A).T, i.e. as a fan-in-fan-out layer; DoRA's embedding layer is one too).
     fan_in_fan_out: bool
     magnitude: torch.Tensor | None = None  # DoRA: one learned norm per output feature
+    # VeRA: A is the shared projection, as wide as the widest adapted layer; a layer uses its first
+    # in_features columns (see fitted_to).
+    shared_width: bool = False
 
     def delta_shape(self) -> tuple[int, int]:
         out, inp = self.B.shape[0], self.A.shape[1]
         return (inp, out) if self.fan_in_fan_out else (out, inp)
+
+    def fitted_to(self, shape: tuple[int, ...]) -> LoraFactors:
+        """These factors for a base tensor of `shape`: a shared-width A cut to the layer's input width."""
+        if not self.shared_width:
+            return self
+        inp = shape[0] if self.fan_in_fan_out else shape[-1]
+        return replace(self, A=self.A[:, :inp], shared_width=False)
 
 
 @dataclass
@@ -162,11 +183,19 @@ def read_adapter(path: Path) -> Adapter:
 
 def check_supported(config: dict[str, Any], path: Path) -> None:
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
+    if peft_type not in FOLDED_TYPES:
         raise LoratoolError(
-            f"{path / ADAPTER_CONFIG}: peft_type is {peft_type!r}; loratool merge folds LoRA adapters only",
+            f"{path / ADAPTER_CONFIG}: peft_type is {peft_type!r}; loratool merge folds "
+            f"{', '.join(FOLDED_TYPES)} adapters only",
             hint="merge other adapter types with PEFT: PeftModel.from_pretrained(base, adapter)."
             "merge_and_unload()",
+        )
+    if peft_type == "VERA" and not config.get("save_projection", True):
+        raise LoratoolError(
+            f"{path / ADAPTER_CONFIG}: a VeRA adapter saved without its shared projections "
+            "(save_projection: false); loratool merge reads them from the adapter file",
+            hint="save the adapter again with VeraConfig(save_projection=True), or merge it with PEFT: "
+            "PeftModel.from_pretrained(base, adapter).merge_and_unload()",
         )
     used = [f"{key} ({what})" for key, what in _UNSUPPORTED_FIELDS.items() if config.get(key)]
     init = config.get("init_lora_weights")
@@ -184,7 +213,10 @@ def updates_from(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> di
     """Group adapter tensors by the base tensor they change."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}  # module -> {lora_A: ..., lora_B: ..., ...}
     updates: dict[str, TensorUpdate] = {}
+    shared = {k: tensors[k].float() for k in VERA_PROJECTIONS if k in tensors}  # VeRA's vera_A, vera_B
     for key, tensor in tensors.items():
+        if key in VERA_PROJECTIONS:
+            continue
         name = key.removeprefix(PREFIX)
         lora = _LORA_KEY.match(name)
         if lora:
@@ -203,7 +235,12 @@ def updates_from(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> di
         update.sources.append(key)
 
     for module, parts in pairs.items():
-        factors = _factors(module, parts, config)
+        if config.get("peft_type") == "VERA":
+            factors = _vera_factors(module, parts, shared, config)
+        elif config.get("peft_type") == "ADALORA":
+            factors = _adalora_factors(module, parts, config)
+        else:
+            factors = _factors(module, parts, config)
         weight = updates.setdefault(f"{module}.weight", TensorUpdate())
         weight.lora = factors
         weight.sources.append(f"{PREFIX}{module}.lora_*")
@@ -247,6 +284,59 @@ def _factors(module: str, parts: dict[str, torch.Tensor], config: dict[str, Any]
     )
 
 
+def _adalora_factors(module: str, parts: dict[str, torch.Tensor], config: dict[str, Any]) -> LoraFactors:
+    """AdaLoRA's SVD triplet as a LoRA pair (peft/tuners/adalora/layer.py `SVDLinear.get_delta_weight`):
+    B @ (A * E) * scaling / (ranknum + 1e-5). ranknum stays the starting rank init_r after PEFT cuts a
+    layer to the rank it kept; scaling is lora_alpha (or, with lora_alpha 0, the layer's rank)."""
+    missing = [k for k in ("lora_A", "lora_B", "lora_E") if k not in parts]
+    if missing:
+        raise LoratoolError(
+            f"the AdaLoRA adapter has no {', '.join(missing)} for {module} (only {', '.join(sorted(parts))})",
+            hint="the adapter file is incomplete; save it again with PeftModel.save_pretrained",
+        )
+    A, B, E = parts["lora_A"], parts["lora_B"], parts["lora_E"]
+    rank = A.shape[0]
+    if B.shape[1] != rank or tuple(E.shape) != (rank, 1):
+        raise LoratoolError(
+            f"{module}: AdaLoRA factors of different ranks: lora_A {tuple(A.shape)}, lora_E {tuple(E.shape)}, "
+            f"lora_B {tuple(B.shape)}",
+            hint="the adapter file is damaged; save it again with PeftModel.save_pretrained",
+        )
+    alpha = config.get("lora_alpha", 8)
+    ranknum = float(config.get("init_r", 12))
+    scaling = (alpha if alpha > 0 else float(rank)) / (ranknum + 1e-5)
+    return LoraFactors(A=A * E, B=B, scaling=scaling, fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+
+
+def _vera_factors(
+    module: str, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], config: dict[str, Any]
+) -> LoraFactors:
+    """VeRA's layer as a LoRA pair (peft/tuners/vera/layer.py `Linear.get_delta_weight`):
+    (lambda_b * B[:out]) @ (lambda_d * A[:, :in]); A is cut to the layer's width by `fitted_to`."""
+    missing = [k for k in ("vera_lambda_b", "vera_lambda_d") if k not in parts]
+    missing += [k.removeprefix("base_model.") for k in VERA_PROJECTIONS if k not in shared]
+    if missing:
+        raise LoratoolError(
+            f"the VeRA adapter has no {', '.join(missing)} for {module}",
+            hint="save it again with PeftModel.save_pretrained and VeraConfig(save_projection=True)",
+        )
+    lambda_b, lambda_d = parts["vera_lambda_b"], parts["vera_lambda_d"]
+    A, B = shared[VERA_PROJECTIONS[0]], shared[VERA_PROJECTIONS[1]]
+    if A.shape[0] != lambda_d.shape[0] or B.shape[1] != lambda_d.shape[0] or B.shape[0] < lambda_b.shape[0]:
+        raise LoratoolError(
+            f"{module}: VeRA vectors do not fit the shared projections: lambda_d {tuple(lambda_d.shape)}, "
+            f"lambda_b {tuple(lambda_b.shape)}, vera_A {tuple(A.shape)}, vera_B {tuple(B.shape)}",
+            hint="adapter_config.json does not belong to these weights (r)",
+        )
+    return LoraFactors(
+        A=lambda_d.unsqueeze(-1) * A,
+        B=lambda_b.unsqueeze(-1) * B[: lambda_b.shape[0]],
+        scaling=1.0,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+        shared_width=True,
+    )
+
+
 def check_against_base(updates: dict[str, TensorUpdate], base_shapes: dict[str, tuple[int, ...]]) -> None:
     """Refuse, before anything is written, an adapter made for another architecture or size."""
     unknown = [name for name in updates if name not in base_shapes]
@@ -263,7 +353,7 @@ def check_against_base(updates: dict[str, TensorUpdate], base_shapes: dict[str, 
             _shape_error(name, shape, tuple(update.replacement.shape), "full copy")
         result = update.result_shape(shape)
         if update.lora is not None:
-            f = update.lora
+            f = update.lora.fitted_to(result)
             if f.delta_shape() != result:
                 _shape_error(name, result, f.delta_shape(), "LoRA update (B @ A)")
             out = f.B.shape[0]
@@ -299,7 +389,7 @@ def fold(weight: torch.Tensor, update: TensorUpdate) -> torch.Tensor:
     else:
         merged = weight.float()
     if update.lora is not None:
-        f = update.lora
+        f = update.lora.fitted_to(tuple(merged.shape))
         merged += lora_delta(f)
         if f.magnitude is not None:
             # DoRA: W' = m / ||W + dW|| * (W + dW), the norm taken per output feature (over the input

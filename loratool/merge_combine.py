@@ -168,6 +168,12 @@ def _read_config(adapter_dir: Path) -> dict[str, Any]:
 
 def refuse_unsupported(dirs: list[Path], runs: list[TrainingRun], configs: list[dict[str, Any]]) -> None:
     for adapter_dir, run, config in zip(dirs, runs, configs, strict=True):
+        if config.get("peft_type") != "LORA":
+            raise LoratoolError(
+                f"{adapter_dir} is a {config.get('peft_type')} adapter; loratool combines LoRA adapters only "
+                "(PEFT's add_weighted_adapter)",
+                hint="merge that adapter on its own: loratool merge --adapter " + str(adapter_dir),
+            )
         if run.quantization == "4bit":
             raise LoratoolError(
                 f"{adapter_dir} was trained on a 4-bit (QLoRA) base; loratool does not combine QLoRA "

@@ -142,6 +142,9 @@ def model_card(
             lines.append(f"| {key} | {value} |")
     lines.append("")
 
+    if isinstance(manifest.get("adalora"), dict):
+        lines += _adalora_ranks(manifest["adalora"])
+
     lines += ["## Results", ""]
     if train.get("train_loss") is not None:
         lines.append(f"- final train loss: {_round(train['train_loss'])}")
@@ -195,6 +198,34 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _adalora_ranks(record: dict[str, Any]) -> list[str]:
+    """AdaLoRA's final rank per layer (run.json "adalora"): one row per module, one column per block."""
+    ranks = record.get("final_ranks") or {}
+    budget = record.get("rank_budget") or {}
+    lines = [
+        "## AdaLoRA ranks",
+        "",
+        f"The rank budget went from {record.get('init_r')} per layer to {record.get('target_r')} on average "
+        f"over {record.get('total_step')} optimizer steps: {budget.get('end')} of {budget.get('start')} "
+        "ranks kept, where training found them most useful.",
+        "",
+    ]
+    grid: dict[str, dict[str, int]] = {}
+    for name, rank in ranks.items():
+        layer = next(iter(_layer_index(name)), "-")
+        grid.setdefault(name.rsplit(".", 1)[-1], {})[layer] = rank
+    layers = sorted(
+        {layer for row in grid.values() for layer in row}, key=lambda x: (not x.isdigit(), x.zfill(6))
+    )
+    lines += [
+        "| module | " + " | ".join(f"block {layer}" for layer in layers) + " |",
+        "|---|" + "---|" * len(layers),
+    ]
+    for module, row in grid.items():
+        lines.append(f"| {module} | " + " | ".join(str(row.get(layer, "")) for layer in layers) + " |")
+    return [*lines, ""]
 
 
 def vllm_problems(folder: Path) -> list[str]:

@@ -87,9 +87,19 @@ class QuantizationSection(Section):
 
 
 class LoraSection(Section):
-    """The adapter: `peft.LoraConfig` fields, plus LoRA+ learning-rate settings."""
+    """The adapter: `peft.LoraConfig` fields, plus the method and its own settings (AdaLoRA, VeRA, LoRA+)."""
 
     model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
+
+    method: Literal["lora", "adalora", "vera", "lorafa"] = "lora"
+    """The adaptation method (README, "Methods"). `lora`: a low-rank pair B @ A per layer (DoRA, rsLoRA,
+    LoRA+ and the inits are options of it). `adalora`: LoRA in SVD form whose rank budget moves during
+    training to the layers that need it (init_r -> target_r on average; the final rank per layer is in
+    run.json and the model card). `vera`: one pair of frozen random projections shared by every layer, only
+    two scaling vectors per layer trained: ~10x fewer parameters than LoRA, wants a high `r` (256) and a
+    ~10x higher learning_rate (1e-3 to 1e-2). `lorafa`: LoRA with A frozen after its random init and only B
+    trained (PEFT's LoRA-FA optimizer, AdamW-like; training.optim is not used): less optimizer memory.
+    Settings of another method are refused, naming the field."""
 
     r: PositiveInt = 16
     """Adapter rank. Higher fits more but costs memory and can overfit small datasets; 8-64 is typical."""
@@ -144,6 +154,45 @@ class LoraSection(Section):
 
     loraplus_lr_embedding: float = Field(1e-6, gt=0)
     """LoRA+: learning rate of adapters on embedding layers."""
+
+    # AdaLoRA (method: adalora). Unset = PEFT's default, given in each line. total_step is not a setting:
+    # loratool sets it to the run's number of optimizer steps.
+    init_r: PositiveInt | None = None
+    """AdaLoRA: starting rank of every layer (unset: 12, PEFT's default). `r` is not used by AdaLoRA."""
+
+    target_r: PositiveInt | None = None
+    """AdaLoRA: average rank per layer at the end (unset: 8, PEFT's default); the total budget is
+    target_r x layers."""
+
+    tinit: Annotated[int, Field(ge=0)] | None = None
+    """AdaLoRA: optimizer steps at the start trained at init_r before any rank is cut (unset: 0, PEFT's
+    default)."""
+
+    tfinal: Annotated[int, Field(ge=0)] | None = None
+    """AdaLoRA: optimizer steps at the end trained with the final ranks fixed (unset: 0, PEFT's default).
+    tinit + tfinal must leave steps to reallocate in."""
+
+    deltaT: PositiveInt | None = None
+    """AdaLoRA: reallocate the rank budget every deltaT optimizer steps (unset: 1, PEFT's default)."""
+
+    beta1: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """AdaLoRA: smoothing of the importance scores, an exponential moving average (unset: 0.85, PEFT's
+    default)."""
+
+    beta2: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """AdaLoRA: smoothing of the scores' uncertainty (unset: 0.85, PEFT's default)."""
+
+    orth_reg_weight: Annotated[float, Field(ge=0)] | None = None
+    """AdaLoRA: weight of the penalty keeping A and B orthogonal, added to the loss (unset: 0.5, PEFT's
+    default)."""
+
+    # VeRA (method: vera). `r` is the rank of the shared projections; lora_dropout is VeRA's dropout.
+    projection_prng_key: int | None = None
+    """VeRA: seed of the shared random projections (unset: 0, PEFT's default). They are saved with the
+    adapter."""
+
+    d_initial: Annotated[float, Field(gt=0)] | None = None
+    """VeRA: initial value of the per-layer scaling vector d (unset: 0.1, PEFT's default); the vector b starts at 0."""
 
     # PEFT compiles these only when the adapter is attached, after the model has loaded: check them now.
     @field_validator("target_modules", "exclude_modules")
@@ -431,6 +480,7 @@ RESERVED_LORA_KEYS = frozenset(
         "base_model_name_or_path",
         "revision",
         "inference_mode",
+        "total_step",  # AdaLoRA: the run's number of optimizer steps (adalora.py)
     }
 )
 
@@ -484,6 +534,9 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
             problems.append(
                 "lora.init_lora_weights: loftq quantizes the base itself — remove the quantization section"
             )
+    from loratool.methods import method_problems
+
+    problems += method_problems(recipe)
     return problems
 
 

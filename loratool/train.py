@@ -17,7 +17,7 @@ from loratool.errors import InternalError, LoratoolError
 from loratool.fingerprint import fingerprint_matches, weights_fingerprint
 from loratool.gguf_base import gguf_record, is_gguf, resolve_base_model
 from loratool.inputs import check_inputs
-from loratool.lora import attach_adapter, build_loraplus_optimizer, keep_adapter_in
+from loratool.lora import attach_adapter, build_optimizer, keep_adapter_in
 from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics, trim_metrics
 from loratool.model import load_model, load_tokenizer, local_model_dir
 from loratool.outputs import command_line, output_lock, remove_entry
@@ -181,16 +181,25 @@ def _train(
                 ),
                 processing_class=tokenizer,
                 callbacks=callbacks,
-                optimizers=(build_loraplus_optimizer(model, recipe.lora, args), None),
+                optimizers=(build_optimizer(model, recipe.lora, args), None),
             )
         except (ValueError, ImportError) as exc:
             raise LoratoolError(
                 f"trl's SFTTrainer refused this setup: {exc}", hint="check the training section of the recipe"
             ) from None
         seal.trainer = trainer
+        rank_budget = None
+        if recipe.lora.method == "adalora":
+            from loratool.adalora import RankBudget
+
+            rank_budget = RankBudget(model)  # the trainer does not move AdaLoRA's rank budget itself
+            trainer.add_callback(rank_budget)
         # The same validation loss for any batching and number of processes (validation_loss.py).
         report_token_weighted_eval_loss(trainer)
-        if recipe.is_quantized() and hardware.compute_dtype(recipe, hw) == torch.float32:
+        # LoRA-FA: trl would cast only the trainable B to bf16 (A is frozen by then); keep the pair in one dtype.
+        if recipe.is_quantized() and (
+            hardware.compute_dtype(recipe, hw) == torch.float32 or recipe.lora.method == "lorafa"
+        ):
             keep_adapter_in(model, torch.float32)
         if trainer.pop_callback(ProgressCallback) is not None:
             trainer.add_callback(ConciseProgress())
@@ -216,6 +225,8 @@ def _train(
             "bf16": bf16,
             "fp16": fp16,
         }
+        if rank_budget is not None:
+            manifest["adalora"] = rank_budget.record()
         manifest["peak_memory_bytes"] = _peak_memory(hw)
         manifest["wall_time_s"] = round(seal.seconds_before + time.time() - started, 2)
         manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -280,6 +291,12 @@ def preflight(
     The output directory belongs to the main process: the others skip its check (by the time they run
     it, the main process may already have started the run there)."""
     check_inputs(recipe, log)  # base model, tokenizer, every data source: all missing ones in one error
+    if resume and recipe.lora.method == "adalora":
+        raise LoratoolError(
+            "--resume: an AdaLoRA run cannot be continued (its checkpoints keep the ranks of their step but not "
+            "the importance scores that move them)",
+            hint="train it again with --overwrite",
+        )
     hw = hardware.detect()
     hardware.check(recipe, hw)
     check_trainer_settings(recipe, hw)  # library-only values (optim, lr_scheduler_type, report_to, ...)
