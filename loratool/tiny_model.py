@@ -44,7 +44,12 @@ SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IM_START_TOKEN, ENDOFTEXT_TOK
 # and the turn markers of Gemma's chat format. No <|im_start|>/<|im_end|>: ChatML on this vocabulary spells
 # them in several ordinary tokens, as on the real Gemma.
 GEMMA_TOKENS = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "extra": ("<start_of_turn>", "<end_of_turn>")}
-_DEFAULT_TOKENS = {"pad": PAD_TOKEN, "bos": BOS_TOKEN, "eos": EOS_TOKEN, "extra": (IM_START_TOKEN, ENDOFTEXT_TOKEN)}
+_DEFAULT_TOKENS = {
+    "pad": PAD_TOKEN,
+    "bos": BOS_TOKEN,
+    "eos": EOS_TOKEN,
+    "extra": (IM_START_TOKEN, ENDOFTEXT_TOKEN),
+}
 
 # The Qwen2 pre-tokenization regex (GPT-4 style, single digits). Same reason as above: Qwen2Tokenizer
 # rebuilds its pipeline with this split on reload, so training with it keeps all three architectures
@@ -209,7 +214,9 @@ def _corpus() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=8)
-def _train_backend(vocab_size: int, specials: tuple[str, ...] = SPECIAL_TOKENS, bos: str = BOS_TOKEN) -> Tokenizer:
+def _train_backend(
+    vocab_size: int, specials: tuple[str, ...] = SPECIAL_TOKENS, bos: str = BOS_TOKEN
+) -> Tokenizer:
     """Train the byte-level BPE once per vocab_size and special tokens (cached: tests build many models
     with the same one)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers

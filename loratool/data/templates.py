@@ -167,11 +167,11 @@ def adds_bos(tokenizer: Any) -> bool:
         pass
     bos = getattr(tokenizer, "bos_token_id", None)
     try:
-        with_special = tokenizer("a", verbose=False)["input_ids"] if bos is not None else []
-        plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"] if bos is not None else []
+        first = tokenizer("a", verbose=False)["input_ids"][:1]
+        plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"][:1]
     except Exception:  # a tokenizer that cannot encode a probe adds nothing we can see
-        with_special, plain = [], []
-    answer = bool(with_special) and with_special[0] == bos and plain[:1] != [bos]
+        first = plain = []
+    answer = bos is not None and first == [bos] and plain != [bos]
     try:
         _adds_bos[tokenizer] = answer
     except TypeError:
@@ -222,6 +222,13 @@ def end_of_turn(tokenizer: Any) -> EndOfTurn | None:
         return None
     marker_ids = tokenizer(marker, add_special_tokens=False, verbose=False)["input_ids"]
     return EndOfTurn(marker, int(marker_ids[0]) if len(marker_ids) == 1 else None)
+
+
+def stop_texts(tokenizer: Any) -> list[str]:
+    """The end-of-turn text generation has to stop on, when the vocabulary spells it in several tokens
+    (ChatML's <|im_end|> on Gemma's): [] when it is one token (a stop id) or there is none."""
+    end = end_of_turn(tokenizer)
+    return [end.text] if end is not None and end.token_id is None else []
 
 
 def describe_choice(choice: str | None) -> str:
