@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedConfig, PreTrainedTokenizerFast
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3_text")
+ARCHITECTURES = ("llama", "mistral", "qwen2")  # the ChatML-vocabulary ones below
+# Gemma-style: Gemma's special tokens (GEMMA_TOKENS) instead of the ChatML ones.
+GEMMA_ARCHITECTURES = ("gemma3_text",)
 
 # Special tokens. The ids are fixed by their order here (0..4) because the BPE trainer puts its special
 # tokens first: pad=0, bos=1, eos=2, im_start=3, endoftext=4, whatever vocab_size is asked for.
@@ -301,9 +303,13 @@ def _make_config(arch: str, **kwargs: object) -> PreTrainedConfig:
             head_dim=head_dim,
             query_pre_attn_scalar=head_dim,
             layer_types=["full_attention"] * layers,
+            sliding_window=None,
             **kwargs,
         )
-    raise LoratoolError(f"unknown architecture {arch!r}", hint=f"choose one of {', '.join(ARCHITECTURES)}")
+    raise LoratoolError(
+        f"unknown architecture {arch!r}",
+        hint=f"choose one of {', '.join(ARCHITECTURES + GEMMA_ARCHITECTURES)}",
+    )
 
 
 def build_tiny_model(
@@ -328,9 +334,10 @@ def build_tiny_model(
     arguments (``seed`` included): two calls with the same arguments write identical safetensors.
     ``chat_template=False`` writes a "base model" tokenizer without a template.
     """
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHITECTURES + GEMMA_ARCHITECTURES:
         raise LoratoolError(
-            f"unknown architecture {arch!r}", hint=f"choose one of {', '.join(ARCHITECTURES)}"
+            f"unknown architecture {arch!r}",
+            hint=f"choose one of {', '.join(ARCHITECTURES + GEMMA_ARCHITECTURES)}",
         )
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise LoratoolError(
@@ -342,7 +349,7 @@ def build_tiny_model(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     output_dir = Path(output_dir)
-    tokenizer = build_tokenizer(vocab_size, gemma=arch.startswith("gemma"))
+    tokenizer = build_tokenizer(vocab_size, gemma=arch in GEMMA_ARCHITECTURES)
     if chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.model_max_length = max_position_embeddings  # tokens
