@@ -303,7 +303,8 @@ def _make_config(arch: str, **kwargs: object) -> PreTrainedConfig:
             head_dim=head_dim,
             query_pre_attn_scalar=head_dim,
             layer_types=["full_attention"] * layers,
-            sliding_window=None,
+            # every layer attends fully; generate's cache still wants a window: the whole context
+            sliding_window=kwargs["max_position_embeddings"],
             **kwargs,
         )
     raise LoratoolError(
