@@ -8,6 +8,10 @@ way), load the model, compute loss and generate answers, do the same with the ad
 Prompts and references come from the very rows the loss is computed on: in each row, the tokens before
 the last span that carries loss are the prompt (the conversation up to the last assistant turn, rendered
 by the run's chat template with the generation prompt), and that span is the reference answer.
+
+Answers and references are compared as text without the end of turn: its special token is skipped when
+decoding, and an end of turn the vocabulary spells in several tokens (ChatML's <|im_end|> on Gemma's) is
+cut off as text. A reference is complete when it ends the turn — by the stop token, or by that text.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.eval_lm_harness import HarnessTasks, failure, prepare_tasks, run_tasks
 from loratool.eval_metrics import IGNORE, generation_metrics, heldout_loss
-from loratool.generate import Sampling, answer_text, fit_to_context, generate_ids
+from loratool.generate import Sampling, answer_text, fit_to_context, generate_ids, stop_text_span
 from loratool.outputs import Output, check_output, claim_output, library_versions
 from loratool.target import Loaded, Target, load_checkpoint, load_target, merged_base_dir, resolve_target
 
@@ -108,6 +112,7 @@ def run_eval(
             max_length=max_length,
             context=loaded.context,
             stop_ids=loaded.stop_ids,
+            stop_texts=loaded.stop_texts,
         )
         log(f"evaluating on {eval_data.description}")
         batch = resolved.recipe.training.per_device_eval_batch_size if resolved.recipe else 8
@@ -140,6 +145,7 @@ def run_eval(
                 "quantized_base": loaded.quantized,
                 "four_bit_matmul": kernel,  # the same on every CPU: bnb_cpu.py
                 "stop_token_ids": loaded.stop_ids,
+                "stop_texts": loaded.stop_texts,
             },
             "models": models,
             "difference": _difference(models) if "tuned" in models and "base" in models else None,
@@ -149,7 +155,7 @@ def run_eval(
                 "torch", "transformers", "peft", "rouge-score", "sacrebleu", "lm-eval"
             ),
         }
-        generations = _generation_rows(eval_data, loaded.tokenizer, answers)
+        generations = _generation_rows(eval_data, loaded.tokenizer, answers, loaded.stop_texts)
         record["wall_time_s"] = round(time.time() - started, 2)
         loss_curve = resolved.run_dir / "loss_curve.png" if resolved.run_dir else None
         write_outputs(
@@ -235,6 +241,7 @@ def build_eval_data(
     max_length: int | None = None,
     context: int | None = None,
     stop_ids: list[int] | None = None,
+    stop_texts: list[str] | None = None,
 ) -> EvalData:
     """The rows to evaluate on, tokenized and masked exactly as training does (loratool.data). Without a
     recipe (a base model, or a merged model whose run is gone), the schema's data defaults apply, with
@@ -289,7 +296,7 @@ def build_eval_data(
     rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
     if max_samples is not None:
         rows = rows[:max_samples]
-    stops = set(stop_ids or [tokenizer.eos_token_id])
+    stops = _Stops(set(stop_ids or [tokenizer.eos_token_id]), list(stop_texts or []), tokenizer)
     prompts = [_prompt_from_row(ids, labels, stops) for ids, labels in rows]
     if not section.completion_only_loss:
         prompts = _prompts_with_completion_masks(section, tokenizer, seed, len(rows), stops)
@@ -304,18 +311,32 @@ def build_eval_data(
     return EvalData(rows, prompts, f"{len(rows)} rows of {description}", details)
 
 
-def _prompt_from_row(ids: list[int], labels: list[int], stops: set[int]) -> Prompt:
+@dataclass(frozen=True)
+class _Stops:
+    """What ends a turn: stop token ids, and end-of-turn texts spelled in several tokens."""
+
+    ids: set[int]
+    texts: list[str]
+    tokenizer: Any
+
+    def ends_turn(self, reference: list[int]) -> bool:
+        if any(t in self.ids for t in reference):
+            return True
+        return bool(self.texts) and stop_text_span(self.tokenizer, reference, self.texts) is not None
+
+
+def _prompt_from_row(ids: list[int], labels: list[int], stops: _Stops) -> Prompt:
     """Prompt = the tokens before the last run of loss-carrying labels; reference = that run."""
     end = max(i for i, label in enumerate(labels) if label != IGNORE) + 1
     start = end
     while start > 1 and labels[start - 1] != IGNORE:
         start -= 1
     reference = ids[start:end]
-    return Prompt(ids[:start], reference, complete=any(t in stops for t in reference))
+    return Prompt(ids[:start], reference, complete=stops.ends_turn(reference))
 
 
 def _prompts_with_completion_masks(
-    section: Any, tokenizer: Any, seed: int, count: int, stops: set[int]
+    section: Any, tokenizer: Any, seed: int, count: int, stops: _Stops
 ) -> list[Prompt]:
     """With completion_only_loss off every token carries loss, so prompts cannot be told from answers in
     the loss rows: the same rows are built again with the answers masked, for generation only."""
@@ -355,13 +376,14 @@ def evaluate_model(
             f"warning: {cut} prompt(s) were cut from the left to leave room for {sampling.max_new_tokens} new tokens"
         )
     answers_beat = Heartbeat(f"{label}: generating", len(prompts), write=log)
+    texts = loaded.stop_texts
     new_ids = generate_ids(
         loaded.model, prompts, sampling, pad_id=pad, stop_ids=loaded.stop_ids, batch_size=batch,
-        progress=lambda n: answers_beat.tick(n, unit="answers"),
+        progress=lambda n: answers_beat.tick(n, unit="answers"), stop_texts=texts, tokenizer=loaded.tokenizer,
     )  # fmt: skip
-    answers = [answer_text(loaded.tokenizer, ids) for ids in new_ids]
-    references = [answer_text(loaded.tokenizer, p.reference_ids) for p in data.prompts]
-    lengths = [len(ids) - (1 if ids and ids[-1] in loaded.stop_ids else 0) for ids in new_ids]
+    answers = [answer_text(loaded.tokenizer, ids, texts) for ids in new_ids]
+    references = [answer_text(loaded.tokenizer, p.reference_ids, texts) for p in data.prompts]
+    lengths = [_answer_length(loaded.tokenizer, ids, loaded.stop_ids, texts) for ids in new_ids]
     numbers = {
         "loss": loss.loss,
         "perplexity": loss.perplexity,
@@ -377,6 +399,14 @@ def evaluate_model(
         f"generation {numbers['generation_seconds']:.1f}s)"
     )
     return numbers, answers
+
+
+def _answer_length(tokenizer: Any, ids: list[int], stop_ids: list[int], stop_texts: list[str]) -> int:
+    """Generated tokens, the end of turn not counted (a stop token, or the tokens of a stop text)."""
+    if ids and ids[-1] in stop_ids:
+        return len(ids) - 1
+    span = stop_text_span(tokenizer, ids, stop_texts) if stop_texts else None
+    return span[0] if span else len(ids)
 
 
 def evaluate_base(
@@ -475,13 +505,15 @@ def write_outputs(
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def _generation_rows(data: EvalData, tokenizer: Any, answers: dict[str, list[str]]) -> list[dict[str, Any]]:
+def _generation_rows(
+    data: EvalData, tokenizer: Any, answers: dict[str, list[str]], stop_texts: list[str] | None = None
+) -> list[dict[str, Any]]:
     rows = []
     for i, p in enumerate(data.prompts):
         row = {
             "index": i,
             "prompt": tokenizer.decode(p.prompt_ids, skip_special_tokens=False),
-            "reference": answer_text(tokenizer, p.reference_ids),
+            "reference": answer_text(tokenizer, p.reference_ids, stop_texts),
             "reference_complete": p.complete,
         }
         for name, texts in answers.items():

@@ -12,6 +12,9 @@ Reads top to bottom like the export:
   merge`, in float32 for `--outtype f32`, else in the base's dtype), converted, and the temporary merge is
   deleted: what is kept is the GGUF; export.json records the merge (its merge.json). Run `--format hf`
   to keep the merged checkpoint as well.
+- The architecture is checked first, on the base's config.json for a run (merging a 7B takes minutes):
+  an architecture the GGUF writer does not support is refused before any merge work. Errors from the
+  conversion of a temporary merge name the run, never that folder (it is deleted by then).
 - Everything is written into `<output>.partial-XXXX` and renamed into place at the end, so an interrupted
   export leaves no directory that looks complete. The free disk space is checked before anything is written
   (the temporary merge plus the GGUF). An existing output is replaced only with --overwrite, and only if it
@@ -69,6 +72,7 @@ def run_export(
         )
 
     file_type(outtype)  # refuse an unknown outtype before any work
+    check_gguf_architecture(source, base, is_run)  # before the merge, which takes minutes on a 7B
     output = output_location(output, source)
     with claim_output(output, kind="export", record_name=EXPORT_RECORD, overwrite=overwrite, log=log) as out:
         partial = out.partial()
@@ -79,7 +83,17 @@ def run_export(
             else:
                 # A `loratool merge` output: its merge.json is the chain back to the run (adapter, base).
                 model_dir, merge_record = source, merge_record_of(source)
-            record = export_gguf(model_dir, partial, source, outtype, ollama, verify, log)
+            try:
+                record = export_gguf(model_dir, partial, source, outtype, ollama, verify, log)
+            except LoratoolError as exc:
+                if not is_run:
+                    raise
+                # The temporary merge is deleted on the way out: name the run it came from instead.
+                merged = f"the merge of {source}"
+                raise LoratoolError(
+                    exc.message.replace(str(model_dir), merged),
+                    None if exc.hint is None else exc.hint.replace(str(model_dir), merged),
+                ) from None
             record["source"]["merge"] = merge_record
             if is_run:
                 shutil.rmtree(model_dir)  # the temporary merge: see the module docstring
@@ -208,6 +222,29 @@ def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str,
             + f", and {_size(free)} is free",
             hint="free some space, choose another --output, or a smaller --outtype (q8_0)",
         )
+
+
+def check_gguf_architecture(source: Path, base: str | None, is_run: bool) -> None:
+    """Refuse a model whose architecture the GGUF writer does not support (export_gguf.ARCHITECTURES),
+    reading config.json only: the source's, or for a run its base's."""
+    from loratool.export_gguf import ARCHITECTURES
+
+    model_dir = _base_dir(source, base) if is_run else source
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # unreadable here: the conversion reports it with its own message
+    model_type = config.get("model_type")
+    if model_type in ARCHITECTURES:
+        return
+    architectures = ", ".join(config.get("architectures") or []) or "none listed"
+    where = f"{source}: its base {model_dir}" if is_run else str(model_dir)
+    raise LoratoolError(
+        f"{where}: model_type {model_type!r} cannot be exported to GGUF by loratool (config.json "
+        f"architectures: {architectures})" + ("; nothing was merged" if is_run else ""),
+        hint=f"supported model types: {', '.join(ARCHITECTURES)}; `loratool export --format hf` writes "
+        "the merged Hugging Face checkpoint for any architecture",
+    )
 
 
 def _element_bytes(dtype: str) -> int:

@@ -8,8 +8,11 @@ without one go to the first adapter (the run's own, for a run TARGET).
 Each adapter is prompted as it was trained (`Prompting`): with the chat template saved next to it (a run's
 tokenizer, or a tokenizer saved with a bare adapter) and the system prompt its recipe gave every source;
 `@base:` with the base's own template. When two of them differ, a note says so. `--tools FILE` passes
-tool definitions to the template as training did (rows with `tools`). Generation stops at EOS or the
-template's end-of-turn token. A merged model answers under the name of its run.
+tool definitions to the template as training did (rows with `tools`). Prompts get the BOS the tokenizer
+puts before text when the template leaves it out, as training rows do (data.templates.with_bos).
+Generation stops at EOS or the template's end-of-turn token — or its end-of-turn text, when the vocabulary
+spells it in several tokens (ChatML on Gemma); that text is cut from the answer. A merged model answers
+under the name of its run.
 
 The first generate call on a freshly loaded model is slower (kernel selection, allocator and KV-cache
 warm-up): a one-token warm-up right after loading takes that cost, and its time is printed. A prompt that would not leave
@@ -78,9 +81,12 @@ def generate_ids(
     batch_size: int = 8,
     streamer: Any = None,
     progress: Callable[[int], None] | None = None,
+    stop_texts: list[str] | None = None,
+    tokenizer: Any = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt (the stop token, if reached, included). Prompts go in batches of
-    similar length, padded on the left so that every row's next token comes right after its prompt."""
+    """New token ids for each prompt (the stop token or stop text, if reached, included). Prompts go in
+    batches of similar length, padded on the left so that every row's next token comes right after its
+    prompt. `stop_texts` (an end of turn spelled in several tokens) need the `tokenizer`."""
     import torch
     from transformers import set_seed
 
@@ -95,6 +101,8 @@ def generate_ids(
         "pad_token_id": pad_id,
         "use_cache": True,  # training loads set config.use_cache = False; generation wants the KV cache
     }
+    if stop_texts:  # transformers' StopStringCriteria: it matches the text across token boundaries
+        options.update(stop_strings=list(stop_texts), tokenizer=tokenizer)
     if sampling.greedy:  # a checkpoint's generation_config may carry sampling defaults: neutralise them
         options.update(temperature=None, top_p=None, top_k=None)
     else:
@@ -109,7 +117,9 @@ def generate_ids(
         with torch.inference_mode():
             generated = model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **options)
         for row, index in zip(generated[:, width:].tolist(), order[start : start + batch_size], strict=True):
-            out[index] = _until_stop(row, stop_ids)
+            row = _until_stop(row, stop_ids)
+            span = stop_text_span(tokenizer, row, stop_texts) if stop_texts else None
+            out[index] = row[: span[1]] if span else row
     return out
 
 
@@ -121,8 +131,36 @@ def _until_stop(row: list[int], stop_ids: list[int]) -> list[int]:
     return row
 
 
-def answer_text(tokenizer: Any, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+def stop_text_span(tokenizer: Any, ids: list[int], stop_texts: list[str]) -> tuple[int, int] | None:
+    """Where the first stop text lies in `ids`, in tokens: (tokens wholly before it, tokens up to its end);
+    None when no stop text is in their text."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    hits = [(text.find(stop), stop) for stop in stop_texts if stop and stop in text]
+    if not hits:
+        return None
+    at, stop = min(hits)
+
+    def tokens_reaching(chars: int) -> int:
+        """The fewest leading tokens whose text is at least `chars` long (binary search: prefixes grow)."""
+        low, high = 0, len(ids)
+        while low < high:
+            mid = (low + high) // 2
+            if len(tokenizer.decode(ids[:mid], skip_special_tokens=False)) >= chars:
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+    return tokens_reaching(at + 1) - 1, tokens_reaching(at + len(stop))
+
+
+def answer_text(tokenizer: Any, ids: list[int], stop_texts: list[str] | None = None) -> str:
+    """The decoded answer, without special tokens, and cut before the first stop text (an end of turn
+    spelled in several tokens)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for stop in stop_texts or ():
+        text = text.split(stop, 1)[0] if stop else text
+    return text.strip()
 
 
 def render_prompt(
@@ -133,9 +171,11 @@ def render_prompt(
     if not tokenizer.chat_template:
         # A base model without a template: the last message is sent as raw text.
         return tokenizer(messages[-1]["content"])["input_ids"]
+    from loratool.data.templates import with_bos
+
     options = {"tools": tools} if tools else {}
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(with_bos(tokenizer, text), add_special_tokens=False)["input_ids"]
 
 
 # --- several adapters on one base ----------------------------------------------------------------------
@@ -150,6 +190,7 @@ class Prompting:
     system: str | None
     stop_ids: list[int]
     origin: str  # where the template comes from, in words
+    stop_texts: list[str] = field(default_factory=list)  # an end of turn spelled in several tokens
 
     @property
     def template(self) -> str | None:
@@ -226,6 +267,8 @@ class Adapters:
                 pad_id=_pad_id(prompting.tokenizer, self.loaded.tokenizer),
                 stop_ids=prompting.stop_ids,
                 streamer=streamer,
+                stop_texts=prompting.stop_texts,
+                tokenizer=prompting.tokenizer,
             )
 
     def warm_up(self) -> float:
@@ -333,7 +376,9 @@ def load_adapters(
     load_ms: dict[str, float] = {}
     log(f"loaded in {loaded.load_seconds:.1f}s ({loaded.device}, {loaded.dtype})")
     sources: dict[str, Callable[[], Prompting]] = {}
-    own = Prompting(loaded.tokenizer, _run_system(target), loaded.stop_ids, _own_origin(target))
+    own = Prompting(
+        loaded.tokenizer, _run_system(target), loaded.stop_ids, _own_origin(target), loaded.stop_texts
+    )
     if target.kind == "run":
         sources[target.adapter_name] = lambda: own
         sources[BASE] = lambda: _run_base_prompting(target, loaded, log)
@@ -410,7 +455,9 @@ def _run_base_prompting(target: Target, loaded: Loaded, log: Callable[[str], Non
         if tokenizer.chat_template
         else "raw text (the base has no chat template)"
     )
-    return Prompting(tokenizer, None, stop_ids_of(tokenizer, loaded.model), origin)
+    from loratool.data.templates import stop_texts
+
+    return Prompting(tokenizer, None, stop_ids_of(tokenizer, loaded.model), origin, stop_texts(tokenizer))
 
 
 def _adapter_prompting_source(
@@ -422,45 +469,40 @@ def _adapter_prompting_source(
     def build() -> Prompting:
         from transformers import AutoTokenizer
 
+        from loratool.data.templates import stop_texts
         from loratool.rundir import read_run
 
         if not (adapter_dir / "tokenizer_config.json").is_file():
             fallback = base()
             return Prompting(fallback.tokenizer, fallback.system, fallback.stop_ids,
-                             f"{fallback.origin} (no tokenizer was saved with {adapter_dir})")  # fmt: skip
+                             f"{fallback.origin} (no tokenizer was saved with {adapter_dir})",
+                             fallback.stop_texts)  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
         record = read_run(adapter_dir)
         recipe = record.recipe() if record is not None else None
         sources = ((recipe or {}).get("data") or {}).get("train") or []
         system = trained_system([s.get("system_prompt") for s in sources if isinstance(s, dict)])
         origin = f"the chat template saved with it ({adapter_dir})"
-        return Prompting(tokenizer, system, stop_ids_of(tokenizer, loaded.model), origin)
+        return Prompting(
+            tokenizer, system, stop_ids_of(tokenizer, loaded.model), origin, stop_texts(tokenizer)
+        )
 
     return build
 
 
 def stop_ids_of(tokenizer: Any, model: Any) -> list[int]:
-    """Where answers of a template end: the model's and the tokenizer's EOS, and the special token the
-    template closes an assistant turn with (a chat fine-tune that stops only at EOS runs on)."""
+    """Where answers of a template end: the model's and the tokenizer's EOS, and the token the template
+    closes an assistant turn with, when the vocabulary has it as one token (a chat fine-tune that stops only
+    at EOS runs on; an end of turn in several tokens is a stop text: data.templates.stop_texts)."""
+    from loratool.data.templates import end_of_turn
+
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    if tokenizer.chat_template:
-        probe = "loratool-end-of-turn-probe"
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}], tokenize=False
-            )
-        except Exception:  # a template with rules of its own (roles, system prompt): EOS only
-            text = ""
-        after = text.split(probe, 1)[1].lstrip() if probe in text else ""
-        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-        special = set(tokenizer.all_special_ids) | {
-            i for i, token in tokenizer.added_tokens_decoder.items() if token.special
-        }
-        if first and first[0] in special:
-            ids.append(first[0])
+    end = end_of_turn(tokenizer)
+    if end is not None and end.token_id is not None:
+        ids.append(end.token_id)
     return list(dict.fromkeys(int(i) for i in ids))
 
 
@@ -659,9 +701,12 @@ def run_chat(
             log(f"(dropped the {dropped} oldest message(s) to stay within the context)")
         if cut:
             log(f"warning: the message is too long for the context; its first {cut} tokens were cut")
-        tokenizer = loaded.prompting_of(name).tokenizer
-        new_ids = loaded.generate([ids], sampling, streamer=_streamer(tokenizer, write))[0]
-        history.append({"role": "assistant", "content": answer_text(tokenizer, new_ids)})
+        prompting = loaded.prompting_of(name)
+        streamer = _streamer(prompting.tokenizer, write, prompting.stop_texts)
+        new_ids = loaded.generate([ids], sampling, streamer=streamer)[0]
+        history.append(
+            {"role": "assistant", "content": answer_text(prompting.tokenizer, new_ids, prompting.stop_texts)}
+        )
 
 
 def _chat_command(
@@ -717,12 +762,34 @@ def _fit_history(
     return ids, dropped, cut
 
 
-def _streamer(tokenizer: Any, write: Callable[[str], None]) -> Any:
-    """A transformers TextStreamer that writes through `write` (the CLI's output), ending with a newline."""
+def _streamer(tokenizer: Any, write: Callable[[str], None], stop_texts: list[str] | None = None) -> Any:
+    """A transformers TextStreamer that writes through `write` (the CLI's output), ending with a newline.
+    A stop text (an end of turn spelled in several tokens) is not written: text that may be its start is
+    held back until it is known not to be."""
     from transformers import TextStreamer
 
+    stops = [stop for stop in stop_texts or () if stop]
+
     class Streamer(TextStreamer):
+        pending, stopped = "", False
+
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            write(text + ("\n" if stream_end else ""))
+            if self.stopped:
+                return write("\n") if stream_end else None
+            self.pending += text
+            hits = [self.pending.find(stop) for stop in stops if stop in self.pending]
+            if hits:
+                self.pending, self.stopped = self.pending[: min(hits)].rstrip(), True
+            keep = 0 if self.stopped or stream_end else _held_back(self.pending, stops)
+            write(self.pending[: len(self.pending) - keep] + ("\n" if stream_end else ""))
+            self.pending = self.pending[len(self.pending) - keep :]
 
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop text."""
+    return max(
+        (n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])),
+        default=0,
+    )

@@ -494,28 +494,19 @@ def write_generation_config(base_dir: Path, folder: Path) -> None:
 
 
 def stop_token_ids(tokenizer_dir: Path) -> list[int]:
-    """The tokenizer's EOS id, and the special token its chat template closes an assistant turn with."""
+    """The tokenizer's EOS id, and the chat template's end-of-turn token when the vocabulary has it as one
+    token (an end of turn spelled in several tokens cannot be an id: generate stops on its text)."""
     from transformers import AutoTokenizer
+
+    from loratool.data.templates import end_of_turn
 
     if not _has_tokenizer(tokenizer_dir):
         return []
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if not tokenizer.chat_template:
-        return ids
-    marker = "loratool-merge-end-of-turn-probe"
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # a template with rules of its own (roles, system prompt): keep EOS only
-        return ids
-    after = text.split(marker, 1)[1].lstrip() if marker in text else ""
-    first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-    special = set(tokenizer.all_special_ids) | {
-        i for i, token in tokenizer.added_tokens_decoder.items() if token.special
-    }
-    if first and first[0] in special and first[0] not in ids:
-        ids.append(first[0])
+    end = end_of_turn(tokenizer)
+    if end is not None and end.token_id is not None and end.token_id not in ids:
+        ids.append(end.token_id)
     return ids
 
 

@@ -272,7 +272,7 @@ class DataSection(Section):
     """Held-out sources, or a fraction (0-1) of the training rows split off with `training.seed`."""
 
     chat_template: str | None = None
-    """None: the tokenizer's own. A built-in name (chatml, llama2, llama3, mistral, zephyr, alpaca) for
+    """None: the tokenizer's own. A built-in name (chatml, llama2, llama3, mistral, zephyr, alpaca, gemma) for
     tokenizers that have none, or the path of a Jinja file. The template used is saved with the adapter."""
 
     max_length: PositiveInt = 2048

@@ -95,6 +95,7 @@ class Loaded:
     stop_ids: list[int]  # EOS and the chat template's end-of-turn token
     load_seconds: float
     quantized: bool = False
+    stop_texts: list[str] = field(default_factory=list)  # an end of turn spelled in several tokens
 
 
 def resolve_target(path: str | Path) -> Target:
@@ -214,6 +215,7 @@ def merged_base_dir(target: Target) -> Path:
 def load_target(target: Target, log: Callable[[str], None]) -> Loaded:
     """The model (with its adapter, for a run) and the tokenizer that carries the chat template."""
     from loratool import hardware
+    from loratool.data.templates import stop_texts
 
     started = time.perf_counter()
     hw = hardware.detect()
@@ -234,6 +236,7 @@ def load_target(target: Target, log: Callable[[str], None]) -> Loaded:
         stop_ids=stop_ids(model, target.path if target.kind == "run" else model_dir(target, log)),
         load_seconds=time.perf_counter() - started,
         quantized=quantized,
+        stop_texts=stop_texts(tokenizer),
     )
 
 

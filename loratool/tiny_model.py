@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedConfig, PreTrainedTokenizerFast
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2")  # the ChatML-vocabulary ones below
+# Gemma-style: Gemma's special tokens (GEMMA_TOKENS) instead of the ChatML ones.
+GEMMA_ARCHITECTURES = ("gemma3_text",)
 
 # Special tokens. The ids are fixed by their order here (0..4) because the BPE trainer puts its special
 # tokens first: pad=0, bos=1, eos=2, im_start=3, endoftext=4, whatever vocab_size is asked for.
@@ -39,6 +41,17 @@ IM_START_TOKEN = "<|im_start|>"
 # the token were missing it would be appended, giving len(tokenizer) == config.vocab_size + 1.
 ENDOFTEXT_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IM_START_TOKEN, ENDOFTEXT_TOKEN)
+
+# Gemma's special tokens, for the gemma3_text model: BOS <bos> prepended like Gemma's tokenizer, EOS <eos>,
+# and the turn markers of Gemma's chat format. No <|im_start|>/<|im_end|>: ChatML on this vocabulary spells
+# them in several ordinary tokens, as on the real Gemma.
+GEMMA_TOKENS = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "extra": ("<start_of_turn>", "<end_of_turn>")}
+_DEFAULT_TOKENS = {
+    "pad": PAD_TOKEN,
+    "bos": BOS_TOKEN,
+    "eos": EOS_TOKEN,
+    "extra": (IM_START_TOKEN, ENDOFTEXT_TOKEN),
+}
 
 # The Qwen2 pre-tokenization regex (GPT-4 style, single digits). Same reason as above: Qwen2Tokenizer
 # rebuilds its pipeline with this split on reload, so training with it keeps all three architectures
@@ -203,8 +216,11 @@ def _corpus() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=8)
-def _train_backend(vocab_size: int) -> Tokenizer:
-    """Train the byte-level BPE once per vocab_size (cached: tests build many models with the same one)."""
+def _train_backend(
+    vocab_size: int, specials: tuple[str, ...] = SPECIAL_TOKENS, bos: str = BOS_TOKEN
+) -> Tokenizer:
+    """Train the byte-level BPE once per vocab_size and special tokens (cached: tests build many models
+    with the same one)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -221,23 +237,21 @@ def _train_backend(vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even ones not in the corpus
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     # Prepend BOS on tokenizer(text) like Llama tokenizers; add_special_tokens=False skips the template.
-    bos_id = tok.token_to_id(BOS_TOKEN)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A",
-        pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
-        special_tokens=[(BOS_TOKEN, bos_id)],
+        single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
     )
     return tok
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 512, *, gemma: bool = False) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE tokenizer on the embedded corpus and wrap it for transformers.
+    ``gemma=True`` gives it Gemma's special tokens (GEMMA_TOKENS) instead of the Llama/ChatML ones.
 
     ``vocab_size`` counts the special tokens. It is an upper bound: if the corpus runs out of merges the
     tokenizer is smaller (the embedded corpus tops out near 12,800 tokens). Use ``len(tokenizer)`` for the real size.
@@ -250,14 +264,17 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
             f"vocab_size={vocab_size} is too small for a byte-level tokenizer",
             hint=f"use at least {_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)",
         )
+    tokens = GEMMA_TOKENS if gemma else _DEFAULT_TOKENS
+    specials = (tokens["pad"], tokens["bos"], tokens["eos"], *tokens["extra"])
     return PreTrainedTokenizerFast(
-        tokenizer_object=_train_backend(vocab_size),  # deep-copied by transformers: the cache stays clean
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
+        # deep-copied by transformers: the cache stays clean
+        tokenizer_object=_train_backend(vocab_size, specials, tokens["bos"]),
+        bos_token=tokens["bos"],
+        eos_token=tokens["eos"],
+        pad_token=tokens["pad"],
         # transformers 5 renamed additional_special_tokens to extra_special_tokens (the old name still
         # works but is converted); use the new one.
-        extra_special_tokens=[IM_START_TOKEN, ENDOFTEXT_TOKEN],
+        extra_special_tokens=list(tokens["extra"]),
         # No add_bos_token=True here on purpose: the BOS comes from the post-processor in tokenizer.json.
         # transformers 5 never saves add_bos_token (and drops it on load when tokenizer.json exists), so
         # passing it would make this in-memory tokenizer report add_bos_token=True and the reloaded one
@@ -270,8 +287,8 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
 
 def _make_config(arch: str, **kwargs: object) -> PreTrainedConfig:
-    """The per-architecture config. Sliding-window attention is turned off so all three behave alike."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """The per-architecture config. Sliding-window attention is turned off so all of them behave alike."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     if arch == "llama":
         return LlamaConfig(**kwargs)
@@ -279,7 +296,21 @@ def _make_config(arch: str, **kwargs: object) -> PreTrainedConfig:
         return MistralConfig(sliding_window=None, **kwargs)
     if arch == "qwen2":
         return Qwen2Config(use_sliding_window=False, sliding_window=None, **kwargs)
-    raise LoratoolError(f"unknown architecture {arch!r}", hint=f"choose one of {', '.join(ARCHITECTURES)}")
+    if arch == "gemma3_text":
+        head_dim = int(kwargs["hidden_size"]) // int(kwargs["num_attention_heads"])  # type: ignore[call-overload]
+        layers = int(kwargs["num_hidden_layers"])  # type: ignore[call-overload]
+        return Gemma3TextConfig(
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            layer_types=["full_attention"] * layers,
+            # every layer attends fully; generate's cache still wants a window: the whole context
+            sliding_window=kwargs["max_position_embeddings"],
+            **kwargs,
+        )
+    raise LoratoolError(
+        f"unknown architecture {arch!r}",
+        hint=f"choose one of {', '.join(ARCHITECTURES + GEMMA_ARCHITECTURES)}",
+    )
 
 
 def build_tiny_model(
@@ -304,9 +335,10 @@ def build_tiny_model(
     arguments (``seed`` included): two calls with the same arguments write identical safetensors.
     ``chat_template=False`` writes a "base model" tokenizer without a template.
     """
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHITECTURES + GEMMA_ARCHITECTURES:
         raise LoratoolError(
-            f"unknown architecture {arch!r}", hint=f"choose one of {', '.join(ARCHITECTURES)}"
+            f"unknown architecture {arch!r}",
+            hint=f"choose one of {', '.join(ARCHITECTURES + GEMMA_ARCHITECTURES)}",
         )
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise LoratoolError(
@@ -318,7 +350,7 @@ def build_tiny_model(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     output_dir = Path(output_dir)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, gemma=arch in GEMMA_ARCHITECTURES)
     if chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.model_max_length = max_position_embeddings  # tokens

@@ -62,9 +62,15 @@ def loss_ids(input_ids: list[int], labels: list[int]) -> list[int]:
 
 
 def template_ids(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
-    """apply_chat_template(tokenize=True) ids: transformers 5 returns a BatchEncoding, 4 a list."""
+    """apply_chat_template(tokenize=True) ids (transformers 5 returns a BatchEncoding, 4 a list), with the
+    BOS that tokenizer(text) puts first added when the template did not write it: what the model trains on
+    and is prompted with."""
     out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-    return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
+    ids = list(out["input_ids"]) if hasattr(out, "keys") else list(out)
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return ids
 
 
 ALPACA_ROWS = [

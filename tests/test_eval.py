@@ -219,7 +219,8 @@ def test_prompt_and_reference_come_from_the_template(run, held_out, tmp_path):
     row = HELD_OUT[0]
     messages = [{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}]
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert by_reference[row["output"]]["prompt"] == expected
+    # ChatML writes no BOS; the tiny tokenizer puts one before text, so it comes first, as in training
+    assert by_reference[row["output"]]["prompt"] == tokenizer.bos_token + expected
 
 
 def test_max_samples(run, tmp_path):
@@ -386,17 +387,17 @@ def test_real_model_from_gguf(tmp_path, tmp_path_factory, monkeypatch):
 
 def test_data_keeps_file_order_and_cut_references_are_marked(run, held_out, tmp_path):
     result = eval_cli(
-        run, "--data", held_out, "--max-samples", "3", "--max-length", "40", "--output", tmp_path / "ev"
+        run, "--data", held_out, "--max-samples", "3", "--max-length", "41", "--output", tmp_path / "ev"
     )
     assert result.exit_code == 0, result.output
     record, rows = metrics(tmp_path / "ev"), generations(tmp_path / "ev")
-    assert record["data"]["max_length"] == 40 and record["data"]["order"] == "file"
+    assert record["data"]["max_length"] == 41 and record["data"]["order"] == "file"
     # The first three rows of the file, in its order (a shuffle would pick others, or reorder them).
     assert [r["prompt"].count(row["input"]) > 0 for r, row in zip(rows, HELD_OUT, strict=False)] == [True] * 3
     cut = [r for r in rows if not r["reference_complete"]]
     assert cut and record["data"]["truncated_references"] == len(cut)
     report = (tmp_path / "ev" / "report.md").read_text()
-    assert report.count("Reference (cut at max_length=40 tokens):") == len(cut)
+    assert report.count("Reference (cut at max_length=41 tokens):") == len(cut)
 
 
 def lm_eval_installed() -> bool:

@@ -44,7 +44,7 @@ def reference_answer(
     tools: list | None = None,
 ) -> str:
     """transformers' own greedy generate on the chat-templated prompt (the template of `tokenizer_dir`,
-    default the base's), stopping at the tokenizer's EOS."""
+    default the base's, with the BOS the tokenizer puts before text first), stopping at the tokenizer's EOS."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,6 +62,9 @@ def reference_answer(
         return_tensors="pt",
         return_dict=True,
     )["input_ids"]
+    bos = tokenizer.bos_token_id
+    if tokenizer("x")["input_ids"][:1] == [bos] and ids[0, 0] != bos:  # the BOS tokenizer(text) adds
+        ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
     with torch.no_grad():
         out = model.eval().generate(
             input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id

@@ -5,7 +5,9 @@ Conversations are rendered by the chat template once, and tokenized once, exactl
 text: an assistant turn spans from the end of the conversation rendered up to it with the generation
 prompt, to the end of the conversation rendered up to and including it, so the span holds the answer and
 the template's end-of-turn marker (<|im_end|>, </s>, <|eot_id|>), and the model learns to stop. A token
-carries loss when it starts inside such a span (character offsets from the fast tokenizer).
+carries loss when it starts inside such a span (character offsets from the fast tokenizer). When the
+tokenizer puts a BOS before text and the template does not write one, the BOS is put first
+(templates.with_bos), as generation does.
 
 Completions (raw text) are tokenized in two parts, prompt (with the tokenizer's BOS, if it adds one) and
 completion (+ EOS), so the boundary is exact.
@@ -21,7 +23,7 @@ from bisect import bisect_left
 from typing import Any
 
 from loratool.data.formats import Completion, Conversation, Example, RowError
-from loratool.data.templates import renders_tool_calls
+from loratool.data.templates import renders_tool_calls, with_bos
 from loratool.errors import LoratoolError
 
 IGNORE = -100
@@ -92,7 +94,8 @@ def encode_many(
 
 
 def render_conversation(conversation: Conversation, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation rendered by the chat template, and the character spans that carry loss."""
+    """The conversation rendered by the chat template (with the BOS the tokenizer adds to text, when the
+    template leaves it out), and the character spans that carry loss."""
     messages, tools = conversation.messages, conversation.tools
     if any("tool_calls" in m for m in messages) and not renders_tool_calls(tokenizer):
         messages = [_tool_calls_as_text(m) for m in messages]
@@ -108,7 +111,9 @@ def render_conversation(conversation: Conversation, tokenizer: Any) -> tuple[str
             if not text.startswith(prefix):
                 raise _not_prefix_stable(i, prefix, text)
         spans.append((len(before), len(upto)))
-    return text, spans
+    full = with_bos(tokenizer, text)
+    shift = len(full) - len(text)
+    return full, [(start + shift, end + shift) for start, end in spans]
 
 
 def _tool_calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +174,6 @@ def _not_prefix_stable(index: int, prefix: str, text: str) -> LoratoolError:
         f"from the full conversation at character {at} ({prefix[at : at + 30]!r} vs {text[at : at + 30]!r}), "
         "so the assistant turns that carry loss cannot be located",
         hint="templates that rewrite earlier turns (e.g. drop past reasoning) do this; set "
-        "data.chat_template to a built-in (chatml, llama3, llama2, mistral, zephyr, alpaca) or to a .jinja "
-        "file that renders each message the same whatever follows it",
+        "data.chat_template to a built-in (chatml, llama3, llama2, mistral, zephyr, alpaca, gemma) or to a "
+        ".jinja file that renders each message the same whatever follows it",
     )
