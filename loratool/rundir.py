@@ -89,6 +89,7 @@ class RunRecord:
     effective_batch_size: int | None = None
     tokenizer_sha256: str | None = None
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    adapter_init: dict[str, Any] = field(default_factory=dict)  # a non-default init (lora_init.py)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,6 +124,7 @@ def read_run(path: Path) -> RunRecord | None:
         effective_batch_size=record.get("effective_batch_size"),
         tokenizer_sha256=record.get("tokenizer_sha256"),
         resumes=list(record.get("resumes") or []),
+        adapter_init=_dict(record.get("adapter_init")),
         raw=record,
     )
 
