@@ -154,9 +154,11 @@ def calibrate_base(
     log(f"CorDA: calibrating on {len(batches)} batches of the training data ...")
 
     def run_model() -> None:
+        # CorDA's hooks take one unpadded row per forward pass (they squeeze the batch dimension).
         with torch.no_grad():
             for batch in batches:
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+                    model(input_ids=ids[mask.bool()].unsqueeze(0))
 
     was_training = model.training
     model.eval()
@@ -177,7 +179,8 @@ def calibrate_adapter(
         return
     from peft import initialize_lora_eva_weights
 
-    batches = _require(batches, "eva")
+    config = model.peft_config["default"]
+    batches = _eva_batches(_require(batches, "eva"), config)
     log(f"EVA: calibrating on {len(batches)} batches of the training data ...")
     was_training = model.training
     model.eval()
@@ -190,6 +193,31 @@ def calibrate_adapter(
         raise _calibration_error("EVA", exc) from None
     finally:
         model.train(was_training)
+
+
+def _eva_batches(batches: list[dict[str, Any]], config: LoraConfig) -> list[dict[str, Any]]:
+    """The batches EVA can use. Its incremental SVD skips a batch with fewer tokens (answer tokens, with
+    its label mask) than components (rank * rho), and cycles over the batches until every layer has
+    converged: with no batch large enough it would cycle forever."""
+    eva = config.eva_config
+    components = round(max([config.r, *config.rank_pattern.values()]) * eva.rho)
+
+    def tokens(batch: dict[str, Any]) -> int:
+        used = batch["attention_mask"].bool()
+        if eva.use_label_mask:
+            used &= batch["labels"] != eva.label_mask_value
+        return int(used.sum())
+
+    usable = [b for b in batches if tokens(b) >= components]
+    if not usable:
+        most = max(tokens(b) for b in batches)
+        raise LoratoolError(
+            f"lora.init_lora_weights: eva needs batches of at least {components} answer tokens (r x "
+            f"eva_config.rho), and the largest calibration batch has {most}",
+            hint="raise training.per_device_train_batch_size, lower lora.r or eva_config.rho, or set "
+            "eva_config: {use_label_mask: false} to count prompt tokens too",
+        )
+    return usable
 
 
 def _require(batches: list[dict[str, Any]] | None, method: str) -> list[dict[str, Any]]:
@@ -258,6 +286,7 @@ def save_adapter(model: PeftModel, folder: Path, state_dict: Any, initial: Path 
     # it warns that the init "changes the base weights ... consider converting": this is that conversion.
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(PiSSA|CorDA|OLoRA) changes the base weights")
+        warnings.filterwarnings("ignore", message=r"`corda_config` specified but will be ignored")
         copy = Path(tmp) / INITIAL_ADAPTER
         shutil.copytree(initial, copy)
         model.save_pretrained(
