@@ -130,7 +130,11 @@ def calibration_batches(
             labels[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(ids)] = 1
         out.append(
-            {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+            {
+                "input_ids": input_ids.to(device),
+                "attention_mask": mask.to(device),
+                "labels": labels.to(device),
+            }
         )
     return out
 

@@ -159,9 +159,7 @@ def _train(
         run = RunDir(Path(recipe.training.output_dir).expanduser().resolve())
     try:
         # Base-changing inits: the adapter before the first step, to convert the final one (lora_init.py).
-        initial = on_main_first(
-            state, lambda: lora_init.keep_initial_adapter(model, run.checkpoints, log)
-        )
+        initial = on_main_first(state, lambda: lora_init.keep_initial_adapter(model, run.checkpoints, log))
         bf16, fp16 = hardware.mixed_precision(recipe, hw)
         args = build_sft_config(
             recipe.training,

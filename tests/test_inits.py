@@ -4,11 +4,10 @@ holds a plain LoRA adapter on the ORIGINAL base that reproduces the trained mode
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import smoke_recipe, write_recipe
 
+from conftest import smoke_recipe, write_recipe
 from loratool import lora_init
 from loratool.errors import LoratoolError
 from loratool.recipe import load_recipe
@@ -143,7 +142,11 @@ def test_calibration_without_data_is_refused(tiny_llama):
         ({"init_lora_weights": "pissa"}, {"load_in_4bit": True}, "cannot start from a 4/8-bit base"),
         ({"init_lora_weights": "corda"}, {"load_in_4bit": True}, "cannot start from a 4/8-bit base"),
         ({"init_lora_weights": "olora", "use_dora": True}, None, "cannot carry use_dora"),
-        ({"init_lora_weights": "pissa", "modules_to_save": ["lm_head"]}, None, "cannot carry modules_to_save"),
+        (
+            {"init_lora_weights": "pissa", "modules_to_save": ["lm_head"]},
+            None,
+            "cannot carry modules_to_save",
+        ),
         ({"init_lora_weights": "loftq"}, {"load_in_4bit": True}, "loftq quantizes the base itself"),
     ],
 )
