@@ -76,9 +76,10 @@ def attach_adapter(
     `calibration`: batches of training rows for the inits that need them (eva, corda; lora_init.py)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from loratool.lora_init import calibrate_adapter, calibrate_base
+    from loratool.lora_init import calibrate_adapter, calibrate_base, check_runs_here
 
     check_target_modules(model, lora)
+    check_runs_here(lora)
     if quantized:
         # Casts norms to fp32 and hooks input grads so checkpointing works through frozen 4/8-bit layers.
         model = prepare_model_for_kbit_training(

@@ -55,10 +55,15 @@ def init_problems(lora: LoraSection, *, quantized: bool) -> list[str]:
     """What makes the recipe's init impossible, one line each (recipe validation collects them)."""
     method = init_method(lora)
     problems = []
-    if method in ("pissa", "corda") and quantized:
+    if method in CONVERTED and quantized:
+        # PiSSA and CorDA cannot decompose 4/8-bit weights at all. OLoRA can, but it trains on the
+        # re-quantized residual Q(W - B0 @ A0), so the converted adapter on W (or on Q(W)) is off the
+        # trained model by a quantization error (a tiny test model: 1.6 logits, more than the adapter's
+        # own effect), and no merge would reproduce what was trained.
         problems.append(
-            f"lora.init_lora_weights: {method} decomposes full-precision weights and cannot start from a "
-            "4/8-bit base — remove the quantization section, or use olora (which supports QLoRA)"
+            f"lora.init_lora_weights: {method} changes the base, and on a 4/8-bit base the adapter cannot be "
+            "converted to one that reproduces the trained model on the original base — remove the "
+            "quantization section, or keep QLoRA with init_lora_weights: true (or eva)"
         )
     if method in CONVERTED:
         # PEFT's conversion rewrites only lora_A / lora_B: everything else would be lost or wrong.
@@ -76,6 +81,17 @@ def init_problems(lora: LoraSection, *, quantized: bool) -> list[str]:
                     f"adapter at save time, which cannot carry {name} — drop one of the two"
                 )
     return problems
+
+
+def check_runs_here(lora: LoraSection) -> None:
+    """Refuse an init this machine cannot compute (before PEFT fails somewhere inside it)."""
+    import torch
+
+    if init_method(lora) == "loftq" and not torch.cuda.is_available():
+        raise LoratoolError(
+            "lora.init_lora_weights: PEFT computes the loftq init on a CUDA GPU only, and this machine has none",
+            hint="train on a GPU, or use pissa / olora (converted to plain LoRA at save) on this machine",
+        )
 
 
 # --- calibration (EVA, CorDA) ----------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class LoraSection(Section):
     """`true` (B = 0, so training starts from the base model), `gaussian`, `orthogonal`, `pissa`,
     `pissa_niter_N`, `olora`, `corda`, `eva`, `loftq`. pissa, olora and corda move the top of each weight
     into the adapter and train on the rest; the final adapter is converted to a plain LoRA adapter of rank
-    2r on the original base, so merge and export work as usual (pissa and corda need an unquantized base).
+    2r on the original base, so merge and export work as usual (these three need an unquantized base).
     eva and corda first run a calibration pass on the training data (`init_calibration_batches`); their
     settings go in `eva_config` ({rho: 2.0, ...}) / `corda_config` ({corda_method: ipm | kpm}). loftq (GPU
     only, needs `loftq_config`) trains on its own quantized copy of the base and cannot be merged."""
