@@ -234,3 +234,15 @@ def test_dry_run_checks_the_adapter_without_a_calibration_pass(tmp_path, tiny_ll
     dry_run(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), log=printed.append)
     assert any(line.startswith("adapter: ") for line in printed), printed
     assert not any("calibrating" in line for line in printed) and not (tmp_path / "run").exists()
+
+
+def test_sharded_launch_refuses_a_converted_init(tmp_path, smoke_data):
+    """FSDP / ZeRO-3 hand the adapter over as shards; PEFT's conversion needs it whole: refused at once."""
+    from loratool.hardware import Hardware, Launch, launch_conflicts
+
+    gpu = Hardware(device="cuda", name="H100", device_count=8, bf16=True, cpu_count=32)
+    recipe = smoke_recipe("some/model", smoke_data, tmp_path / "run", lora={"init_lora_weights": "olora"})
+    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    problems = launch_conflicts(loaded, gpu, Launch("fsdp", None, 8))
+    assert any("olora changes the base" in p and "FSDP shards" in p for p in problems), problems
+    assert not any("changes the base" in p for p in launch_conflicts(loaded, gpu, Launch(None, None, 8)))
