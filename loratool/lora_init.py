@@ -269,8 +269,23 @@ def keep_initial_adapter(model: PeftModel, checkpoints_dir: Path, log: Callable[
     from safetensors.torch import load_file
 
     init = model.peft_config["default"].init_lora_weights
-    if not (isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))):
+    if not (isinstance(init, str) and (init.startswith("pissa") or init in CONVERTED)):
         return None
+    # PEFT's conversion keeps only lora_A / lora_B: anything else that trains would vanish from the
+    # saved adapter (embedding adapters, DoRA magnitudes, biases, saved modules). Refuse before step 1.
+    lost = sorted(
+        name.removeprefix("base_model.model.")
+        for name, param in model.named_parameters()
+        if param.requires_grad and ".lora_A." not in name and ".lora_B." not in name
+    )
+    if lost:
+        raise LoratoolError(
+            f"lora.init_lora_weights: {init} is converted to a plain LoRA adapter at save time, which keeps "
+            f"only lora_A / lora_B weights; these would be lost: {', '.join(lost[:4])}"
+            + (f" and {len(lost) - 4} more" if len(lost) > 4 else ""),
+            hint="leave embedding layers out of lora.target_modules and drop use_dora, bias and "
+            "modules_to_save, or use init_lora_weights: true",
+        )
     path = checkpoints_dir / INITIAL_ADAPTER
     weights = path / "adapter_model.safetensors"
     if weights.is_file():

@@ -246,3 +246,18 @@ def test_sharded_launch_refuses_a_converted_init(tmp_path, smoke_data):
     problems = launch_conflicts(loaded, gpu, Launch("fsdp", None, 8))
     assert any("olora changes the base" in p and "FSDP shards" in p for p in problems), problems
     assert not any("changes the base" in p for p in launch_conflicts(loaded, gpu, Launch(None, None, 8)))
+
+
+def test_converted_init_refuses_weights_the_conversion_would_drop(tmp_path, tiny_llama, smoke_data):
+    """An embedding adapter has no lora_A / lora_B: PEFT's conversion would drop it silently."""
+    out = tmp_path / "run"
+    recipe = smoke_recipe(
+        tiny_llama,
+        smoke_data,
+        out,
+        lora={"init_lora_weights": "pissa", "target_modules": ["embed_tokens", "q_proj"]},
+        training={"max_steps": 2},
+    )
+    with pytest.raises(LoratoolError, match="these would be lost: model.embed_tokens.lora_embedding_"):
+        run_train(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), log=lambda _: None)
+    assert not (out / "adapter_model.safetensors").exists()
