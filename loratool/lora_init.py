@@ -327,6 +327,13 @@ def save_adapter(model: PeftModel, folder: Path, state_dict: Any, initial: Path 
         model.save_pretrained(
             folder, state_dict=state_dict, path_initial_model_for_weight_conversion=str(copy)
         )
+    # PEFT keeps corda_config in the converted (plain, init_lora_weights: true) config, and then warns at
+    # every load that it is ignored.
+    from loratool.outputs import read_json, write_json_atomic
+
+    config = read_json(folder / "adapter_config.json")
+    if config.get("corda_config") is not None:
+        write_json_atomic(folder / "adapter_config.json", {**config, "corda_config": None})
 
 
 def init_record(lora: LoraSection, model: PeftModel) -> dict[str, Any] | None:

@@ -77,6 +77,7 @@ def test_adapter_on_the_original_base_reproduces_the_trained_model(
     if converted:
         # A plain LoRA adapter: PEFT's default init, rank and alpha doubled (same scale).
         assert config["init_lora_weights"] is True and (config["r"], config["lora_alpha"]) == (8, 16)
+        assert config.get("corda_config") is None  # else every load warns that it is ignored
         assert record["rank"] == 8 and record["trained_rank"] == 4
         assert (run / "checkpoints" / lora_init.INITIAL_ADAPTER / "adapter_model.safetensors").is_file()
     assert "Initialized with" in (run / "README.md").read_text()
