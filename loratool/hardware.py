@@ -151,6 +151,8 @@ def launch_conflicts(recipe: Recipe, hw: Hardware, how: Launch) -> list[str]:
 
     import torch
 
+    from loratool.lora_init import converts
+
     q = recipe.quantization
     problems = []
     what = "FSDP" if how.sharding == "fsdp" else f"DeepSpeed ZeRO-{how.zero_stage or '?'}"
@@ -169,6 +171,12 @@ def launch_conflicts(recipe: Recipe, hw: Hardware, how: Launch) -> list[str]:
         problems.append(
             "the launch asks for FSDP, which accelerate applies on CUDA GPUs only (on CPU it would silently "
             "train as plain data parallel); use configs/accelerate/ddp.yaml here"
+        )
+    if how.shards_weights and converts(recipe.lora):
+        problems.append(
+            f"lora.init_lora_weights: {recipe.lora.init_lora_weights} changes the base, and converting the "
+            f"final adapter to plain LoRA needs whole adapter weights, which {what} shards; use plain data "
+            "parallel (configs/accelerate/ddp.yaml) or init_lora_weights: true"
         )
     if q is not None and q.load_in_8bit and how.shards_weights:
         problems.append(

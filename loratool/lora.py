@@ -4,6 +4,7 @@ attached to the base, and the optimizers some methods bring (LoRA+, LoRA-FA)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
@@ -21,6 +22,7 @@ _NOT_LORA_CONFIG = {
     "method",
     "loraplus_lr_ratio",
     "loraplus_lr_embedding",
+    "init_calibration_batches",
     *(field for fields in OWN_FIELDS.values() for field in fields),
 }
 
@@ -97,12 +99,22 @@ def _is_bnb(module: Any) -> bool:
 
 
 def attach_adapter(
-    model: PreTrainedModel, lora: LoraSection, *, quantized: bool, gradient_checkpointing: bool
+    model: PreTrainedModel,
+    lora: LoraSection,
+    *,
+    quantized: bool,
+    gradient_checkpointing: bool,
+    calibration: list[dict[str, Any]] | None = None,
+    log: Callable[[str], None] = print,
 ) -> PeftModel:
-    """Wrap the frozen base with a fresh adapter. Quantized bases get peft's k-bit preparation first."""
+    """Wrap the frozen base with a fresh adapter. Quantized bases get peft's k-bit preparation first.
+    `calibration`: batches of training rows for the inits that need them (eva, corda; lora_init.py)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    from loratool.lora_init import calibrate_adapter, calibrate_base, check_runs_here
+
     check_target_modules(model, lora)
+    check_runs_here(lora)
     if quantized:
         # Casts norms to fp32 and hooks input grads so checkpointing works through frozen 4/8-bit layers.
         model = prepare_model_for_kbit_training(
@@ -112,12 +124,15 @@ def attach_adapter(
         )
     elif gradient_checkpointing:
         model.enable_input_require_grads()
+    config = calibrate_base(model, build_lora_config(lora), calibration, log)
     try:
-        return get_peft_model(model, build_lora_config(lora))
+        adapted = get_peft_model(model, config)
     except ValueError as exc:
         raise LoratoolError(
             f"lora: cannot attach the adapter: {exc}", hint="check lora.target_modules"
         ) from None
+    calibrate_adapter(adapted, calibration, log)
+    return adapted
 
 
 def build_optimizer(

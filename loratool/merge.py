@@ -24,6 +24,7 @@ from typing import Any
 from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.fingerprint import fingerprint_matches, weights_fingerprint
+from loratool.lora_init import refuse_unmergeable
 from loratool.merge_adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -89,6 +90,8 @@ def run_merge(
         raise LoratoolError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     adapter_dir = find_adapter(Path(adapter_dir))
     run = read_training_run(adapter_dir)
+    if run.record is not None:
+        refuse_unmergeable(run.record.adapter_init, adapter_dir)  # LoftQ (lora_init.py)
     adapter = read_adapter(adapter_dir)
     base_id, base_dir = resolve_base(base, run, adapter)
     identity = check_base_identity(run, base_id, base_dir, force=force, log=log)

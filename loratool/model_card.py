@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from loratool.lora_init import describe as describe_init
 from loratool.outputs import read_json, write_json_atomic
 
 CARD = "README.md"
@@ -96,6 +97,8 @@ def model_card(
         )
     if base.get("quantization"):
         lines.append(f"Trained on the {base['quantization']}-quantized base (QLoRA).")
+    if init_line := describe_init(manifest.get("adapter_init")):
+        lines.append(init_line)
     lines.append("")
     if is_smoke(manifest) and not manifest.get("smoke"):  # a --smoke run gets its own banner (smoke.py)
         size = f"{train.get('global_step')} optimizer steps" + (

@@ -159,6 +159,7 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
     from loratool.lora import attach_adapter
+    from loratool.lora_init import shapes_only
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
@@ -170,7 +171,9 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
             quantizable += module.weight.numel()
             rows += module.weight.shape[0]
     total = sum(p.numel() for p in model.parameters())
-    model = attach_adapter(model, recipe.lora, quantized=False, gradient_checkpointing=False)
+    # The adapter's shape only: no calibration pass or weight decomposition on weights that are not there.
+    lora = shapes_only(recipe.lora)
+    model = attach_adapter(model, lora, quantized=False, gradient_checkpointing=False)
     trainable, _ = model.get_nb_trainable_parameters()
     get = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(get.hidden_size)

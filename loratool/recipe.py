@@ -127,8 +127,17 @@ class LoraSection(Section):
     """Rank-stabilized scaling alpha / sqrt(r): keeps learning stable when r is large (64+)."""
 
     init_lora_weights: bool | str = True
-    """`true` (B = 0, so training starts from the base model), `gaussian`, `pissa`, `pissa_niter_N`,
-    `olora`, `loftq`, `eva`, `corda`, `orthogonal`. Non-zero inits change the base copy saved with them."""
+    """`true` (B = 0, so training starts from the base model), `gaussian`, `orthogonal`, `pissa`,
+    `pissa_niter_N`, `olora`, `corda`, `eva`, `loftq`. pissa, olora and corda move the top of each weight
+    into the adapter and train on the rest; the final adapter is converted to a plain LoRA adapter of rank
+    2r on the original base, so merge and export work as usual (these three need an unquantized base).
+    eva and corda first run a calibration pass on the training data (`init_calibration_batches`); their
+    settings go in `eva_config` ({rho: 2.0, ...}) / `corda_config` ({corda_method: ipm | kpm}). loftq (GPU
+    only, needs `loftq_config`) trains on its own quantized copy of the base and cannot be merged."""
+
+    init_calibration_batches: PositiveInt = 64
+    """eva / corda: how many batches of training rows (per_device_train_batch_size each, the first rows
+    of the shuffled data) the calibration pass reads before training. More gives steadier statistics."""
 
     modules_to_save: list[str] | None = None
     """Modules trained in full and saved with the adapter (for example `embed_tokens`, `lm_head` after
@@ -534,6 +543,9 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
             problems.append(
                 "lora.init_lora_weights: loftq quantizes the base itself — remove the quantization section"
             )
+        from loratool.lora_init import init_problems
+
+        problems += init_problems(recipe.lora, quantized=q is not None)
     from loratool.methods import method_problems
 
     problems += method_problems(recipe)

@@ -91,6 +91,7 @@ class RunRecord:
     resumes: list[dict[str, Any]] = field(default_factory=list)
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)  # process_rss, cuda_allocated (GPU)
     wall_time_s: float | None = None
+    adapter_init: dict[str, Any] = field(default_factory=dict)  # a non-default init (lora_init.py)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -127,6 +128,7 @@ def read_run(path: Path) -> RunRecord | None:
         resumes=list(record.get("resumes") or []),
         peak_memory_bytes=_dict(record.get("peak_memory_bytes")),
         wall_time_s=record.get("wall_time_s"),
+        adapter_init=_dict(record.get("adapter_init")),
         raw=record,
     )
 

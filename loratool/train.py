@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratool import __version__, hardware
+from loratool import __version__, hardware, lora_init
 from loratool.data import build_datasets
 from loratool.divergence import DivergenceGuard, check_finite_adapter
 from loratool.errors import InternalError, LoratoolError
@@ -126,9 +126,19 @@ def _train(
         recipe.lora,
         quantized=recipe.is_quantized(),
         gradient_checkpointing=recipe.training.gradient_checkpointing,
+        calibration=lora_init.calibration_data(
+            recipe.lora,
+            data.train,
+            tokenizer,
+            batch_size=recipe.training.per_device_train_batch_size,
+            device=model.device,
+        ),
+        log=log,
     )
     trainable, total = model.get_nb_trainable_parameters()
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
+    if (adapter_init := lora_init.init_record(recipe.lora, model)) is not None:
+        manifest["adapter_init"] = adapter_init
 
     # The run directory is created (or emptied of the previous run) only now that data and model loaded.
     def start_run() -> tuple[RunDir, dict[str, Any]]:
@@ -148,6 +158,8 @@ def _train(
     else:
         run = RunDir(Path(recipe.training.output_dir).expanduser().resolve())
     try:
+        # Base-changing inits: the adapter before the first step, to convert the final one (lora_init.py).
+        initial = on_main_first(state, lambda: lora_init.keep_initial_adapter(model, run.checkpoints, log))
         bf16, fp16 = hardware.mixed_precision(recipe, hw)
         args = build_sft_config(
             recipe.training,
@@ -232,7 +244,7 @@ def _train(
         manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
         def write_outputs(folder: Path) -> None:
-            trainer.model.save_pretrained(folder, state_dict=adapter_state)
+            lora_init.save_adapter(trainer.model, folder, adapter_state, initial)
             tokenizer.save_pretrained(folder)  # with the chat template the data was rendered with
             plot_loss_curve(
                 read_metrics(run.metrics),
@@ -581,7 +593,9 @@ def dry_run(
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    model = attach_adapter(model, recipe.lora, quantized=False, gradient_checkpointing=False)
+    model = attach_adapter(
+        model, lora_init.shapes_only(recipe.lora), quantized=False, gradient_checkpointing=False
+    )
     trainable, total = model.get_nb_trainable_parameters()
     bf16, fp16 = hardware.mixed_precision(recipe, hw)
     precision = (
