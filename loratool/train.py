@@ -16,6 +16,7 @@ from loratool.divergence import DivergenceGuard, check_finite_adapter
 from loratool.errors import InternalError, LoratoolError
 from loratool.fingerprint import fingerprint_matches, weights_fingerprint
 from loratool.gguf_base import gguf_record, is_gguf, resolve_base_model
+from loratool.host_memory import return_freed_activations
 from loratool.inputs import check_inputs
 from loratool.lora import attach_adapter, build_optimizer, keep_adapter_in
 from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics, trim_metrics
@@ -118,6 +119,8 @@ def _train(
             state, lambda: _check_resume(recipe, checks.run, manifest, log), share=True
         )
 
+    if hw.device == "cpu" and (host := return_freed_activations()) is not None:
+        manifest["host_memory"] = host  # peak RSS: activations go back to the system when freed
     set_seed(recipe.training.seed)
     log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
     model = load_model(recipe, hw, log)

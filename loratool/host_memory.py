@@ -1,0 +1,44 @@
+"""Peak memory of training on a CPU: hand freed activation buffers back to the operating system.
+
+On a CPU every activation is a malloc'd block. glibc's malloc gives a large request its own mapping, which
+goes back to the system when freed, only above a threshold; each time such a block is freed it raises the
+threshold to that block's size (up to 32 MiB). After the first training step, nearly every activation of
+the next one is below it and comes from the heap instead, where freed blocks are kept for reuse and
+fragment between steps of different lengths. On shape b of scripts/bench_train.py that held about 1.4 GiB
+more at the peak than the tensors alive at any moment (docs/benchmarks.md has the figures).
+
+Fixing the threshold at glibc's starting value (128 KiB) stops the adjustment: activations get their own
+mappings and are returned when freed. The cost is fresh pages for each large activation (the kernel
+zeroes them), a few percent of a CPU step at most; the benchmark measures it with everything else.
+
+Only glibc on Linux, only for training on a CPU (GPU activations never touch malloc), and never against
+the user's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ settings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# mallopt parameters, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+THRESHOLD = 128 * 1024
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def return_freed_activations() -> dict[str, int | str] | None:
+    """Fix glibc's mmap and trim thresholds for this process; what was set (for run.json), or None when
+    nothing was (not glibc, or the user tuned malloc themselves)."""
+    if sys.platform != "linux" or any(name in os.environ for name in _USER_SETTINGS):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries: leave them alone
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if mallopt(_M_MMAP_THRESHOLD, THRESHOLD) != 1 or mallopt(_M_TRIM_THRESHOLD, THRESHOLD) != 1:
+        return None
+    return {"allocator": "glibc", "mmap_threshold": THRESHOLD, "trim_threshold": THRESHOLD}
