@@ -96,6 +96,12 @@ def model_card(
         )
     if base.get("quantization"):
         lines.append(f"Trained on the {base['quantization']}-quantized base (QLoRA).")
+    dpo = manifest.get("dpo") if manifest.get("stage") == "dpo" else None
+    if isinstance(dpo, dict):
+        lines.append(
+            f"Preference-tuned with DPO (loss {dpo.get('loss_type')}, beta {dpo.get('beta')}; reference: "
+            f"{dpo.get('reference')}) on chosen / rejected answer pairs."
+        )
     lines.append("")
     if is_smoke(manifest) and not manifest.get("smoke"):  # a --smoke run gets its own banner (smoke.py)
         size = f"{train.get('global_step')} optimizer steps" + (
