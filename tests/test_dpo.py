@@ -455,3 +455,16 @@ def test_init_adapter_must_be_a_finished_loratool_run(tmp_path, tiny_llama):
     with pytest.raises(LoratoolError, match="is not a loratool run directory") as info:
         check_init_adapter(validate_recipe(raw))
     assert "training.output_dir of a finished `loratool train` run" in info.value.hint
+
+
+def test_eval_scores_the_chosen_answers_of_the_runs_validation_pairs(dpo_run, tmp_path):
+    from loratool.evaluate import run_eval
+
+    out, _, _ = dpo_run
+    report = run_eval(out, max_samples=2, max_new_tokens=4, output=tmp_path / "eval", log=lambda _: None)
+    record = json.loads((report / "metrics.json").read_text())
+    assert record["data"]["source"] == "validation" and record["data"]["rows"] == 2
+    # The references are the chosen answers (the prompts are the pairs' prompts).
+    rows = [json.loads(line) for line in (report / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all("yes yes" in row["reference"] and row["reference_complete"] for row in rows)
+    assert all(row["prompt"].endswith("<|im_start|>assistant\n") for row in rows)

@@ -151,6 +151,17 @@ def chosen_sequences(dataset: Any) -> list[list[int]]:
     return [p + c for p, c in zip(dataset["prompt_ids"], dataset["chosen_ids"], strict=True)]
 
 
+def chosen_rows(dataset: Any) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of prompt + chosen answer, loss on the answer: the rows SFT would train on, for
+    evaluating a DPO run on its own validation pairs."""
+    rows = []
+    for prompt, chosen in zip(dataset["prompt_ids"], dataset["chosen_ids"], strict=True):
+        labels = [IGNORE] * len(prompt) + chosen
+        labels[0] = IGNORE  # position 0 is never predicted (tokenize.py)
+        rows.append((prompt + chosen, labels))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Rows -> pairs
 # ---------------------------------------------------------------------------------------------------------
