@@ -468,3 +468,17 @@ def test_eval_scores_the_chosen_answers_of_the_runs_validation_pairs(dpo_run, tm
     rows = [json.loads(line) for line in (report / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all("yes yes" in row["reference"] and row["reference_complete"] for row in rows)
     assert all(row["prompt"].endswith("<|im_start|>assistant\n") for row in rows)
+
+
+def test_dry_run_checks_a_dpo_recipe_and_writes_nothing(tmp_path, tiny_llama):
+    from loratool.train import dry_run
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [pair(w) for w in TRAIN_WORDS])
+    raw = smoke_recipe(
+        tiny_llama, pairs, tmp_path / "out", data={"train": [{"path": str(pairs)}], "max_length": 64}, dpo={}
+    )
+    logged: list[str] = []
+    dry_run(validate_recipe(raw), log=logged.append)
+    text = "\n".join(logged)
+    assert "data: train 12 rows" in text and "preference" in text and "adapter:" in text
+    assert not (tmp_path / "out").exists()

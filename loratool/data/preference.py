@@ -151,6 +151,14 @@ def chosen_sequences(dataset: Any) -> list[list[int]]:
     return [p + c for p, c in zip(dataset["prompt_ids"], dataset["chosen_ids"], strict=True)]
 
 
+def padded_pair_lengths(dataset: Any) -> list[int]:
+    """Tokens each pair occupies in a batch: its two sequences, padded to the longer one."""
+    return [
+        2 * (len(p) + max(len(c), len(r)))
+        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+    ]
+
+
 def chosen_rows(dataset: Any) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of prompt + chosen answer, loss on the answer: the rows SFT would train on, for
     evaluating a DPO run on its own validation pairs."""
