@@ -252,13 +252,19 @@ def build_eval_data(
 
     recipe = target.recipe
     seed = recipe.training.seed if recipe else 0
+    preference = data is None and recipe is not None and recipe.dpo is not None
     if data is None:
         assert recipe is not None and recipe.data.validation is not None
         section = recipe.data
         if max_length is not None:
             section = section.model_copy(update={"max_length": max_length})
         try:
-            built = build_datasets(section, tokenizer, seed=seed)
+            if preference:  # a DPO run: its validation pairs, each prompt with its chosen answer
+                from loratool.data.preference import build_preference_datasets
+
+                built = build_preference_datasets(section, tokenizer, seed=seed)
+            else:
+                built = build_datasets(section, tokenizer, seed=seed)
         except LoratoolError as exc:
             raise LoratoolError(
                 f"cannot rebuild the run's validation data from its recipe.yaml: {exc.message}",
@@ -293,7 +299,12 @@ def build_eval_data(
         assert dataset is not None
         description = f"{data} (in file order)"
         details = {"source": "file", "path": str(data), "order": "file"}
-    rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
+    if preference:
+        from loratool.data.preference import chosen_rows
+
+        rows = chosen_rows(dataset)
+    else:
+        rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
     if max_samples is not None:
         rows = rows[:max_samples]
     stops = _Stops(set(stop_ids or [tokenizer.eos_token_id]), list(stop_texts or []), tokenizer)

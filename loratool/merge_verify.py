@@ -80,14 +80,17 @@ def build_probes(
     """Token ids of the probe rows, and where they came from (in words, for merge.json)."""
     if recipe is not None:
         from loratool.data import build_datasets
+        from loratool.data.preference import build_preference_datasets, chosen_sequences
 
+        build = build_preference_datasets if recipe.dpo is not None else build_datasets
         try:
-            data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+            data = build(recipe.data, tokenizer, seed=recipe.training.seed)
         except LoratoolError as exc:
             log(f"note: cannot rebuild the run's data ({exc.message}); verifying on built-in prompts")
         else:
             held_out = data.validation is not None and len(data.validation) > 0
-            rows = (data.validation if held_out else data.train)["input_ids"][:MAX_PROBES]
+            split = data.validation if held_out else data.train
+            rows = (chosen_sequences(split) if recipe.dpo is not None else split["input_ids"])[:MAX_PROBES]
             source = "held-out validation rows" if held_out else "training rows (the run had no validation)"
             return [row[:MAX_PROBE_TOKENS] for row in rows], f"{len(rows)} {source} of the run's data"
     probes = []

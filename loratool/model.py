@@ -139,7 +139,7 @@ def load_model(recipe: Recipe, hw: Hardware, log: Callable[[str], None] = print)
         # layers through a bfloat16 kernel on AVX512-BF16 CPUs (loratool/bnb_cpu.py).
         use_exact_4bit_matmul(model)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    if recipe.data.padding_free:
+    if recipe.data.padding_free and recipe.dpo is None:  # DPO batches are padded (dpo.py)
         # Flattened batches: sdpa / eager attend within each example instead of over the whole row
         # (attention.py); flash attention keeps its own varlen kernels.
         from loratool.attention import use_per_example_attention

@@ -99,6 +99,12 @@ def model_card(
         lines.append(f"Trained on the {base['quantization']}-quantized base (QLoRA).")
     if init_line := describe_init(manifest.get("adapter_init")):
         lines.append(init_line)
+    dpo = manifest.get("dpo") if manifest.get("stage") == "dpo" else None
+    if isinstance(dpo, dict):
+        lines.append(
+            f"Preference-tuned with DPO (loss {dpo.get('loss_type')}, beta {dpo.get('beta')}; reference: "
+            f"{dpo.get('reference')}) on chosen / rejected answer pairs."
+        )
     lines.append("")
     if is_smoke(manifest) and not manifest.get("smoke"):  # a --smoke run gets its own banner (smoke.py)
         size = f"{train.get('global_step')} optimizer steps" + (

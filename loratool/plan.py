@@ -506,7 +506,7 @@ def dry_run_line(recipe: Recipe, config: Any, hw: Any, data: Any) -> str:
         if hw.device == "cpu"
         else next((g for g in GPUS if g.lower().replace("-", " ") in hw.name.lower()), "A100-80GB")
     )
-    lengths = [len(ids) for ids in data.train["input_ids"]]
+    lengths = _lengths(data.train)
     plan = make_plan(
         recipe,
         model_shape(recipe, config),
@@ -524,9 +524,25 @@ def _row_lengths(recipe: Recipe, log: Any) -> tuple[list[int], int]:
     from loratool.model import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
-    data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
-    lengths = [len(ids) for ids in data.train["input_ids"]]
+    if recipe.dpo is not None:
+        from loratool.data.preference import build_preference_datasets
+
+        data = build_preference_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    else:
+        data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    lengths = _lengths(data.train)
     return lengths, len(lengths)
+
+
+def _lengths(train: Any) -> list[int]:
+    """Tokens per training row. A preference pair is two sequences (prompt + chosen, prompt + rejected)
+    padded to the longer one: counted as one row of twice that length. The plan does not add the DPO
+    reference pass, which runs without gradients (no activations kept)."""
+    if "prompt_ids" in train.column_names:
+        from loratool.data.preference import padded_pair_lengths
+
+        return padded_pair_lengths(train)
+    return [len(ids) for ids in train["input_ids"]]
 
 
 def calibrate(recipe: Recipe, plan: Plan, *, steps: int = 3, log: Any = print) -> dict[str, Any]:

@@ -246,9 +246,14 @@ class DataSource(Section):
     """A .json, .jsonl, .csv, .parquet or .txt file, a directory of them, or a hub dataset id. Relative
     paths are resolved against the recipe file's directory."""
 
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference"] = (
+        "auto"
+    )
     """Row layout. `auto` detects it from the first row: messages -> messages, conversations -> sharegpt,
-    instruction + output -> alpaca, prompt + completion -> prompt_completion, text -> text."""
+    instruction + output -> alpaca, prompt + completion -> prompt_completion, text -> text. With a `dpo`
+    section the rows are preference pairs: `preference` (prompt / chosen / rejected, each a string or a
+    list of chat messages) or `sharegpt` (conversations + chosen / rejected messages); `auto` tells them
+    apart."""
 
     columns: dict[str, str] = {}
     """Rename the fields the format reads to the names in your file, e.g. {instruction: question,
@@ -401,6 +406,30 @@ class TrainingSection(Section):
         return self.warmup_ratio if self.warmup_ratio is not None else 0.03
 
 
+class DpoSection(Section):
+    """Preference tuning with trl's DPOTrainer."""
+
+    beta: float = Field(0.1, gt=0)
+    """How far the tuned model may move from the reference: higher keeps it closer. 0.1 is the DPO paper's
+    value; 0.01-0.5 is typical (for loss_type ipo it is the paper's tau)."""
+
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+        "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    ] = "sigmoid"  # fmt: skip
+    """trl's DPO loss: `sigmoid` (the DPO paper), `ipo` (less overfitting on deterministic preferences),
+    `hinge` (SLiC), `robust` (noisy labels, with label_smoothing), ... see trl's DPOConfig."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Probability that a pair's preference is wrong: used by the `robust` and `exo_pair` losses (0.1 and
+    1e-3 are their papers' values; exo_pair needs it above 0)."""
+
+    init_adapter: str | None = None
+    """Start from the adapter of a finished loratool run on the same base (usually an SFT run, e.g.
+    out/sft-run) instead of a fresh one; that adapter is also the reference. The `lora` section must match
+    the run's. A relative path is resolved against the current directory."""
+
+
 class Recipe(Section):
     """A fine-tuning recipe: the base model, how it is loaded, the adapter, the data and the run."""
 
@@ -425,6 +454,15 @@ class Recipe(Section):
     training: TrainingSection
     """Optimizer, schedule, precision, logging, evaluation and checkpoints."""
 
+    dpo: DpoSection | None = None
+    """Preference tuning (DPO). Absent: supervised fine-tuning, the model imitates the data's answers.
+    Present (`dpo: {}` for the defaults): the adapter learns from preference pairs (a prompt, a chosen and
+    a rejected answer) with trl's DPOTrainer. The reference is the base with the adapter disabled (no
+    second copy of the model in memory), or the base with `init_adapter`. The prompt is never trained; the
+    answers (their end-of-turn included) are masked as for supervised fine-tuning. Batches are padded
+    (data.padding_free does not apply; data.packing must stay off). DPO wants a far lower learning rate
+    than SFT: 5e-6 to 5e-5 for LoRA on a real model (training.learning_rate)."""
+
     # Not a recipe key: where the recipe file was (set by load_recipe), so that an input that cannot be
     # found can name every place a relative path was looked for (inputs.py).
     _directory: Path | None = PrivateAttr(default=None)
@@ -437,6 +475,11 @@ class Recipe(Section):
     def is_quantized(self) -> bool:
         q = self.quantization
         return q is not None and (q.load_in_4bit or q.load_in_8bit)
+
+    @property
+    def stage(self) -> Literal["sft", "dpo"]:
+        """What the adapter learns from: `sft` (answers to imitate) or `dpo` (preference pairs)."""
+        return "dpo" if self.dpo is not None else "sft"
 
 
 # Keys that SFTConfig has but that belong to another section of the recipe (or that loratool sets itself).
@@ -530,6 +573,7 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
                 "training.save_steps: with early stopping it must be a multiple of training.eval_steps, so "
                 "that the best evaluated step has a checkpoint"
             )
+    problems += _preference_problems(recipe)
     init = recipe.lora.init_lora_weights
     if isinstance(init, str):
         known = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal")
@@ -550,6 +594,45 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
 
     problems += method_problems(recipe)
     return problems
+
+
+def _preference_problems(recipe: Recipe) -> list[str]:
+    """The data settings that only one of SFT and DPO can use."""
+    data = recipe.data
+    problems = []
+    if recipe.dpo is None:
+        for path, source in _indexed(data):
+            if source.format == "preference":
+                problems.append(
+                    f"data.{path}.format: preference pairs are for preference tuning — add a dpo section "
+                    "(dpo: {} for its defaults), or use a supervised format"
+                )
+        return problems
+    for path, source in _indexed(data):
+        if source.format not in ("auto", "preference", "sharegpt"):
+            problems.append(
+                f"data.{path}.format: {source.format} rows have no rejected answer to learn from with dpo — "
+                "use preference (prompt / chosen / rejected), sharegpt (conversations + chosen / rejected) "
+                "or auto"
+            )
+    if recipe.dpo.loss_type == "exo_pair" and recipe.dpo.label_smoothing == 0:
+        problems.append("dpo.label_smoothing: loss_type exo_pair needs it above 0 (its paper uses 1e-3)")
+    if data.packing:
+        problems.append("data.packing: DPO batches are padded pairs — set data.packing: false")
+    if not data.completion_only_loss:
+        problems.append(
+            "data.completion_only_loss: DPO compares the chosen and rejected answers and never trains the "
+            "prompt — remove the key (or set it to true)"
+        )
+    return problems
+
+
+def _indexed(data: DataSection) -> list[tuple[str, DataSource]]:
+    """("train.0", source), ("validation.1", source), ...: each data source with its key path."""
+    pairs = [(f"train.{i}", s) for i, s in enumerate(data.train)]
+    if isinstance(data.validation, list):
+        pairs += [(f"validation.{i}", s) for i, s in enumerate(data.validation)]
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------------------------

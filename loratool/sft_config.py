@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loratool.errors import LoratoolError
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from loratool.hardware import Hardware
     from loratool.recipe import DataSection, Recipe, TrainingSection
 
+_Config = TypeVar("_Config")
 _OURS_NOT_SFT = {"warmup_ratio", "warmup_steps", "early_stopping_patience", "early_stopping_threshold"}
 
 
@@ -31,6 +32,33 @@ def build_sft_config(
 ) -> SFTConfig:
     from trl import SFTConfig
 
+    fields = trainer_fields(
+        training, checkpoints_dir=checkpoints_dir, has_validation=has_validation, bf16=bf16, fp16=fp16
+    )
+    if data.packing and train_summary is not None and train_summary.rows:
+        fields["per_device_train_batch_size"] = packed_rows_per_batch(training, data, train_summary)
+    return make_config(
+        SFTConfig,
+        training,
+        **fields,
+        # The data module already tokenized, masked and truncated every row (input_ids + labels):
+        # TRL only batches. Padding-free batches must not be re-truncated per row, hence max_length=None.
+        max_length=data.max_length if data.packing else None,
+        packing=data.packing,
+        packing_strategy="bfd",
+        padding_free=data.padding_free,
+        completion_only_loss=None,
+        shuffle_dataset=False,  # the data module shuffles with training.seed; the sampler shuffles per epoch
+        dataset_kwargs=None,
+        remove_unused_columns=True,
+    )
+
+
+def trainer_fields(
+    training: TrainingSection, *, checkpoints_dir: Path, has_validation: bool, bf16: bool, fp16: bool
+) -> dict[str, Any]:
+    """The `training` section as keyword arguments of any trl config (SFTConfig, DPOConfig): the
+    transformers.TrainingArguments part, with loratool's defaults and the strategies it derives."""
     fields = training.model_dump(
         exclude=_OURS_NOT_SFT
         | {"output_dir", "eval_steps", "save_steps", "bf16", "fp16", "gradient_checkpointing"}
@@ -50,37 +78,30 @@ def build_sft_config(
         **fields,
     }
     fields.update(training.model_extra or {})
-    if data.packing and train_summary is not None and train_summary.rows:
-        fields["per_device_train_batch_size"] = packed_rows_per_batch(training, data, train_summary)
     eval_strategy = "no" if not has_validation else ("steps" if training.eval_steps else "epoch")
     # Early stopping restores the best checkpoint, so checkpoints must line up with evaluations.
     early = training.early_stopping_patience is not None
     save_steps = training.save_steps or (training.eval_steps if early else None)
+    return {
+        **fields,
+        "output_dir": str(checkpoints_dir),
+        "bf16": bf16,
+        "fp16": fp16,
+        "warmup_steps": training.resolved_warmup(),
+        "eval_strategy": eval_strategy,
+        "eval_steps": training.eval_steps,
+        "save_strategy": "steps" if save_steps else "epoch",
+        "save_steps": save_steps or 500,
+        "load_best_model_at_end": early,
+        "metric_for_best_model": "eval_loss" if early else None,
+        "greater_is_better": False if early else None,
+    }
+
+
+def make_config(config_class: type[_Config], training: TrainingSection, **fields: Any) -> _Config:
+    """`config_class(**fields)`, with the library's refusal as a LoratoolError naming the recipe keys."""
     try:
-        return SFTConfig(
-            **fields,
-            output_dir=str(checkpoints_dir),
-            bf16=bf16,
-            fp16=fp16,
-            warmup_steps=training.resolved_warmup(),
-            eval_strategy=eval_strategy,
-            eval_steps=training.eval_steps,
-            save_strategy="steps" if save_steps else "epoch",
-            save_steps=save_steps or 500,
-            load_best_model_at_end=early,
-            metric_for_best_model="eval_loss" if early else None,
-            greater_is_better=False if early else None,
-            # The data module already tokenized, masked and truncated every row (input_ids + labels):
-            # TRL only batches. Padding-free batches must not be re-truncated per row, hence max_length=None.
-            max_length=data.max_length if data.packing else None,
-            packing=data.packing,
-            packing_strategy="bfd",
-            padding_free=data.padding_free,
-            completion_only_loss=None,
-            shuffle_dataset=False,  # the data module shuffles with training.seed; the sampler shuffles per epoch
-            dataset_kwargs=None,
-            remove_unused_columns=True,
-        )
+        return config_class(**fields)
     except (TypeError, ValueError) as exc:
         # Name the recipe keys the library's message mentions ("--save_steps ...", "optim ..."), if any.
         given = sorted(set(training.model_fields_set) | set(training.model_extra or {}))
@@ -88,7 +109,8 @@ def build_sft_config(
         where = ", ".join(f"training.{key}" for key in named) or "training"
         raise LoratoolError(
             f"{where}: the trainer rejected the settings: {exc}",
-            hint="check the training section against trl.SFTConfig / transformers.TrainingArguments",
+            hint=f"check the training section against trl.{config_class.__name__} / "
+            "transformers.TrainingArguments",
         ) from None
 
 
@@ -107,14 +129,18 @@ def check_trainer_settings(recipe: Recipe, hw: Hardware | None = None) -> None:
     check_enum_values(recipe.training)
     hw = hw or hardware.detect()
     bf16, fp16 = hardware.mixed_precision(recipe, hw)
-    build_sft_config(
-        recipe.training,
-        recipe.data,
-        checkpoints_dir=Path(recipe.training.output_dir).expanduser().resolve() / CHECKPOINTS,
-        has_validation=recipe.data.validation is not None,
-        bf16=bf16,
-        fp16=fp16,
-    )
+    where = {
+        "checkpoints_dir": Path(recipe.training.output_dir).expanduser().resolve() / CHECKPOINTS,
+        "has_validation": recipe.data.validation is not None,
+        "bf16": bf16,
+        "fp16": fp16,
+    }
+    if recipe.dpo is not None:
+        from loratool.dpo import build_dpo_config
+
+        build_dpo_config(recipe.training, recipe.dpo, **where)
+    else:
+        build_sft_config(recipe.training, recipe.data, **where)
 
 
 def check_enum_values(training: TrainingSection) -> None:

@@ -110,6 +110,7 @@ def _train(
         **_layout(recipe, state.num_processes),
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "data": data.summary.to_dict(),
+        **_stage_record(recipe),
         **({"smoke": smoke} if smoke is not None else {}),
     }
     checkpoint, resume_entry = None, None
@@ -138,6 +139,10 @@ def _train(
         ),
         log=log,
     )
+    if recipe.dpo is not None and recipe.dpo.init_adapter is not None:
+        from loratool.dpo import load_init_adapter
+
+        load_init_adapter(model, recipe, manifest["base_model"]["fingerprint"], log)
     trainable, total = model.get_nb_trainable_parameters()
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
     if (adapter_init := lora_init.init_record(recipe.lora, model)) is not None:
@@ -164,15 +169,27 @@ def _train(
         # Base-changing inits: the adapter before the first step, to convert the final one (lora_init.py).
         initial = on_main_first(state, lambda: lora_init.keep_initial_adapter(model, run.checkpoints, log))
         bf16, fp16 = hardware.mixed_precision(recipe, hw)
-        args = build_sft_config(
-            recipe.training,
-            recipe.data,
-            checkpoints_dir=run.checkpoints,
-            has_validation=data.validation is not None,
-            bf16=bf16,
-            fp16=fp16,
-            train_summary=data.summary.train,
-        )
+        if recipe.dpo is not None:
+            from loratool.dpo import build_dpo_config, build_dpo_trainer
+
+            args = build_dpo_config(
+                recipe.training,
+                recipe.dpo,
+                checkpoints_dir=run.checkpoints,
+                has_validation=data.validation is not None,
+                bf16=bf16,
+                fp16=fp16,
+            )
+        else:
+            args = build_sft_config(
+                recipe.training,
+                recipe.data,
+                checkpoints_dir=run.checkpoints,
+                has_validation=data.validation is not None,
+                bf16=bf16,
+                fp16=fp16,
+                train_summary=data.summary.train,
+            )
         if checkpoint is not None:
             args.eval_on_start = False  # the step-0 evaluation was logged by the first part of the run
         seal = CheckpointSeal(resumed_from=checkpoint)
@@ -183,25 +200,42 @@ def _train(
                     recipe.training.early_stopping_patience, recipe.training.early_stopping_threshold
                 )
             )
-        try:
-            trainer = SFTTrainer(
-                model=model,
+        if recipe.dpo is not None:  # preference pairs: the same run, another trainer (dpo.py)
+            trainer = build_dpo_trainer(
+                model,
+                recipe,
                 args=args,
                 train_dataset=data.train,
-                eval_dataset=pad_for_processes(
-                    data.validation,
-                    state.num_processes,
-                    args.per_device_eval_batch_size,
-                    tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                ),
-                processing_class=tokenizer,
+                eval_dataset=data.validation,
+                tokenizer=tokenizer,
                 callbacks=callbacks,
-                optimizers=(build_optimizer(model, recipe.lora, args), None),
+                optimizer=build_optimizer(model, recipe.lora, args),
             )
-        except (ValueError, ImportError) as exc:
-            raise LoratoolError(
-                f"trl's SFTTrainer refused this setup: {exc}", hint="check the training section of the recipe"
-            ) from None
+        else:
+            try:
+                trainer = SFTTrainer(
+                    model=model,
+                    args=args,
+                    train_dataset=data.train,
+                    eval_dataset=pad_for_processes(
+                        data.validation,
+                        state.num_processes,
+                        args.per_device_eval_batch_size,
+                        tokenizer.pad_token_id
+                        if tokenizer.pad_token_id is not None
+                        else tokenizer.eos_token_id,
+                    ),
+                    processing_class=tokenizer,
+                    callbacks=callbacks,
+                    optimizers=(build_optimizer(model, recipe.lora, args), None),
+                )
+            except (ValueError, ImportError) as exc:
+                raise LoratoolError(
+                    f"trl's SFTTrainer refused this setup: {exc}",
+                    hint="check the training section of the recipe",
+                ) from None
+            # The same validation loss for any batching and number of processes (validation_loss.py).
+            report_token_weighted_eval_loss(trainer)
         seal.trainer = trainer
         rank_budget = None
         if recipe.lora.method == "adalora":
@@ -209,8 +243,6 @@ def _train(
 
             rank_budget = RankBudget(model)  # the trainer does not move AdaLoRA's rank budget itself
             trainer.add_callback(rank_budget)
-        # The same validation loss for any batching and number of processes (validation_loss.py).
-        report_token_weighted_eval_loss(trainer)
         # LoRA-FA: trl would cast only the trainable B to bf16 (A is frozen by then); keep the pair in one dtype.
         if recipe.is_quantized() and (
             hardware.compute_dtype(recipe, hw) == torch.float32 or recipe.lora.method == "lorafa"
@@ -262,6 +294,10 @@ def _train(
 
                 mark_model_card(folder / "README.md")
 
+        if recipe.dpo is not None:
+            from loratool.dpo import drop_reference_adapter
+
+            drop_reference_adapter(trainer.model)  # the run saves the trained adapter only
         # Every process takes part: under FSDP each holds only a shard of the adapter.
         adapter_state = whole_adapter_state(trainer.model)
         if main_process:
@@ -322,7 +358,14 @@ def preflight(
     else:
         run = RunDir(Path(recipe.training.output_dir).expanduser().resolve())
     tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
-    data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    if recipe.dpo is not None:
+        from loratool.data.preference import build_preference_datasets
+        from loratool.dpo import check_init_adapter
+
+        check_init_adapter(recipe)
+        data = build_preference_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    else:
+        data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
     log(data.summary.format())
     return Preflight(hw, run, tokenizer, data)
 
@@ -401,6 +444,24 @@ def whole_adapter_state(model: Any) -> dict[str, Any] | None:
     return {
         name: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
         for name, value in state.items()
+    }
+
+
+def _stage_record(recipe: Recipe) -> dict[str, Any]:
+    """What the adapter learned from (run.json "stage"), and for DPO its settings and reference model."""
+    if recipe.dpo is None:
+        return {"stage": "sft"}
+    from loratool.dpo import reference_description
+
+    init = recipe.dpo.init_adapter
+    return {
+        "stage": "dpo",
+        "dpo": {
+            "beta": recipe.dpo.beta,
+            "loss_type": recipe.dpo.loss_type,
+            "reference": reference_description(recipe),
+            "init_adapter": str(Path(init).expanduser().resolve()) if init else None,
+        },
     }
 
 

@@ -9,7 +9,7 @@ from loratool import hardware
 from loratool.recipe import load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-BIG = [p for p in RECIPES if p.stem not in ("tiny-smoke", "smollm2-demo")]  # the CPU demos
+BIG = [p for p in RECIPES if p.stem not in ("tiny-smoke", "tiny-dpo", "smollm2-demo")]  # the CPU demos
 
 
 def test_the_expected_recipes_are_shipped():
