@@ -522,7 +522,8 @@ def verify_merge(
     """Compare the merged model with base + adapter on probe rows (see merge/verify.py for thresholds)."""
     from transformers import AutoTokenizer
 
-    from loratool.merge.verify import EXACT, QUANTIZATION_DRIFT, ROUNDED, Reference, build_probes, verify
+    from loratool.logit_comparison import build_probes
+    from loratool.merge.verify import EXACT, QUANTIZATION_DRIFT, ROUNDED, Reference, verify
 
     tight = EXACT if out_dtype == "float32" else ROUNDED
     full = Reference("full_precision_base", "full-precision base + adapter", tight, None)
