@@ -535,7 +535,7 @@ def merge(
                 "--qlora-base: loratool does not combine QLoRA adapters",
                 hint="merge them one by one: loratool merge --adapter RUN (one adapter per command)",
             )
-        from loratool.merge_combine import run_combine
+        from loratool.merge.combine import run_combine
 
         run_combine(
             adapter,
@@ -743,7 +743,7 @@ def eval_(
 ) -> None:
     """Held-out loss, perplexity and generation metrics of a fine-tune (and of its base, side by side)."""
     quiet_libraries()
-    from loratool.evaluate import run_eval
+    from loratool.eval import run_eval
 
     run_eval(
         target,

@@ -292,7 +292,7 @@ def _pad_id(tokenizer: Any, fallback: Any) -> int:
 
 def parse_adapter_options(options: list[str], target: Target) -> list[tuple[str, Path]]:
     """`[NAME=]DIR` options as (name, adapter directory); names are unique and never `base`."""
-    from loratool.merge import find_adapter
+    from loratool.rundir import find_adapter
 
     taken = {target.adapter_name} if target.kind == "run" else set()
     parsed = []
@@ -324,9 +324,9 @@ def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loa
     Weights fingerprints (run.json) decide when both sides have one; otherwise the adapter's tensors must
     fit the loaded model's shapes (an adapter for another size or architecture is caught either way)."""
     from loratool.fingerprint import weights_fingerprint
-    from loratool.merge import read_training_run
-    from loratool.merge_adapter import check_against_base, read_adapter
+    from loratool.merge.adapter import check_against_base, read_adapter
     from loratool.model import local_model_dir
+    from loratool.rundir import read_training_run
 
     run = read_training_run(adapter_dir)
     config = read_json(adapter_dir / "adapter_config.json")

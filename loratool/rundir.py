@@ -12,7 +12,8 @@
       traceback.txt     only after a failure: the full traceback
 
 This module owns run.json: train writes it through RunDir, and every other command reads it through
-`read_run`. A directory is a loratool run only when its run.json carries loratool's marker (see
+`read_run`. `find_adapter` and `read_training_run` are how merge, export and generate find an adapter and
+what its run says about it. A directory is a loratool run only when its run.json carries loratool's marker (see
 outputs.py), and `--overwrite` removes only the names run.json lists as written by the run.
 
 Crash safety: recipe.yaml and run.json ("status": "running") are written first, so the directory is known
@@ -334,3 +335,66 @@ def is_disk_full(error: BaseException) -> bool:
 def read_checkpoint_seal(checkpoint: Path) -> dict[str, Any]:
     """What the run's totals were when `checkpoint` was saved (see checkpoints.py)."""
     return read_json(checkpoint / CHECKPOINT_SEAL)
+
+
+# --- an adapter and the run that trained it (merge, export, generate) --------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a loratool run directory says about the adapter; empty for an adapter from another tool."""
+
+    record: RunRecord | None  # run.json, read by rundir.read_run
+    recipe: dict[str, Any] | None  # recipe.yaml as written (fully resolved)
+
+    @property
+    def base(self) -> BaseModelRecord:
+        return self.record.base_model if self.record is not None else BaseModelRecord()
+
+    @property
+    def quantization(self) -> str | None:
+        return self.base.quantization
+
+    @property
+    def hardware(self) -> dict[str, Any]:
+        """The hardware the run trained on (run.json), {} for an adapter from another tool."""
+        value = self.record.raw.get("hardware") if self.record is not None else None
+        return value if isinstance(value, dict) else {}
+
+
+def find_adapter(path: Path) -> Path:
+    """The adapter directory PATH names (a run directory or any PEFT adapter), or a clear error."""
+    from loratool.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files, is_adapter_dir
+
+    path = path.expanduser().resolve()
+    if not path.is_dir():
+        raise LoratoolError(
+            f"adapter directory not found: {path}",
+            hint="pass --adapter the output_dir of a finished `loratool train` run, or any PEFT LoRA adapter "
+            f"directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})",
+        )
+    if is_adapter_dir(path):
+        check_adapter_files(path)
+        return path
+    present = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]
+    hint = f"pass a directory that holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+    record = read_run(path)
+    if record is not None and not record.complete:
+        hint = (
+            f"run.json says the training run is {record.status!r}: the adapter is written only when "
+            "training finishes"
+        )
+    elif (path / "adapter_model.bin").is_file():
+        hint = "the adapter is saved as a pickle (adapter_model.bin); save it again with safetensors"
+    raise LoratoolError(
+        f"{path} is not a LoRA adapter directory: {' and '.join(missing)} missing "
+        f"(it has: {', '.join(present) or 'nothing'})",
+        hint=hint,
+    )
+
+
+def read_training_run(adapter_dir: Path) -> TrainingRun:
+    """What the run directory around an adapter says (empty for an adapter from another tool)."""
+    record = read_run(adapter_dir)
+    return TrainingRun(record, record.recipe() if record is not None else None)

@@ -190,7 +190,7 @@ def run_smoke(recipe: Recipe, *, log: Callable[[str], None] = print) -> dict[str
     each; return what was done (also printed)."""
     import time
 
-    from loratool.export_gguf import ARCHITECTURES
+    from loratool.export.gguf import ARCHITECTURES
     from loratool.gguf_base import cache_root
     from loratool.merge import run_merge
     from loratool.train import run_train

@@ -133,7 +133,7 @@ def model_dir(target: Target, log: Callable[[str], None]) -> Path:
 
 
 def _run_target(path: Path) -> Target:
-    from loratool.merge_adapter import check_adapter_files
+    from loratool.merge.adapter import check_adapter_files
     from loratool.recipe import load_recipe
     from loratool.rundir import ADAPTER_FILES
 

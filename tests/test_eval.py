@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO, SHARED_DATA, smoke_recipe, write_recipe
 from loratool.cli import app
-from loratool.eval_metrics import generation_metrics, heldout_loss
+from loratool.eval.metrics import generation_metrics, heldout_loss
 
 SMOKE = REPO / "recipes" / "data" / "smoke.jsonl"
 SMOLLM2 = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -440,9 +440,9 @@ def local_task(tmp_path_factory) -> Path:
 
 @needs_lm_eval
 def test_unknown_lm_eval_task_fails_before_any_model_loads(run, local_task, monkeypatch, tmp_path):
-    import loratool.evaluate
+    import loratool.eval.run
 
-    monkeypatch.setattr(loratool.evaluate, "load_target", lambda *a: pytest.fail("loaded a model"))
+    monkeypatch.setattr(loratool.eval.run, "load_target", lambda *a: pytest.fail("loaded a model"))
     result = eval_cli(run, "--lm-eval-tasks", "loratool_tiny_choise", "--lm-eval-include", local_task,
                       "--output", tmp_path / "ev")  # fmt: skip
     assert result.exit_code == 1, result.output
@@ -473,16 +473,16 @@ def test_lm_eval_local_task_on_tuned_and_base(run, local_task, tiny_llama, tmp_p
 
 
 def test_lm_eval_failure_keeps_the_rest_of_the_report(run, monkeypatch, tmp_path):
-    import loratool.evaluate
-    from loratool.eval_lm_harness import HarnessTasks
+    import loratool.eval.run
+    from loratool.eval.lm_harness import HarnessTasks
 
     def broken(*args):
         raise RuntimeError("the task's dataset vanished")
 
     monkeypatch.setattr(
-        loratool.evaluate, "prepare_tasks", lambda specs, *a: HarnessTasks(specs, None, None, None)
+        loratool.eval.run, "prepare_tasks", lambda specs, *a: HarnessTasks(specs, None, None, None)
     )
-    monkeypatch.setattr(loratool.evaluate, "run_tasks", broken)
+    monkeypatch.setattr(loratool.eval.run, "run_tasks", broken)
     result = eval_cli(run, "--max-samples", "2", "--lm-eval-tasks", "sometask", "--output", tmp_path / "ev")
     assert result.exit_code == 1
     assert "error: lm-evaluation-harness failed: RuntimeError: the task's dataset vanished" in result.output

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from conftest import REPO
 from conftest import random_adapter as peft_adapter
 from loratool.cli import app
-from loratool.export_gguf import unpermute_for_rope, write_gguf
+from loratool.export.gguf import unpermute_for_rope, write_gguf
 
 SMOLLM2 = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -165,7 +165,7 @@ def test_norms_stay_f32_and_q8_0_rows_that_do_not_fit_fall_back_to_f16(tmp_path,
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
 def test_transformers_reload_matches_the_source(tmp_path, tiny_model_factory, arch, outtype):
-    from loratool.export_verify import THRESHOLDS, verify_gguf
+    from loratool.export.verify import THRESHOLDS, verify_gguf
 
     source = tiny_model_factory(arch)
     out = write_gguf(source, tmp_path / "m.gguf", outtype, log=lambda _: None)
@@ -187,7 +187,7 @@ def test_sentencepiece_style_tokenizer(tmp_path, tiny_llama):
     vocabulary with byte tokens and scores, and transformers rebuilds an equivalent tokenizer from it."""
     from transformers import AutoTokenizer
 
-    from loratool.export_verify import compare_tokenizers
+    from loratool.export.verify import compare_tokenizers
 
     source = copy_model(tiny_llama, tmp_path / "spm")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -310,7 +310,7 @@ def test_export_cli_gguf_with_ollama(tmp_path, tiny_model_factory):
     ],
 )  # fmt: skip
 def test_modelfile_chat_formats(template, name, stop):
-    from loratool.export_ollama import modelfile_text
+    from loratool.export.ollama import modelfile_text
 
     text = modelfile_text("m.gguf", template, "Be brief.", "</s>")
     assert f"# chat format: {name}" in text and f'PARAMETER stop "{stop}"' in text
@@ -319,7 +319,7 @@ def test_modelfile_chat_formats(template, name, stop):
 
 def test_modelfile_unknown_template_is_refused_and_base_model_passes_the_prompt():
     from loratool.errors import LoratoolError
-    from loratool.export_ollama import modelfile_text
+    from loratool.export.ollama import modelfile_text
 
     with pytest.raises(LoratoolError, match="none of the formats"):
         modelfile_text("m.gguf", "{{ messages[0]['content'] }} ### Response:", None, None)
@@ -448,9 +448,9 @@ def test_option_combinations_that_make_no_sense(tmp_path, tiny_llama):
 
 
 def test_failed_verification_keeps_the_file_under_a_name_that_says_so(tmp_path, tiny_llama, monkeypatch):
-    import loratool.export_gguf
+    import loratool.export.gguf
 
-    monkeypatch.setattr(loratool.export_gguf, "permute_for_rope", lambda w, n: w)  # a layout bug
+    monkeypatch.setattr(loratool.export.gguf, "permute_for_rope", lambda w, n: w)  # a layout bug
     out = tmp_path / "o"
     result = export_cli(tiny_llama, "--outtype", "f32", "--output", out)
     assert result.exit_code == 1
@@ -463,27 +463,27 @@ def test_failed_verification_keeps_the_file_under_a_name_that_says_so(tmp_path, 
 
 
 def test_tokenizer_difference_fails_verification(tmp_path, tiny_llama, monkeypatch):
-    import loratool.export_tokenizer
+    import loratool.export.tokenizer
 
-    real = loratool.export_tokenizer.read_vocab
+    real = loratool.export.tokenizer.read_vocab
 
     def swapped(model_dir, vocab_size):  # two tokens exchanged: the GGUF tokenizes differently
         vocab = real(model_dir, vocab_size)
         vocab.tokens[300], vocab.tokens[301] = vocab.tokens[301], vocab.tokens[300]
         return vocab
 
-    monkeypatch.setattr(loratool.export_tokenizer, "read_vocab", swapped)
+    monkeypatch.setattr(loratool.export.tokenizer, "read_vocab", swapped)
     result = export_cli(tiny_llama, "--outtype", "f32", "--output", tmp_path / "o")
     assert result.exit_code == 1 and "the GGUF tokenizer encodes differently" in result.output
 
 
 def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path, tiny_llama, monkeypatch):
-    import loratool.export_gguf
+    import loratool.export.gguf
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loratool.export_gguf, "permute_for_rope", interrupt)  # in the middle of the tensors
+    monkeypatch.setattr(loratool.export.gguf, "permute_for_rope", interrupt)  # in the middle of the tensors
     result = export_cli(tiny_llama, "--output", tmp_path / "o")
     assert result.exit_code == 130
     assert list(tmp_path.iterdir()) == []
@@ -528,7 +528,7 @@ def test_smollm2_round_trip(tmp_path):
     transformers reload: logits and tokenizer match, embeddings tied, `smollm`-free gpt-2 pre-tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loratool.export_verify import verify_gguf
+    from loratool.export.verify import verify_gguf
 
     loaded = AutoModelForCausalLM.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name, dtype=torch.float32)
     config = loaded.config
@@ -571,7 +571,7 @@ def test_a_merge_output_is_named_after_its_run(tmp_path):
 
 
 def test_modelfile_carries_the_system_prompt_the_template_adds_by_default():
-    from loratool.export_ollama import default_system_prompt
+    from loratool.export.ollama import default_system_prompt
 
     # SmolLM2-style ChatML: a default system turn when the conversation has none.
     smol = (

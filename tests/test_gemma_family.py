@@ -180,7 +180,7 @@ def test_generation_stops_on_the_end_of_turn_text_and_the_answer_is_cut_before_i
 def test_eval_strips_the_end_of_turn_text_from_answers_and_references(gemma_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from loratool.evaluate import build_eval_data, evaluate_model
+    from loratool.eval.run import build_eval_data, evaluate_model
     from loratool.target import Loaded, resolve_target
 
     tokenizer = gemma_tokenizer(gemma_dir, "chatml")
@@ -223,12 +223,12 @@ def test_merged_generation_config_carries_the_end_of_turn_token_only_when_it_is_
 
 
 def test_gguf_export_of_an_unsupported_architecture_fails_before_any_merge(gemma_dir, tmp_path, monkeypatch):
-    import loratool.export_gguf
+    import loratool.export.gguf
     import loratool.merge
     from loratool.export import run_export
 
-    supported = {k: v for k, v in loratool.export_gguf.ARCHITECTURES.items() if not k.startswith("gemma")}
-    monkeypatch.setattr(loratool.export_gguf, "ARCHITECTURES", supported)
+    supported = {k: v for k, v in loratool.export.gguf.ARCHITECTURES.items() if not k.startswith("gemma")}
+    monkeypatch.setattr(loratool.export.gguf, "ARCHITECTURES", supported)
     merges = []
     monkeypatch.setattr(loratool.merge, "run_merge", lambda *a, **k: merges.append(a))
     adapter = random_adapter(gemma_dir, tmp_path / "runs" / "adapter", target_modules="all-linear")
@@ -244,7 +244,7 @@ def test_gguf_export_of_an_unsupported_architecture_fails_before_any_merge(gemma
 def test_a_conversion_error_after_the_merge_names_the_run_not_the_deleted_folder(
     tiny_llama, tmp_path, monkeypatch
 ):
-    import loratool.export
+    import loratool.export.run
     from loratool.export import run_export
 
     seen = []
@@ -253,7 +253,7 @@ def test_a_conversion_error_after_the_merge_names_the_run_not_the_deleted_folder
         seen.append(model_dir)
         raise LoratoolError(f"{model_dir}: something the writer refuses", hint=f"look at {model_dir}")
 
-    monkeypatch.setattr(loratool.export, "export_gguf", failing)
+    monkeypatch.setattr(loratool.export.run, "export_gguf", failing)
     adapter = random_adapter(tiny_llama, tmp_path / "adapter", target_modules="all-linear")
     with pytest.raises(LoratoolError) as err:
         run_export(adapter, output=tmp_path / "out", log=lambda _: None)

@@ -42,7 +42,7 @@ def tiny_source(tiny_model_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_source, tmp_path_factory) -> Path:
-    from loratool.export_gguf import write_gguf
+    from loratool.export.gguf import write_gguf
 
     return write_gguf(tiny_source, tmp_path_factory.mktemp("gguf") / "tiny.gguf", outtype="f32", log=_quiet)
 
@@ -90,7 +90,7 @@ def test_names_that_are_not_gguf_files_pass_through(tiny_source):
 
 
 def test_cache_is_reused_and_keyed_by_content(tiny_gguf, tiny_source, tmp_path):
-    from loratool.export_gguf import write_gguf
+    from loratool.export.gguf import write_gguf
 
     first, _ = _converted(tiny_gguf)
     again, lines = _converted(tiny_gguf)

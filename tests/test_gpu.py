@@ -55,7 +55,7 @@ def test_qlora_on_cuda_then_dequantized_merge_on_cpu_is_bit_identical(tmp_path, 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from loratool.merge import TrainingRun, quantized_base
-    from loratool.merge_qlora import as_trained
+    from loratool.merge.qlora import as_trained
 
     recipe = gpu_recipe(tmp_path, tiny_llama, "qlora", quantization={"load_in_4bit": True})
     train(recipe)

@@ -97,7 +97,7 @@ def test_tiny_export_decodes_in_llama_cpp_like_transformers(
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loratool.export_gguf import write_gguf
+    from loratool.export.gguf import write_gguf
 
     model_dir = tiny_model_factory(arch)
     gguf = write_gguf(model_dir, tmp_path / f"tiny-{arch}.gguf", outtype="f32", log=lambda _: None)
@@ -141,7 +141,7 @@ def test_smollm2_f16_export_decodes_in_llama_cpp_like_transformers(smollm2_dir, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loratool.export_gguf import write_gguf
+    from loratool.export.gguf import write_gguf
 
     gguf = write_gguf(smollm2_dir, tmp_path / "smollm2-f16.gguf", outtype="f16", log=lambda _: None)
     # An answer longer than 20 tokens (the capital-of-France one ends after 8) with no near-tie on its greedy
@@ -175,7 +175,7 @@ def test_greedy_harness_is_pinned():
 
 @pytest.mark.slow
 def test_a_file_llama_cpp_refuses_fails_the_test_with_llama_cpps_log(tiny_llama, llama_runtime, tmp_path):
-    from loratool.export_gguf import write_gguf
+    from loratool.export.gguf import write_gguf
 
     gguf = write_gguf(tiny_llama, tmp_path / "tiny.gguf", outtype="f32", log=lambda _: None)
     cut = tmp_path / "cut.gguf"

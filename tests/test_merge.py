@@ -265,7 +265,7 @@ def test_qlora_round_trip_is_what_linear4bit_holds(qlora_run, tiny_llama):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from loratool.merge import quantized_base, read_training_run
-    from loratool.merge_qlora import as_trained
+    from loratool.merge.qlora import as_trained
 
     quant = quantized_base(read_training_run(qlora_run), tiny_llama, "float32")
     config = BitsAndBytesConfig(
@@ -330,7 +330,8 @@ def test_qlora_verification_fails_on_the_bfloat16_kernel(
 
 
 def test_verification_thresholds():
-    from loratool.merge_verify import EXACT, QUANTIZATION_DRIFT, compare
+    from loratool.logit_comparison import compare
+    from loratool.merge.verify import EXACT, QUANTIZATION_DRIFT
 
     torch.manual_seed(0)
     reference = [torch.randn(5, 50), torch.randn(3, 50)]
@@ -480,10 +481,10 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, tiny_llama):
 
 
 def test_failed_verification_is_an_error_and_the_output_says_so(tmp_path, tiny_llama, monkeypatch):
-    import loratool.merge_adapter
+    import loratool.merge.adapter
 
-    real = loratool.merge_adapter.lora_delta
-    monkeypatch.setattr(loratool.merge_adapter, "lora_delta", lambda f: 2 * real(f))  # a scaling bug
+    real = loratool.merge.adapter.lora_delta
+    monkeypatch.setattr(loratool.merge.adapter, "lora_delta", lambda f: 2 * real(f))  # a scaling bug
     adapter = peft_adapter(tiny_llama, tmp_path / "adapter", target_modules="all-linear")
     out = tmp_path / "merged"
     result = merge_cli("--adapter", adapter, "--output", out)
@@ -497,12 +498,12 @@ def test_failed_verification_is_an_error_and_the_output_says_so(tmp_path, tiny_l
 
 
 def test_interrupted_merge_leaves_nothing_that_looks_complete(tmp_path, tiny_llama, monkeypatch):
-    import loratool.merge
+    import loratool.merge.run
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loratool.merge, "write_generation_config", interrupt)
+    monkeypatch.setattr(loratool.merge.run, "write_generation_config", interrupt)
     adapter = peft_adapter(tiny_llama, tmp_path / "adapter", target_modules=["q_proj"])
     result = merge_cli("--adapter", adapter, "--output", tmp_path / "merged")
     assert result.exit_code == 130

@@ -44,7 +44,7 @@ def test_verification_passes_print_progress(monkeypatch, tiny_llama):
     from transformers import AutoModelForCausalLM
 
     import loratool.metrics
-    from loratool.merge_verify import probe_logits
+    from loratool.logit_comparison import probe_logits
 
     monkeypatch.setattr(loratool.metrics, "Heartbeat", functools.partial(Heartbeat, every=0))
     lines: list[str] = []

@@ -251,7 +251,7 @@ DAMAGES = {
 
 @pytest.mark.parametrize("how", list(DAMAGES))
 def test_check_adapter_files_names_the_damaged_file(pristine_adapter, tmp_path, how):
-    from loratool.merge_adapter import check_adapter_files
+    from loratool.merge.adapter import check_adapter_files
 
     adapter = shutil.copytree(pristine_adapter, tmp_path / "adapter")
     assert check_adapter_files(adapter)["peft_type"] == "LORA"

@@ -27,8 +27,8 @@ from typing import Any
 
 from loratool import __version__
 from loratool.errors import LoratoolError
-from loratool.eval_lm_harness import HarnessTasks, failure, prepare_tasks, run_tasks
-from loratool.eval_metrics import IGNORE, generation_metrics, heldout_loss
+from loratool.eval.lm_harness import HarnessTasks, failure, prepare_tasks, run_tasks
+from loratool.eval.metrics import IGNORE, generation_metrics, heldout_loss
 from loratool.generate import Sampling, answer_text, fit_to_context, generate_ids, stop_text_span
 from loratool.outputs import Output, check_output, claim_output, library_versions
 from loratool.target import Loaded, Target, load_checkpoint, load_target, merged_base_dir, resolve_target
@@ -75,8 +75,8 @@ def run_eval(
 ) -> Path:
     """Evaluate TARGET and write its report directory; returns that directory. When lm-evaluation-harness
     fails, the rest of the report is written (with lm-eval's error in it) and then the error is raised."""
-    from loratool import eval_report
     from loratool.bnb_cpu import four_bit_matmul
+    from loratool.eval import report as eval_report
 
     started = time.time()
     resolved = resolve_target(target)
@@ -501,7 +501,7 @@ def write_outputs(
 ) -> None:
     """Write the three files into a partial directory, then rename it into place (an earlier report
     there is replaced, only what it wrote): a crash never leaves a report that looks complete."""
-    from loratool.eval_report import report_markdown
+    from loratool.eval.report import report_markdown
 
     partial = claimed.partial()
     try:

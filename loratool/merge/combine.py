@@ -23,21 +23,19 @@ from typing import Any
 from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.fingerprint import fingerprint_scheme
-from loratool.merge import (
+from loratool.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, check_supported
+from loratool.merge.run import (
     MERGE_RECORD,
-    TrainingRun,
     _has_tokenizer,
     check_base_identity,
     copy_tokenizer,
-    find_adapter,
     output_location,
-    read_training_run,
     refuse_quantized_checkpoint,
     resolve_base,
     run_merge,
 )
-from loratool.merge_adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, check_supported
 from loratool.outputs import check_output, claim_output
+from loratool.rundir import TrainingRun, find_adapter, read_training_run
 
 COMBINE_RECORD = "combine.json"
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")

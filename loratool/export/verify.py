@@ -4,8 +4,8 @@ Two checks, both against the HF checkpoint the GGUF was written from:
 
 - Logits: the GGUF is loaded with `AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)` (transformers
   dequantizes it to float32 and undoes llama.cpp's Q/K row permutation), both models run the probe rows
-  (merge_verify.build_probes: the run's own data when there is a recipe, else built-in conversations in the
-  chat template) and merge_verify.compare reports max |Δlogit|, mean KL and greedy agreement. How close
+  (logit_comparison.build_probes: the run's own data when there is a recipe, else built-in conversations in the
+  chat template) and logit_comparison.compare reports max |Δlogit|, mean KL and greedy agreement. How close
   they must be depends on how the tensors were stored (THRESHOLDS below).
 - Tokenizer: the tokenizer transformers rebuilds from the GGUF metadata must encode a few strings (prose,
   code, digits, unicode, whitespace runs, and a conversation rendered with the chat template, so its special
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loratool.merge_verify import Thresholds
+from loratool.logit_comparison import Thresholds
 
 # Per outtype. f32 stores the weights exactly: only identical arithmetic is compared (measured max
 # |Δlogit| 0 on the tiny models and SmolLM2-135M). f16/bf16 round each weight to 11/8 significant bits;
@@ -53,7 +53,7 @@ def verify_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loratool.gguf_base import quiet_gguf_reader
-    from loratool.merge_verify import build_probes, compare, probe_logits
+    from loratool.logit_comparison import build_probes, compare, probe_logits
 
     quiet_gguf_reader()
     tokenizer = AutoTokenizer.from_pretrained(source_dir)

@@ -2,12 +2,12 @@
 
 Reads top to bottom like the merge: find the adapter and what it says about its base, find the base and
 check it is the one trained on, decide the output dtype and (for QLoRA) which base weights to fold into,
-stream the base checkpoint shard by shard into `<output>.partial-XXXX` (merge_checkpoint.py), add config,
-generation config and tokenizer, verify against base + adapter (merge_verify.py), write merge.json, and
+stream the base checkpoint shard by shard into `<output>.partial-XXXX` (hf_checkpoint.py), add config,
+generation config and tokenizer, verify against base + adapter (merge/verify.py), write merge.json, and
 only then rename the directory into place. An interrupted merge leaves at most a `.partial-` directory;
 a merge that fails verification is kept as `<output>.failed-verification`.
 
-Memory: the adapter plus a few tensors of the base (see merge_checkpoint.py), never a whole shard or model.
+Memory: the adapter plus a few tensors of the base (see hf_checkpoint.py), never a whole shard or model.
 Verification, when on, loads the base and the merged model one after the other, in float32.
 """
 
@@ -17,24 +17,20 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.fingerprint import fingerprint_matches, weights_fingerprint
+from loratool.hf_checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
 from loratool.lora_init import refuse_unmergeable
-from loratool.merge_adapter import (
+from loratool.merge.adapter import (
     ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     Adapter,
-    check_adapter_files,
-    is_adapter_dir,
 )
-from loratool.merge_checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
 from loratool.outputs import Output, claim_output, library_versions, read_json
-from loratool.rundir import BaseModelRecord, RunRecord, read_run
+from loratool.rundir import TrainingRun, find_adapter, read_training_run
 
 MERGE_RECORD = "merge.json"
 QLORA_POLICIES = ("dequantized", "original")
@@ -45,28 +41,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )  # fmt: skip
 _MARGIN = 64 * 2**20  # bytes of free disk kept beyond the estimate (file-system overhead, merge.json)
-
-
-@dataclass(frozen=True)
-class TrainingRun:
-    """What a loratool run directory says about the adapter; empty for an adapter from another tool."""
-
-    record: RunRecord | None  # run.json, read by rundir.read_run
-    recipe: dict[str, Any] | None  # recipe.yaml as written (fully resolved)
-
-    @property
-    def base(self) -> BaseModelRecord:
-        return self.record.base_model if self.record is not None else BaseModelRecord()
-
-    @property
-    def quantization(self) -> str | None:
-        return self.base.quantization
-
-    @property
-    def hardware(self) -> dict[str, Any]:
-        """The hardware the run trained on (run.json), {} for an adapter from another tool."""
-        value = self.record.raw.get("hardware") if self.record is not None else None
-        return value if isinstance(value, dict) else {}
 
 
 def run_merge(
@@ -82,8 +56,8 @@ def run_merge(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Merge the LoRA adapter in `adapter_dir` into its base model; return the merged model directory."""
-    from loratool.merge_adapter import check_against_base, read_adapter
-    from loratool.merge_checkpoint import checkpoint_dtype, open_checkpoint
+    from loratool.hf_checkpoint import checkpoint_dtype, open_checkpoint
+    from loratool.merge.adapter import check_against_base, read_adapter
 
     started = time.time()
     if dtype not in DTYPES:
@@ -145,40 +119,6 @@ def run_merge(
 
 
 # --- the adapter and its run ---------------------------------------------------------------------------
-
-
-def find_adapter(path: Path) -> Path:
-    path = path.expanduser().resolve()
-    if not path.is_dir():
-        raise LoratoolError(
-            f"adapter directory not found: {path}",
-            hint="pass --adapter the output_dir of a finished `loratool train` run, or any PEFT LoRA adapter "
-            f"directory ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})",
-        )
-    if is_adapter_dir(path):
-        check_adapter_files(path)
-        return path
-    present = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]
-    hint = f"pass a directory that holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
-    record = read_run(path)
-    if record is not None and not record.complete:
-        hint = (
-            f"run.json says the training run is {record.status!r}: the adapter is written only when "
-            "training finishes"
-        )
-    elif (path / "adapter_model.bin").is_file():
-        hint = "the adapter is saved as a pickle (adapter_model.bin); save it again with safetensors"
-    raise LoratoolError(
-        f"{path} is not a LoRA adapter directory: {' and '.join(missing)} missing "
-        f"(it has: {', '.join(present) or 'nothing'})",
-        hint=hint,
-    )
-
-
-def read_training_run(adapter_dir: Path) -> TrainingRun:
-    record = read_run(adapter_dir)
-    return TrainingRun(record, record.recipe() if record is not None else None)
 
 
 # --- the base ------------------------------------------------------------------------------------------
@@ -321,7 +261,7 @@ def choose_qlora_policy(requested: str | None, run: TrainingRun) -> str | None:
 
 def quantized_base(run: TrainingRun, base_dir: Path, base_dtype: str) -> Any:
     """How the run quantized its base: the recipe's quantization section and the dtype it loaded in."""
-    from loratool.merge_qlora import QuantizedBase, quantization_device, quantized_weight_names
+    from loratool.merge.qlora import QuantizedBase, quantization_device, quantized_weight_names
     from loratool.recipe import QuantizationSection
 
     recipe = run.recipe or {}
@@ -376,7 +316,7 @@ def output_location(output: str | Path | None, adapter_dir: Path, base_dir: Path
 
 def plan_output(checkpoint: Checkpoint, adapter: Adapter, dtype: str) -> list[list[TensorInfo]]:
     """The tensors of each output shard: the base's names and shapes, in the output dtype."""
-    from loratool.merge_checkpoint import FLOAT_DTYPES
+    from loratool.hf_checkpoint import FLOAT_DTYPES
 
     planned = []
     for shard in checkpoint.shards:
@@ -391,7 +331,7 @@ def plan_output(checkpoint: Checkpoint, adapter: Adapter, dtype: str) -> list[li
 
 
 def check_disk_space(output: Path, planned: list[list[TensorInfo]], tokenizer_dir: Path) -> None:
-    from loratool.merge_checkpoint import shard_bytes
+    from loratool.hf_checkpoint import shard_bytes
 
     needed = sum(shard_bytes(tensors) for tensors in planned)
     needed += sum((tokenizer_dir / f).stat().st_size for f in TOKENIZER_FILES if (tokenizer_dir / f).exists())
@@ -418,9 +358,9 @@ def write_weights(
     log: Callable[[str], None],
 ) -> dict[str, int]:
     """Stream every base shard into its output shard, merging the tensors the adapter changes."""
-    from loratool.merge_adapter import fold
-    from loratool.merge_checkpoint import ShardWriter, read_tensor, torch_dtype
-    from loratool.merge_qlora import as_trained
+    from loratool.hf_checkpoint import ShardWriter, read_tensor, torch_dtype
+    from loratool.merge.adapter import fold
+    from loratool.merge.qlora import as_trained
 
     counts = {"merged": 0, "from_base": 0}
     data_bytes = 0
@@ -579,10 +519,11 @@ def verify_merge(
     out_dtype: str,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Compare the merged model with base + adapter on probe rows (see merge_verify.py for thresholds)."""
+    """Compare the merged model with base + adapter on probe rows (see merge/verify.py for thresholds)."""
     from transformers import AutoTokenizer
 
-    from loratool.merge_verify import EXACT, QUANTIZATION_DRIFT, ROUNDED, Reference, build_probes, verify
+    from loratool.logit_comparison import build_probes
+    from loratool.merge.verify import EXACT, QUANTIZATION_DRIFT, ROUNDED, Reference, verify
 
     tight = EXACT if out_dtype == "float32" else ROUNDED
     full = Reference("full_precision_base", "full-precision base + adapter", tight, None)

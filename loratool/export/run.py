@@ -20,7 +20,7 @@ Reads top to bottom like the export:
   (the temporary merge plus the GGUF). An existing output is replaced only with --overwrite, and only if it
   is a loratool export (it has export.json).
 - Verification (default on): the GGUF is loaded back with transformers and compared with the checkpoint it
-  came from (logits and tokenizer; export_verify.py). A failed export is kept as
+  came from (logits and tokenizer; export/verify.py). A failed export is kept as
   `<output>.failed-verification` and the command fails.
 """
 
@@ -58,7 +58,7 @@ def run_export(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Export `source`; return the output directory."""
-    from loratool.export_gguf import file_type
+    from loratool.export.gguf import file_type
 
     started = time.time()
     source = find_source(Path(source))
@@ -136,7 +136,7 @@ def find_source(path: Path) -> Path:
 
 def source_kind(path: Path) -> str:
     """`run` for a training run / adapter directory, `model` for an HF checkpoint; refuses anything else."""
-    from loratool.merge_adapter import ADAPTER_CONFIG
+    from loratool.merge.adapter import ADAPTER_CONFIG
 
     if (path / ADAPTER_CONFIG).is_file() or has_run_record(path):
         return "run"
@@ -204,7 +204,7 @@ def gguf_name(source: Path, outtype: str) -> str:
 
 def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str, is_run: bool) -> None:
     """Refuse early when the GGUF (and, for a run, the temporary merge) cannot fit."""
-    from loratool.merge_checkpoint import open_checkpoint
+    from loratool.hf_checkpoint import open_checkpoint
 
     model_dir = _base_dir(source, base) if is_run else source
     tensors = [t for shard in open_checkpoint(model_dir).shards for t in shard.tensors]
@@ -225,9 +225,9 @@ def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str,
 
 
 def check_gguf_architecture(source: Path, base: str | None, is_run: bool) -> None:
-    """Refuse a model whose architecture the GGUF writer does not support (export_gguf.ARCHITECTURES),
+    """Refuse a model whose architecture the GGUF writer does not support (export/gguf.py ARCHITECTURES),
     reading config.json only: the source's, or for a run its base's."""
-    from loratool.export_gguf import ARCHITECTURES
+    from loratool.export.gguf import ARCHITECTURES
 
     model_dir = _base_dir(source, base) if is_run else source
     try:
@@ -248,14 +248,15 @@ def check_gguf_architecture(source: Path, base: str | None, is_run: bool) -> Non
 
 
 def _element_bytes(dtype: str) -> int:
-    from loratool.merge_checkpoint import DTYPES
+    from loratool.hf_checkpoint import DTYPES
 
     return DTYPES[dtype][1]
 
 
 def _base_dir(run_dir: Path, base: str | None) -> Path:
-    from loratool.merge import find_adapter, read_training_run, resolve_base
-    from loratool.merge_adapter import read_adapter
+    from loratool.merge import resolve_base
+    from loratool.merge.adapter import read_adapter
+    from loratool.rundir import find_adapter, read_training_run
 
     adapter_dir = find_adapter(run_dir)
     return resolve_base(base, read_training_run(adapter_dir), read_adapter(adapter_dir))[1]
@@ -302,7 +303,7 @@ def export_gguf(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Write the GGUF (+ Modelfile) into `folder`, verify it; return export.json's content."""
-    from loratool.export_gguf import write_gguf
+    from loratool.export.gguf import write_gguf
 
     name = gguf_name(source, outtype)
     log(f"converting {model_dir} to GGUF ({outtype})")
@@ -310,7 +311,7 @@ def export_gguf(
     recipe = _recipe_of(source)
     modelfile = None
     if ollama:
-        from loratool.export_ollama import default_system_prompt, write_modelfile
+        from loratool.export.ollama import default_system_prompt, write_modelfile
 
         tokenizer = _tokenizer_config(model_dir)
         system = _system_prompt(recipe) or default_system_prompt(tokenizer["chat_template"])
@@ -331,7 +332,7 @@ def export_gguf(
         "versions": library_versions("gguf", "torch", "transformers", "peft", "safetensors"),
     }
     if verify:
-        from loratool.export_verify import verify_gguf
+        from loratool.export.verify import verify_gguf
 
         log("verifying the GGUF against its source (transformers gguf_file= reload)")
         record["verification"] = verify_gguf(gguf_file, model_dir, outtype, _validated(recipe, log), log)
@@ -381,7 +382,7 @@ def finish(out: Output, partial: Path, record: dict[str, Any], log: Callable[[st
     """Write export.json and move the export into place — or keep a failed one under a name saying so."""
     verification = record["verification"]
     if not verification.get("skipped") and not verification["passed"]:
-        from loratool.export_verify import verification_message
+        from loratool.export.verify import verification_message
 
         record["status"] = "failed-verification"
         kept = out.keep_failed(partial, record)

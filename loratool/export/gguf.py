@@ -5,7 +5,7 @@ on PyPI (a pinned, ordinary dependency) and gives the file format, the tensor-na
 (`gguf.get_tensor_name_map`), the quantizers (`gguf.quants`) and special-token handling (`gguf.SpecialVocab`);
 the converter script is not packaged (it needs a llama.cpp checkout matching the gguf version), converts
 hundreds of architectures we do not test, identifies tokenizers by hashing the vocabularies of released
-models (a fine-tuned or tiny vocabulary hashes to nothing it knows, see export_tokenizer.py), and loads
+models (a fine-tuned or tiny vocabulary hashes to nothing it knows, see export/tokenizer.py), and loads
 tensors through torch lazily but not with a memory bound we control. What llama.cpp needs per architecture
 is small and written out here, checked against that script.
 
@@ -44,7 +44,7 @@ from loratool.errors import LoratoolError
 if TYPE_CHECKING:
     import numpy as np
 
-    from loratool.merge_checkpoint import Shard, TensorInfo
+    from loratool.hf_checkpoint import Shard, TensorInfo
 
 # HF model_type -> llama.cpp architecture name.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -80,8 +80,8 @@ def write_gguf(
     import gguf
     import numpy as np
 
-    from loratool.export_tokenizer import add_vocab, read_vocab
-    from loratool.merge_checkpoint import open_checkpoint
+    from loratool.export.tokenizer import add_vocab, read_vocab
+    from loratool.hf_checkpoint import open_checkpoint
 
     model_dir, out_file = Path(model_dir), Path(out_file)
     config = read_config(model_dir)
@@ -287,7 +287,7 @@ def _converted(
     import gguf
     import numpy as np
 
-    from loratool.merge_checkpoint import read_tensor
+    from loratool.hf_checkpoint import read_tensor
 
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head

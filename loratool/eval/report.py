@@ -64,7 +64,7 @@ def terminal_summary(record: dict[str, Any], generations: list[dict[str, Any]]) 
 
 def lm_eval_table(record: dict[str, Any]) -> list[list[str]]:
     """Header + one row per lm-eval task metric, one column per model; empty without lm-eval numbers."""
-    from loratool.eval_lm_harness import metric_rows
+    from loratool.eval.lm_harness import metric_rows
 
     names, rows = metric_rows(record)
     if not rows:

@@ -1,0 +1,10 @@
+"""`loratool eval` (run.py): held-out loss, perplexity and generation metrics of a fine-tune next to its
+base.
+
+metrics.py computes the numbers, report.py writes report.md and the terminal summary, and lm_harness.py
+runs lm-evaluation-harness tasks on the model eval already holds.
+"""
+
+from loratool.eval.run import EVAL_DIR, GENERATIONS, METRICS, REPORT, run_eval
+
+__all__ = ["EVAL_DIR", "GENERATIONS", "METRICS", "REPORT", "run_eval"]

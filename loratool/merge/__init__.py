@@ -1,0 +1,37 @@
+"""`loratool merge`: fold a LoRA adapter into its base model (run.py), or combine several (combine.py).
+
+adapter.py reads an adapter as changes to named base tensors and folds them in; qlora.py presents a 4-bit
+base as training saw it; verify.py checks the merged model against base + adapter. Reading and writing
+safetensors checkpoints one tensor at a time is loratool/hf_checkpoint.py; comparing two models' logits is
+loratool/logit_comparison.py; finding an adapter and its run is loratool/rundir.py.
+"""
+
+from loratool.merge.run import (
+    MERGE_RECORD,
+    check_base_identity,
+    copy_tokenizer,
+    output_location,
+    quantized_base,
+    refuse_quantized_checkpoint,
+    resolve_base,
+    run_merge,
+    stop_token_ids,
+    write_generation_config,
+)
+from loratool.rundir import TrainingRun, find_adapter, read_training_run
+
+__all__ = [
+    "MERGE_RECORD",
+    "TrainingRun",
+    "check_base_identity",
+    "copy_tokenizer",
+    "find_adapter",
+    "output_location",
+    "quantized_base",
+    "read_training_run",
+    "refuse_quantized_checkpoint",
+    "resolve_base",
+    "run_merge",
+    "stop_token_ids",
+    "write_generation_config",
+]
