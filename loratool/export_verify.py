@@ -34,6 +34,10 @@ THRESHOLDS = {
     "f16": Thresholds(max_abs_logit_diff=None, max_mean_kl=1e-3, min_greedy_agreement=0.95),
     "bf16": Thresholds(max_abs_logit_diff=None, max_mean_kl=5e-3, min_greedy_agreement=None),
     "q8_0": Thresholds(max_abs_logit_diff=None, max_mean_kl=2e-2, min_greedy_agreement=None),
+    "q5_1": Thresholds(max_abs_logit_diff=None, max_mean_kl=0.1, min_greedy_agreement=None),
+    "q5_0": Thresholds(max_abs_logit_diff=None, max_mean_kl=0.1, min_greedy_agreement=None),
+    "q4_1": Thresholds(max_abs_logit_diff=None, max_mean_kl=0.3, min_greedy_agreement=None),
+    "q4_0": Thresholds(max_abs_logit_diff=None, max_mean_kl=0.3, min_greedy_agreement=None),
 }
 
 TOKENIZER_PROBES = (

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedTokenizerFast
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Also buildable, for the GGUF export tests of other families. Not in ARCHITECTURES, whose models all share
+# one shape (untied head, head_dim = hidden / heads): Gemma ties its head and uses head_dim 256 here (the
+# attention scale llama.cpp and transformers' GGUF reader both assume), qwen3 head_dim 128 (the one
+# transformers' GGUF reader assumes), and gemma3_text has a sliding window
+# of 16 tokens so that short tests cross it.
+EXPORT_ARCHITECTURES = ("qwen3", "gemma2", "gemma3_text", "phi3")
 
 # Special tokens. The ids are fixed by their order here (0..4) because the BPE trainer puts its special
 # tokens first: pad=0, bos=1, eos=2, im_start=3, endoftext=4, whatever vocab_size is asked for.
@@ -271,7 +277,15 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
 def _make_config(arch: str, **kwargs: object) -> PreTrainedConfig:
     """The per-architecture config. Sliding-window attention is turned off so all three behave alike."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     if arch == "llama":
         return LlamaConfig(**kwargs)
@@ -279,7 +293,20 @@ def _make_config(arch: str, **kwargs: object) -> PreTrainedConfig:
         return MistralConfig(sliding_window=None, **kwargs)
     if arch == "qwen2":
         return Qwen2Config(use_sliding_window=False, sliding_window=None, **kwargs)
-    raise LoratoolError(f"unknown architecture {arch!r}", hint=f"choose one of {', '.join(ARCHITECTURES)}")
+    if arch == "qwen3":
+        # head_dim 128 as in every released Qwen3 (transformers' GGUF reader assumes it, too)
+        return Qwen3Config(use_sliding_window=False, sliding_window=None, head_dim=128, **kwargs)
+    if arch == "phi3":
+        return Phi3Config(sliding_window=None, **kwargs)
+    gemma = {**kwargs, "tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256}
+    if arch == "gemma2":
+        return Gemma2Config(**gemma)
+    if arch == "gemma3_text":
+        return Gemma3TextConfig(sliding_window=16, **gemma)
+    raise LoratoolError(
+        f"unknown architecture {arch!r}",
+        hint=f"choose one of {', '.join(ARCHITECTURES + EXPORT_ARCHITECTURES)}",
+    )
 
 
 def build_tiny_model(
@@ -304,9 +331,10 @@ def build_tiny_model(
     arguments (``seed`` included): two calls with the same arguments write identical safetensors.
     ``chat_template=False`` writes a "base model" tokenizer without a template.
     """
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHITECTURES + EXPORT_ARCHITECTURES:
         raise LoratoolError(
-            f"unknown architecture {arch!r}", hint=f"choose one of {', '.join(ARCHITECTURES)}"
+            f"unknown architecture {arch!r}",
+            hint=f"choose one of {', '.join(ARCHITECTURES + EXPORT_ARCHITECTURES)}",
         )
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise LoratoolError(
