@@ -134,6 +134,7 @@ def write_gguf(
     }
     plan = plan_tensors(config, arch, {name: t for name, (_, t) in sources.items()}, outtype)
     vocab = read_vocab(model_dir, config["vocab_size"])
+    check_name(name or model_dir.name, vocab.tokens)
 
     writer = gguf.GGUFWriter(path=None, arch=arch)
     add_model_metadata(writer, config, name or model_dir.name, ftype, arch)
@@ -253,6 +254,20 @@ def check_architecture(config: dict[str, Any], arch: str, model_dir: Path) -> No
             f"full-attention layer every {period})",
             hint="llama.cpp cannot express another sliding-window pattern for this architecture",
         )
+
+
+def check_name(name: str, tokens: list[str]) -> None:
+    """llama.cpp gives Phi-3's special tokens their whitespace handling when general.name contains 'phi3' or
+    'phi-3', and then fails to load a vocabulary that lacks any of <unk>, <s>, </s>, <|endoftext|>."""
+    lowered = name.lower()
+    if "phi3" in lowered or "phi-3" in lowered:
+        missing = sorted({"<unk>", "<s>", "</s>", "<|endoftext|>"} - set(tokens))
+        if missing:
+            raise LoratoolError(
+                f"the model name {name!r} makes llama.cpp treat the file as Phi-3, whose tokens "
+                f"{', '.join(missing)} this vocabulary lacks: llama.cpp would refuse to load it",
+                hint="export under a name without 'phi3' / 'phi-3' (rename the directory or pass --output)",
+            )
 
 
 def file_type(outtype: str) -> Any:

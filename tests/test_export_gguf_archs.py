@@ -24,6 +24,11 @@ def quiet(_: str) -> None:
     pass
 
 
+def export(source: Path, out: Path, outtype: str, *, log=quiet, name: str = "tiny") -> Path:
+    """write_gguf under the name "tiny" (a directory name with "phi3" in it means Phi-3 to llama.cpp)."""
+    return write_gguf(source, out, outtype, log=log, name=name)
+
+
 def fields(path: Path) -> dict:
     from gguf import GGUFReader
 
@@ -66,7 +71,7 @@ def test_f32_tensors_round_trip(tmp_path, tiny_model_factory, arch):
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
     source = tiny(tiny_model_factory, arch)
-    out = write_gguf(source, tmp_path / "m.gguf", "f32", log=quiet)
+    out = export(source, tmp_path / "m.gguf", "f32", log=quiet)
     got = gguf_tensors(out)
     weights = load_file(source / "model.safetensors")
     gguf_arch = {"gemma3_text": "gemma3"}.get(arch, arch)
@@ -94,7 +99,7 @@ def test_low_bit_types_keep_embeddings_and_head_at_q8_0(tmp_path, tiny_model_fac
 
     source = tiny_model_factory("llama")
     for outtype in LOW_BIT:
-        out = write_gguf(source, tmp_path / f"m.{outtype}.gguf", outtype, log=quiet)
+        out = export(source, tmp_path / f"m.{outtype}.gguf", outtype, log=quiet)
         types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
         assert types["token_embd.weight"] == types["output.weight"] == "Q8_0"
         assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == outtype.upper()
@@ -107,7 +112,7 @@ def test_low_bit_types_keep_embeddings_and_head_at_q8_0(tmp_path, tiny_model_fac
 
 def test_gemma2_metadata(tmp_path, tiny_model_factory):
     source = tiny_model_factory("gemma2")
-    f = fields(write_gguf(source, tmp_path / "m.gguf", "f16", log=quiet))
+    f = fields(export(source, tmp_path / "m.gguf", "f16", log=quiet))
     assert f["general.architecture"] == "gemma2"
     assert f["gemma2.attention.key_length"] == f["gemma2.attention.value_length"] == 256
     assert f["gemma2.attn_logit_softcapping"] == 50.0 and f["gemma2.final_logit_softcapping"] == 30.0
@@ -117,7 +122,7 @@ def test_gemma2_metadata(tmp_path, tiny_model_factory):
 
 def test_gemma3_metadata(tmp_path, tiny_model_factory):
     source = tiny(tiny_model_factory, "gemma3_text")
-    f = fields(write_gguf(source, tmp_path / "m.gguf", "f16", log=quiet))
+    f = fields(export(source, tmp_path / "m.gguf", "f16", log=quiet))
     assert f["general.architecture"] == "gemma3"
     assert f["gemma3.attention.sliding_window"] == 16
     assert f["gemma3.rope.freq_base"] == 1_000_000.0 and f["gemma3.rope.freq_base_swa"] == 10_000.0
@@ -126,10 +131,10 @@ def test_gemma3_metadata(tmp_path, tiny_model_factory):
 
 
 def test_qwen3_and_phi3_metadata(tmp_path, tiny_model_factory):
-    f = fields(write_gguf(tiny_model_factory("qwen3"), tmp_path / "q.gguf", "f16", log=quiet))
+    f = fields(export(tiny_model_factory("qwen3"), tmp_path / "q.gguf", "f16", log=quiet))
     assert f["general.architecture"] == "qwen3" and f["qwen3.attention.key_length"] == 128
     assert f["qwen3.rope.dimension_count"] == 128
-    f = fields(write_gguf(tiny_model_factory("phi3"), tmp_path / "p.gguf", "f16", log=quiet))
+    f = fields(export(tiny_model_factory("phi3"), tmp_path / "p.gguf", "f16", log=quiet))
     assert f["general.architecture"] == "phi3" and f["phi3.rope.dimension_count"] == 16
     assert f["phi3.rope.scaling.original_context_length"] == 4096 and f["phi3.attention.sliding_window"] == 0
 
@@ -144,7 +149,7 @@ def test_phi3_longrope_writes_the_factor_tensors(tmp_path, tiny_model_factory):
         max_position_embeddings=8192,
         original_max_position_embeddings=2048,
     )
-    out = write_gguf(source, tmp_path / "m.gguf", "f16", log=quiet)
+    out = export(source, tmp_path / "m.gguf", "f16", log=quiet)
     got, f = gguf_tensors(out), fields(out)
     np.testing.assert_array_equal(got["rope_factors_long.weight"], np.float32(long))
     np.testing.assert_array_equal(got["rope_factors_short.weight"], np.float32(short))
@@ -171,8 +176,8 @@ def test_gemma3_multimodal_checkpoint_exports_its_language_model(tmp_path, tiny_
         :4
     ].clone()
     save_file(weights, wrapped / "model.safetensors", metadata={"format": "pt"})
-    a = gguf_tensors(write_gguf(text, tmp_path / "text.gguf", "f32", log=quiet))
-    b = gguf_tensors(write_gguf(wrapped, tmp_path / "mm.gguf", "f32", log=quiet))
+    a = gguf_tensors(export(text, tmp_path / "text.gguf", "f32", log=quiet))
+    b = gguf_tensors(export(wrapped, tmp_path / "mm.gguf", "f32", log=quiet))
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -185,18 +190,25 @@ def test_gemma_settings_llama_cpp_cannot_express_are_refused(tmp_path, tiny_mode
     source = tiny(tiny_model_factory, "gemma3_text")
     scaled = with_config(source, tmp_path / "scalar", query_pre_attn_scalar=128)
     with pytest.raises(LoratoolError, match="query_pre_attn_scalar 128 differs"):
-        write_gguf(scaled, tmp_path / "a.gguf", "f16", log=quiet)
+        export(scaled, tmp_path / "a.gguf", "f16", log=quiet)
     pattern = with_config(
         source, tmp_path / "pattern", layer_types=["sliding_attention", "full_attention"] * 3
     )
     with pytest.raises(LoratoolError, match="llama.cpp's fixed gemma3 pattern"):
-        write_gguf(pattern, tmp_path / "b.gguf", "f16", log=quiet)
+        export(pattern, tmp_path / "b.gguf", "f16", log=quiet)
     assert not list(tmp_path.glob("*.gguf*"))  # refused before anything is written
+
+
+def test_a_phi3_name_on_a_vocabulary_llama_cpp_would_refuse(tmp_path, tiny_model_factory):
+    source = tiny_model_factory("phi3")
+    with pytest.raises(LoratoolError, match="makes llama.cpp treat the file as Phi-3"):
+        export(source, tmp_path / "m.gguf", "f16", log=quiet, name="my-phi3-finetune")
+    export(source, tmp_path / "m.gguf", "f16", log=quiet, name="my-finetune")
 
 
 def test_k_quants_are_refused_with_the_way_to_get_them(tmp_path, tiny_llama):
     with pytest.raises(LoratoolError, match="unknown --outtype 'q4_K_M'") as caught:
-        write_gguf(tiny_llama, tmp_path / "m.gguf", "q4_K_M", log=quiet)
+        export(tiny_llama, tmp_path / "m.gguf", "q4_K_M", log=quiet)
     assert "llama-quantize" in caught.value.hint
 
 
@@ -209,7 +221,7 @@ def test_transformers_reload_matches_the_source(tmp_path, tiny_model_factory, ar
     from loratool.export_verify import THRESHOLDS, verify_gguf
 
     source = tiny(tiny_model_factory, arch)
-    out = write_gguf(source, tmp_path / "m.gguf", outtype, log=quiet)
+    out = export(source, tmp_path / "m.gguf", outtype, log=quiet)
     result = verify_gguf(out, source, outtype, None, log=quiet)
     assert result["passed"], result
     assert result["tokenizer"]["passed"] and result["tokenizer"]["strings"] == 6
@@ -228,7 +240,7 @@ def test_low_bit_reload_within_thresholds_and_ordered_by_bits(tmp_path, tiny_mod
     source = tiny_model_factory("llama")
     kl = {}
     for t in ("q8_0", outtype):
-        out = write_gguf(source, tmp_path / f"m.{t}.gguf", t, log=quiet)
+        out = export(source, tmp_path / f"m.{t}.gguf", t, log=quiet)
         result = verify_gguf(out, source, t, None, log=quiet)
         assert result["passed"], result
         kl[t] = result["logits"]["mean_kl"]

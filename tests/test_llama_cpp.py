@@ -91,7 +91,7 @@ def test_missing_node_skips_locally_and_fails_where_required(monkeypatch, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_tiny_export_decodes_in_llama_cpp_like_transformers(
     arch, tiny_model_factory, llama_runtime, tmp_path
 ):
@@ -99,8 +99,13 @@ def test_tiny_export_decodes_in_llama_cpp_like_transformers(
 
     from loratool.export_gguf import write_gguf
 
-    model_dir = tiny_model_factory(arch)
-    gguf = write_gguf(model_dir, tmp_path / f"tiny-{arch}.gguf", outtype="f32", log=lambda _: None)
+    # gemma3_text: six layers so that llama.cpp's fixed pattern (5 sliding-window layers, then 1 global) has
+    # a global layer; its 16-token window is crossed by the ~50-token prompt.
+    model_dir = tiny_model_factory(arch, num_layers=6) if arch == "gemma3_text" else tiny_model_factory(arch)
+    # general.name "tiny": llama.cpp treats a file whose name contains "phi3" as Phi-3 and expects its tokens
+    gguf = write_gguf(
+        model_dir, tmp_path / f"tiny-{arch}.gguf", outtype="f32", log=lambda _: None, name="tiny"
+    )
     prompt = chatml(TRICKY)
     result = run_greedy(llama_runtime, gguf, prompt=prompt, n=16)
 
