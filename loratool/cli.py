@@ -600,7 +600,9 @@ def export(
     outtype: Annotated[
         str,
         typer.Option(
-            "--outtype", help="GGUF only: type of the 2-D weights (f32, f16, bf16, q8_0); norms stay f32."
+            "--outtype",
+            help="GGUF only: type of the 2-D weights (f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0); norms "
+            "stay f32, and with 4/5-bit types the embeddings and output head stay q8_0.",
         ),
     ] = "f16",
     output: Annotated[

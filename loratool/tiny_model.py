@@ -26,8 +26,14 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedConfig, PreTrainedTokenizerFast
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")  # the ChatML-vocabulary ones below
-# Gemma-style: Gemma's special tokens (GEMMA_TOKENS) instead of the ChatML ones.
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Also buildable, for the GGUF export tests of other families. Not in ARCHITECTURES, whose models all share
+# one shape (untied head, head_dim = hidden / heads): Gemma ties its head and uses head_dim 256 here (the
+# attention scale llama.cpp and transformers' GGUF reader both assume), qwen3 head_dim 128 (the one
+# transformers' GGUF reader assumes), and gemma3_text has a sliding window
+# of 16 tokens so that short tests cross it.
+EXPORT_ARCHITECTURES = ("qwen3", "gemma2", "gemma3_text", "phi3")
+# Gemma's special tokens (GEMMA_TOKENS) instead of the ChatML ones, and a tokenizer that adds <bos>.
 GEMMA_ARCHITECTURES = ("gemma3_text",)
 
 # Special tokens. The ids are fixed by their order here (0..4) because the BPE trainer puts its special
@@ -287,8 +293,16 @@ def build_tokenizer(vocab_size: int = 512, *, gemma: bool = False) -> PreTrained
 
 
 def _make_config(arch: str, **kwargs: object) -> PreTrainedConfig:
-    """The per-architecture config. Sliding-window attention is turned off so all of them behave alike."""
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+    """The per-architecture config. Sliding-window attention is turned off so the Llama-shaped ones behave alike."""
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     if arch == "llama":
         return LlamaConfig(**kwargs)
@@ -296,20 +310,19 @@ def _make_config(arch: str, **kwargs: object) -> PreTrainedConfig:
         return MistralConfig(sliding_window=None, **kwargs)
     if arch == "qwen2":
         return Qwen2Config(use_sliding_window=False, sliding_window=None, **kwargs)
+    if arch == "qwen3":
+        # head_dim 128 as in every released Qwen3 (transformers' GGUF reader assumes it, too)
+        return Qwen3Config(use_sliding_window=False, sliding_window=None, head_dim=128, **kwargs)
+    if arch == "phi3":
+        return Phi3Config(sliding_window=None, **kwargs)
+    gemma = {**kwargs, "tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256}
+    if arch == "gemma2":
+        return Gemma2Config(**gemma)
     if arch == "gemma3_text":
-        head_dim = int(kwargs["hidden_size"]) // int(kwargs["num_attention_heads"])  # type: ignore[call-overload]
-        layers = int(kwargs["num_hidden_layers"])  # type: ignore[call-overload]
-        return Gemma3TextConfig(
-            head_dim=head_dim,
-            query_pre_attn_scalar=head_dim,
-            layer_types=["full_attention"] * layers,
-            # every layer attends fully; generate's cache still wants a window: the whole context
-            sliding_window=kwargs["max_position_embeddings"],
-            **kwargs,
-        )
+        return Gemma3TextConfig(sliding_window=16, **gemma)
     raise LoratoolError(
         f"unknown architecture {arch!r}",
-        hint=f"choose one of {', '.join(ARCHITECTURES + GEMMA_ARCHITECTURES)}",
+        hint=f"choose one of {', '.join(ARCHITECTURES + EXPORT_ARCHITECTURES)}",
     )
 
 
@@ -335,10 +348,10 @@ def build_tiny_model(
     arguments (``seed`` included): two calls with the same arguments write identical safetensors.
     ``chat_template=False`` writes a "base model" tokenizer without a template.
     """
-    if arch not in ARCHITECTURES + GEMMA_ARCHITECTURES:
+    if arch not in ARCHITECTURES + EXPORT_ARCHITECTURES:
         raise LoratoolError(
             f"unknown architecture {arch!r}",
-            hint=f"choose one of {', '.join(ARCHITECTURES + GEMMA_ARCHITECTURES)}",
+            hint=f"choose one of {', '.join(ARCHITECTURES + EXPORT_ARCHITECTURES)}",
         )
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise LoratoolError(

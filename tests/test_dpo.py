@@ -458,7 +458,7 @@ def test_init_adapter_must_be_a_finished_loratool_run(tmp_path, tiny_llama):
 
 
 def test_eval_scores_the_chosen_answers_of_the_runs_validation_pairs(dpo_run, tmp_path):
-    from loratool.evaluate import run_eval
+    from loratool.eval.run import run_eval
 
     out, _, _ = dpo_run
     report = run_eval(out, max_samples=2, max_new_tokens=4, output=tmp_path / "eval", log=lambda _: None)

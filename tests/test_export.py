@@ -393,11 +393,11 @@ def test_source_that_is_a_file_or_not_a_model(tmp_path):
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path, tiny_llama):
-    source = copy_model(tiny_llama, tmp_path / "m", model_type="phi3")
+    source = copy_model(tiny_llama, tmp_path / "m", model_type="gpt_neox")
     result = export_cli(source)
     assert result.exit_code == 1
-    assert "model_type 'phi3' cannot be exported to GGUF" in result.output
-    assert "hint: supported model types: llama, mistral, qwen2" in result.output
+    assert "model_type 'gpt_neox' cannot be exported to GGUF" in result.output
+    assert "hint: supported model types: llama, mistral, qwen2, qwen3, gemma2, gemma3_text" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 

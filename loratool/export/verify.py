@@ -29,11 +29,19 @@ from loratool.logit_comparison import Thresholds
 # positions): f16 max |Δlogit| 0.045, mean KL 2.7e-6; bf16 0.28, 9.4e-5; q8_0 1.3, 2.0e-3, greedy agreement
 # 97%. The KL limits leave ~10x headroom over those. Greedy agreement is required only where rounding is too
 # small to flip a near-tie (f32, f16); a random test model is full of near-ties.
+# 4/5-bit (scripts/bench_gguf_types.py, SmolLM2-135M, 5 chats; docs/benchmarks.md): q5_0 mean KL 0.16
+# (greedy 88.5%), q4_0 0.67 (64%). A 135M model is the worst case (larger models lose far less); the limits
+# leave ~3x over those and still fail what a broken export does (mean KL of several nats). q4_1 / q5_1 add
+# a per-block minimum and are at most as far off as q4_0 / q5_0.
 THRESHOLDS = {
     "f32": Thresholds(max_abs_logit_diff=1e-3, max_mean_kl=1e-6, min_greedy_agreement=1.0),
     "f16": Thresholds(max_abs_logit_diff=None, max_mean_kl=1e-3, min_greedy_agreement=0.95),
     "bf16": Thresholds(max_abs_logit_diff=None, max_mean_kl=5e-3, min_greedy_agreement=None),
     "q8_0": Thresholds(max_abs_logit_diff=None, max_mean_kl=2e-2, min_greedy_agreement=None),
+    "q5_1": Thresholds(max_abs_logit_diff=None, max_mean_kl=0.5, min_greedy_agreement=None),
+    "q5_0": Thresholds(max_abs_logit_diff=None, max_mean_kl=0.5, min_greedy_agreement=None),
+    "q4_1": Thresholds(max_abs_logit_diff=None, max_mean_kl=2.0, min_greedy_agreement=None),
+    "q4_0": Thresholds(max_abs_logit_diff=None, max_mean_kl=2.0, min_greedy_agreement=None),
 }
 
 TOKENIZER_PROBES = (
