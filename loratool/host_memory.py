@@ -11,8 +11,10 @@ Fixing the threshold at glibc's starting value (128 KiB) stops the adjustment: a
 mappings and are returned when freed. The cost is fresh pages for each large activation (the kernel
 zeroes them), a few percent of a CPU step at most; the benchmark measures it with everything else.
 
-Only glibc on Linux, only for training on a CPU (GPU activations never touch malloc), and never against
-the user's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ settings.
+It must happen early: blocks already freed into the heap keep serving requests of their size, so `loratool
+train` sets it before anything heavy is imported (on a GPU it changes little: activations live on the
+device). Only glibc on Linux, and never against the user's own MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_ / GLIBC_TUNABLES settings.
 """
 
 from __future__ import annotations
@@ -26,11 +28,19 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 THRESHOLD = 128 * 1024
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_applied: dict[str, int | str] | None = None
 
 
 def return_freed_activations() -> dict[str, int | str] | None:
-    """Fix glibc's mmap and trim thresholds for this process; what was set (for run.json), or None when
-    nothing was (not glibc, or the user tuned malloc themselves)."""
+    """Fix glibc's mmap and trim thresholds for this process (once); what was set (for run.json), or None
+    when nothing was (not glibc, or the user tuned malloc themselves)."""
+    global _applied
+    if _applied is None:
+        _applied = _set_thresholds()
+    return _applied
+
+
+def _set_thresholds() -> dict[str, int | str] | None:
     if sys.platform != "linux" or any(name in os.environ for name in _USER_SETTINGS):
         return None
     try:

@@ -40,6 +40,7 @@ def run_train(
 ) -> Path:
     """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory. `smoke`:
     the record of a smoke run (smoke.py), kept in run.json and on the model card."""
+    return_freed_activations()  # before the heavy imports fill the heap (host_memory.py)
     # Under `accelerate launch` or `torchrun` every process runs this function; only the main one prints,
     # holds the output's lock and touches the run directory (the trainer saves checkpoints from it only).
     state = processes()
@@ -120,8 +121,8 @@ def _train(
             state, lambda: _check_resume(recipe, checks.run, manifest, log), share=True
         )
 
-    if hw.device == "cpu" and (host := return_freed_activations()) is not None:
-        manifest["host_memory"] = host  # peak RSS: activations go back to the system when freed
+    if (host := return_freed_activations()) is not None:
+        manifest["host_memory"] = host  # peak RSS on a CPU: activations go back to the system when freed
     set_seed(recipe.training.seed)
     log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
     model = load_model(recipe, hw, log)

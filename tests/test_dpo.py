@@ -13,6 +13,7 @@ import yaml
 from conftest import SHARED_DATA, smoke_recipe
 from loratool.data.formats import Conversation
 from loratool.data.preference import build_preference_datasets
+from loratool.data.templates import with_bos
 from loratool.data.tokenize import IGNORE, encode
 from loratool.errors import LoratoolError
 from loratool.recipe import DataSection, validate_recipe
@@ -117,10 +118,12 @@ def test_chat_pairs_are_masked_as_sft_masks_the_same_answer(tmp_path, tokenizer)
         prompt = tok.decode(row["prompt_ids"])
         word = prompt.split("Tell me about ")[1].split(".")[0]
         source = next(r for r in rows if r["prompt"][0]["content"] == f"Tell me about {word}.")
-        # The prompt is what the tokenizer's own template renders with the generation prompt.
-        expected_prompt = tok.apply_chat_template(
-            source["prompt"], tokenize=False, add_generation_prompt=True
+        # The prompt is what the tokenizer's own template renders with the generation prompt, with the BOS
+        # the tokenizer adds in front (as SFT rows and generation prompts have it: templates.with_bos).
+        expected_prompt = with_bos(
+            tok, tok.apply_chat_template(source["prompt"], tokenize=False, add_generation_prompt=True)
         )
+        assert prompt.startswith(tok.bos_token)
         assert prompt == expected_prompt
         for answer in ("chosen", "rejected"):
             # The answer tokens are exactly the tokens SFT would train on for that conversation.
