@@ -34,8 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,7 @@ from loratool.recipe import (
     unknown_key_problems,
 )
 from loratool.rundir import RunDir, read_run
+from loratool.signals import terminate_as_interrupt
 
 KIND = "sweep"
 RECORD = "sweep.json"
@@ -347,7 +347,7 @@ def run_sweep(
         return sweep_dir
 
     sweep_log = SweepLog(log)
-    with output_lock(sweep_dir, command_line(), log), _terminate_as_interrupt():
+    with output_lock(sweep_dir, command_line(), log), terminate_as_interrupt():
         _claim(sweep_dir, overwrite=overwrite, resume=resume, log=sweep_log)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep_log.path = sweep_dir / LOG
@@ -536,25 +536,6 @@ def _write_record(sweep_dir: Path, record: dict[str, Any], files: set[str]) -> N
 def read_sweep(sweep_dir: Path) -> dict[str, Any] | None:
     """sweep.json of the loratool sweep in `sweep_dir`, or None when it holds none."""
     return owned_record(sweep_dir, RECORD, KIND)
-
-
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM handled like Ctrl-C: the running cell is stopped and the table so far written."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"terminated by signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _dry_run(cells: list[Cell], log: Callable[[str], None]) -> None:

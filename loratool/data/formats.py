@@ -112,15 +112,19 @@ def resolve_format(source: DataSource, first: dict[str, Any] | None, location: s
 
 def check_columns(source: DataSource, fmt: str) -> None:
     """`columns` may only rename fields that the format reads: catch typos before reading any row."""
-    if fmt == "auto":
-        return
+    if fmt != "auto":
+        check_fields(source, FIELDS[fmt], f"format {fmt}")
+
+
+def check_fields(source: DataSource, fields: tuple[str, ...] | list[str], layout: str) -> None:
+    """`columns` may only rename `fields` (what `layout` reads); `roles` must map to real roles."""
     for name in source.columns:
-        if name not in FIELDS[fmt]:
-            close = difflib.get_close_matches(name, FIELDS[fmt], n=1)
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
             raise LoratoolError(
-                f"data source {source.path}: columns.{name} is not a field of format {fmt}"
+                f"data source {source.path}: columns.{name} is not a field of {layout}"
                 + (f" — did you mean {close[0]}?" if close else ""),
-                hint=f"format {fmt} reads: {', '.join(FIELDS[fmt])}; columns maps those names to yours",
+                hint=f"{layout} reads: {', '.join(fields)}; columns maps those names to yours",
             )
     for role, target in source.roles.items():
         if target not in ROLES:

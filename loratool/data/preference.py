@@ -15,7 +15,6 @@ prompt, never trained. Rows are read, checked, truncated and counted in the data
 
 from __future__ import annotations
 
-import difflib
 import random
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -26,9 +25,11 @@ from loratool.data.build import (
     _sha256,
     _split_off,
     _Template,
+    build_split,
+    encode_source,
+    read_source,
 )
 from loratool.data.formats import (
-    ROLES,
     Conversation,
     Example,
     RowError,
@@ -37,11 +38,11 @@ from loratool.data.formats import (
     _renamed_keys,
     _sharegpt,
     _type_name,
+    check_fields,
 )
-from loratool.data.sources import open_source
 from loratool.data.summary import DataSummary, SourceSummary, SplitSummary
 from loratool.data.templates import describe_choice
-from loratool.data.tokenize import IGNORE, encode_many
+from loratool.data.tokenize import IGNORE
 from loratool.errors import LoratoolError
 
 if TYPE_CHECKING:
@@ -102,7 +103,9 @@ def build_preference_datasets(data: DataSection, tokenizer: Any, *, seed: int) -
     from datasets import Dataset
 
     template = _Template(tokenizer, data.chat_template)
-    train_sources, train_pairs = _build_split(data.train, data, tokenizer, template)
+    train_sources, train_pairs = build_split(
+        data.train, lambda source: _build_source(source, data, tokenizer, template)
+    )
     _require_rows("data.train", train_sources, train_pairs, data)  # type: ignore[arg-type]
     random.Random(seed).shuffle(train_pairs)
 
@@ -113,7 +116,9 @@ def build_preference_datasets(data: DataSection, tokenizer: Any, *, seed: int) -
         train_pairs, validation_pairs = _split_off(train_pairs, data.validation)  # type: ignore[arg-type]
         origin = f"{data.validation:.0%} of train, seed {seed}"
     elif data.validation:
-        validation_sources, validation_pairs = _build_split(data.validation, data, tokenizer, template)
+        validation_sources, validation_pairs = build_split(
+            data.validation, lambda source: _build_source(source, data, tokenizer, template)
+        )
         _require_rows("data.validation", validation_sources, validation_pairs, data)  # type: ignore[arg-type]
 
     summary = DataSummary(
@@ -198,20 +203,7 @@ def resolve_preference_format(source: DataSource, first: dict[str, Any] | None, 
 
 def check_preference_columns(source: DataSource, fmt: str) -> None:
     """`columns` may only rename fields the layout reads; `roles` must map to real roles."""
-    for name in source.columns:
-        if name not in FIELDS[fmt]:
-            close = difflib.get_close_matches(name, FIELDS[fmt], n=1)
-            raise LoratoolError(
-                f"data source {source.path}: columns.{name} is not a field of preference format {fmt}"
-                + (f" — did you mean {close[0]}?" if close else ""),
-                hint=f"format {fmt} reads: {', '.join(FIELDS[fmt])}; columns maps those names to yours",
-            )
-    for role, target in source.roles.items():
-        if target not in ROLES:
-            raise LoratoolError(
-                f"data source {source.path}: roles.{role} maps to '{target}', which is not a role",
-                hint=f"map each role of your file to one of {', '.join(ROLES)}",
-            )
+    check_fields(source, FIELDS[fmt], f"preference format {fmt}")
 
 
 def to_pair(row: dict[str, Any], fmt: str, source: DataSource) -> PreferencePair:
@@ -288,58 +280,19 @@ def _one_answer(example: Example, name: str) -> Example:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _build_split(
-    sources: list[DataSource], data: DataSection, tokenizer: Any, template: _Template
-) -> tuple[list[SourceSummary], list[_Pair]]:
-    summaries, pairs = [], []
-    for source in sources:
-        summary, source_pairs = _build_source(source, data, tokenizer, template)
-        summaries.append(summary)
-        pairs += source_pairs
-    return summaries, pairs
-
-
 def _build_source(
     source: DataSource, data: DataSection, tokenizer: Any, template: _Template
 ) -> tuple[SourceSummary, list[_Pair]]:
-    rows_iter, fingerprint = open_source(source)
-    rows = list(rows_iter)
-    first = next((row for row in rows if row.error is None), None)
-    fmt = resolve_preference_format(source, first.data if first else None, first.location if first else "")
-    check_preference_columns(source, fmt)
-    summary = SourceSummary(path=source.path, format=fmt, fingerprint=fingerprint, read=len(rows))
-
-    def bad(location: str, reason: str) -> None:
-        if data.on_bad_row == "fail":
-            raise LoratoolError(
-                f"{location}: {reason}",
-                hint="fix the row, or set data.on_bad_row: skip to leave malformed rows out "
-                "(they are counted in the data summary)",
-            )
-        summary.drop("malformed", location, reason)
-
-    pairs, locations = [], []
-    for row in rows:
-        if row.error is not None:
-            bad(row.location, row.error)
-            continue
-        try:
-            pairs.append(to_pair(row.data, fmt, source))
-            locations.append(row.location)
-        except RowError as exc:
-            if exc.kind == "empty":
-                summary.drop("empty", row.location, exc.reason)
-            else:
-                bad(row.location, f"{exc.reason} (preference format {fmt})")
+    read = read_source(
+        source, data, resolve_preference_format, check_preference_columns, to_pair, what="preference format"
+    )
+    summary, pairs, locations, bad = read.summary, read.parsed, read.locations, read.bad
 
     examples = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
     if any(isinstance(example, Conversation) for example in examples):
         template.ensure()
         template.rows_with_tools += sum(bool(getattr(pair.chosen, "tools", None)) for pair in pairs)
-    try:
-        encoded = encode_many(examples, tokenizer, completion_only_loss=True)
-    except LoratoolError as exc:
-        raise LoratoolError(f"data source {source.path}: {exc.message}", exc.hint) from None
+    encoded = encode_source(source, examples, tokenizer, completion_only_loss=True)
 
     kept = []
     for location, chosen, rejected in zip(
