@@ -18,6 +18,9 @@ imports), and rounds interleave the sides so that load from other jobs hits them
 and side: real (non-padding) tokens per second of the training loop, loop time, launch to first step,
 peak RSS, mean loss per loss-carrying token; medians with [min-max] over rounds, and the ratios.
 
+`--sides ...,baseline_malloc` adds the baseline with glibc's mmap threshold fixed as `loratool train` fixes
+it (loratool/host_memory.py): how much of the peak-RSS difference is that setting alone.
+
     python scripts/bench_train.py [--shapes a,b,smollm2] [--rounds 3] [--sides baseline,default,packing]
                                   [--steps N] [--threads 2] [--json results.json]
 """
@@ -38,6 +41,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("baseline", "default", "packing")
+# Optional: the baseline with glibc's mmap threshold fixed as `loratool train` fixes it (host_memory.py), to
+# show how much of loratool's lower peak RSS comes from that setting alone.
+EXTRA_SIDES = ("baseline_malloc",)
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_RECIPE = REPO / "recipes" / "smollm2-demo.yaml"
 
@@ -302,7 +309,7 @@ def measure(side: str, job: dict, out: Path) -> dict:
         return loss
 
     Trainer.training_step = training_step
-    if side == "baseline":
+    if side.startswith("baseline"):
         run_baseline(job, out)
     else:
         run_loratool(job, out, packing=side == "packing")
@@ -339,6 +346,7 @@ def run_one(side: str, job: dict, work: Path, threads: int, round_: int) -> dict
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **(FIXED_MALLOC if side == "baseline_malloc" else {}),
     }
     out = work / f"{job['shape']}-{side}-{round_}"
     job_file = work / f"{job['shape']}.json"
@@ -367,11 +375,11 @@ def report(shape: str, job: dict, results: dict[str, list[dict]]) -> None:
     print(
         f"\nshape {shape}{params}: micro-batch {job['batch_size']}, {job['steps']} steps, {rounds} round(s)"
     )
-    header = f"{'side':9} {'real tok/s':>22} {'loop s':>20} {'launch->step 1 s':>18} {'peak RSS MiB':>20} {'loss/token':>10}"
+    header = f"{'side':15} {'real tok/s':>22} {'loop s':>20} {'launch->step 1 s':>18} {'peak RSS MiB':>20} {'loss/token':>10}"
     print(header)
     for side, runs in results.items():
         print(
-            f"{side:9} {summary([r['tokens_per_s'] for r in runs], '.0f'):>22} "
+            f"{side:15} {summary([r['tokens_per_s'] for r in runs], '.0f'):>22} "
             f"{summary([r['loop_s'] for r in runs], '.1f'):>20} "
             f"{summary([r['launch_to_first_step_s'] for r in runs], '.1f'):>18} "
             f"{summary([r['peak_rss_bytes'] / 2**20 for r in runs], '.0f'):>20} "
@@ -414,12 +422,15 @@ def main() -> None:
     parser.add_argument("--shapes", default="a,b,smollm2", help="comma-separated: a, b, smollm2")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--sides", default=",".join(SIDES), help="comma-separated: baseline, default, packing"
+        "--sides",
+        default=",".join(SIDES),
+        help="comma-separated: baseline, default, packing; also baseline_malloc (the baseline with glibc's "
+        "mmap threshold fixed, as loratool train does)",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 30; 24 for smollm2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
-    parser.add_argument("--role", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=SIDES + EXTRA_SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
