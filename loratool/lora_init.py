@@ -163,7 +163,7 @@ def calibrate_base(
 ) -> LoraConfig:
     """CorDA: collect the layer-input covariances on the base, before the adapter is attached. Returns the
     config to attach with (`all-linear` resolved to module names, which CorDA's pass needs)."""
-    if config.init_lora_weights != "corda":
+    if getattr(config, "init_lora_weights", True) != "corda":
         return config
     import torch
     from peft.tuners.lora.corda import preprocess_corda
@@ -195,7 +195,7 @@ def calibrate_adapter(
     model: PeftModel, batches: list[dict[str, Any]] | None, log: Callable[[str], None]
 ) -> None:
     """EVA: initialize A from the SVD of each layer's inputs on the training data (ranks redistributed)."""
-    if model.peft_config["default"].init_lora_weights != "eva":
+    if getattr(model.peft_config["default"], "init_lora_weights", True) != "eva":
         return
     from peft import initialize_lora_eva_weights
 
@@ -268,7 +268,7 @@ def keep_initial_adapter(model: PeftModel, checkpoints_dir: Path, log: Callable[
     import torch
     from safetensors.torch import load_file
 
-    init = model.peft_config["default"].init_lora_weights
+    init = getattr(model.peft_config["default"], "init_lora_weights", True)
     if not (isinstance(init, str) and (init.startswith("pissa") or init in CONVERTED)):
         return None
     # PEFT's conversion keeps only lora_A / lora_B: anything else that trains would vanish from the
