@@ -185,9 +185,6 @@ def train(
     ] = False,
 ) -> None:
     """Fine-tune a model with LoRA / QLoRA as the recipe says; the output directory is a PEFT adapter."""
-    from loratool.host_memory import return_freed_activations
-
-    return_freed_activations()  # first: before imports fill the heap (host_memory.py)
     from loratool.recipe import explain as explained
     from loratool.recipe import load_recipe, load_recipe_with_origins
 

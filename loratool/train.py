@@ -16,7 +16,6 @@ from loratool.divergence import DivergenceGuard, check_finite_adapter
 from loratool.errors import InternalError, LoratoolError
 from loratool.fingerprint import fingerprint_matches, weights_fingerprint
 from loratool.gguf_base import gguf_record, is_gguf, resolve_base_model
-from loratool.host_memory import return_freed_activations
 from loratool.inputs import check_inputs
 from loratool.lora import attach_adapter, build_optimizer, keep_adapter_in
 from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics, trim_metrics
@@ -41,7 +40,6 @@ def run_train(
 ) -> Path:
     """Fine-tune `recipe.base_model` with a LoRA adapter and return the finished run directory. `smoke`:
     the record of a smoke run (smoke.py), kept in run.json and on the model card."""
-    return_freed_activations()  # before the heavy imports fill the heap (host_memory.py)
     # Under `accelerate launch` or `torchrun` every process runs this function; only the main one prints,
     # holds the output's lock and touches the run directory (the trainer saves checkpoints from it only).
     state = processes()
@@ -99,8 +97,6 @@ def _train(
             state, lambda: _check_resume(recipe, checks.run, manifest, log), share=True
         )
 
-    if (host := return_freed_activations()) is not None:
-        manifest["host_memory"] = host  # peak RSS on a CPU: activations go back to the system when freed
     set_seed(recipe.training.seed)
     log(f"loading {recipe.base_model} on {hw.device} ({hw.name})")
     model = load_model(recipe, hw, log)
