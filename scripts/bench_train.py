@@ -18,7 +18,8 @@ imports), and rounds interleave the sides so that load from other jobs hits them
 and side: real (non-padding) tokens per second of the training loop, loop time, launch to first step,
 peak RSS, mean loss per loss-carrying token; medians with [min-max] over rounds, and the ratios.
 
-`--sides ...,baseline_malloc` adds the baseline with glibc's mmap threshold fixed at 128 KiB
+`--sides ...,checkpointing` adds loratool's default with `training.gradient_checkpointing: true` (as the
+baseline has it); `--sides ...,baseline_malloc` adds the baseline with glibc's mmap threshold fixed at 128 KiB
 (MALLOC_MMAP_THRESHOLD_): what returning every freed activation to the system costs and saves.
 
     python scripts/bench_train.py [--shapes a,b,smollm2] [--rounds 3] [--sides baseline,default,packing]
@@ -43,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIDES = ("baseline", "default", "packing")
 # Optional: the baseline with glibc's mmap threshold fixed at 128 KiB (freed activations go back to the
 # system at once): what that setting does to peak RSS and speed.
-EXTRA_SIDES = ("baseline_malloc",)
+EXTRA_SIDES = ("baseline_malloc", "checkpointing")
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_RECIPE = REPO / "recipes" / "smollm2-demo.yaml"
@@ -237,7 +238,7 @@ def run_baseline(job: dict, out: Path) -> None:
     trainer.train()
 
 
-def run_loratool(job: dict, out: Path, packing: bool) -> None:
+def run_loratool(job: dict, out: Path, packing: bool, checkpointing: bool = False) -> None:
     """The same job as a recipe, through `python -m loratool train` (run in this process)."""
     import runpy
 
@@ -270,6 +271,7 @@ def run_loratool(job: dict, out: Path, packing: bool) -> None:
             "optim": "adamw_torch",
             "seed": 0,
             "disable_tqdm": True,
+            "gradient_checkpointing": checkpointing,
         },
     }
     recipe_path = out.with_suffix(".yaml")
@@ -312,7 +314,7 @@ def measure(side: str, job: dict, out: Path) -> dict:
     if side.startswith("baseline"):
         run_baseline(job, out)
     else:
-        run_loratool(job, out, packing=side == "packing")
+        run_loratool(job, out, packing=side == "packing", checkpointing=side == "checkpointing")
     n = len(steps)
     loop_s = (
         (steps[-1]["start"] - steps[0]["start"]) * n / (n - 1)
@@ -424,8 +426,8 @@ def main() -> None:
     parser.add_argument(
         "--sides",
         default=",".join(SIDES),
-        help="comma-separated: baseline, default, packing; also baseline_malloc (the baseline with glibc's "
-        "mmap threshold fixed at 128 KiB)",
+        help="comma-separated: baseline, default, packing; also checkpointing (the default with activation "
+        "checkpointing) and baseline_malloc (the baseline with glibc's mmap threshold fixed at 128 KiB)",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 30; 24 for smollm2)")
     parser.add_argument("--threads", type=int, default=2)
