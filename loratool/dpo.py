@@ -40,6 +40,14 @@ def build_dpo_config(
     fields = trainer_fields(
         training, checkpoints_dir=checkpoints_dir, has_validation=has_validation, bf16=bf16, fp16=fp16
     )
+    # trl's DPO trainer turns checkpointing off for each reference pass and back on for every layer, with
+    # these kwargs handed to torch's checkpoint as they are: every n-th layer becomes every layer here.
+    kwargs = {
+        k: v
+        for k, v in (fields.get("activation_checkpointing_kwargs") or {}).items()
+        if k != "every_n_layers"
+    }
+    fields["activation_checkpointing_kwargs"] = kwargs or None
     return make_config(
         DPOConfig,
         training,

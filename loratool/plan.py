@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from loratool.errors import LoratoolError
 
 if TYPE_CHECKING:
-    from loratool.recipe import Recipe
+    from loratool.recipe import Recipe, TrainingSection
 
 GiB = 1024**3
 
@@ -191,6 +191,15 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
     )
 
 
+def layers_to_checkpoint(training: TrainingSection, layers: int) -> int:
+    """How many of `layers` decoder layers `training.gradient_checkpointing` recomputes (every n-th)."""
+    from loratool.sft_config import checkpoint_every_n_layers
+
+    if training.gradient_checkpointing is False:
+        return 0
+    return -(-layers // checkpoint_every_n_layers(training))
+
+
 def make_plan(
     recipe: Recipe,
     shape: ModelShape,
@@ -245,11 +254,15 @@ def make_plan(
     state_bytes = 0 if optim.startswith("sgd") else 2 if "8bit" in optim else 4 if "adafactor" in optim else 8
     components["optimizer states"] = shape.trainable * state_bytes
     a_h, a_i = (GPU_A_H, GPU_A_I) if on_gpu else (CPU_A_H, CPU_A_I)
+    checkpointed = layers_to_checkpoint(t, shape.layers)
     per_layer = tokens * (a_h * shape.hidden + a_i * shape.intermediate) * act_bytes
-    if t.gradient_checkpointing and not on_gpu:
-        activations = CPU_CHECKPOINT_SHARE * shape.layers * per_layer
-    elif t.gradient_checkpointing:
-        activations = shape.layers * tokens * shape.hidden * act_bytes + per_layer
+    # Checkpointed layers keep their input (GPU; on CPU a fitted share, see CPU_CHECKPOINT_SHARE) plus
+    # one layer's activations while it is recomputed; the others keep all of theirs.
+    kept = shape.layers - checkpointed
+    if checkpointed and not on_gpu:
+        activations = (kept + CPU_CHECKPOINT_SHARE * checkpointed) * per_layer
+    elif checkpointed:
+        activations = checkpointed * tokens * shape.hidden * act_bytes + (kept + 1) * per_layer
     else:
         activations = shape.layers * per_layer
     attn = recipe.model.attn_implementation or "sdpa"
@@ -270,7 +283,8 @@ def make_plan(
 
     # Speed: FLOPs per token.
     n = shape.parameters
-    passes = 3 if t.gradient_checkpointing else 2  # forward + backward (activation grads), + recompute
+    # forward + backward (activation grads), + the recompute of the checkpointed layers
+    passes = 2 + checkpointed / max(shape.layers, 1)
     flops = 2 * n * passes + 6 * shape.trainable + 6 * shape.layers * seq * shape.hidden * (passes / 2)
     if on_gpu:
         peak_flops = GPUS.get(device, (0, 312e12))[1]
@@ -317,12 +331,14 @@ def suggestions(
 
     t = recipe.training
     candidates: list[tuple[str, dict[str, Any], str]] = []
-    if not t.gradient_checkpointing:
+    if layers_to_checkpoint(t, shape.layers) < shape.layers:
         candidates.append(
             (
                 "training.gradient_checkpointing=true",
                 {"training": {"gradient_checkpointing": True}},
-                "~30% slower",
+                "recomputes every layer: ~30% slower than none"
+                if not t.gradient_checkpointing
+                else "recomputes every layer, not every other",
             )
         )
     batch = t.per_device_train_batch_size

@@ -364,9 +364,13 @@ class TrainingSection(Section):
     optim: str = "adamw_torch"
     """Optimizer. `paged_adamw_8bit` (bitsandbytes) survives memory spikes on long batches (QLoRA paper)."""
 
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: ~30% slower, activation memory drops by about the
-    number of layers. Needed for 7B+ models on 24 GB cards."""
+    gradient_checkpointing: bool | Annotated[int, Field(ge=1)] = 2
+    """Recompute decoder-layer activations in the backward pass instead of keeping them. A number n:
+    every n-th layer (layers 0, n, 2n, ...); the default 2 keeps half of the activation memory for about
+    half the recompute (measured in docs/benchmarks.md). `true` (= 1): every layer, the least memory
+    (needed for 7B+ models on 24 GB cards), ~30-45% slower than `false`. `false`: none, the fastest and
+    the most memory. Preference tuning (`dpo:`) checkpoints every layer whenever this is not `false`:
+    trl's DPO trainer turns checkpointing back on for all layers after each reference pass."""
 
     bf16: bool | None = None
     """Mixed precision in bfloat16. None = on when the model computes in bf16 (GPUs that support it)."""

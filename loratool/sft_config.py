@@ -64,7 +64,12 @@ def trainer_fields(
         | {"output_dir", "eval_steps", "save_steps", "bf16", "fp16", "gradient_checkpointing"}
     )
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
-    fields["activation_checkpointing"] = training.gradient_checkpointing
+    fields["activation_checkpointing"] = bool(training.gradient_checkpointing)
+    if checkpoint_every_n_layers(training) > 1:
+        fields["activation_checkpointing_kwargs"] = {
+            **(fields.get("activation_checkpointing_kwargs") or {}),
+            "every_n_layers": checkpoint_every_n_layers(training),
+        }
     # Defaults a recipe may override with a pass-through key (e.g. disable_tqdm: true for log files).
     # Under several processes (DDP) every adapter weight takes part in every forward pass, so DDP need not
     # search the graph for unused parameters (transformers turns that search on without checkpointing).
@@ -211,3 +216,9 @@ def check_report_to(training: TrainingSection) -> None:
             hint=f"pip install {' '.join(missing)} into loratool's environment, or set training.report_to: none "
             "(metrics.jsonl and loss_curve.png are written either way)",
         )
+
+
+def checkpoint_every_n_layers(training: TrainingSection) -> int:
+    """1 when every decoder layer is checkpointed (or none: see `gradient_checkpointing`), else n."""
+    value = training.gradient_checkpointing
+    return 1 if isinstance(value, bool) else value

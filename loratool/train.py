@@ -69,6 +69,8 @@ def _train(
     from trl import SFTTrainer
 
     from loratool.checkpoints import CheckpointSeal
+    from loratool.lora_dropout import keep_masks_not_copies
+    from loratool.loss_positions import score_only_loss_positions
 
     started = time.time()
     state = PartialState()
@@ -114,6 +116,8 @@ def _train(
         ),
         log=log,
     )
+    keep_masks_not_copies(model)  # the same dropout, a fraction of its memory and time (lora_dropout.py)
+    score_only_loss_positions()  # the LM head skips rows without loss on CPU too (loss_positions.py)
     if recipe.dpo is not None and recipe.dpo.init_adapter is not None:
         from loratool.dpo import load_init_adapter
 
@@ -244,6 +248,7 @@ def _train(
             "tokens_trained": int(trainer.state.num_input_tokens_seen),
             "trainable_parameters": trainable,
             "total_parameters": total,
+            "checkpointed_layers": checkpointed_layers(trainer.model),
             "bf16": bf16,
             "fp16": fp16,
         }
@@ -405,6 +410,17 @@ def on_main_first(
     if share:
         return shared
     return then_others() if then_others is not None else None
+
+
+def checkpointed_layers(model: Any) -> int:
+    """How many decoder layers of `model` recompute their activations in the backward pass."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(
+        1
+        for module in model.modules()
+        if isinstance(module, GradientCheckpointingLayer) and getattr(module, "gradient_checkpointing", False)
+    )
 
 
 def whole_adapter_state(model: Any) -> dict[str, Any] | None:

@@ -18,8 +18,9 @@ imports), and rounds interleave the sides so that load from other jobs hits them
 and side: real (non-padding) tokens per second of the training loop, loop time, launch to first step,
 peak RSS, mean loss per loss-carrying token; medians with [min-max] over rounds, and the ratios.
 
-`--sides ...,checkpointing` adds loratool's default with `training.gradient_checkpointing: true` (as the
-baseline has it); `--sides ...,baseline_malloc` adds the baseline with glibc's mmap threshold fixed at 128 KiB
+loratool's default checkpoints every other decoder layer (`training.gradient_checkpointing: 2`); the
+baseline, with TRL's default, every layer. `--sides ...,checkpointing` adds loratool with every layer
+checkpointed (`true`), `--sides ...,no_checkpointing` with none (`false`); `--sides ...,baseline_malloc` adds the baseline with glibc's mmap threshold fixed at 128 KiB
 (MALLOC_MMAP_THRESHOLD_): what returning every freed activation to the system costs and saves.
 
     python scripts/bench_train.py [--shapes a,b,smollm2] [--rounds 3] [--sides baseline,default,packing]
@@ -43,8 +44,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("baseline", "default", "packing")
 # Optional: the baseline with glibc's mmap threshold fixed at 128 KiB (freed activations go back to the
-# system at once): what that setting does to peak RSS and speed.
-EXTRA_SIDES = ("baseline_malloc", "checkpointing")
+# system at once): what that setting does to peak RSS and speed; loratool with every decoder layer
+# checkpointed, and with none.
+EXTRA_SIDES = ("baseline_malloc", "checkpointing", "no_checkpointing")
+CHECKPOINTING = {"checkpointing": True, "no_checkpointing": False}  # the others: the recipe's default
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_RECIPE = REPO / "recipes" / "smollm2-demo.yaml"
@@ -238,7 +241,7 @@ def run_baseline(job: dict, out: Path) -> None:
     trainer.train()
 
 
-def run_loratool(job: dict, out: Path, packing: bool, checkpointing: bool = False) -> None:
+def run_loratool(job: dict, out: Path, packing: bool, checkpointing: bool | None = None) -> None:
     """The same job as a recipe, through `python -m loratool train` (run in this process)."""
     import runpy
 
@@ -271,7 +274,7 @@ def run_loratool(job: dict, out: Path, packing: bool, checkpointing: bool = Fals
             "optim": "adamw_torch",
             "seed": 0,
             "disable_tqdm": True,
-            "gradient_checkpointing": checkpointing,
+            **({} if checkpointing is None else {"gradient_checkpointing": checkpointing}),
         },
     }
     recipe_path = out.with_suffix(".yaml")
@@ -288,9 +291,10 @@ def measure(side: str, job: dict, out: Path) -> dict:
     """Run one side with the trainer's training_step wrapped: when the first step starts, each step's real
     tokens, loss tokens and loss. Importing the trainer here costs nothing extra: every side needs it."""
     from transformers import Trainer
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
     steps: list[dict] = []
-    checkpointing: list[bool] = []
+    checkpointing: list[int] = []
     original = Trainer.training_step
 
     def training_step(self, model, inputs, *args, **kwargs):
@@ -302,10 +306,11 @@ def measure(side: str, job: dict, out: Path) -> dict:
         steps.append(
             {"start": start, "real": real, "loss_tokens": int((labels != -100).sum()), "loss": float(loss)}
         )
+        # Decoder layers that recompute their activations (not imported from loratool: the baseline runs here too).
         checkpointing.append(
-            bool(
-                getattr(self.args, "activation_checkpointing", False)
-                or getattr(self.args, "gradient_checkpointing", False)
+            sum(
+                isinstance(m, GradientCheckpointingLayer) and bool(m.gradient_checkpointing)
+                for m in model.modules()
             )
         )
         return loss
@@ -314,7 +319,7 @@ def measure(side: str, job: dict, out: Path) -> dict:
     if side.startswith("baseline"):
         run_baseline(job, out)
     else:
-        run_loratool(job, out, packing=side == "packing", checkpointing=side == "checkpointing")
+        run_loratool(job, out, packing=side == "packing", checkpointing=CHECKPOINTING.get(side))
     n = len(steps)
     loop_s = (
         (steps[-1]["start"] - steps[0]["start"]) * n / (n - 1)
@@ -331,7 +336,7 @@ def measure(side: str, job: dict, out: Path) -> dict:
         "loss_per_token": sum(s["loss"] * s["loss_tokens"] for s in steps) / loss_tokens,
         "step_tokens": [s["real"] for s in steps],
         "step_losses": [s["loss"] for s in steps],
-        "activation_checkpointing": checkpointing[0],
+        "checkpointed_layers": checkpointing[0],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
@@ -377,7 +382,7 @@ def report(shape: str, job: dict, results: dict[str, list[dict]]) -> None:
     print(
         f"\nshape {shape}{params}: micro-batch {job['batch_size']}, {job['steps']} steps, {rounds} round(s)"
     )
-    header = f"{'side':15} {'real tok/s':>22} {'loop s':>20} {'launch->step 1 s':>18} {'peak RSS MiB':>20} {'loss/token':>10}"
+    header = f"{'side':15} {'real tok/s':>22} {'loop s':>20} {'launch->step 1 s':>18} {'peak RSS MiB':>20} {'loss/token':>10} {'ckpt layers':>11}"
     print(header)
     for side, runs in results.items():
         print(
@@ -385,7 +390,8 @@ def report(shape: str, job: dict, results: dict[str, list[dict]]) -> None:
             f"{summary([r['loop_s'] for r in runs], '.1f'):>20} "
             f"{summary([r['launch_to_first_step_s'] for r in runs], '.1f'):>18} "
             f"{summary([r['peak_rss_bytes'] / 2**20 for r in runs], '.0f'):>20} "
-            f"{statistics.median(r['loss_per_token'] for r in runs):>10.4f}"
+            f"{statistics.median(r['loss_per_token'] for r in runs):>10.4f} "
+            f"{runs[0]['checkpointed_layers']:>11}"
         )
     if "baseline" in results:
         base = results["baseline"]
@@ -426,8 +432,8 @@ def main() -> None:
     parser.add_argument(
         "--sides",
         default=",".join(SIDES),
-        help="comma-separated: baseline, default, packing; also checkpointing (the default with activation "
-        "checkpointing) and baseline_malloc (the baseline with glibc's mmap threshold fixed at 128 KiB)",
+        help="comma-separated: baseline, default, packing; also checkpointing / no_checkpointing (loratool with "
+        "every decoder layer checkpointed / none) and baseline_malloc (the baseline with glibc's mmap threshold fixed at 128 KiB)",
     )
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 30; 24 for smollm2)")
     parser.add_argument("--threads", type=int, default=2)

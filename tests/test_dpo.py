@@ -365,6 +365,8 @@ def test_the_run_directory_is_a_normal_run_that_records_dpo(dpo_run):
         "init_adapter": None,
     }
     assert record.data["train"]["rows"] == 24 and record.data["validation"]["rows"] == 4
+    # The default (every other layer) becomes every layer: trl re-enables all after each reference pass.
+    assert record.train["checkpointed_layers"] == 2
     assert yaml.safe_load((out / "recipe.yaml").read_text())["dpo"]["beta"] == 0.1
     names = {p.name for p in out.iterdir()}
     assert {

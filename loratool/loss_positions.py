@@ -1,0 +1,46 @@
+"""Score the LM head only at the positions that carry loss, on CPU too.
+
+TRL's trainers replace the LM head with a chunked log-probability kernel that never builds the whole
+(tokens x vocabulary) logits. On CUDA and XPU it first keeps only the positions whose next-token label is
+not -100; everywhere else it scores every position and zeroes the unwanted ones afterwards, because on
+devices that compile a kernel per shape (Neuron) a changing number of positions would recompile on every
+batch. A CPU compiles nothing per shape, so there the full scoring is pure waste: with chat data most
+tokens are prompt (34.5% of the SmolLM2 demo's tokens carry loss), and a 49,152-token head costs three
+matrix products plus a dozen elementwise passes per position, forward and backward.
+
+`score_only_loss_positions` makes TRL take its compact path on CPU as well. The loss, the gradients and
+the logged metrics are the same (the kernel computes each position's row alone; the compact path is the
+one TRL runs on every GPU); only the unused rows are no longer computed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_MARK = "_loratool_compact_on_cpu"
+
+
+def score_only_loss_positions() -> bool:
+    """Let TRL's fused LM head skip positions without loss on CPU. Idempotent.
+
+    Returns False, and changes nothing, when the installed TRL has no fused LM head with a device switch
+    (older TRL builds the full logits anyway; a newer one may decide differently).
+    """
+    try:
+        from trl.trainer import utils
+    except ImportError:  # pragma: no cover - trl is a dependency
+        return False
+    stock = getattr(utils, "_use_triton", None)
+    if stock is None or not hasattr(utils, "add_fused_lm_head"):
+        return False
+    if getattr(stock, _MARK, False):
+        return True
+
+    # In trl.trainer.utils this predicate only decides "compact or not" (the kernel module has its own
+    # copy for choosing Triton), so answering yes for CPU changes nothing but which rows are scored.
+    def compact(device: Any) -> bool:
+        return device.type == "cpu" or stock(device)
+
+    setattr(compact, _MARK, True)
+    utils._use_triton = compact
+    return True

@@ -1,0 +1,221 @@
+"""What makes training lighter without changing what it learns: LoRA dropout that keeps masks instead of
+copies (lora_dropout.py), an LM head scored only where there is loss (loss_positions.py), and
+checkpointing every n-th decoder layer (training.gradient_checkpointing)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import smoke_recipe, write_recipe
+from loratool.cli import app
+from loratool.errors import LoratoolError
+from loratool.lora_dropout import _DropoutThenLinear, keep_mask, keep_masks_not_copies
+from loratool.recipe import validate_recipe
+
+# ------------------------------------------------------------------------------------------ dropout
+
+
+def test_dropout_then_linear_is_linear_of_the_dropped_input_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 16, requires_grad=True)
+    weight = torch.randn(4, 16, requires_grad=True)
+    torch.manual_seed(5)
+    out = _DropoutThenLinear.apply(x, weight, 0.3)
+    out.sin().sum().backward()
+
+    torch.manual_seed(5)  # the same draw: the mask the function used
+    kept = keep_mask(x, 0.3)
+    x2, w2 = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    reference = torch.nn.functional.linear(x2 * kept / 0.7, w2)
+    reference.sin().sum().backward()
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, w2.grad, atol=1e-5, rtol=1e-5)
+    assert 0 < (~kept).sum() < kept.numel()
+
+
+def test_keep_mask_drops_at_rate_p_and_repeats_with_the_seed():
+    x = torch.empty(1000, 1000)
+    for p in (0.05, 0.5):
+        dropped = 1 - keep_mask(x, p).float().mean().item()
+        assert dropped == pytest.approx(p, abs=0.003)  # 10^6 draws: the standard error is <= 0.0005
+    torch.manual_seed(3)
+    first, second = keep_mask(x, 0.1), keep_mask(x, 0.1)
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask(x, 0.1), first) and not torch.equal(first, second)
+
+
+def _peft_model(dropout: float, **config):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    return get_peft_model(
+        base,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=dropout,
+            target_modules=["0", "2"],
+            init_lora_weights=False,
+            **config,
+        ),
+    )
+
+
+def _saved_bytes(model, x) -> int:
+    """Bytes of activation tensors autograd keeps for the backward pass (each storage counted once)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(kept.values())
+
+
+def test_plain_lora_layers_keep_a_mask_not_a_copy_and_evaluate_as_before():
+    peft_model = _peft_model(0.2)
+    ours = copy.deepcopy(peft_model)
+    assert keep_masks_not_copies(ours) == 2
+    x = torch.randn(64, 10, 16)
+
+    peft_model.eval(), ours.eval()
+    with torch.no_grad():
+        assert torch.equal(peft_model(x), ours(x))  # evaluation: no dropout either way, the same product
+
+    peft_model.train(), ours.train()
+    before, after = _saved_bytes(peft_model, x), _saved_bytes(ours, x)
+    # The dropped copies (4 bytes a value; on CPU the float noise too) become 1-byte masks.
+    assert after < 0.75 * before
+    torch.manual_seed(1)
+    loss = ours(x).square().mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ours.parameters() if p.requires_grad)
+
+
+def test_a_deep_copy_trains_its_own_weights():
+    ours = _peft_model(0.2)
+    keep_masks_not_copies(ours)
+    twin = copy.deepcopy(ours)
+    twin.train()
+    twin(torch.randn(4, 16)).sum().backward()
+    layer, twin_layer = ours.base_model.model[0].lora_A["default"], twin.base_model.model[0].lora_A["default"]
+    assert twin_layer.weight.grad is not None and layer.weight.grad is None
+
+
+def test_variants_and_layers_without_dropout_keep_peft_dropout():
+    assert keep_masks_not_copies(_peft_model(0.0)) == 0
+    assert keep_masks_not_copies(_peft_model(0.2, use_dora=True)) == 0
+
+
+# ---------------------------------------------------------------------------------------- LM head
+
+
+def test_the_lm_head_scores_only_loss_positions_with_the_same_loss_and_gradients(tiny_llama, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils
+
+    from loratool.loss_positions import score_only_loss_positions
+
+    monkeypatch.setattr(utils, "_use_triton", utils._use_triton)  # restored after the test
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    utils.add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    scored: list[int] = []
+    kernel = utils._ChunkedLogProbFunction
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            scored.append(hidden.shape[0])
+            return kernel.apply(hidden, *args)
+
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Spy)
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 500, (2, 24))
+    labels = input_ids.clone()
+    labels[0, :15], labels[1, :9] = -100, -100  # prompts: no loss
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out, grads
+
+    every, every_grads = step()
+    assert scored[-1] == 2 * 23  # stock TRL on CPU: every position
+    assert score_only_loss_positions()
+    compact, compact_grads = step()
+    loss_positions = int((labels[:, 1:] != -100).sum())
+    assert scored[-1] == loss_positions == 9 + 15
+    torch.testing.assert_close(compact.loss, every.loss, atol=1e-6, rtol=1e-6)
+    for name, grad in every_grads.items():
+        torch.testing.assert_close(compact_grads[name], grad, atol=1e-6, rtol=1e-5)
+    mask = labels[:, 1:] != -100
+    torch.testing.assert_close(compact.entropy[mask], every.entropy[mask], atol=1e-5, rtol=1e-5)
+    assert torch.equal(compact.is_top1, every.is_top1)
+
+
+# -------------------------------------------------------------------------------- checkpointing
+
+
+def test_gradient_checkpointing_takes_a_layer_interval():
+    base = {"base_model": "m", "data": {"train": [{"path": "t.jsonl"}]}}
+    for value, expected in ((None, 2), (True, True), (False, False), (3, 3)):
+        training = {"output_dir": "o"} | ({} if value is None else {"gradient_checkpointing": value})
+        assert validate_recipe({**base, "training": training}).training.gradient_checkpointing == expected
+    with pytest.raises(LoratoolError, match="training.gradient_checkpointing"):
+        validate_recipe({**base, "training": {"output_dir": "o", "gradient_checkpointing": -2}})
+
+
+def test_trainer_checkpoints_every_nth_layer(tmp_path):
+    from loratool.recipe import TrainingSection
+    from loratool.sft_config import trainer_fields
+
+    def fields(value):
+        section = TrainingSection(output_dir="o", gradient_checkpointing=value)
+        return trainer_fields(section, checkpoints_dir=tmp_path, has_validation=False, bf16=False, fp16=False)
+
+    assert fields(2)["activation_checkpointing"] is True
+    assert fields(2)["activation_checkpointing_kwargs"]["every_n_layers"] == 2
+    assert "every_n_layers" not in (fields(True).get("activation_checkpointing_kwargs") or {})
+    assert fields(False)["activation_checkpointing"] is False
+
+
+def test_checkpointing_some_all_or_no_layers_learns_the_same(tmp_path, tiny_model_factory, smoke_data):
+    """With LoRA dropout on: the recomputed layers must draw the same masks as the first pass."""
+    base = tiny_model_factory(num_layers=4)
+    runs = {}
+    for value, layers in ((False, 0), (2, 2), (3, 2), (True, 4)):
+        out = tmp_path / f"run-{value}"
+        recipe = smoke_recipe(
+            base,
+            smoke_data,
+            out,
+            lora={"lora_dropout": 0.1},
+            training={"max_steps": 3, "logging_steps": 1, "gradient_checkpointing": value},
+        )
+        result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / f"{value}.yaml", recipe))])
+        assert result.exit_code == 0, result.output
+        record = json.loads((out / "run.json").read_text())
+        assert record["train"]["checkpointed_layers"] == layers
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        runs[value] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+    assert len(runs[False]) == 3
+    for value in (2, 3, True):
+        assert runs[value] == pytest.approx(runs[False], abs=1e-6)
