@@ -7,6 +7,7 @@ fresh process, then compares the plan's peak with run.json's peak_memory_bytes.p
 process's maximum resident set). Prints a Markdown table for docs/benchmarks.md.
 
     python scripts/bench_plan.py [--quick]        # --quick: the three smallest shapes
+    python scripts/bench_plan.py --only 8,9       # only these shapes (positions in SHAPES)
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# (name, hidden, layers, heads, kv heads, intermediate, batch, max_length, gradient checkpointing)
+# (name, hidden, layers, heads, kv heads, intermediate, batch, max_length, gradient checkpointing:
+# false, true, or n for every n-th layer)
 SHAPES = [
     ("30M", 576, 8, 8, 4, 1536, 1, 128, False),
     ("30M", 576, 8, 8, 4, 1536, 4, 512, False),
@@ -35,6 +37,8 @@ SHAPES = [
     ("250M", 1024, 16, 16, 4, 2816, 2, 512, False),
     ("500M", 1536, 16, 16, 4, 4096, 1, 256, False),
     ("500M", 1536, 16, 16, 4, 4096, 4, 256, True),
+    ("100M", 768, 12, 12, 4, 2048, 8, 512, 2),
+    ("500M", 1536, 16, 16, 4, 4096, 4, 256, 2),
 ]
 
 
@@ -155,11 +159,18 @@ def repredict(results: list[dict]) -> list[dict]:
     return results
 
 
+def checkpointing_label(value: bool | int) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"1 layer in {value}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="only the three smallest shapes")
+    parser.add_argument("--only", help="comma-separated positions in the shape list (from 0), e.g. 8,9")
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
     parser.add_argument(
         "--repredict",
@@ -168,6 +179,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     shapes = SHAPES[:3] if args.quick else SHAPES
+    if args.only:
+        shapes = [SHAPES[int(i)] for i in args.only.split(",")]
     results = []
     if args.repredict:
         results = repredict(json.loads(args.repredict.read_text()))
@@ -185,7 +198,7 @@ def main() -> None:
     for r in results:
         print(
             f"| {r['shape']} | {r['parameters'] / 1e6:.0f}M | {r['batch']} x {r['max_length']} | "
-            f"{'yes' if r['checkpointing'] else 'no'} | {r['predicted'] / gib:.2f} GiB | "
+            f"{checkpointing_label(r['checkpointing'])} | {r['predicted'] / gib:.2f} GiB | "
             f"{r['measured'] / gib:.2f} GiB | {r['error']:+.1%} |"
         )
     worst = max(abs(r["error"]) for r in results)
