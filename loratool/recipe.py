@@ -368,7 +368,7 @@ class TrainingSection(Section):
     """Recompute decoder-layer activations in the backward pass instead of keeping them. A number n:
     every n-th layer (layers 0, n, 2n, ...); the default 2 keeps half of the activation memory for about
     half the recompute (measured in docs/benchmarks.md). `true` (= 1): every layer, the least memory
-    (needed for 7B+ models on 24 GB cards), ~30-45% slower than `false`. `false`: none, the fastest and
+    (needed for 7B+ models on 24 GB cards), ~30% slower than `false`. `false`: none, the fastest and
     the most memory. Preference tuning (`dpo:`) checkpoints every layer whenever this is not `false`:
     trl's DPO trainer turns checkpointing back on for all layers after each reference pass."""
 
