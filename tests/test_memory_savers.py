@@ -125,11 +125,13 @@ def test_variants_and_layers_without_dropout_keep_peft_dropout():
 def test_the_lm_head_scores_only_loss_positions_with_the_same_loss_and_gradients(tiny_llama, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+    from trl.kernels import chunked_logprob
     from trl.trainer import utils
 
     from loratool.loss_positions import score_only_loss_positions
 
-    monkeypatch.setattr(utils, "_use_triton", utils._use_triton)  # restored after the test
+    # TRL's own predicate (a training run earlier in the session may have switched it), restored after.
+    monkeypatch.setattr(utils, "_use_triton", chunked_logprob._use_triton)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny_llama),
         LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
