@@ -66,6 +66,7 @@ def trainer_fields(
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
     fields["activation_checkpointing"] = bool(training.gradient_checkpointing)
     if checkpoint_every_n_layers(training) > 1:
+        check_every_n_layers_supported(training.gradient_checkpointing)
         fields["activation_checkpointing_kwargs"] = {
             **(fields.get("activation_checkpointing_kwargs") or {}),
             "every_n_layers": checkpoint_every_n_layers(training),
@@ -222,3 +223,20 @@ def checkpoint_every_n_layers(training: TrainingSection) -> int:
     """1 when every decoder layer is checkpointed (or none: see `gradient_checkpointing`), else n."""
     value = training.gradient_checkpointing
     return 1 if isinstance(value, bool) else value
+
+
+def check_every_n_layers_supported(n: int) -> None:
+    """transformers gained `every_n_layers` within 5.x; an older one would hand it to torch's checkpoint,
+    which fails at the first step. Refuse before training starts."""
+    import inspect
+
+    from transformers import PreTrainedModel, __version__
+
+    enable = getattr(PreTrainedModel, "activation_checkpointing_enable", None)
+    if enable is None or "every_n_layers" not in inspect.signature(enable).parameters:
+        raise LoratoolError(
+            f"training.gradient_checkpointing: {n} checkpoints one decoder layer in {n}, which needs a "
+            f"transformers with every_n_layers; {__version__} has none",
+            hint="upgrade transformers (pip install -U 'transformers<6'), or set "
+            "training.gradient_checkpointing to true or false",
+        )

@@ -41,6 +41,7 @@ def test_dropout_then_linear_is_linear_of_the_dropped_input_forward_and_backward
 
 def test_keep_mask_drops_at_rate_p_and_repeats_with_the_seed():
     x = torch.empty(1000, 1000)
+    torch.manual_seed(0)
     for p in (0.05, 0.5):
         dropped = 1 - keep_mask(x, p).float().mean().item()
         assert dropped == pytest.approx(p, abs=0.003)  # 10^6 draws: the standard error is <= 0.0005
@@ -221,3 +222,25 @@ def test_checkpointing_some_all_or_no_layers_learns_the_same(tmp_path, tiny_mode
     assert len(runs[False]) == 3
     for value in (2, 3, True):
         assert runs[value] == pytest.approx(runs[False], abs=1e-6)
+
+
+def test_a_transformers_without_every_n_layers_is_a_clear_error(monkeypatch, tmp_path):
+    from transformers import PreTrainedModel
+
+    from loratool.recipe import TrainingSection
+    from loratool.sft_config import trainer_fields
+
+    def old_enable(self, activation_checkpointing_kwargs=None):  # the signature before every_n_layers
+        pass
+
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", old_enable)
+    section = TrainingSection(output_dir="o", gradient_checkpointing=2)
+    with pytest.raises(
+        LoratoolError, match="gradient_checkpointing: 2 checkpoints one decoder layer in 2"
+    ) as info:
+        trainer_fields(section, checkpoints_dir=tmp_path, has_validation=False, bf16=False, fp16=False)
+    assert "upgrade transformers" in info.value.hint
+    full = TrainingSection(output_dir="o", gradient_checkpointing=True)  # every layer needs nothing new
+    assert trainer_fields(full, checkpoints_dir=tmp_path, has_validation=False, bf16=False, fp16=False)[
+        "activation_checkpointing"
+    ]
