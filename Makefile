@@ -65,6 +65,7 @@ demo-tiny: install
 bench: install
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_merge.py
+	$(BIN)/python scripts/bench_memory_savers.py
 
 clean:
 	rm -rf $(VENV) .cache out .pytest_cache .ruff_cache *.egg-info
