@@ -338,7 +338,7 @@ def suggestions(
                 {"training": {"gradient_checkpointing": True}},
                 "recomputes every layer: ~30% slower than none"
                 if not t.gradient_checkpointing
-                else "recomputes every layer, not every other",
+                else f"recomputes every layer, not 1 in {t.gradient_checkpointing}",
             )
         )
     batch = t.per_device_train_batch_size
