@@ -48,7 +48,8 @@ def draw_times(shapes: list[tuple[int, int]], p: float = 0.05) -> None:
         )
 
 
-def saved_bytes(model, inputs: dict) -> int:
+def saved_bytes(model, *args, **kwargs) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of `model(*args, **kwargs)`."""
     import torch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -61,7 +62,7 @@ def saved_bytes(model, inputs: dict) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs)
+        model(*args, **kwargs)
     return sum(kept.values())
 
 
@@ -110,7 +111,7 @@ def kept_for_backward(folder: Path) -> None:
         if ours:
             keep_masks_not_copies(model)
         model.train()
-        print(f"  {label:24} {saved_bytes(model, inputs) / 2**20:8.0f}")
+        print(f"  {label:24} {saved_bytes(model, **inputs) / 2**20:8.0f}")
 
 
 def main() -> None:

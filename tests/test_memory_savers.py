@@ -5,13 +5,14 @@ checkpointing every n-th decoder layer (training.gradient_checkpointing)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import smoke_recipe, write_recipe
+from conftest import REPO, smoke_recipe, write_recipe
 from loratool.cli import app
 from loratool.errors import LoratoolError
 from loratool.lora_dropout import _DropoutThenLinear, keep_mask, keep_masks_not_copies
@@ -70,19 +71,13 @@ def _peft_model(dropout: float, **config):
 
 
 def _saved_bytes(model, x) -> int:
-    """Bytes of activation tensors autograd keeps for the backward pass (each storage counted once)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            kept[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(kept.values())
+    """Bytes kept for the backward pass, counted by the benchmark script's own function."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_memory_savers", REPO / "scripts" / "bench_memory_savers.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.saved_bytes(model, x)
 
 
 def test_plain_lora_layers_keep_a_mask_not_a_copy_and_evaluate_as_before():
