@@ -44,3 +44,26 @@ def score_only_loss_positions() -> bool:
     setattr(compact, _MARK, True)
     utils._use_triton = compact
     return True
+
+
+# TRL's fused head walks the vocabulary in tiles of this many columns; every tile's backward makes about ten
+# temporaries of (positions x tile) floats, alive while every activation still is.
+CPU_VOCAB_TILE = 4096
+
+
+def small_vocab_tiles_on_cpu() -> bool:
+    """Make TRL's fused head work through the vocabulary in tiles of CPU_VOCAB_TILE columns instead of 32,768.
+    For a process that trains on CPU only: the setting is TRL's module global, and GPUs want the large tiles.
+
+    On CPU the large tiles cost memory at the worst moment (the head's backward runs first, while every
+    activation is still kept: ~240 MiB of SmolLM2-135M's peak on a 752-token micro-batch) and are slower as
+    well (their temporaries fall out of the cache); scripts/bench_memory_savers.py measures both. Returns
+    False, and changes nothing, when the installed TRL has no such setting."""
+    try:
+        from trl.trainer import utils
+    except ImportError:  # pragma: no cover - trl is a dependency
+        return False
+    if not isinstance(getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None), int):
+        return False
+    utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(utils._CHUNKED_LOGPROB_CHUNK_SIZE, CPU_VOCAB_TILE)
+    return True

@@ -42,7 +42,9 @@ GiB = 1024**3
 # LoRA-adapted decoder layer without checkpointing. CPU: fitted on scripts/bench_plan.py (fp32 through
 # and through). GPU: the Korthikanti et al. (2022) count for a 16-bit layer (~34 s h bytes per layer:
 # 17 elements of h) plus the SwiGLU MLP's three intermediate-sized tensors and the LoRA inputs; checked
-# against the published QLoRA 7B figure (tests/test_plan.py), not measured here.
+# against the published QLoRA 7B figure (tests/test_plan.py), not measured here. Both were fitted before
+# cheap_recompute.py, which rebuilds the norm and gated-MLP outputs instead of keeping them (~39% fewer bytes
+# on SmolLM2's shapes, scripts/bench_memory_savers.py): they now overestimate; a refit is due.
 CPU_A_H, CPU_A_I = 24.0, 6.5
 GPU_A_H, GPU_A_I = 18.0, 5.0
 LOGIT_BYTES = 12  # per token per vocabulary entry: fp32 logits, the loss's copy, its gradient
@@ -224,8 +226,10 @@ def make_plan(
     max_len = data.max_length
     if lengths:
         longest = sorted((min(n, max_len) for n in lengths), reverse=True)
-        if data.packing:
-            tokens = batch * max_len
+        if data.packing:  # the micro-batch is a number of packed rows, sized from the data
+            from loratool.sft_config import packed_rows_per_batch
+
+            tokens = packed_rows_per_batch(t, data, lengths) * max_len
         elif data.padding_free:
             tokens = sum(longest[:batch])  # the worst batch: the longest rows together
         else:

@@ -302,11 +302,11 @@ class DataSection(Section):
 
     packing: bool = False
     """Pack examples into rows of max_length (best-fit decreasing). Examples never attend to each other.
-    A micro-batch takes as many rows as hold per_device_train_batch_size examples of average length, so
-    a step sees about as many examples and tokens as without packing, but every step is about the same
-    size. Changes which examples share a step. On CPU it runs at about the speed of padding-free
-    batches (docs/benchmarks.md); it helps where steps of even size matter (memory headroom, compiled or
-    fixed-shape kernels)."""
+    A micro-batch takes the fewest rows that hold, on average, per_device_train_batch_size examples (the
+    lengths are packed once beforehand to count them), so a step holds at least the examples and tokens
+    of a padding-free step, and every step is about the same size. Changes which examples share a step.
+    With per-example attention it computes what padding-free computes; it helps where steps of even size
+    matter (memory headroom, fixed-shape kernels). Measured in docs/benchmarks.md."""
 
     padding_free: bool = True
     """Concatenate each batch into one row with no pad tokens (position ids keep examples apart, and

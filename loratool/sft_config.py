@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -12,7 +13,6 @@ from loratool.errors import LoratoolError
 if TYPE_CHECKING:
     from trl import SFTConfig
 
-    from loratool.data.summary import SplitSummary
     from loratool.hardware import Hardware
     from loratool.recipe import DataSection, Recipe, TrainingSection
 
@@ -28,15 +28,15 @@ def build_sft_config(
     has_validation: bool,
     bf16: bool,
     fp16: bool,
-    train_summary: SplitSummary | None = None,
+    train_lengths: Sequence[int] | None = None,
 ) -> SFTConfig:
     from trl import SFTConfig
 
     fields = trainer_fields(
         training, checkpoints_dir=checkpoints_dir, has_validation=has_validation, bf16=bf16, fp16=fp16
     )
-    if data.packing and train_summary is not None and train_summary.rows:
-        fields["per_device_train_batch_size"] = packed_rows_per_batch(training, data, train_summary)
+    if data.packing and train_lengths:
+        fields["per_device_train_batch_size"] = packed_rows_per_batch(training, data, train_lengths)
     return make_config(
         SFTConfig,
         training,
@@ -183,12 +183,36 @@ def check_enum_values(training: TrainingSection) -> None:
         )
 
 
-def packed_rows_per_batch(training: TrainingSection, data: DataSection, train: SplitSummary) -> int:
-    """Packed rows per micro-batch: as many as hold per_device_train_batch_size examples of average length,
-    at least one. A step then sees about as many examples (and tokens, and memory) as without packing,
-    instead of per_device_train_batch_size full rows of max_length (2-10x more)."""
-    average = train.tokens / train.rows
-    return max(1, round(training.per_device_train_batch_size * average / data.max_length))
+def packed_rows_per_batch(training: TrainingSection, data: DataSection, lengths: Sequence[int]) -> int:
+    """Packed rows per micro-batch: the fewest that hold, on average, per_device_train_batch_size examples
+    as TRL's best-fit-decreasing packing will group them (counted by packing the lengths alone). A packed
+    step then holds at least the examples, and so the tokens, of a padding-free step (at most one row more),
+    instead of per_device_train_batch_size full rows of max_length (2-10x more). Fewer tokens per step
+    would make packing slower per token than padding-free: the per-step costs are the same."""
+    import math
+
+    return max(
+        1,
+        math.ceil(
+            training.per_device_train_batch_size * packed_rows(lengths, data.max_length) / len(lengths)
+        ),
+    )
+
+
+def packed_rows(lengths: Sequence[int], max_length: int) -> int:
+    """How many rows of max_length TRL's best-fit-decreasing packing makes of examples of these lengths."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    # One byte per token: only the lengths matter to the packing.
+    ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.zeros(int(offsets[-1]), dtype=np.uint8)))
+    packed = pack_dataset(
+        Dataset(pa.table({"input_ids": ids})), max_length, strategy="bfd", map_kwargs={"keep_in_memory": True}
+    )
+    return len(packed)
 
 
 def check_report_to(training: TrainingSection) -> None:

@@ -68,9 +68,10 @@ def _train(
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
 
+    from loratool.cheap_recompute import recompute_cheap_activations
     from loratool.checkpoints import CheckpointSeal
     from loratool.lora_dropout import keep_masks_not_copies
-    from loratool.loss_positions import score_only_loss_positions
+    from loratool.loss_positions import score_only_loss_positions, small_vocab_tiles_on_cpu
 
     started = time.time()
     state = PartialState()
@@ -118,6 +119,9 @@ def _train(
     )
     keep_masks_not_copies(model)  # the same dropout, a fraction of its memory and time (lora_dropout.py)
     score_only_loss_positions()  # the LM head skips rows without loss on CPU too (loss_positions.py)
+    if hw.device == "cpu":
+        small_vocab_tiles_on_cpu()  # the LM head's backward in smaller, faster tiles (loss_positions.py)
+    recompute_cheap_activations(model)  # norm and MLP outputs rebuilt, not kept (cheap_recompute.py)
     if recipe.dpo is not None and recipe.dpo.init_adapter is not None:
         from loratool.dpo import load_init_adapter
 
@@ -167,7 +171,7 @@ def _train(
                 has_validation=data.validation is not None,
                 bf16=bf16,
                 fp16=fp16,
-                train_summary=data.summary.train,
+                train_lengths=_lengths(data.train) if recipe.data.packing else None,
             )
         if checkpoint is not None:
             args.eval_on_start = False  # the step-0 evaluation was logged by the first part of the run
@@ -410,6 +414,13 @@ def on_main_first(
     if share:
         return shared
     return then_others() if then_others is not None else None
+
+
+def _lengths(dataset: Any) -> list[int]:
+    """Each row's token count, read from the Arrow column without decoding the rows."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
 
 
 def checkpointed_layers(model: Any) -> int:

@@ -151,21 +151,24 @@ def test_load_model_uses_per_example_attention_only_for_flattened_batches(tiny_l
     assert attention(padding_free=False, attn="eager") == "eager"
 
 
-def test_packed_rows_per_batch_hold_about_a_batch_of_examples():
-    from loratool.data.summary import SplitSummary
+def test_packed_rows_per_batch_hold_at_least_a_batch_of_examples():
     from loratool.recipe import DataSection, TrainingSection
+    from loratool.sft_config import packed_rows
 
-    data = DataSection(train=[{"path": "x.jsonl"}], max_length=512, packing=True)
-    train = SplitSummary(name="train", sources=[], rows=2000, tokens=2000 * 200, longest=450)
-    assert (
-        packed_rows_per_batch(TrainingSection(output_dir="o", per_device_train_batch_size=8), data, train)
-        == 3
-    )
-    assert (
-        packed_rows_per_batch(TrainingSection(output_dir="o", per_device_train_batch_size=1), data, train)
-        == 1
-    )
-    assert (
-        packed_rows_per_batch(TrainingSection(output_dir="o", per_device_train_batch_size=64), data, train)
-        == 25
-    )
+    def rows(batch: int, lengths: list[int], max_length: int) -> int:
+        data = DataSection(train=[{"path": "x.jsonl"}], max_length=max_length, packing=True)
+        return packed_rows_per_batch(
+            TrainingSection(output_dir="o", per_device_train_batch_size=batch), data, lengths
+        )
+
+    # Two examples of 200 fit a row of 512, three do not: 1,000 rows for 2,000 examples.
+    assert packed_rows([200] * 2000, 512) == 1000
+    assert rows(8, [200] * 2000, 512) == 4
+    assert rows(7, [200] * 2000, 512) == 4  # 3.5 rows: rounded up, never fewer examples than a batch
+    assert rows(1, [200] * 2000, 512) == 1
+    # Examples longer than half a row each take a row of their own (the SmolLM2 demo: ~94 tokens in rows
+    # of 128): as many rows as examples, not 8 * 94 / 128 = 5.9.
+    assert packed_rows([94] * 480, 128) == 480
+    assert rows(8, [94] * 480, 128) == 8
+    # Short examples share rows: 5 of 100 per row of 512.
+    assert rows(8, [100] * 50, 512) == 2

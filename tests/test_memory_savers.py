@@ -1,6 +1,7 @@
 """What makes training lighter without changing what it learns: LoRA dropout that keeps masks instead of
 copies (lora_dropout.py), an LM head scored only where there is loss (loss_positions.py), and
-checkpointing every n-th decoder layer (training.gradient_checkpointing)."""
+checkpointing every n-th decoder layer (training.gradient_checkpointing), cheap activations recomputed
+instead of kept (cheap_recompute.py)."""
 
 from __future__ import annotations
 
@@ -239,3 +240,165 @@ def test_a_transformers_without_every_n_layers_is_a_clear_error(monkeypatch, tmp
     assert trainer_fields(full, checkpoints_dir=tmp_path, has_validation=False, bf16=False, fp16=False)[
         "activation_checkpointing"
     ]
+
+
+# ------------------------------------------------------------------------------ cheap recompute
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_memory_savers", REPO / "scripts" / "bench_memory_savers.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _flat_llama(path, dropout: float):
+    """A LoRA (all linear layers) model on per-example attention, and one flattened row of three examples."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loratool import attention
+
+    attention.register()
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa_per_example"),
+        LoraConfig(r=4, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False),
+    )
+    keep_masks_not_copies(model)
+    model.train()
+    lengths = [30, 17, 45]
+    bounds = torch.tensor([0, 30, 47, 92], dtype=torch.int32)
+    ids = torch.randint(0, 500, (1, sum(lengths)))
+    batch = {
+        "input_ids": ids,
+        "labels": ids,
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": 45,
+        "max_length_k": 45,
+        "use_cache": False,
+    }
+    return model, batch
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    torch.manual_seed(1)  # the same dropout masks for every model
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cheap_recompute_keeps_less_and_learns_exactly_the_same(tiny_model_factory, dropout):
+    from loratool.cheap_recompute import recompute_cheap_activations
+
+    path = tiny_model_factory(num_layers=3, hidden_size=64, intermediate_size=176)
+    stock, batch = _flat_llama(path, dropout)
+    ours = copy.deepcopy(stock)
+    assert recompute_cheap_activations(ours) == 3
+    assert recompute_cheap_activations(ours) == 3  # idempotent: nothing wrapped twice
+
+    bench = _bench()
+    stock_bytes, our_bytes = bench.graph_bytes(stock, **batch), bench.graph_bytes(ours, **batch)
+    # Per layer, the two norm outputs, act(gate) and act(gate) * up are rebuilt, not kept.
+    assert our_bytes < 0.8 * stock_bytes
+    loss, grads = _loss_and_grads(stock, batch)
+    our_loss, our_grads = _loss_and_grads(ours, batch)
+    assert torch.equal(our_loss, loss)
+    assert grads.keys() == our_grads.keys() and len(grads) == 3 * 7 * 2
+    for name, grad in grads.items():
+        assert torch.equal(our_grads[name], grad), name
+
+    # A forward pass that is never followed by a backward pass leaves nothing behind (no reference cycles).
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        out = ours(**batch)
+        del out
+    assert sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]") == 0
+
+
+def test_checkpointed_layers_are_left_to_the_checkpoint(tiny_model_factory):
+    from loratool.cheap_recompute import recompute_cheap_activations
+
+    path = tiny_model_factory(num_layers=3, hidden_size=64, intermediate_size=176)
+    stock, batch = _flat_llama(path, 0.1)
+    ours = copy.deepcopy(stock)
+    recompute_cheap_activations(ours)
+    for model in (stock, ours):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bench = _bench()
+    # Every layer checkpointed: each keeps only its input, with or without notes (give or take a few bytes
+    # of scalars that other code in the process may allocate lazily).
+    assert bench.graph_bytes(ours, **batch) == pytest.approx(bench.graph_bytes(stock, **batch), rel=0.01)
+    loss, grads = _loss_and_grads(stock, batch)
+    our_loss, our_grads = _loss_and_grads(ours, batch)
+    assert torch.equal(our_loss, loss)
+    for name, grad in grads.items():
+        assert torch.equal(our_grads[name], grad), name
+
+
+def test_an_mlp_that_is_not_act_times_up_keeps_its_tensors():
+    """The product is replaced only when its autograd node reads exactly act's and up's outputs: an MLP that
+    adds them (same module names) must keep its own tensors, or its gradients would be wrong."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from loratool.cheap_recompute import recompute_cheap_activations
+
+    class MLP(torch.nn.Module):
+        def __init__(self, add: bool):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
+            self.down_proj, self.act_fn, self.add = torch.nn.Linear(32, 16), torch.nn.SiLU(), add
+
+        def forward(self, x):
+            act, up = self.act_fn(self.gate_proj(x)), self.up_proj(x)
+            return self.down_proj(act + up if self.add else act * up)
+
+    class Layer(GradientCheckpointingLayer):
+        def __init__(self, add: bool):
+            super().__init__()
+            self.mlp = MLP(add)
+
+        def forward(self, x):
+            return x + self.mlp(x)
+
+    bench = _bench()
+    for add in (True, False):
+        torch.manual_seed(0)
+        stock = get_peft_model(
+            torch.nn.Sequential(Layer(add)),
+            LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False),
+        )
+        ours = copy.deepcopy(stock)
+        recompute_cheap_activations(ours)
+        x = torch.randn(64, 16)
+        kept, our_kept = bench.graph_bytes(stock, x), bench.graph_bytes(ours, x)
+        grads = []
+        for model in (stock, ours):
+            model.zero_grad()
+            model(x).square().sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+        if add:
+            assert our_kept == kept
+        else:  # the control: the same harness does replace a real gated product
+            assert our_kept < kept
+
+
+def test_the_lm_head_takes_small_vocabulary_tiles_on_cpu(monkeypatch):
+    from trl.trainer import utils
+
+    from loratool.loss_positions import CPU_VOCAB_TILE, small_vocab_tiles_on_cpu
+
+    monkeypatch.setattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    assert small_vocab_tiles_on_cpu()
+    assert utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_VOCAB_TILE == 4096
+    monkeypatch.delattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")
+    assert not small_vocab_tiles_on_cpu()  # a TRL without the setting: nothing to change
