@@ -417,10 +417,12 @@ def on_main_first(
 
 
 def _lengths(dataset: Any) -> list[int]:
-    """Each row's token count, read from the Arrow column without decoding the rows."""
+    """Each row's token count, read from the Arrow column without decoding the rows (an index mapping, if
+    the dataset has one, is applied)."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+    column = dataset.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
+    return pc.list_value_length(column).to_pylist()
 
 
 def checkpointed_layers(model: Any) -> int:

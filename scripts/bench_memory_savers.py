@@ -28,6 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def median_ms(run, repeats: int) -> float:
+    """Median wall time of `run()` in milliseconds, after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def draw_times(shapes: list[tuple[int, int]], p: float = 0.05) -> None:
     import torch
 
@@ -36,18 +47,8 @@ def draw_times(shapes: list[tuple[int, int]], p: float = 0.05) -> None:
     print("mask draws (ms, median of 7):")
     for shape in shapes:
         x = torch.empty(shape)
-
-        def timed(draw) -> float:
-            draw()
-            runs = []
-            for _ in range(7):
-                start = time.perf_counter()
-                draw()
-                runs.append(time.perf_counter() - start)
-            return 1000 * statistics.median(runs)
-
-        torch_ms = timed(lambda x=x: torch.empty_like(x).bernoulli_(1 - p).bool())
-        ours_ms = timed(lambda x=x: keep_mask(x, p))
+        torch_ms = median_ms(lambda x=x: torch.empty_like(x).bernoulli_(1 - p).bool(), 7)
+        ours_ms = median_ms(lambda x=x: keep_mask(x, p), 7)
         print(
             f"  {shape}: torch bernoulli_ {torch_ms:.1f}, keep_mask {ours_ms:.1f} -> {torch_ms / ours_ms:.1f}x"
         )
@@ -171,12 +172,7 @@ def head_tiles(rows_list: list[int], threads: int) -> None:
                 )
                 log_probs.sum().backward()
 
-            run()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
+            ms = median_ms(run, 3)
             with torch.profiler.profile(
                 activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
             ) as p:
@@ -186,7 +182,7 @@ def head_tiles(rows_list: list[int], threads: int) -> None:
             for event in sorted(events, key=lambda e: e.start_ns()):
                 live += event.nbytes()
                 peak = max(peak, live)
-            line.append(f"tile {tile}: {1000 * statistics.median(times):.0f} ms, {peak / 2**20:.0f} MiB")
+            line.append(f"tile {tile}: {ms:.0f} ms, {peak / 2**20:.0f} MiB")
         print(f"  {rows} positions: " + "; ".join(line))
 
 

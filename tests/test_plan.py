@@ -145,3 +145,19 @@ def test_dry_run_shows_the_plan_line(tmp_path, tiny_llama, smoke_data):
     result = CliRunner().invoke(app, ["train", str(recipe), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "plan: peak memory ~" in result.output and "loratool plan RECIPE" in result.output
+
+
+def test_packing_plans_the_packed_rows_a_micro_batch_takes(llama2_7b_config):
+    """A packed micro-batch is the rows that hold per_device_train_batch_size examples once packed (4 rows of
+    2,048 for 8 examples of 1,000 tokens, two to a row), not per_device_train_batch_size rows of max_length."""
+    from transformers import AutoConfig
+
+    def plan(packing: bool, lengths: list[int]):
+        recipe = qlora_7b(llama2_7b_config, per_device_train_batch_size=8, gradient_checkpointing=False)
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"packing": packing})})
+        shape = model_shape(recipe, AutoConfig.from_pretrained(llama2_7b_config))
+        return make_plan(recipe, shape, device="H100", lengths=lengths).components["activations"]
+
+    packed = plan(True, [1000] * 400)
+    assert packed == plan(False, [1024] * 400)  # 4 x 2,048 tokens = 8 rows of 1,024, padding-free
+    assert packed < 0.6 * plan(False, [2048] * 400)  # what 8 packed rows of max_length would be
