@@ -402,3 +402,21 @@ def test_the_lm_head_takes_small_vocabulary_tiles_on_cpu(monkeypatch):
     assert utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_VOCAB_TILE == 4096
     monkeypatch.delattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE")
     assert not small_vocab_tiles_on_cpu()  # a TRL without the setting: nothing to change
+
+
+def test_a_deep_copy_keeps_its_own_notes(tiny_model_factory):
+    """The wrappers are methods of their module: a copy made after `recompute_cheap_activations` runs its
+    own layers (its gradients land on its own weights) and still takes notes."""
+    from loratool.cheap_recompute import recompute_cheap_activations
+
+    path = tiny_model_factory(num_layers=3, hidden_size=64, intermediate_size=176)
+    stock, batch = _flat_llama(path, 0.0)
+    ours = copy.deepcopy(stock)
+    recompute_cheap_activations(ours)
+    twin = copy.deepcopy(ours)
+    _, twin_grads = _loss_and_grads(twin, batch)
+    assert all(p.grad is None for p in ours.parameters())
+    _, grads = _loss_and_grads(stock, batch)
+    assert all(torch.equal(twin_grads[name], grad) for name, grad in grads.items())
+    bench = _bench()
+    assert bench.graph_bytes(twin, **batch) < 0.8 * bench.graph_bytes(stock, **batch)
