@@ -105,8 +105,8 @@ def build_smoke_base(recipe: Recipe, folder: Path, log: Callable[[str], None]) -
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from loratool.gguf_base import resolve_base_model
-    from loratool.model import load_tokenizer
+    from loratool.model.gguf_base import resolve_base_model
+    from loratool.model.load import load_tokenizer
 
     source = resolve_base_model(recipe.base_model, log)
     try:
@@ -191,9 +191,9 @@ def run_smoke(recipe: Recipe, *, log: Callable[[str], None] = print) -> dict[str
     import time
 
     from loratool.export.gguf import ARCHITECTURES
-    from loratool.gguf_base import cache_root
     from loratool.merge import run_merge
-    from loratool.train import run_train
+    from loratool.model.gguf_base import cache_root
+    from loratool.train.run import run_train
 
     started = time.time()
     base_dir = build_smoke_base(recipe, cache_root() / "smoke", log)

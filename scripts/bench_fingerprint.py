@@ -71,7 +71,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from loratool import fingerprint
+    from loratool.model import fingerprint
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)

@@ -27,8 +27,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loratool.export.gguf import write_gguf
-    from loratool.gguf_base import quiet_gguf_reader
     from loratool.merge.verify import Thresholds, build_probes, compare, probe_logits
+    from loratool.model.gguf_base import quiet_gguf_reader
 
     quiet = lambda _: None  # noqa: E731
     recipe = None

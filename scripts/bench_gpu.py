@@ -59,11 +59,11 @@ WORDS = "the model learns to answer questions about data training loss adapter r
 
 def build_model(out: Path, shape: str, device: str) -> Path:
     """A random-weight Llama of `shape` written as bf16 (fp32 for the CPU smoke) safetensors, with the
-    small trained tokenizer of loratool.tiny_model."""
+    small trained tokenizer of loratool.model.tiny."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from loratool.tiny_model import build_tiny_model
+    from loratool.model.tiny import build_tiny_model
 
     s = SHAPES[shape]
     tokenizer_dir = build_tiny_model(out.parent / f"{out.name}-tokenizer", arch="llama")

@@ -42,7 +42,7 @@ def median_ms(run, repeats: int) -> float:
 def draw_times(shapes: list[tuple[int, int]], p: float = 0.05) -> None:
     import torch
 
-    from loratool.lora_dropout import keep_mask
+    from loratool.train.memory.lora_dropout import keep_mask
 
     print("mask draws (ms, median of 7):")
     for shape in shapes:
@@ -92,10 +92,10 @@ def kept_for_backward(folder: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loratool import attention
-    from loratool.cheap_recompute import recompute_cheap_activations
-    from loratool.lora_dropout import keep_masks_not_copies
-    from loratool.tiny_model import build_tiny_model
+    from loratool.model import attention
+    from loratool.model.tiny import build_tiny_model
+    from loratool.train.memory.cheap_recompute import recompute_cheap_activations
+    from loratool.train.memory.lora_dropout import keep_masks_not_copies
 
     path = build_tiny_model(
         folder / "smollm2-shaped",
@@ -155,7 +155,7 @@ def head_tiles(rows_list: list[int], threads: int) -> None:
     import torch
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-    from loratool.loss_positions import CPU_VOCAB_TILE
+    from loratool.train.memory.loss_positions import CPU_VOCAB_TILE
 
     print("LM head, forward + backward (median of 3 ms; peak MiB allocated during the pass):")
     torch.manual_seed(0)

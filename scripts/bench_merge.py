@@ -99,7 +99,7 @@ def build_base(
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from loratool.tiny_model import CHATML_TEMPLATE, build_tokenizer
+    from loratool.model.tiny import CHATML_TEMPLATE, build_tokenizer
 
     tokenizer = build_tokenizer(vocab_size)
     tokenizer.chat_template = CHATML_TEMPLATE
@@ -201,7 +201,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from loratool.tiny_model import count_parameters
+    from loratool.model.tiny import count_parameters
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
     base, adapter = work / "base", work / "adapter"

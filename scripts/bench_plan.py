@@ -52,9 +52,9 @@ def long_rows(path: Path, count: int = 64) -> None:
 
 
 def run_shape(shape: tuple, folder: Path) -> dict:
-    from loratool.plan import make_plan, model_shape
+    from loratool.model.tiny import build_tiny_model, count_parameters
     from loratool.recipe import validate_recipe
-    from loratool.tiny_model import build_tiny_model, count_parameters
+    from loratool.train.plan import make_plan, model_shape
 
     name, hidden, layers, heads, kv, inter, batch, length, checkpointing = shape
     model_dir = folder / f"model-{name}"
@@ -120,9 +120,9 @@ def run_shape(shape: tuple, folder: Path) -> dict:
 def repredict(results: list[dict]) -> list[dict]:
     """The plan's prediction again for recorded measurements (after a change of the formula), from
     configs alone: no model is built and nothing trains."""
-    from loratool.plan import make_plan, model_shape
+    from loratool.model.tiny import _make_config, build_tokenizer
     from loratool.recipe import validate_recipe
-    from loratool.tiny_model import _make_config, build_tokenizer
+    from loratool.train.plan import make_plan, model_shape
 
     vocab = len(build_tokenizer(512))
     by_key = {(s[0], s[6], s[7], s[8]): s for s in SHAPES}

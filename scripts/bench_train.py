@@ -109,7 +109,7 @@ def prepare(shape: str, work: Path, steps: int | None) -> dict:
     if shape in RANDOM_MODELS:
         from transformers import AutoTokenizer
 
-        from loratool.tiny_model import build_tiny_model, count_parameters
+        from loratool.model.tiny import build_tiny_model, count_parameters
 
         model_dir = work / f"model-{shape}"
         build_tiny_model(
@@ -143,7 +143,7 @@ def prepare(shape: str, work: Path, steps: int | None) -> dict:
     if shape == "smollm2":
         import yaml
 
-        from loratool.gguf_base import resolve_base_model
+        from loratool.model.gguf_base import resolve_base_model
 
         if not SMOLLM2_GGUF.is_file():
             raise SystemExit(f"{SMOLLM2_GGUF} is missing: run `python scripts/fetch_smollm2.py` first")

@@ -18,7 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from loratool.fingerprint import file_sha256
+from loratool.model.fingerprint import file_sha256
 
 VERSION = "1.0.0"
 NAME = "gemma-3-270m-q4_k_m.gguf"

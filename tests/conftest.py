@@ -22,14 +22,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from loratool.tiny_model import build_tiny_model
+    from loratool.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory: pytest.TempPathFactory):
-    from loratool.tiny_model import build_tiny_model
+    from loratool.model.tiny import build_tiny_model
 
     built: dict[tuple, Path] = {}
 
@@ -101,7 +101,7 @@ def smoke_data() -> Path:
     return REPO / "recipes" / "data" / "smoke.jsonl"
 
 
-# --- both 4-bit CPU kernel paths on any CPU (loratool/bnb_cpu.py) ---------------------------------------
+# --- both 4-bit CPU kernel paths on any CPU (loratool/model/bnb_cpu.py) ---------------------------------------
 
 
 def fused_cpu_kernel_stand_in(A, B, out=None, state=None):

@@ -19,7 +19,7 @@ def chatml_tokenizer(chat_template: bool = True) -> Any:
     """A fresh tiny tokenizer (BOS <|begin_of_text|> prepended by tokenizer(text), EOS <|im_end|>) with
     a ChatML template; fresh because tests set other templates on it. The BPE is trained once per
     process (cached by tiny_model), so this is cheap."""
-    from loratool.tiny_model import CHATML_TEMPLATE, build_tokenizer
+    from loratool.model.tiny import CHATML_TEMPLATE, build_tokenizer
 
     tokenizer = build_tokenizer(vocab_size=512)
     tokenizer.chat_template = CHATML_TEMPLATE if chat_template else None

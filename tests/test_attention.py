@@ -1,4 +1,4 @@
-"""Per-example attention in flattened batches (loratool/attention.py): the same numbers as the stock
+"""Per-example attention in flattened batches (loratool/model/attention.py): the same numbers as the stock
 implementation with the dense block-diagonal mask, no attention across examples, and the stock path for
 everything that is not a flattened training row (padded batches, generation with a KV cache)."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratool.attention import PER_EXAMPLE, register, use_per_example_attention
-from loratool.sft_config import packed_rows_per_batch
+from loratool.model.attention import PER_EXAMPLE, register, use_per_example_attention
+from loratool.train.sft import packed_rows_per_batch
 
 LENGTHS = [5, 11, 1, 7, 16]
 
@@ -129,8 +129,8 @@ def test_padded_batches_and_generation_take_the_stock_path(tiny_llama, attn):
 
 
 def test_load_model_uses_per_example_attention_only_for_flattened_batches(tiny_llama, tmp_path):
-    from loratool.hardware import detect
-    from loratool.model import load_model
+    from loratool.model.hardware import detect
+    from loratool.model.load import load_model
     from loratool.recipe import validate_recipe
 
     def attention(**data):
@@ -153,7 +153,7 @@ def test_load_model_uses_per_example_attention_only_for_flattened_batches(tiny_l
 
 def test_packed_rows_per_batch_hold_at_least_a_batch_of_examples():
     from loratool.recipe import DataSection, TrainingSection
-    from loratool.sft_config import packed_rows
+    from loratool.train.sft import packed_rows
 
     def rows(batch: int, lengths: list[int], max_length: int) -> int:
         data = DataSection(train=[{"path": "x.jsonl"}], max_length=max_length, packing=True)

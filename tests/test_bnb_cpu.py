@@ -1,4 +1,4 @@
-"""4-bit layers give the same numbers on every CPU (loratool/bnb_cpu.py), and bitsandbytes' warning about its
+"""4-bit layers give the same numbers on every CPU (loratool/model/bnb_cpu.py), and bitsandbytes' warning about its
 fused CPU kernel never reaches the user.
 
 CPUs with AVX512-BF16 are simulated on any CPU (conftest.simulate_avx512bf16): bitsandbytes' own selection
@@ -18,14 +18,14 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import REPO, simulate_avx512bf16, smoke_recipe, write_recipe
-from loratool.bnb_cpu import (
+from loratool.cli import app
+from loratool.model.bnb_cpu import (
     KERNEL_HUB_LOGGER,
     KERNEL_HUB_MESSAGE,
     four_bit_matmul,
     silence_kernel_hub_warning,
     use_exact_4bit_matmul,
 )
-from loratool.cli import app
 
 SMOKE = REPO / "recipes" / "data" / "smoke.jsonl"
 QLORA = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
@@ -106,8 +106,8 @@ def test_full_precision_models_have_no_4bit_path():
 
 
 def load_4bit(tiny_llama: Path, tmp_path: Path) -> torch.nn.Module:
-    from loratool import hardware
-    from loratool.model import load_model
+    from loratool.model import hardware
+    from loratool.model.load import load_model
     from loratool.recipe import validate_recipe
 
     recipe = validate_recipe(smoke_recipe(tiny_llama, SMOKE, tmp_path / "run", quantization=QLORA))
@@ -132,9 +132,9 @@ def test_loaded_4bit_base_computes_the_same_on_every_cpu(any_cpu, tiny_llama, tm
 def test_without_loratool_the_simulated_cpu_drifts(simulated_avx512bf16, tiny_llama, tmp_path, monkeypatch):
     """The test above can fail: with the guard gone, the simulated CPU's logits move by 10x verification's
     1e-3 bound."""
-    import loratool.model
+    import loratool.model.load
 
-    monkeypatch.setattr(loratool.model, "use_exact_4bit_matmul", lambda model: 0)
+    monkeypatch.setattr(loratool.model.load, "use_exact_4bit_matmul", lambda model: 0)
     evaluated, trained = eval_and_train_mode_logits(load_4bit(tiny_llama, tmp_path))
     assert (evaluated - trained).abs().max().item() > 1e-2  # measured 5.1e-2
 

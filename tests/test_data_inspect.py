@@ -14,7 +14,7 @@ from conftest import write_recipe
 from loratool.cli import app
 from loratool.data import build_datasets
 from loratool.data.inspect import format_report, inspect_data, to_html, token_runs
-from loratool.model import load_tokenizer
+from loratool.model.load import load_tokenizer
 from loratool.recipe import validate_recipe
 
 # End of turn written only when another message follows: the answer's <|im_end|> is rendered as the

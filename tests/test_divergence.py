@@ -14,9 +14,9 @@ import trl
 from typer.testing import CliRunner
 
 from conftest import smoke_recipe, write_recipe
-from loratool import divergence
 from loratool.cli import app
-from loratool.divergence import (
+from loratool.train import divergence
+from loratool.train.divergence import (
     COLLAPSE_PATIENCE,
     FP16_OVERFLOW_PATIENCE,
     DivergenceGuard,
@@ -133,7 +133,7 @@ def test_a_nan_adapter_is_never_written(tmp_path, tiny_llama, smoke_data, nan_tr
         def on_pre_optimizer_step(self, *args, **kwargs):
             pass
 
-    monkeypatch.setattr("loratool.train.DivergenceGuard", Unguarded)
+    monkeypatch.setattr("loratool.train.run.DivergenceGuard", Unguarded)
     out = tmp_path / "run"
     recipe = smoke_recipe(tiny_llama, smoke_data, out, training={"max_steps": 6, "save_steps": 2})
     result = train_cli(write_recipe(tmp_path / "r.yaml", recipe))

@@ -300,8 +300,8 @@ def margins(policy, reference, rows: list[dict]) -> list[float]:
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_llama):
     """A DPO run on 24 chat pairs (12 prompts) with 4 held-out pairs on other prompts, and the trainer."""
-    import loratool.dpo
-    from loratool.train import run_train
+    import loratool.train.dpo
+    from loratool.train.run import run_train
 
     tmp = tmp_path_factory.mktemp("dpo")
     train = write_jsonl(tmp / "train.jsonl", [pair(w) for w in TRAIN_WORDS * 2])
@@ -316,13 +316,13 @@ def dpo_run(tmp_path_factory, tiny_llama):
     )
     trainers = []
 
-    class Recording(loratool.dpo.PreferenceTrainer):
+    class Recording(loratool.train.dpo.PreferenceTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loratool.dpo, "PreferenceTrainer", Recording)
+        patch.setattr(loratool.train.dpo, "PreferenceTrainer", Recording)
         out = run_train(validate_recipe(raw), log=lambda _: None)
     return out, trainers[0], held_out
 
@@ -353,7 +353,7 @@ def test_the_held_out_reward_margin_rises(dpo_run, tiny_llama, tokenizer):
 
 
 def test_the_run_directory_is_a_normal_run_that_records_dpo(dpo_run):
-    from loratool.rundir import read_run
+    from loratool.rundir.records import read_run
 
     out, trainer, _ = dpo_run
     record = read_run(out)
@@ -400,8 +400,8 @@ def test_the_run_merges_and_the_merge_verifies(dpo_run, tmp_path):
 def test_dpo_starts_from_an_sft_runs_adapter_which_is_also_the_reference(tmp_path, tiny_llama, smoke_data):
     from safetensors.torch import load_file
 
-    import loratool.dpo
-    from loratool.train import run_train
+    import loratool.train.dpo
+    from loratool.train.run import run_train
 
     sft = run_train(
         validate_recipe(smoke_recipe(tiny_llama, smoke_data, tmp_path / "sft", training={"max_steps": 2})),
@@ -418,7 +418,7 @@ def test_dpo_starts_from_an_sft_runs_adapter_which_is_also_the_reference(tmp_pat
     )
     trainers = []
 
-    class Recording(loratool.dpo.PreferenceTrainer):
+    class Recording(loratool.train.dpo.PreferenceTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             trainers.append(self)
@@ -427,7 +427,7 @@ def test_dpo_starts_from_an_sft_runs_adapter_which_is_also_the_reference(tmp_pat
 
     logged = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loratool.dpo, "PreferenceTrainer", Recording)
+        patch.setattr(loratool.train.dpo, "PreferenceTrainer", Recording)
         out = run_train(validate_recipe(raw), log=logged.append)
     assert any(f"starting from {sft}" in line for line in logged)
     sft_weights = load_file(sft / "adapter_model.safetensors")
@@ -453,7 +453,7 @@ def test_dpo_starts_from_an_sft_runs_adapter_which_is_also_the_reference(tmp_pat
 
 
 def test_init_adapter_must_be_a_finished_loratool_run(tmp_path, tiny_llama):
-    from loratool.dpo import check_init_adapter
+    from loratool.train.dpo import check_init_adapter
 
     raw = recipe_with(dpo={"init_adapter": str(tmp_path)})
     raw["base_model"] = str(tiny_llama)
@@ -476,7 +476,7 @@ def test_eval_scores_the_chosen_answers_of_the_runs_validation_pairs(dpo_run, tm
 
 
 def test_dry_run_checks_a_dpo_recipe_and_writes_nothing(tmp_path, tiny_llama):
-    from loratool.train import dry_run
+    from loratool.train.run import dry_run
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [pair(w) for w in TRAIN_WORDS])
     raw = smoke_recipe(

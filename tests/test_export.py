@@ -228,7 +228,7 @@ def sentencepiece_style_tokenizer():
     )
     from transformers import PreTrainedTokenizerFast
 
-    from loratool.tiny_model import _corpus
+    from loratool.model.tiny import _corpus
 
     prefix = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))

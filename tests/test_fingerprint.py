@@ -19,10 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe
-from loratool import fingerprint
 from loratool.cli import app
 from loratool.errors import LoratoolError
-from loratool.fingerprint import fingerprint_matches, fingerprint_scheme, weights_fingerprint
+from loratool.model import fingerprint
+from loratool.model.fingerprint import fingerprint_matches, fingerprint_scheme, weights_fingerprint
 
 LONG_AGO = time.time() - 3600  # older than fingerprint.RECENT_SECONDS: digests of such files are kept
 
@@ -270,7 +270,7 @@ def test_concurrent_writers_leave_a_valid_cache(tmp_path, cache_dir):
         )
         models.append(tmp_path / f"m{i}")
     code = (
-        "import sys; from pathlib import Path; from loratool.fingerprint import weights_fingerprint; "
+        "import sys; from pathlib import Path; from loratool.model.fingerprint import weights_fingerprint; "
         "[print(weights_fingerprint(Path(sys.argv[1]))) for _ in range(20)]"
     )
     env = {**os.environ, "LORATOOL_CACHE": str(cache_dir), "PYTHONPATH": str(REPO)}
@@ -334,7 +334,7 @@ def trained(tmp_path_factory, tiny_llama) -> tuple[Path, Path]:
 
 
 def test_merge_and_eval_refuse_a_base_with_one_tensor_negated(trained, tmp_path, legacy_windows):
-    from loratool.target import check_run_base, resolve_target
+    from loratool.generate.target import check_run_base, resolve_target
 
     run, base = trained
     shard = base / "model.safetensors"
@@ -381,7 +381,7 @@ def test_merge_accepts_an_old_sampled_record_of_the_same_base(trained, tmp_path)
 
 
 def test_generate_compares_adapters_recorded_in_either_scheme(trained, tmp_path, tiny_model_factory):
-    from loratool.target import resolve_target
+    from loratool.generate.target import resolve_target
 
     run, base = trained
     as_base = resolve_target(base)

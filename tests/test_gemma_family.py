@@ -22,7 +22,7 @@ from loratool.data.templates import (
 )
 from loratool.data.tokenize import encode
 from loratool.errors import LoratoolError
-from loratool.generate import Sampling, answer_text, generate_ids, render_prompt
+from loratool.generate.run import Sampling, answer_text, generate_ids, render_prompt
 
 CONVERSATION = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -181,7 +181,7 @@ def test_eval_strips_the_end_of_turn_text_from_answers_and_references(gemma_dir,
     from transformers import AutoModelForCausalLM
 
     from loratool.eval.run import build_eval_data, evaluate_model
-    from loratool.target import Loaded, resolve_target
+    from loratool.generate.target import Loaded, resolve_target
 
     tokenizer = gemma_tokenizer(gemma_dir, "chatml")
     data = write_jsonl(tmp_path / "qa.jsonl", [{"messages": CONVERSATION}])

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import conftest
 from loratool.cli import app
-from loratool.generate import Sampling, fit_to_context, generate_ids, run_generate
+from loratool.generate.run import Sampling, fit_to_context, generate_ids, run_generate
 
 PROMPT = "Spell the word backwards: falcon"
 
@@ -344,8 +344,8 @@ def test_tools_are_rendered_by_the_template(tmp_path, tiny_llama):
 
 def test_run_adapter_gets_its_system_prompt_and_a_merged_model_its_run_name(tmp_path, tiny_llama, smoke_data):
     from conftest import smoke_recipe, write_recipe
-    from loratool.generate import load_adapters, render_for
-    from loratool.target import resolve_target
+    from loratool.generate.run import load_adapters, render_for
+    from loratool.generate.target import resolve_target
 
     recipe = smoke_recipe(
         tiny_llama, smoke_data, tmp_path / "calm", training={"max_steps": 2, "save_steps": 2}

@@ -17,11 +17,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe
-from loratool import gguf_base
 from loratool.cli import app
 from loratool.errors import LoratoolError
-from loratool.fingerprint import file_sha256, weights_fingerprint
-from loratool.gguf_base import SOURCE_RECORD, file_sha256_cached, gguf_record, resolve_base_model
+from loratool.model import gguf_base
+from loratool.model.fingerprint import file_sha256, weights_fingerprint
+from loratool.model.gguf_base import SOURCE_RECORD, file_sha256_cached, gguf_record, resolve_base_model
 from loratool.recipe import load_recipe
 
 SMOLLM2 = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,12 +104,12 @@ def test_cache_is_reused_and_keyed_by_content(tiny_gguf, tiny_source, tmp_path):
 
 
 def test_sha256_is_remembered_while_size_and_mtime_hold(tiny_gguf, tmp_path, monkeypatch):
-    import loratool.fingerprint
+    import loratool.model.fingerprint
 
     path = Path(shutil.copy(tiny_gguf, tmp_path / "model.gguf"))
     calls = []
     monkeypatch.setattr(
-        loratool.fingerprint, "file_sha256", lambda p: calls.append(p) or file_sha256(p), raising=True
+        loratool.model.fingerprint, "file_sha256", lambda p: calls.append(p) or file_sha256(p), raising=True
     )
     sha = file_sha256_cached(path)
     assert file_sha256_cached(path) == sha and len(calls) == 1

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratool import hardware
 from loratool.errors import LoratoolError
-from loratool.hardware import Hardware
+from loratool.model import hardware
+from loratool.model.hardware import Hardware
 from loratool.recipe import validate_recipe
 
 CPU = Hardware(device="cpu", name="x86_64", device_count=1, bf16=False, cpu_count=2)

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from conftest import smoke_recipe, write_recipe
-from loratool import lora_init
+from loratool.adapter import inits as lora_init
 from loratool.errors import LoratoolError
 from loratool.recipe import load_recipe
-from loratool.train import run_train
+from loratool.train.run import run_train
 
 PROBE = [[1, 5, 9, 23, 42, 7, 3, 11, 60, 2]]
 TOLERANCE = 1e-4  # fp32: the converted adapter is the same arithmetic, summed in another order
@@ -121,7 +121,7 @@ def test_failing_calibration_is_a_clear_error(tmp_path, tiny_llama, smoke_data):
 def test_calibration_without_data_is_refused(tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from loratool.lora import attach_adapter
+    from loratool.adapter.lora import attach_adapter
     from loratool.recipe import LoraSection
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -228,7 +228,7 @@ def test_resume_refuses_a_different_initialization(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("init", ["pissa", "eva", "corda"])
 def test_dry_run_checks_the_adapter_without_a_calibration_pass(tmp_path, tiny_llama, smoke_data, init):
-    from loratool.train import dry_run
+    from loratool.train.run import dry_run
 
     recipe = smoke_recipe(tiny_llama, smoke_data, tmp_path / "run", lora={"init_lora_weights": init})
     printed: list[str] = []
@@ -239,7 +239,7 @@ def test_dry_run_checks_the_adapter_without_a_calibration_pass(tmp_path, tiny_ll
 
 def test_sharded_launch_refuses_a_converted_init(tmp_path, smoke_data):
     """FSDP / ZeRO-3 hand the adapter over as shards; PEFT's conversion needs it whole: refused at once."""
-    from loratool.hardware import Hardware, Launch, launch_conflicts
+    from loratool.model.hardware import Hardware, Launch, launch_conflicts
 
     gpu = Hardware(device="cuda", name="H100", device_count=8, bf16=True, cpu_count=32)
     recipe = smoke_recipe("some/model", smoke_data, tmp_path / "run", lora={"init_lora_weights": "olora"})

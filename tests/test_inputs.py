@@ -1,4 +1,4 @@
-"""Every input of a recipe resolved before anything loads (loratool/inputs.py): missing paths name each
+"""Every input of a recipe resolved before anything loads (loratool/train/inputs.py): missing paths name each
 place looked, an unreachable hub is found by one short probe and reported with what to do, and all
 problems come in one error. No test touches the network: the hub is a closed or open 127.0.0.1 port."""
 
@@ -10,11 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import smoke_recipe, write_recipe
-from loratool import inputs
 from loratool.cli import app
 from loratool.errors import LoratoolError
-from loratool.inputs import check_inputs, hub_unreachable
 from loratool.recipe import load_recipe
+from loratool.train import inputs
+from loratool.train.inputs import check_inputs, hub_unreachable
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")

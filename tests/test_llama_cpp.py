@@ -222,7 +222,7 @@ def test_gemma3_finetuned_merged_f16_export_decodes_in_llama_cpp_like_transforme
     from loratool.export import run_export
     from loratool.merge import run_merge
     from loratool.recipe import validate_recipe
-    from loratool.train import run_train
+    from loratool.train.run import run_train
 
     data = tmp_path / "facts.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in GEMMA3_TEXTS * 2))

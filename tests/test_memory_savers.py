@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from conftest import REPO, smoke_recipe, write_recipe
 from loratool.cli import app
 from loratool.errors import LoratoolError
-from loratool.lora_dropout import _DropoutThenLinear, keep_mask, keep_masks_not_copies
 from loratool.recipe import validate_recipe
+from loratool.train.memory.lora_dropout import _DropoutThenLinear, keep_mask, keep_masks_not_copies
 
 # ------------------------------------------------------------------------------------------ dropout
 
@@ -125,7 +125,7 @@ def test_the_lm_head_scores_only_loss_positions_with_the_same_loss_and_gradients
     from trl.kernels import chunked_logprob
     from trl.trainer import utils
 
-    from loratool.loss_positions import score_only_loss_positions
+    from loratool.train.memory.loss_positions import score_only_loss_positions
 
     # TRL's own predicate (a training run earlier in the session may have switched it), restored after.
     monkeypatch.setattr(utils, "_use_triton", chunked_logprob._use_triton)
@@ -184,7 +184,7 @@ def test_gradient_checkpointing_takes_a_layer_interval():
 
 def test_trainer_checkpoints_every_nth_layer(tmp_path):
     from loratool.recipe import TrainingSection
-    from loratool.sft_config import trainer_fields
+    from loratool.train.sft import trainer_fields
 
     def fields(value):
         section = TrainingSection(output_dir="o", gradient_checkpointing=value)
@@ -224,7 +224,7 @@ def test_a_transformers_without_every_n_layers_is_a_clear_error(monkeypatch, tmp
     from transformers import PreTrainedModel
 
     from loratool.recipe import TrainingSection
-    from loratool.sft_config import trainer_fields
+    from loratool.train.sft import trainer_fields
 
     def old_enable(self, activation_checkpointing_kwargs=None):  # the signature before every_n_layers
         pass
@@ -259,7 +259,7 @@ def _flat_llama(path, dropout: float):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loratool import attention
+    from loratool.model import attention
 
     attention.register()
     torch.manual_seed(0)
@@ -295,7 +295,7 @@ def _loss_and_grads(model, batch):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_cheap_recompute_keeps_less_and_learns_exactly_the_same(tiny_model_factory, dropout):
-    from loratool.cheap_recompute import recompute_cheap_activations
+    from loratool.train.memory.cheap_recompute import recompute_cheap_activations
 
     path = tiny_model_factory(num_layers=3, hidden_size=64, intermediate_size=176)
     stock, batch = _flat_llama(path, dropout)
@@ -324,7 +324,7 @@ def test_cheap_recompute_keeps_less_and_learns_exactly_the_same(tiny_model_facto
 
 
 def test_checkpointed_layers_are_left_to_the_checkpoint(tiny_model_factory):
-    from loratool.cheap_recompute import recompute_cheap_activations
+    from loratool.train.memory.cheap_recompute import recompute_cheap_activations
 
     path = tiny_model_factory(num_layers=3, hidden_size=64, intermediate_size=176)
     stock, batch = _flat_llama(path, 0.1)
@@ -349,7 +349,7 @@ def test_an_mlp_that_is_not_act_times_up_keeps_its_tensors():
     from peft import LoraConfig, get_peft_model
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from loratool.cheap_recompute import recompute_cheap_activations
+    from loratool.train.memory.cheap_recompute import recompute_cheap_activations
 
     class MLP(torch.nn.Module):
         def __init__(self, add: bool):
@@ -395,7 +395,7 @@ def test_an_mlp_that_is_not_act_times_up_keeps_its_tensors():
 def test_the_lm_head_takes_small_vocabulary_tiles_on_cpu(monkeypatch):
     from trl.trainer import utils
 
-    from loratool.loss_positions import CPU_VOCAB_TILE, small_vocab_tiles_on_cpu
+    from loratool.train.memory.loss_positions import CPU_VOCAB_TILE, small_vocab_tiles_on_cpu
 
     monkeypatch.setattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
     assert small_vocab_tiles_on_cpu()
@@ -407,7 +407,7 @@ def test_the_lm_head_takes_small_vocabulary_tiles_on_cpu(monkeypatch):
 def test_a_deep_copy_keeps_its_own_notes(tiny_model_factory):
     """The wrappers are methods of their module: a copy made after `recompute_cheap_activations` runs its
     own layers (its gradients land on its own weights) and still takes notes."""
-    from loratool.cheap_recompute import recompute_cheap_activations
+    from loratool.train.memory.cheap_recompute import recompute_cheap_activations
 
     path = tiny_model_factory(num_layers=3, hidden_size=64, intermediate_size=176)
     stock, batch = _flat_llama(path, 0.0)

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from conftest import LORATOOL_RUN, REPO, smoke_recipe, write_recipe
 from conftest import random_adapter as peft_adapter
 from loratool.cli import app
-from loratool.fingerprint import weights_fingerprint
 from loratool.merge import run_merge
+from loratool.model.fingerprint import weights_fingerprint
 
 # --- helpers -------------------------------------------------------------------------------------------
 
@@ -134,7 +134,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     """GPT-2 stores its projections as Conv1D (in, out): the fan_in_fan_out case."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from loratool.tiny_model import CHATML_TEMPLATE, build_tokenizer
+    from loratool.model.tiny import CHATML_TEMPLATE, build_tokenizer
 
     folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
     tokenizer = build_tokenizer(512)
@@ -303,7 +303,7 @@ def test_qlora_policies(tmp_path, qlora_run, any_cpu):
     as_trained_d = d["verification"]["quantized_base"]
     as_trained_o = o["verification"]["quantized_base"]
     assert as_trained_d["passed"] and as_trained_d["max_abs_logit_diff"] < 1e-3
-    # On every CPU, CPUs with AVX512-BF16 included (loratool/bnb_cpu.py).
+    # On every CPU, CPUs with AVX512-BF16 included (loratool/model/bnb_cpu.py).
     assert as_trained_d["four_bit_matmul"] == "dequantize-then-matmul in float32 (cpu)"
     assert as_trained_o["max_abs_logit_diff"] > 100 * as_trained_d["max_abs_logit_diff"]
     assert as_trained_o["mean_kl"] > 100 * max(as_trained_d["mean_kl"], 1e-9)
@@ -315,11 +315,11 @@ def test_qlora_policies(tmp_path, qlora_run, any_cpu):
 def test_qlora_verification_fails_on_the_bfloat16_kernel(
     tmp_path, qlora_run, simulated_avx512bf16, monkeypatch
 ):
-    """What the test above meets on an AVX512-BF16 CPU without loratool/bnb_cpu.py: the 4-bit reference
+    """What the test above meets on an AVX512-BF16 CPU without loratool/model/bnb_cpu.py: the 4-bit reference
     computes in bfloat16 and the merge fails verification (measured 4.0e-2 here; 3.7e-2 on a real EPYC)."""
-    import loratool.bnb_cpu
+    import loratool.model.bnb_cpu
 
-    monkeypatch.setattr(loratool.bnb_cpu, "use_exact_4bit_matmul", lambda model: 0)
+    monkeypatch.setattr(loratool.model.bnb_cpu, "use_exact_4bit_matmul", lambda model: 0)
     result = merge_cli("--adapter", qlora_run, "--output", tmp_path / "m")
     assert result.exit_code == 1 and "error: verification failed" in result.output
     failed = record(tmp_path / "m.failed-verification")["verification"]["quantized_base"]
@@ -330,7 +330,7 @@ def test_qlora_verification_fails_on_the_bfloat16_kernel(
 
 
 def test_verification_thresholds():
-    from loratool.logit_comparison import compare
+    from loratool.merge.compare import compare
     from loratool.merge.verify import EXACT, QUANTIZATION_DRIFT
 
     torch.manual_seed(0)
@@ -481,10 +481,10 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, tiny_llama):
 
 
 def test_failed_verification_is_an_error_and_the_output_says_so(tmp_path, tiny_llama, monkeypatch):
-    import loratool.merge.adapter
+    import loratool.adapter.files
 
-    real = loratool.merge.adapter.lora_delta
-    monkeypatch.setattr(loratool.merge.adapter, "lora_delta", lambda f: 2 * real(f))  # a scaling bug
+    real = loratool.adapter.files.lora_delta
+    monkeypatch.setattr(loratool.adapter.files, "lora_delta", lambda f: 2 * real(f))  # a scaling bug
     adapter = peft_adapter(tiny_llama, tmp_path / "adapter", target_modules="all-linear")
     out = tmp_path / "merged"
     result = merge_cli("--adapter", adapter, "--output", out)

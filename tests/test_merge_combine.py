@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from conftest import LORATOOL_RUN
 from conftest import random_adapter as peft_adapter
 from loratool.cli import app
-from loratool.fingerprint import file_sha256
+from loratool.model.fingerprint import file_sha256
 
 
 def merge_cli(*args: str | Path):

@@ -191,7 +191,7 @@ def test_lorafa_keeps_a_as_initialized_and_trains_b(tiny_llama, runs):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from loratool.lora import build_lora_config, build_optimizer
+    from loratool.adapter.lora import build_lora_config, build_optimizer
     from loratool.recipe import LoraSection
 
     lora = LoraSection(method="lorafa", r=4, lora_alpha=8, lora_dropout=0.0)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import conftest
 from loratool.cli import app
-from loratool.model_card import finish_adapter_dir, vllm_problems, vllm_summary
+from loratool.rundir.model_card import finish_adapter_dir, vllm_problems, vllm_summary
 
 SMOKE_DATA = conftest.REPO / "recipes" / "data" / "smoke.jsonl"
 

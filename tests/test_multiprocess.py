@@ -278,7 +278,7 @@ def recipe_with(tmp_path, tiny_llama, **sections):
 
 
 def test_launch_is_read_from_accelerates_variables():
-    from loratool.hardware import launch
+    from loratool.model.hardware import launch
 
     assert launch({}).sharding is None and launch({}).processes == 1
     fsdp = launch({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "4"})
@@ -289,7 +289,7 @@ def test_launch_is_read_from_accelerates_variables():
 
 def test_impossible_combinations_are_all_listed_at_once(tmp_path, tiny_llama):
     from loratool.errors import LoratoolError
-    from loratool.hardware import Hardware, Launch, check
+    from loratool.model.hardware import Hardware, Launch, check
 
     cpu = Hardware(device="cpu", name="x86_64", device_count=1, bf16=False, cpu_count=2)
     recipe = recipe_with(
@@ -311,7 +311,7 @@ def test_four_bit_under_zero3_needs_the_compute_dtype_as_storage(tmp_path, tiny_
     import torch
 
     from loratool.errors import LoratoolError
-    from loratool.hardware import Hardware, Launch, check, launch_conflicts, quant_storage
+    from loratool.model.hardware import Hardware, Launch, check, launch_conflicts, quant_storage
 
     gpu = Hardware(device="cuda", name="H100", device_count=8, bf16=True, cpu_count=32)
     zero3 = Launch("deepspeed", 3, 8)

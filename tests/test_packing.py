@@ -37,7 +37,7 @@ def load(tiny_llama, attn):
     """`sdpa_per_example` / `eager_per_example`: loaded as sdpa / eager, then switched as load_model does."""
     from transformers import AutoModelForCausalLM
 
-    from loratool.attention import use_per_example_attention
+    from loratool.model.attention import use_per_example_attention
 
     stock = attn.removesuffix("_per_example")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=stock)
@@ -122,8 +122,8 @@ def test_packing_trains_with_micro_batches_sized_from_the_data(tmp_path, tiny_ll
     from typer.testing import CliRunner
 
     from conftest import smoke_recipe, write_recipe
-    from loratool import sft_config
     from loratool.cli import app
+    from loratool.train import sft as sft_config
 
     seen = {}
     build = sft_config.build_sft_config
@@ -133,7 +133,7 @@ def test_packing_trains_with_micro_batches_sized_from_the_data(tmp_path, tiny_ll
         seen["lengths"] = kwargs["train_lengths"]
         return seen["args"]
 
-    monkeypatch.setattr("loratool.train.build_sft_config", recording)
+    monkeypatch.setattr("loratool.train.run.build_sft_config", recording)
     out = tmp_path / "run"
     recipe = smoke_recipe(tiny_llama, smoke_data, out, data={"packing": True}, training={"max_steps": 2})
     result = CliRunner().invoke(app, ["train", str(write_recipe(tmp_path / "r.yaml", recipe))])

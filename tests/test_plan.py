@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from conftest import smoke_recipe, write_recipe
 from loratool.cli import app
 from loratool.errors import LoratoolError
-from loratool.plan import GiB, conflicts, make_plan, model_shape, parse_memory
 from loratool.recipe import validate_recipe
+from loratool.train.plan import GiB, conflicts, make_plan, model_shape, parse_memory
 
 # Llama 2 7B's published config (meta-llama/Llama-2-7b-hf config.json): 6.74B parameters.
 LLAMA2_7B = {

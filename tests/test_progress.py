@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
-from loratool.metrics import ConciseProgress, Heartbeat
+from loratool.train.progress import ConciseProgress, Heartbeat
 
 
 def test_heartbeat_line_has_rate_and_eta():
@@ -43,10 +43,10 @@ def test_verification_passes_print_progress(monkeypatch, tiny_llama):
 
     from transformers import AutoModelForCausalLM
 
-    import loratool.metrics
-    from loratool.logit_comparison import probe_logits
+    import loratool.train.progress
+    from loratool.merge.compare import probe_logits
 
-    monkeypatch.setattr(loratool.metrics, "Heartbeat", functools.partial(Heartbeat, every=0))
+    monkeypatch.setattr(loratool.train.progress, "Heartbeat", functools.partial(Heartbeat, every=0))
     lines: list[str] = []
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     logits = probe_logits(model, [[1, 2, 3], [4, 5], [6]], "  verifying the merged model", lines.append)

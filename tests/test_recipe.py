@@ -124,7 +124,7 @@ def test_library_field_list_matches_installed_libraries():
     gen = importlib.util.module_from_spec(spec)
     sys.modules["gen"] = gen
     spec.loader.exec_module(gen)
-    from loratool import library_fields
+    from loratool.recipe import library_fields
 
     current = gen.current_fields()
     assert set(current["LORA_CONFIG_FIELDS"]) == library_fields.LORA_CONFIG_FIELDS

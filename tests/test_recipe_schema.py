@@ -14,7 +14,7 @@ from conftest import REPO
 from loratool.cli import app
 from loratool.errors import LoratoolError
 from loratool.recipe import explain, load_recipe, load_recipe_with_origins
-from loratool.recipe_schema import SCHEMA_FILE, recipe_schema, schema_json
+from loratool.recipe.json_schema import SCHEMA_FILE, recipe_schema, schema_json
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 MINIMAL = {

@@ -189,7 +189,7 @@ def test_regex_checks_follow_peft():
 
 
 def test_trainer_settings_are_checked_against_the_library(tmp_path):
-    from loratool.sft_config import check_trainer_settings
+    from loratool.train.sft import check_trainer_settings
 
     out = tmp_path / "run"
     base = MINIMAL.replace("output_dir: out", f"output_dir: {out}")
@@ -251,7 +251,7 @@ DAMAGES = {
 
 @pytest.mark.parametrize("how", list(DAMAGES))
 def test_check_adapter_files_names_the_damaged_file(pristine_adapter, tmp_path, how):
-    from loratool.merge.adapter import check_adapter_files
+    from loratool.adapter.files import check_adapter_files
 
     adapter = shutil.copytree(pristine_adapter, tmp_path / "adapter")
     assert check_adapter_files(adapter)["peft_type"] == "LORA"

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from conftest import REPO, random_adapter, smoke_recipe, write_recipe
 from loratool.cli import app
 from loratool.errors import LoratoolError
-from loratool.metrics import MetricsLog
-from loratool.outputs import lock_path, output_lock
-from loratool.rundir import CHECKPOINT_SEAL, read_run
+from loratool.rundir.outputs import lock_path, output_lock
+from loratool.rundir.records import CHECKPOINT_SEAL, read_run
+from loratool.train.progress import MetricsLog
 
 
 def train(recipe_path: Path, *args: str):
@@ -102,7 +102,7 @@ def test_symlinked_output_dir_keeps_the_targets_other_files(tmp_path, tiny_llama
 
 
 def test_a_forged_file_list_cannot_reach_outside_the_run(tmp_path):
-    from loratool.outputs import remove_owned
+    from loratool.rundir.outputs import remove_owned
 
     outside = tmp_path / "precious.txt"
     outside.write_text("x")
@@ -142,7 +142,7 @@ def test_merge_overwrite_refuses_an_output_holding_user_files(tmp_path, tiny_lla
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from loratool.outputs import output_lock
+from loratool.rundir.outputs import output_lock
 with output_lock(Path(sys.argv[1]), "loratool train other.yaml"):
     print("locked", flush=True)
     time.sleep(120)
@@ -330,7 +330,7 @@ def test_disk_full_while_saving_a_checkpoint_removes_it_and_says_which(
     tmp_path, tiny_llama, smoke_data, monkeypatch
 ):
     """torch.save reports a full disk as a RuntimeError, after leaving half a checkpoint behind."""
-    from loratool.checkpoints import CheckpointSeal
+    from loratool.train.checkpoints import CheckpointSeal
 
     recipe = make_recipe(tmp_path, tiny_llama, smoke_data, training={"max_steps": 6, "save_steps": 2})
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loratool.errors import LoratoolError
-from loratool.rundir import CHECKPOINT_SEAL, RunDir, read_run
+from loratool.rundir.records import CHECKPOINT_SEAL, RunDir, read_run
 
 
 def finished_run(path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO
-from loratool import hardware
+from loratool.model import hardware
 from loratool.recipe import load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

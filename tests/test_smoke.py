@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import REPO, smoke_recipe, write_recipe
 from loratool.cli import app
 from loratool.recipe import load_recipe, validate_recipe
-from loratool.rundir import read_run
+from loratool.rundir.records import read_run
 from loratool.smoke import SMOKE_SIZES, SMOKE_STEPS, mark_model_card, shrink
 from loratool.smoke import smoke_recipe as make_smoke
 

@@ -17,10 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe
-from loratool import sweep as sweep_module
 from loratool.cli import app
 from loratool.errors import LoratoolError
-from loratool.rundir import read_run
+from loratool.rundir.records import read_run
+from loratool.train import sweep as sweep_module
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

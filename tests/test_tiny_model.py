@@ -17,7 +17,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported anywhere
 
 from loratool.errors import LoratoolError  # noqa: E402
-from loratool.tiny_model import (  # noqa: E402
+from loratool.model.tiny import (  # noqa: E402
     ARCHITECTURES,
     BOS_TOKEN,
     EOS_TOKEN,
@@ -211,7 +211,7 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
 def test_import_does_not_load_torch() -> None:
     # The CLI imports loratool modules at startup; torch/transformers must stay lazy.
     code = (
-        "import sys, loratool.tiny_model; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+        "import sys, loratool.model.tiny; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     )
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe
 from loratool.cli import app
-from loratool.fingerprint import weights_fingerprint
+from loratool.model.fingerprint import weights_fingerprint
 from loratool.recipe import load_recipe
 
 EXPECTED_RUN_FILES = {

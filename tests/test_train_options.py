@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import smoke_recipe, write_recipe
+from loratool.adapter.lora import attach_adapter, build_loraplus_optimizer
 from loratool.cli import app
-from loratool.lora import attach_adapter, build_loraplus_optimizer
 from loratool.recipe import validate_recipe
 
 

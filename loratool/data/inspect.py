@@ -201,7 +201,7 @@ def _eot_without_loss(rows: list[InspectedRow], tokenizer: Any, eot_id: int | No
 def _generation_eos(recipe: Recipe, tokenizer: Any, eot_id: int | None) -> Finding | None:
     """generation_config.json's eos_token_id (else config.json's) must include the end of turn, or
     `generate` runs on after the answer, into a made-up next turn."""
-    from loratool.model import local_model_dir
+    from loratool.model.load import local_model_dir
 
     if eot_id is None:
         return None

@@ -74,7 +74,7 @@ _renders_tools: dict[str, bool] = {}
 
 def builtin_template(name: str) -> str:
     """The Jinja text of a built-in template."""
-    return (resources.files("loratool") / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
+    return (resources.files("loratool.data") / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
 
 
 def apply_chat_template_choice(tokenizer: Any, choice: str | None) -> None:

@@ -29,9 +29,16 @@ from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.eval.lm_harness import HarnessTasks, failure, prepare_tasks, run_tasks
 from loratool.eval.metrics import IGNORE, generation_metrics, heldout_loss
-from loratool.generate import Sampling, answer_text, fit_to_context, generate_ids, stop_text_span
-from loratool.outputs import Output, check_output, claim_output, library_versions
-from loratool.target import Loaded, Target, load_checkpoint, load_target, merged_base_dir, resolve_target
+from loratool.generate.run import Sampling, answer_text, fit_to_context, generate_ids, stop_text_span
+from loratool.generate.target import (
+    Loaded,
+    Target,
+    load_checkpoint,
+    load_target,
+    merged_base_dir,
+    resolve_target,
+)
+from loratool.rundir.outputs import Output, check_output, claim_output, library_versions
 
 EVAL_DIR = "eval"
 METRICS = "metrics.json"
@@ -75,8 +82,8 @@ def run_eval(
 ) -> Path:
     """Evaluate TARGET and write its report directory; returns that directory. When lm-evaluation-harness
     fails, the rest of the report is written (with lm-eval's error in it) and then the error is raised."""
-    from loratool.bnb_cpu import four_bit_matmul
     from loratool.eval import report as eval_report
+    from loratool.model.bnb_cpu import four_bit_matmul
 
     started = time.time()
     resolved = resolve_target(target)
@@ -370,7 +377,7 @@ def evaluate_model(
     """Loss on the rows and metrics of the answers generated for their prompts."""
     started = time.perf_counter()
     pad = loaded.tokenizer.pad_token_id
-    from loratool.metrics import Heartbeat
+    from loratool.train.progress import Heartbeat
 
     rows_beat = Heartbeat(f"{label}: loss", len(data.rows), write=log)
     loss = heldout_loss(
@@ -438,7 +445,7 @@ def evaluate_base(
             if lm_eval is not None:
                 lm_eval.run(loaded.model, loaded.tokenizer, "base")
             return result
-    from loratool import hardware
+    from loratool.model import hardware
 
     base_dir = merged_base_dir(target)
     log(f"loading the base {base_dir}")
@@ -474,7 +481,7 @@ def output_dir(target: Target, output: str | Path | None) -> Path:
 
 def _add_to_model_card(target: Target, record: dict[str, Any], out: Path) -> None:
     """The run's model card (its README.md) gets these numbers, so that a shared adapter says how it did."""
-    from loratool.model_card import write_model_card
+    from loratool.rundir.model_card import write_model_card
 
     rows = (record["models"].get("tuned") or {}).get("rows")
     where = f"`loratool eval`, {rows} held-out rows" if rows else "`loratool eval`"

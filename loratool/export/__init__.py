@@ -3,7 +3,7 @@ merged HF checkpoint.
 
 gguf.py writes the GGUF tensors and architecture metadata, tokenizer.py the tokenizer metadata, ollama.py
 an Ollama Modelfile, and verify.py loads the file back and compares it with its source (the comparison
-itself is loratool/logit_comparison.py's).
+itself is loratool/merge/compare.py's).
 """
 
 from loratool.export.run import EXPORT_RECORD, FORMATS, gguf_name, run_export

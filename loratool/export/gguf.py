@@ -53,7 +53,7 @@ from loratool.errors import LoratoolError
 if TYPE_CHECKING:
     import numpy as np
 
-    from loratool.hf_checkpoint import Shard, TensorInfo
+    from loratool.model.checkpoint import Shard, TensorInfo
 
 # HF model_type -> llama.cpp architecture name.
 ARCHITECTURES = {
@@ -117,7 +117,7 @@ def write_gguf(
     import numpy as np
 
     from loratool.export.tokenizer import add_vocab, read_vocab
-    from loratool.hf_checkpoint import open_checkpoint
+    from loratool.model.checkpoint import open_checkpoint
 
     model_dir, out_file = Path(model_dir), Path(out_file)
     config = read_config(model_dir)
@@ -458,7 +458,7 @@ def _converted(
     import gguf
     import numpy as np
 
-    from loratool.hf_checkpoint import read_tensor
+    from loratool.model.checkpoint import read_tensor
 
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head

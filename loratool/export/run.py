@@ -35,9 +35,9 @@ from typing import Any
 
 from loratool import __version__
 from loratool.errors import LoratoolError
-from loratool.fingerprint import file_sha256
-from loratool.outputs import Output, claim_output, library_versions, read_record
-from loratool.rundir import has_run_record, read_run
+from loratool.model.fingerprint import file_sha256
+from loratool.rundir.outputs import Output, claim_output, library_versions, read_record
+from loratool.rundir.records import has_run_record, read_run
 
 EXPORT_RECORD = "export.json"
 FORMATS = ("gguf", "hf")
@@ -112,7 +112,7 @@ def run_export(
 def merge_record_of(model_dir: Path) -> dict[str, Any] | None:
     """merge.json of a `loratool merge` output (loratool's marker checked), or None for any other model."""
     from loratool.merge import MERGE_RECORD
-    from loratool.outputs import owned_record
+    from loratool.rundir.outputs import owned_record
 
     return owned_record(model_dir, MERGE_RECORD, "merge")
 
@@ -136,7 +136,7 @@ def find_source(path: Path) -> Path:
 
 def source_kind(path: Path) -> str:
     """`run` for a training run / adapter directory, `model` for an HF checkpoint; refuses anything else."""
-    from loratool.merge.adapter import ADAPTER_CONFIG
+    from loratool.adapter.files import ADAPTER_CONFIG
 
     if (path / ADAPTER_CONFIG).is_file() or has_run_record(path):
         return "run"
@@ -204,7 +204,7 @@ def gguf_name(source: Path, outtype: str) -> str:
 
 def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str, is_run: bool) -> None:
     """Refuse early when the GGUF (and, for a run, the temporary merge) cannot fit."""
-    from loratool.hf_checkpoint import open_checkpoint
+    from loratool.model.checkpoint import open_checkpoint
 
     model_dir = _base_dir(source, base) if is_run else source
     tensors = [t for shard in open_checkpoint(model_dir).shards for t in shard.tensors]
@@ -250,15 +250,15 @@ def check_gguf_architecture(source: Path, base: str | None, is_run: bool) -> Non
 
 
 def _element_bytes(dtype: str) -> int:
-    from loratool.hf_checkpoint import DTYPES
+    from loratool.model.checkpoint import DTYPES
 
     return DTYPES[dtype][1]
 
 
 def _base_dir(run_dir: Path, base: str | None) -> Path:
+    from loratool.adapter.files import read_adapter
     from loratool.merge import resolve_base
-    from loratool.merge.adapter import read_adapter
-    from loratool.rundir import find_adapter, read_training_run
+    from loratool.rundir.records import find_adapter, read_training_run
 
     adapter_dir = find_adapter(run_dir)
     return resolve_base(base, read_training_run(adapter_dir), read_adapter(adapter_dir))[1]

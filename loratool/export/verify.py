@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loratool.logit_comparison import Thresholds
+from loratool.merge.compare import Thresholds
 
 # Per outtype. f32 stores the weights exactly: only identical arithmetic is compared (measured max
 # |Δlogit| 0 on the tiny models and SmolLM2-135M). f16/bf16 round each weight to 11/8 significant bits;
@@ -60,8 +60,8 @@ def verify_gguf(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loratool.gguf_base import quiet_gguf_reader
-    from loratool.logit_comparison import build_probes, compare, probe_logits
+    from loratool.merge.compare import build_probes, compare, probe_logits
+    from loratool.model.gguf_base import quiet_gguf_reader
 
     quiet_gguf_reader()
     tokenizer = AutoTokenizer.from_pretrained(source_dir)

@@ -2,8 +2,8 @@
 
 adapter.py reads an adapter as changes to named base tensors and folds them in; qlora.py presents a 4-bit
 base as training saw it; verify.py checks the merged model against base + adapter. Reading and writing
-safetensors checkpoints one tensor at a time is loratool/hf_checkpoint.py; comparing two models' logits is
-loratool/logit_comparison.py; finding an adapter and its run is loratool/rundir.py.
+safetensors checkpoints one tensor at a time is loratool/model/checkpoint.py; comparing two models' logits is
+loratool/merge/compare.py; finding an adapter and its run is loratool/rundir/records.py.
 """
 
 from loratool.merge.run import (
@@ -18,7 +18,7 @@ from loratool.merge.run import (
     stop_token_ids,
     write_generation_config,
 )
-from loratool.rundir import TrainingRun, find_adapter, read_training_run
+from loratool.rundir.records import TrainingRun, find_adapter, read_training_run
 
 __all__ = [
     "MERGE_RECORD",

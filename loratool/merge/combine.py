@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from loratool import __version__
+from loratool.adapter.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, check_supported
 from loratool.errors import LoratoolError
-from loratool.fingerprint import fingerprint_scheme
-from loratool.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, check_supported
 from loratool.merge.run import (
     MERGE_RECORD,
     _has_tokenizer,
@@ -34,8 +33,9 @@ from loratool.merge.run import (
     resolve_base,
     run_merge,
 )
-from loratool.outputs import check_output, claim_output
-from loratool.rundir import TrainingRun, find_adapter, read_training_run
+from loratool.model.fingerprint import fingerprint_scheme
+from loratool.rundir.outputs import check_output, claim_output
+from loratool.rundir.records import TrainingRun, find_adapter, read_training_run
 
 COMBINE_RECORD = "combine.json"
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -305,7 +305,7 @@ def describe_combination(
     base_dir: Path,
 ) -> dict[str, Any]:
     """combine.json: which adapters (and their exact weights files), how, and on which base."""
-    from loratool.fingerprint import file_sha256
+    from loratool.model.fingerprint import file_sha256
 
     return {
         "loratool_version": __version__,

@@ -43,7 +43,7 @@ class QuantizedBase:
 
     def changes(self, name: str, stored_dtype: str) -> bool:
         """Whether `as_trained` changes this tensor (stored_dtype in safetensors spelling: F32, BF16...)."""
-        from loratool.hf_checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPE
+        from loratool.model.checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPE
 
         if name in self.weights:
             return True

@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from loratool import __version__
-from loratool.errors import LoratoolError
-from loratool.fingerprint import fingerprint_matches, weights_fingerprint
-from loratool.hf_checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
-from loratool.lora_init import refuse_unmergeable
-from loratool.merge.adapter import (
+from loratool.adapter.files import (
     ADAPTER_CONFIG,
     Adapter,
 )
-from loratool.outputs import Output, claim_output, library_versions, read_json
-from loratool.rundir import TrainingRun, find_adapter, read_training_run
+from loratool.adapter.inits import refuse_unmergeable
+from loratool.errors import LoratoolError
+from loratool.model.checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
+from loratool.model.fingerprint import fingerprint_matches, weights_fingerprint
+from loratool.rundir.outputs import Output, claim_output, library_versions, read_json
+from loratool.rundir.records import TrainingRun, find_adapter, read_training_run
 
 MERGE_RECORD = "merge.json"
 QLORA_POLICIES = ("dequantized", "original")
@@ -56,8 +56,8 @@ def run_merge(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Merge the LoRA adapter in `adapter_dir` into its base model; return the merged model directory."""
-    from loratool.hf_checkpoint import checkpoint_dtype, open_checkpoint
-    from loratool.merge.adapter import check_against_base, read_adapter
+    from loratool.adapter.files import check_against_base, read_adapter
+    from loratool.model.checkpoint import checkpoint_dtype, open_checkpoint
 
     started = time.time()
     if dtype not in DTYPES:
@@ -127,7 +127,7 @@ def run_merge(
 def resolve_base(given: str | None, run: TrainingRun, adapter: Adapter) -> tuple[str, Path]:
     """(what the user or the run calls the base, its local directory). --base wins; then run.json's
     resolved path, then its id; then adapter_config.json's base_model_name_or_path."""
-    from loratool.model import local_model_dir
+    from loratool.model.load import local_model_dir
 
     recorded_path = run.base.resolved_path
     if given:
@@ -286,7 +286,7 @@ def training_load_dtype(run: TrainingRun, base_dtype: str) -> str:
     for an adapter without a run, the base's own dtype."""
     from dataclasses import fields
 
-    from loratool.hardware import Hardware, model_dtype
+    from loratool.model.hardware import Hardware, model_dtype
 
     requested = ((run.recipe or {}).get("model") or {}).get("dtype", "auto")
     hardware = run.hardware
@@ -316,7 +316,7 @@ def output_location(output: str | Path | None, adapter_dir: Path, base_dir: Path
 
 def plan_output(checkpoint: Checkpoint, adapter: Adapter, dtype: str) -> list[list[TensorInfo]]:
     """The tensors of each output shard: the base's names and shapes, in the output dtype."""
-    from loratool.hf_checkpoint import FLOAT_DTYPES
+    from loratool.model.checkpoint import FLOAT_DTYPES
 
     planned = []
     for shard in checkpoint.shards:
@@ -331,7 +331,7 @@ def plan_output(checkpoint: Checkpoint, adapter: Adapter, dtype: str) -> list[li
 
 
 def check_disk_space(output: Path, planned: list[list[TensorInfo]], tokenizer_dir: Path) -> None:
-    from loratool.hf_checkpoint import shard_bytes
+    from loratool.model.checkpoint import shard_bytes
 
     needed = sum(shard_bytes(tensors) for tensors in planned)
     needed += sum((tokenizer_dir / f).stat().st_size for f in TOKENIZER_FILES if (tokenizer_dir / f).exists())
@@ -358,9 +358,9 @@ def write_weights(
     log: Callable[[str], None],
 ) -> dict[str, int]:
     """Stream every base shard into its output shard, merging the tensors the adapter changes."""
-    from loratool.hf_checkpoint import ShardWriter, read_tensor, torch_dtype
-    from loratool.merge.adapter import fold
+    from loratool.adapter.files import fold
     from loratool.merge.qlora import as_trained
+    from loratool.model.checkpoint import ShardWriter, read_tensor, torch_dtype
 
     counts = {"merged": 0, "from_base": 0}
     data_bytes = 0
@@ -522,7 +522,7 @@ def verify_merge(
     """Compare the merged model with base + adapter on probe rows (see merge/verify.py for thresholds)."""
     from transformers import AutoTokenizer
 
-    from loratool.logit_comparison import build_probes
+    from loratool.merge.compare import build_probes
     from loratool.merge.verify import EXACT, QUANTIZATION_DRIFT, ROUNDED, Reference, verify
 
     tight = EXACT if out_dtype == "float32" else ROUNDED

@@ -1,11 +1,11 @@
 """Check a merged model against base + adapter on a few real inputs, in float32.
 
 The probe rows and the comparison (largest |logit difference|, mean KL(base+adapter || merged) per
-position, greedy agreement) are loratool/logit_comparison.py's. Which reference, and how close it must be:
+position, greedy agreement) are loratool/merge/compare.py's. Which reference, and how close it must be:
 
 - EXACT: the merge is the same float32 arithmetic as base + adapter (plain LoRA; QLoRA with the
   `dequantized` policy against the 4-bit base; `original` against the full-precision base), stored in
-  float32 (the 4-bit base too, on every CPU: loratool/bnb_cpu.py). Only summation order differs, so
+  float32 (the 4-bit base too, on every CPU: loratool/model/bnb_cpu.py). Only summation order differs, so
   logits agree to ~1e-5: required max |Δlogit| <= 1e-3, mean KL <= 1e-6 and 100% greedy agreement.
   Anything looser would hide a real bug (a wrong scaling, a transposed delta, a missed layer all show up
   at 1e-2 or more).
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.logit_comparison import Thresholds, compare, probe_logits
+from loratool.merge.compare import Thresholds, compare, probe_logits
 
 if TYPE_CHECKING:
     from loratool.merge.qlora import QuantizedBase
@@ -56,7 +56,7 @@ def verify(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Compare the merged model with each reference; one result per reference, keyed like merge.json."""
-    from loratool.bnb_cpu import four_bit_matmul
+    from loratool.model.bnb_cpu import four_bit_matmul
 
     merged = probe_logits(_load_merged(merged_dir), probes, "  verifying the merged model", log)
     results: dict[str, Any] = {}
@@ -97,7 +97,7 @@ def _load_reference(base_dir: Path, adapter_dir: Path, quantized: QuantizedBase 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from loratool.bnb_cpu import use_exact_4bit_matmul
+    from loratool.model.bnb_cpu import use_exact_4bit_matmul
 
     if quantized is None:
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(_device())
@@ -119,7 +119,7 @@ def _load_reference(base_dir: Path, adapter_dir: Path, quantized: QuantizedBase 
             dtype=getattr(torch, quantized.load_dtype),
             device_map={"": quantized.device},
         )
-        # The comparison is a float32 one on every CPU, not bfloat16 on AVX512-BF16 ones (loratool/bnb_cpu.py).
+        # The comparison is a float32 one on every CPU, not bfloat16 on AVX512-BF16 ones (loratool/model/bnb_cpu.py).
         use_exact_4bit_matmul(base)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     _upcast(model)

@@ -55,8 +55,8 @@ def check_inputs(recipe: Recipe, log: Callable[[str], None] = print) -> None:
     directory = recipe.directory
 
     def model_input(key: str, name: str, revision: str | None, cache_files: tuple[str, ...]) -> None:
-        from loratool.gguf_base import check_gguf_file, is_gguf
-        from loratool.model import looks_like_local_path
+        from loratool.model.gguf_base import check_gguf_file, is_gguf
+        from loratool.model.load import looks_like_local_path
 
         places = candidates(name, directory)
         if is_gguf(name):

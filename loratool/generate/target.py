@@ -3,13 +3,13 @@
 A TARGET is one of three things, told apart by the file that describes it:
 
     run      a finished `loratool train` run directory (run.json + recipe.yaml + the adapter): the base
-             is loaded as training loaded it (loratool.model.load_model: same dtype, same 4-bit
+             is loaded as training loaded it (loratool.model.load.load_model: same dtype, same 4-bit
              quantization) and the adapter is put on top with PEFT, so the base can be switched off
              (`disable_adapter()`) for a side-by-side comparison without loading it twice.
     merged   a `loratool merge` output (merge.json): a plain checkpoint; merge.json names the base it was
              merged into and the adapter (and so the run, its data and its loss curve) it came from.
     base     any Hugging Face model directory (config.json + safetensors), or a local .gguf file (loaded
-             from its cached conversion, loratool.gguf_base).
+             from its cached conversion, loratool.model.gguf_base).
 
 Loading never unpickles (safetensors only) and runs remote code only when the run's recipe asked for it.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from loratool.errors import LoratoolError
-from loratool.gguf_base import is_gguf, resolve_base_model
-from loratool.outputs import read_record
-from loratool.rundir import RECIPE, has_run_record, read_run
+from loratool.model.gguf_base import is_gguf, resolve_base_model
+from loratool.rundir.outputs import read_record
+from loratool.rundir.records import RECIPE, has_run_record, read_run
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe
@@ -61,7 +61,7 @@ class Target:
     @property
     def base_fingerprint(self) -> str | None:
         """Fingerprint of the weights extra adapters go on top of (the run's recorded base, or TARGET's)."""
-        from loratool.fingerprint import weights_fingerprint
+        from loratool.model.fingerprint import weights_fingerprint
 
         if self.kind == "run":
             return (self.manifest.get("base_model") or {}).get("fingerprint")
@@ -70,8 +70,8 @@ class Target:
     def base_matches(self, recorded: str) -> bool:
         """Whether the weights extra adapters go on top of are the ones `recorded` (another run's record)
         describes; records of one scheme compare as they are, others against the weights themselves."""
-        from loratool.fingerprint import fingerprint_matches, fingerprint_scheme
-        from loratool.model import local_model_dir
+        from loratool.model.fingerprint import fingerprint_matches, fingerprint_scheme
+        from loratool.model.load import local_model_dir
 
         own = self.base_fingerprint
         if own and fingerprint_scheme(own) == fingerprint_scheme(recorded):
@@ -133,9 +133,9 @@ def model_dir(target: Target, log: Callable[[str], None]) -> Path:
 
 
 def _run_target(path: Path) -> Target:
-    from loratool.merge.adapter import check_adapter_files
+    from loratool.adapter.files import check_adapter_files
     from loratool.recipe import load_recipe
-    from loratool.rundir import ADAPTER_FILES
+    from loratool.rundir.records import ADAPTER_FILES
 
     record = read_run(path)
     if record is None:
@@ -214,8 +214,8 @@ def merged_base_dir(target: Target) -> Path:
 
 def load_target(target: Target, log: Callable[[str], None]) -> Loaded:
     """The model (with its adapter, for a run) and the tokenizer that carries the chat template."""
-    from loratool import hardware
     from loratool.data.templates import stop_texts
+    from loratool.model import hardware
 
     started = time.perf_counter()
     hw = hardware.detect()
@@ -244,7 +244,7 @@ def _load_run(target: Target, hw: Any, log: Callable[[str], None]) -> tuple[Any,
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from loratool.model import load_model
+    from loratool.model.load import load_model
 
     recipe = target.recipe
     assert recipe is not None
@@ -263,8 +263,8 @@ def _load_run(target: Target, hw: Any, log: Callable[[str], None]) -> tuple[Any,
 
 def check_run_base(target: Target, log: Callable[[str], None]) -> None:
     """Refuse a base whose weights changed since training: the adapter would be evaluated on another model."""
-    from loratool.fingerprint import fingerprint_matches, weights_fingerprint
-    from loratool.model import local_model_dir
+    from loratool.model.fingerprint import fingerprint_matches, weights_fingerprint
+    from loratool.model.load import local_model_dir
 
     recorded = (target.manifest.get("base_model") or {}).get("fingerprint")
     assert target.recipe is not None
@@ -285,8 +285,8 @@ def load_checkpoint(path: Path, hw: Any) -> Any:
     TARGET arrives here as its conversion, see model_dir)."""
     from transformers import AutoModelForCausalLM
 
-    from loratool.hardware import model_dtype
-    from loratool.model import local_dir_has_only_pickles
+    from loratool.model.hardware import model_dtype
+    from loratool.model.load import local_dir_has_only_pickles
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -307,7 +307,7 @@ def load_checkpoint(path: Path, hw: Any) -> Any:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    from loratool.model import load_tokenizer
+    from loratool.model.load import load_tokenizer
     from loratool.recipe import ModelSection
 
     return load_tokenizer(str(path), ModelSection())

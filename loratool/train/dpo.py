@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from trl import DPOConfig, DPOTrainer
 
 from loratool.errors import LoratoolError
-from loratool.rundir import read_run
-from loratool.sft_config import make_config, trainer_fields
+from loratool.rundir.records import read_run
+from loratool.train.sft import make_config, trainer_fields
 
 if TYPE_CHECKING:
     from peft import PeftModel

@@ -13,7 +13,7 @@ from loratool.errors import LoratoolError
 if TYPE_CHECKING:
     from trl import SFTConfig
 
-    from loratool.hardware import Hardware
+    from loratool.model.hardware import Hardware
     from loratool.recipe import DataSection, Recipe, TrainingSection
 
 _Config = TypeVar("_Config")
@@ -128,8 +128,8 @@ def check_trainer_settings(recipe: Recipe, hw: Hardware | None = None) -> None:
     """Build the trainer's settings exactly as training will, so that a value only the libraries know
     (training.optim, lr_scheduler_type, report_to, any pass-through SFTConfig field) is refused before
     anything is written or loaded. SFTConfig only validates: it creates no directory and writes no file."""
-    from loratool import hardware
-    from loratool.rundir import CHECKPOINTS
+    from loratool.model import hardware
+    from loratool.rundir.records import CHECKPOINTS
 
     check_report_to(recipe.training)
     check_enum_values(recipe.training)
@@ -142,7 +142,7 @@ def check_trainer_settings(recipe: Recipe, hw: Hardware | None = None) -> None:
         "fp16": fp16,
     }
     if recipe.dpo is not None:
-        from loratool.dpo import build_dpo_config
+        from loratool.train.dpo import build_dpo_config
 
         build_dpo_config(recipe.training, recipe.dpo, **where)
     else:

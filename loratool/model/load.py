@@ -6,10 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.bnb_cpu import use_exact_4bit_matmul
 from loratool.errors import LoratoolError
-from loratool.gguf_base import check_gguf_file, is_gguf, resolve_base_model
-from loratool.hardware import Hardware, compute_dtype, model_dtype, quant_storage
+from loratool.model.bnb_cpu import use_exact_4bit_matmul
+from loratool.model.gguf_base import check_gguf_file, is_gguf, resolve_base_model
+from loratool.model.hardware import Hardware, compute_dtype, model_dtype, quant_storage
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -136,13 +136,13 @@ def load_model(recipe: Recipe, hw: Hardware, log: Callable[[str], None] = print)
         raise _not_loadable("model", recipe.base_model, exc) from None
     if recipe.quantization is not None:
         # Before the first forward: the trainer's evaluations, eval and generate would otherwise run 4-bit
-        # layers through a bfloat16 kernel on AVX512-BF16 CPUs (loratool/bnb_cpu.py).
+        # layers through a bfloat16 kernel on AVX512-BF16 CPUs (loratool/model/bnb_cpu.py).
         use_exact_4bit_matmul(model)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     if recipe.data.padding_free and recipe.dpo is None:  # DPO batches are padded (dpo.py)
         # Flattened batches: sdpa / eager attend within each example instead of over the whole row
         # (attention.py); flash attention keeps its own varlen kernels.
-        from loratool.attention import use_per_example_attention
+        from loratool.model.attention import use_per_example_attention
 
         if (name := use_per_example_attention(model)) is not None:
             log(f"attention: {name} (padding-free batches: each example attends only to itself)")

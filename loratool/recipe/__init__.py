@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from loratool.errors import LoratoolError
-from loratool.library_fields import LORA_CONFIG_FIELDS, SFT_CONFIG_FIELDS
+from loratool.recipe.library_fields import LORA_CONFIG_FIELDS, SFT_CONFIG_FIELDS
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -593,10 +593,10 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
             problems.append(
                 "lora.init_lora_weights: loftq quantizes the base itself — remove the quantization section"
             )
-        from loratool.lora_init import init_problems
+        from loratool.adapter.inits import init_problems
 
         problems += init_problems(recipe.lora, quantized=q is not None)
-    from loratool.methods import method_problems
+    from loratool.recipe.methods import method_problems
 
     problems += method_problems(recipe)
     return problems

@@ -160,8 +160,8 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loratool.lora import attach_adapter
-    from loratool.lora_init import shapes_only
+    from loratool.adapter.inits import shapes_only
+    from loratool.adapter.lora import attach_adapter
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
@@ -195,7 +195,7 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
 
 def layers_to_checkpoint(training: TrainingSection, layers: int) -> int:
     """How many of `layers` decoder layers `training.gradient_checkpointing` recomputes (every n-th)."""
-    from loratool.sft_config import checkpoint_every_n_layers
+    from loratool.train.sft import checkpoint_every_n_layers
 
     if training.gradient_checkpointing is False:
         return 0
@@ -227,7 +227,7 @@ def make_plan(
     if lengths:
         longest = sorted((min(n, max_len) for n in lengths), reverse=True)
         if data.packing:  # the micro-batch is a number of packed rows, sized from the data
-            from loratool.sft_config import packed_rows_per_batch
+            from loratool.train.sft import packed_rows_per_batch
 
             tokens = packed_rows_per_batch(t, data, lengths) * max_len
         elif data.padding_free:
@@ -477,8 +477,8 @@ def plan_recipe(
     it is at hand: the real row lengths make the activation estimate exact rather than worst-case)."""
     from transformers import AutoConfig
 
-    from loratool import hardware
-    from loratool.gguf_base import resolve_base_model
+    from loratool.model import hardware
+    from loratool.model.gguf_base import resolve_base_model
 
     hw = hardware.detect()
     if gpu:
@@ -541,7 +541,7 @@ def dry_run_line(recipe: Recipe, config: Any, hw: Any, data: Any) -> str:
 def _row_lengths(recipe: Recipe, log: Any) -> tuple[list[int], int]:
     """Token lengths of the training rows, read and tokenized as training does (build_datasets)."""
     from loratool.data import build_datasets
-    from loratool.model import load_tokenizer
+    from loratool.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
     if recipe.dpo is not None:
@@ -576,7 +576,7 @@ def calibrate(recipe: Recipe, plan: Plan, *, steps: int = 3, log: Any = print) -
     import yaml
 
     from loratool.recipe import recipe_to_dict
-    from loratool.rundir import read_run
+    from loratool.rundir.records import read_run
 
     with tempfile.TemporaryDirectory(prefix="loratool-calibrate-") as folder:
         raw = recipe_to_dict(recipe)

@@ -1,6 +1,6 @@
 """`loratool generate` and `loratool chat`, and the generation routine `eval` shares with them.
 
-The base is loaded once (loratool.target); the run's adapter and every `--adapter` are PEFT adapters on
+The base is loaded once (loratool.generate.target); the run's adapter and every `--adapter` are PEFT adapters on
 that one base, switched with `set_adapter` (the reported switch cost is that call's wall time). A prompt
 picks its adapter with an `@NAME:` prefix (`@base:` answers with every adapter switched off); prompts
 without one go to the first adapter (the run's own, for a run TARGET).
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from loratool.errors import LoratoolError
-from loratool.outputs import read_json
-from loratool.target import Loaded, Target, load_target, resolve_target
+from loratool.generate.target import Loaded, Target, load_target, resolve_target
+from loratool.rundir.outputs import read_json
 
 BASE = "base"  # the adapter name that means "no adapter"
 _PICK = re.compile(r"^@([A-Za-z0-9_.\-]+):\s*(.*)$", re.DOTALL)
@@ -292,7 +292,7 @@ def _pad_id(tokenizer: Any, fallback: Any) -> int:
 
 def parse_adapter_options(options: list[str], target: Target) -> list[tuple[str, Path]]:
     """`[NAME=]DIR` options as (name, adapter directory); names are unique and never `base`."""
-    from loratool.rundir import find_adapter
+    from loratool.rundir.records import find_adapter
 
     taken = {target.adapter_name} if target.kind == "run" else set()
     parsed = []
@@ -323,10 +323,10 @@ def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loa
 
     Weights fingerprints (run.json) decide when both sides have one; otherwise the adapter's tensors must
     fit the loaded model's shapes (an adapter for another size or architecture is caught either way)."""
-    from loratool.fingerprint import weights_fingerprint
-    from loratool.merge.adapter import check_against_base, read_adapter
-    from loratool.model import local_model_dir
-    from loratool.rundir import read_training_run
+    from loratool.adapter.files import check_against_base, read_adapter
+    from loratool.model.fingerprint import weights_fingerprint
+    from loratool.model.load import local_model_dir
+    from loratool.rundir.records import read_training_run
 
     run = read_training_run(adapter_dir)
     config = read_json(adapter_dir / "adapter_config.json")
@@ -446,7 +446,7 @@ def _own_origin(target: Target) -> str:
 
 def _run_base_prompting(target: Target, loaded: Loaded, log: Callable[[str], None]) -> Prompting:
     """The base of a run target, prompted with the base's own tokenizer and template."""
-    from loratool.model import load_tokenizer
+    from loratool.model.load import load_tokenizer
 
     assert target.recipe is not None
     tokenizer = load_tokenizer(target.recipe.base_model, target.recipe.model, log)
@@ -470,7 +470,7 @@ def _adapter_prompting_source(
         from transformers import AutoTokenizer
 
         from loratool.data.templates import stop_texts
-        from loratool.rundir import read_run
+        from loratool.rundir.records import read_run
 
         if not (adapter_dir / "tokenizer_config.json").is_file():
             fallback = base()

@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from loratool.rundir import CHECKPOINT_SEAL, read_checkpoint_seal
+from loratool.rundir.records import CHECKPOINT_SEAL, read_checkpoint_seal
 
 
 class CheckpointSeal(TrainerCallback):

@@ -93,10 +93,10 @@ def quiet_libraries() -> None:
     """Known library noise and info logs drown the few lines that matter; LORATOOL_DEBUG=1 brings them
     back. Only the warnings named here are hidden: any other library warning is printed (and lands in a
     run's train.log), since it may be the one that explains a bad result."""
-    # --- bitsandbytes' hub-kernel warning (loratool/bnb_cpu.py) ---
+    # --- bitsandbytes' hub-kernel warning (loratool/model/bnb_cpu.py) ---
     # On AVX512-BF16 CPUs, importing bitsandbytes (peft does, on every command) logs that it cannot load a
     # fused CPU kernel that loratool turns off anyway; not even LORATOOL_DEBUG=1 needs that line.
-    from loratool.bnb_cpu import silence_kernel_hub_warning
+    from loratool.model.bnb_cpu import silence_kernel_hub_warning
 
     silence_kernel_hub_warning()
     # --- end of the bitsandbytes block ---
@@ -117,7 +117,7 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     # transformers' GGUF reader draws its own tqdm bar, which disable_progress_bar() does not reach; it is
     # silenced where a GGUF file is read (importing the reader here would cost every command a second).
-    from loratool import gguf_base
+    from loratool.model import gguf_base
 
     gguf_base.QUIET_READER = True
 
@@ -196,8 +196,8 @@ def train(
         typer.echo(explained(loaded, origins))
         return
     quiet_libraries()
-    from loratool.train import dry_run as check_only
-    from loratool.train import run_train
+    from loratool.train.run import dry_run as check_only
+    from loratool.train.run import run_train
 
     if smoke:
         if resume:
@@ -244,7 +244,7 @@ def data_(
     loaded = load_recipe(recipe, set_ or [])
     quiet_libraries()
     from loratool.data.inspect import format_report, inspect_data, length_histogram_png, to_html
-    from loratool.model import load_tokenizer
+    from loratool.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(loaded.base_model, loaded.model, typer.echo)
     report = inspect_data(loaded, tokenizer)
@@ -293,8 +293,8 @@ def plan_(
         raise LoratoolError("--gpu and --memory: give one", hint="--gpu H100, or --memory 24GiB")
     loaded = load_recipe(recipe, set_ or [])
     quiet_libraries()
-    from loratool.plan import calibrate as measure
-    from loratool.plan import plan_json, plan_recipe
+    from loratool.train.plan import calibrate as measure
+    from loratool.train.plan import plan_json, plan_recipe
 
     log = (lambda _: None) if json_ else typer.echo
     plan = plan_recipe(loaded, gpu=gpu, memory=memory, log=log)
@@ -376,7 +376,7 @@ def sweep(
     ] = False,
 ) -> None:
     """Train a grid of recipe variants, one run per cell, and compare them in one table and plot."""
-    from loratool.sweep import EvalOptions, run_sweep
+    from loratool.train.sweep import EvalOptions, run_sweep
 
     asked = evaluate or any(v is not None for v in (eval_data, eval_max_samples, eval_max_new_tokens))
     if dry_run:
@@ -409,7 +409,7 @@ def recipe_reference(
 @app.command("recipe-schema")
 def recipe_schema() -> None:
     """Print the recipe's JSON Schema (draft 2020-12), for editors: see docs/recipe.schema.json."""
-    from loratool.recipe_schema import schema_json
+    from loratool.recipe.json_schema import schema_json
 
     typer.echo(schema_json(), nl=False)
 
@@ -807,7 +807,7 @@ def generate(
 ) -> None:
     """Answer prompts with the fine-tuned model, through its chat template."""
     quiet_libraries()
-    from loratool.generate import run_generate
+    from loratool.generate.run import run_generate
 
     run_generate(
         target,
@@ -848,7 +848,7 @@ def chat(
 ) -> None:
     """Talk to the model interactively, answers streamed as they are generated."""
     quiet_libraries()
-    from loratool.generate import run_chat
+    from loratool.generate.run import run_chat
 
     run_chat(
         target,

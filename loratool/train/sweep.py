@@ -43,7 +43,14 @@ import yaml
 
 from loratool import __version__
 from loratool.errors import LoratoolError
-from loratool.outputs import (
+from loratool.recipe import (
+    Recipe,
+    apply_override,
+    load_recipe,
+    recipe_to_dict,
+    unknown_key_problems,
+)
+from loratool.rundir.outputs import (
     MARKER,
     check_output,
     command_line,
@@ -54,15 +61,8 @@ from loratool.outputs import (
     remove_owned,
     write_json_atomic,
 )
-from loratool.recipe import (
-    Recipe,
-    apply_override,
-    load_recipe,
-    recipe_to_dict,
-    unknown_key_problems,
-)
-from loratool.rundir import RunDir, read_run
-from loratool.signals import terminate_as_interrupt
+from loratool.rundir.records import RunDir, read_run
+from loratool.rundir.signals import terminate_as_interrupt
 
 KIND = "sweep"
 RECORD = "sweep.json"
@@ -209,7 +209,7 @@ def check_keys(axes: list[Axis], base: Recipe, sets: list[str]) -> None:
 def plan_cells(recipe_path: Path, axes: list[Axis], sets: list[str], sweep_dir: Path) -> list[Cell]:
     """Every cell of the grid (the first --vary changes slowest), each recipe loaded and validated now,
     so that a bad value in any cell is found before the first one trains."""
-    from loratool.inputs import check_inputs
+    from loratool.train.inputs import check_inputs
 
     labels = _labels([axis.key for axis in axes])
     cells, problems, names, checked = [], [], set(), set()
@@ -541,7 +541,7 @@ def read_sweep(sweep_dir: Path) -> dict[str, Any] | None:
 def _dry_run(cells: list[Cell], log: Callable[[str], None]) -> None:
     """`train --dry-run` of every cell, in this process: data, tokenizer, target modules and the
     adapter's size on a weightless model, and the plan's memory and time line. Nothing is written."""
-    from loratool.train import dry_run
+    from loratool.train.run import dry_run
 
     for number, cell in enumerate(cells, 1):
         log(f"--- cell {number}/{len(cells)}: {cell.name}")
@@ -558,7 +558,7 @@ def _str(value: Path | None) -> str | None:
 
 def row(cell: Cell, outcome: Outcome | None, with_eval: bool) -> dict[str, Any]:
     """One row of the table, read from the cell's run.json, metrics.jsonl and eval report."""
-    from loratool.metrics import read_metrics
+    from loratool.train.progress import read_metrics
 
     result: dict[str, Any] = {
         "cell": cell.name,
@@ -705,7 +705,7 @@ def plot_sweep(record: dict[str, Any], axes: list[Axis], sweep_dir: Path, output
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    from loratool.metrics import read_metrics
+    from loratool.train.progress import read_metrics
 
     cells = record["cells"]
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)

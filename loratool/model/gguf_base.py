@@ -5,7 +5,7 @@ weights, merge streams them, PEFT loads on them). transformers can read a GGUF f
 dequantizes every tensor, but a model loaded that way refuses `save_pretrained`. So the first run that
 names a .gguf base converts it: load it through transformers, copy the weights into a fresh model built
 from the same config, save model + tokenizer as a normal checkpoint, and every later run (and `merge`,
-`eval`, `generate`, through `loratool.model`) reads that checkpoint.
+`eval`, `generate`, through `loratool.model.load`) reads that checkpoint.
 
     $LORATOOL_CACHE (else $XDG_CACHE_HOME/loratool, else ~/.cache/loratool)
       gguf/<first 16 hex of the file's sha256>/   config.json, model.safetensors, tokenizer files,
@@ -152,7 +152,7 @@ def check_gguf_file(path: Path) -> Path:
 def file_sha256_cached(path: Path) -> str:
     """sha256 of a file, hashed in chunks; remembered by (path, size, mtime) so that a multi-GB file is
     hashed once, not on every run."""
-    from loratool.fingerprint import file_sha256
+    from loratool.model.fingerprint import file_sha256
 
     stat = path.stat()
     key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

@@ -13,7 +13,7 @@ import hashlib
 from typing import Any
 
 from loratool.errors import LoratoolError
-from loratool.rundir import RunRecord
+from loratool.rundir.records import RunRecord
 
 # Keys that may change on resume: how long to train (to extend a finished run) and how it is logged,
 # evaluated, checkpointed and reported. Everything else changes what the adapter learns.

@@ -329,7 +329,7 @@ def save_adapter(model: PeftModel, folder: Path, state_dict: Any, initial: Path 
         )
     # PEFT keeps corda_config in the converted (plain, init_lora_weights: true) config, and then warns at
     # every load that it is ignored.
-    from loratool.outputs import read_json, write_json_atomic
+    from loratool.rundir.outputs import read_json, write_json_atomic
 
     config = read_json(folder / "adapter_config.json")
     if config.get("corda_config") is not None:

@@ -151,7 +151,7 @@ def launch_conflicts(recipe: Recipe, hw: Hardware, how: Launch) -> list[str]:
 
     import torch
 
-    from loratool.lora_init import converts
+    from loratool.adapter.inits import converts
 
     q = recipe.quantization
     problems = []

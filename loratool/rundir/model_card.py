@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from loratool.lora_init import describe as describe_init
-from loratool.outputs import read_json, write_json_atomic
+from loratool.adapter.inits import describe as describe_init
+from loratool.rundir.outputs import read_json, write_json_atomic
 
 CARD = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
-from loratool.methods import OWN_FIELDS
+from loratool.recipe.methods import OWN_FIELDS
 
 if TYPE_CHECKING:
     import torch
@@ -54,7 +54,7 @@ def build_lora_config(lora: LoraSection, total_steps: int | None = None) -> Peft
         fields.update(lora.model_extra or {})  # other LoraConfig fields the recipe passes through
         config_class = LoraConfig
         if lora.method == "adalora":
-            from loratool.adalora import provisional_total_steps
+            from loratool.adapter.adalora import provisional_total_steps
 
             config_class = AdaLoraConfig
             fields.update(own, total_step=total_steps or provisional_total_steps(lora))
@@ -111,7 +111,7 @@ def attach_adapter(
     `calibration`: batches of training rows for the inits that need them (eva, corda; lora_init.py)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from loratool.lora_init import calibrate_adapter, calibrate_base, check_runs_here
+    from loratool.adapter.inits import calibrate_adapter, calibrate_base, check_runs_here
 
     check_target_modules(model, lora)
     check_runs_here(lora)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from loratool.library_fields import LORA_CONFIG_FIELDS, SFT_CONFIG_FIELDS
 from loratool.recipe import MOVED_KEYS, RESERVED_LORA_KEYS, RESERVED_TRAINING_KEYS, Recipe
+from loratool.recipe.library_fields import LORA_CONFIG_FIELDS, SFT_CONFIG_FIELDS
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_FILE = "docs/recipe.schema.json"  # relative to the repository root; recipes/ point to it

@@ -10,24 +10,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratool import __version__, hardware, lora_init
+from loratool import __version__
+from loratool.adapter import inits as lora_init
+from loratool.adapter.lora import attach_adapter, build_optimizer, keep_adapter_in
 from loratool.data import build_datasets
-from loratool.divergence import DivergenceGuard, check_finite_adapter
 from loratool.errors import InternalError, LoratoolError
-from loratool.fingerprint import fingerprint_matches, weights_fingerprint
-from loratool.gguf_base import gguf_record, is_gguf, resolve_base_model
-from loratool.inputs import check_inputs
-from loratool.lora import attach_adapter, build_optimizer, keep_adapter_in
-from loratool.metrics import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics, trim_metrics
-from loratool.model import load_model, load_tokenizer, local_model_dir
-from loratool.outputs import command_line, output_lock, remove_entry
+from loratool.model import hardware
+from loratool.model.fingerprint import fingerprint_matches, weights_fingerprint
+from loratool.model.gguf_base import gguf_record, is_gguf, resolve_base_model
+from loratool.model.load import load_model, load_tokenizer, local_model_dir
 from loratool.recipe import Recipe, recipe_to_dict
-from loratool.resume import check_resume, tokenizer_sha256
-from loratool.rundir import LOSS_CURVE, TRACEBACK, RunDir, is_disk_full, read_run
-from loratool.runlog import RunLog
-from loratool.sft_config import build_sft_config, check_trainer_settings
-from loratool.signals import terminate_as_interrupt
-from loratool.validation_loss import pad_for_processes, report_token_weighted_eval_loss
+from loratool.rundir.outputs import command_line, output_lock, remove_entry
+from loratool.rundir.records import LOSS_CURVE, TRACEBACK, RunDir, is_disk_full, read_run
+from loratool.rundir.signals import terminate_as_interrupt
+from loratool.train.divergence import DivergenceGuard, check_finite_adapter
+from loratool.train.inputs import check_inputs
+from loratool.train.progress import ConciseProgress, MetricsLog, plot_loss_curve, read_metrics, trim_metrics
+from loratool.train.resume import check_resume, tokenizer_sha256
+from loratool.train.runlog import RunLog
+from loratool.train.sft import build_sft_config, check_trainer_settings
+from loratool.train.validation_loss import pad_for_processes, report_token_weighted_eval_loss
 
 
 def run_train(
@@ -68,10 +70,10 @@ def _train(
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
 
-    from loratool.cheap_recompute import recompute_cheap_activations
-    from loratool.checkpoints import CheckpointSeal
-    from loratool.lora_dropout import keep_masks_not_copies
-    from loratool.loss_positions import score_only_loss_positions, small_vocab_tiles_on_cpu
+    from loratool.train.checkpoints import CheckpointSeal
+    from loratool.train.memory.cheap_recompute import recompute_cheap_activations
+    from loratool.train.memory.lora_dropout import keep_masks_not_copies
+    from loratool.train.memory.loss_positions import score_only_loss_positions, small_vocab_tiles_on_cpu
 
     started = time.time()
     state = PartialState()
@@ -123,7 +125,7 @@ def _train(
         small_vocab_tiles_on_cpu()  # the LM head's backward in smaller, faster tiles (loss_positions.py)
     recompute_cheap_activations(model)  # norm and MLP outputs rebuilt, not kept (cheap_recompute.py)
     if recipe.dpo is not None and recipe.dpo.init_adapter is not None:
-        from loratool.dpo import load_init_adapter
+        from loratool.train.dpo import load_init_adapter
 
         load_init_adapter(model, recipe, manifest["base_model"]["fingerprint"], log)
     trainable, total = model.get_nb_trainable_parameters()
@@ -153,7 +155,7 @@ def _train(
         initial = on_main_first(state, lambda: lora_init.keep_initial_adapter(model, run.checkpoints, log))
         bf16, fp16 = hardware.mixed_precision(recipe, hw)
         if recipe.dpo is not None:
-            from loratool.dpo import build_dpo_config, build_dpo_trainer
+            from loratool.train.dpo import build_dpo_config, build_dpo_trainer
 
             args = build_dpo_config(
                 recipe.training,
@@ -222,7 +224,7 @@ def _train(
         seal.trainer = trainer
         rank_budget = None
         if recipe.lora.method == "adalora":
-            from loratool.adalora import RankBudget
+            from loratool.adapter.adalora import RankBudget
 
             rank_budget = RankBudget(model)  # the trainer does not move AdaLoRA's rank budget itself
             trainer.add_callback(rank_budget)
@@ -270,7 +272,7 @@ def _train(
                 folder / LOSS_CURVE,
                 title=f"{run.path.name} · LoRA on {recipe.base_model}",
             )
-            from loratool.model_card import finish_adapter_dir
+            from loratool.rundir.model_card import finish_adapter_dir
 
             finish_adapter_dir(folder, recipe_to_dict(recipe), manifest)  # model card, the real base's name
             if smoke is not None:
@@ -279,7 +281,7 @@ def _train(
                 mark_model_card(folder / "README.md")
 
         if recipe.dpo is not None:
-            from loratool.dpo import drop_reference_adapter
+            from loratool.train.dpo import drop_reference_adapter
 
             drop_reference_adapter(trainer.model)  # the run saves the trained adapter only
         # Every process takes part: under FSDP each holds only a shard of the adapter.
@@ -344,7 +346,7 @@ def preflight(
     tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
     if recipe.dpo is not None:
         from loratool.data.preference import build_preference_datasets
-        from loratool.dpo import check_init_adapter
+        from loratool.train.dpo import check_init_adapter
 
         check_init_adapter(recipe)
         data = build_preference_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
@@ -455,7 +457,7 @@ def _stage_record(recipe: Recipe) -> dict[str, Any]:
     """What the adapter learned from (run.json "stage"), and for DPO its settings and reference model."""
     if recipe.dpo is None:
         return {"stage": "sft"}
-    from loratool.dpo import reference_description
+    from loratool.train.dpo import reference_description
 
     init = recipe.dpo.init_adapter
     return {
@@ -527,7 +529,7 @@ def _continue_record(
     """Make the run directory ready to continue from entry's checkpoint: the finished adapter (if any)
     is superseded, incomplete checkpoints go, metrics.jsonl keeps only the steps up to the checkpoint, and
     run.json records this resume next to the earlier ones."""
-    from loratool.rundir import ADAPTER_FILES, STAGING
+    from loratool.rundir.records import ADAPTER_FILES, STAGING
 
     for name in (*ADAPTER_FILES, STAGING):
         path = run.path / name
@@ -676,7 +678,7 @@ def dry_run(
     log(f"hardware: {hw.device} ({hw.name}) · compute in {precision}")
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
     log(f"output: {run.path} ({run.state()})")
-    from loratool.plan import dry_run_line
+    from loratool.train.plan import dry_run_line
 
     log(dry_run_line(recipe, config, hw, checks.data))
 

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from loratool.errors import LoratoolError
-from loratool.outputs import (
+from loratool.rundir.outputs import (
     MARKER,
     marker,
     owned_record,
@@ -364,7 +364,7 @@ class TrainingRun:
 
 def find_adapter(path: Path) -> Path:
     """The adapter directory PATH names (a run directory or any PEFT adapter), or a clear error."""
-    from loratool.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files, is_adapter_dir
+    from loratool.adapter.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files, is_adapter_dir
 
     path = path.expanduser().resolve()
     if not path.is_dir():

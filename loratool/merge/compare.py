@@ -117,7 +117,7 @@ def probe_logits(
     model on a busy CPU can take minutes here."""
     import torch
 
-    from loratool.metrics import Heartbeat
+    from loratool.train.progress import Heartbeat
 
     heartbeat = Heartbeat(what, len(probes), write=log) if what else None
     device = next(model.parameters()).device

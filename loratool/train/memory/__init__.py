@@ -1,0 +1,1 @@
+"""Patches that keep training light without changing what it learns (measured in docs/benchmarks.md)."""
