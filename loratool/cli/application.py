@@ -1,0 +1,131 @@
+"""The Typer app every command registers on, and what all commands share: `main()`, `--version`, the
+mapping of errors to one message and an exit code, and the silencing of known library noise.
+
+(Not named app.py: that module would shadow `loratool.cli.app`, the Typer app itself.)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from loratool import __version__
+from loratool.errors import LoratoolError
+
+app = typer.Typer(
+    help="Fine-tune causal language models with LoRA and QLoRA from YAML recipes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+INTERNAL_ERROR = (
+    3  # exit codes: 0 done, 1 user-fixable error, 2 usage error, 3 internal error, 130 interrupted
+)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LORATOOL_DEBUG", "") not in ("", "0", "false")
+
+
+def reports_errors(command: F) -> F:
+    """Map every failure to one clean message and an exit code: 1 for what the user can fix, 3 for an
+    internal error, 130 for an interrupt (2, a usage error, comes from the option parser itself).
+    LORATOOL_DEBUG=1 shows the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LoratoolError as exc:
+            if debug_enabled():
+                raise
+            typer.echo(f"error: {exc.message}", err=True)
+            if exc.hint:
+                typer.echo(f"hint: {exc.hint}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted; nothing that looks finished was written", err=True)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if debug_enabled():
+                raise
+            typer.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
+            typer.echo(
+                "hint: this is probably a loratool bug; rerun with LORATOOL_DEBUG=1 for the traceback",
+                err=True,
+            )
+            raise typer.Exit(INTERNAL_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# (category, message regex) of library warnings that say nothing a loratool user can act on.
+KNOWN_NOISE: tuple[tuple[type[Warning], str], ...] = (
+    # peft and trl still call transformers' old names for activation checkpointing (loratool's own recipe key
+    # keeps the familiar name and maps it).
+    (FutureWarning, r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated"),
+    # The trainer asks for pinned memory by default; on a CPU-only machine there is nothing to pin.
+    (UserWarning, r".*'pin_memory' argument is set as true but no accelerator is found"),
+)
+
+
+def quiet_libraries() -> None:
+    """Known library noise and info logs drown the few lines that matter; LORATOOL_DEBUG=1 brings them
+    back. Only the warnings named here are hidden: any other library warning is printed (and lands in a
+    run's train.log), since it may be the one that explains a bad result."""
+    # deferred, as every loratool import in cli/ that is not the CLI's own: `--help` loads none of them
+    # --- bitsandbytes' hub-kernel warning (loratool/model/bnb_cpu.py) ---
+    # On AVX512-BF16 CPUs, importing bitsandbytes (peft does, on every command) logs that it cannot load a
+    # fused CPU kernel that loratool turns off anyway; not even LORATOOL_DEBUG=1 needs that line.
+    from loratool.model.bnb_cpu import silence_kernel_hub_warning
+
+    silence_kernel_hub_warning()
+    # --- end of the bitsandbytes block ---
+    if debug_enabled():
+        return
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for category, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # weight-loading bars; the training bar is ours
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    # transformers' GGUF reader draws its own tqdm bar, which disable_progress_bar() does not reach; it is
+    # silenced where a GGUF file is read (importing the reader here would cost every command a second).
+    from loratool.model import gguf_base
+
+    gguf_base.QUIET_READER = True
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"loratool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Fine-tune causal language models with LoRA and QLoRA from YAML recipes."""
+
+
+def main() -> None:
+    app(prog_name="loratool")
