@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
+from loratool.recipe.rules import converts
 
 if TYPE_CHECKING:
     import torch
@@ -150,8 +151,6 @@ def launch_conflicts(recipe: Recipe, hw: Hardware, how: Launch) -> list[str]:
     import importlib.util
 
     import torch
-
-    from loratool.adapter.inits import converts
 
     q = recipe.quantization
     problems = []

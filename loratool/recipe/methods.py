@@ -8,10 +8,7 @@ a PEFT traceback after the model has loaded.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from loratool.recipe import Recipe
+from loratool.recipe.schema import Recipe
 
 NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "vera": "VeRA", "lorafa": "LoRA-FA"}
 

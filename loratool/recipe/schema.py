@@ -1,0 +1,605 @@
+"""The recipe's sections: one strict, typed schema, every field documented once, at its definition.
+
+Inside `quantization`, `lora` and `training` the keys carry the names of transformers'
+`BitsAndBytesConfig`, peft's `LoraConfig` and trl's `SFTConfig`, so that what a user knows from those
+libraries works as expected. `lora` and `training` also accept any other field of `LoraConfig` /
+`SFTConfig` that loratool does not document itself; it is handed to the library untouched.
+
+A section checks its own fields (types, ranges, regexes); rules that span fields are in rules.py, and
+reading a file (extends, --set, the one error listing every problem) in load.py. The loaded recipe is
+frozen; derived values are functions, never fields written back.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+# Every number in a recipe, in every section (pass-through library fields and the numbers inside lists
+# and mappings included), is finite and at most this large either way: far beyond any real run (4 billion
+# steps, tokens, rows or rank; a learning rate of 4e9), and small enough that nothing downstream overflows
+# on it after the model has loaded (`.inf`, or a typo such as 1.0e+23 steps). It is numpy's largest seed.
+NUMBER_LIMIT = 2**32 - 1
+
+
+def number_problem(value: Any) -> str | None:
+    """Why a number (or a number inside a list or mapping) cannot be in a recipe; None when it can."""
+    if isinstance(value, dict):
+        return next((f"{k}: {p}" for k, v in value.items() if (p := number_problem(v))), None)
+    if isinstance(value, list | tuple):
+        return next((f"item {i}: {p}" for i, v in enumerate(value) if (p := number_problem(v))), None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if abs(value) > NUMBER_LIMIT:
+        return f"{value:g} is out of range (a recipe number is at most {NUMBER_LIMIT:,} either way)"
+    return None
+
+
+def _sane_number(value: Any) -> Any:
+    problem = number_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _not_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty (an empty path means the current directory)")
+    return value
+
+
+# A file, directory or hub id: never empty (an empty output_dir would write into the current directory).
+PathText = Annotated[str, AfterValidator(_not_empty)]
+# A `lora` / `training` key loratool passes to peft / trl untouched: checked only for sane numbers.
+PassThrough = Annotated[Any, AfterValidator(_sane_number)]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are frozen after load, and every
+    number is finite and within NUMBER_LIMIT."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _numbers_in_range(cls, value: Any) -> Any:
+        # Every field of every section, so that a new field cannot forget its bound.
+        return _sane_number(value)
+
+
+class ModelSection(Section):
+    """How the base model and its tokenizer are loaded."""
+
+    revision: str | None = None
+    """Hub branch, tag or commit of `base_model`; ignored for a local directory. Pin it for reproducibility."""
+
+    dtype: Dtype = "auto"
+    """Precision the base weights are loaded in. `auto`: bfloat16 on GPUs that have it, float16 on older
+    GPUs, float32 on CPU (CPUs are slow in half precision and fp16 underflows without a GPU scaler)."""
+
+    attn_implementation: str | None = None
+    """`sdpa`, `eager`, `flash_attention_2`, `flash_attention_3`, ... None lets transformers choose (sdpa
+    where the model supports it). Packed / padding-free batches stay separated with all of these. With
+    such batches, sdpa and eager run per example (`sdpa_per_example` / `eager_per_example`, same kernels):
+    attention costs the sum of each example's length squared, not the whole row's length squared;
+    flash_attention_2/3 use their own varlen kernels. Padded batches and generation use the stock path."""
+
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model repository. Off unless you have read that code."""
+
+    tokenizer: PathText | None = None
+    """Load the tokenizer from another hub id or directory than `base_model`."""
+
+
+class QuantizationSection(Section):
+    """bitsandbytes quantization of the frozen base (QLoRA). Leave the section out for plain LoRA."""
+
+    load_in_4bit: bool = False
+    """Store the base in 4 bits (QLoRA): ~0.55 bytes per parameter instead of 2 in bf16."""
+
+    load_in_8bit: bool = False
+    """Store the base in 8 bits (LLM.int8): ~1 byte per parameter; slower than 4-bit on most GPUs."""
+
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type. nf4 (NormalFloat) matches normally distributed weights better than fp4."""
+
+    bnb_4bit_use_double_quant: bool = True
+    """Quantize the quantization constants too: saves ~0.4 bit per parameter (~3 GB on a 65B model)."""
+
+    bnb_4bit_compute_dtype: Dtype = "auto"
+    """Precision the 4-bit weights are dequantized to for each matmul. `auto` follows `model.dtype`."""
+
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = None
+    """Storage type of packed 4-bit weights. FSDP needs it equal to the compute dtype to shard them."""
+
+    llm_int8_threshold: float = 6.0
+    """8-bit only: activations above this magnitude go through the fp16 outlier path."""
+
+    llm_int8_skip_modules: list[str] | None = None
+    """Module names kept unquantized (for example `lm_head`)."""
+
+
+class LoraSection(Section):
+    """The adapter: `peft.LoraConfig` fields, plus the method and its own settings (AdaLoRA, VeRA, LoRA+)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
+    __pydantic_extra__: dict[str, PassThrough] = Field(init=False)
+
+    method: Literal["lora", "adalora", "vera", "lorafa"] = "lora"
+    """The adaptation method (README, "Methods"). `lora`: a low-rank pair B @ A per layer (DoRA, rsLoRA,
+    LoRA+ and the inits are options of it). `adalora`: LoRA in SVD form whose rank budget moves during
+    training to the layers that need it (init_r -> target_r on average; the final rank per layer is in
+    run.json and the model card). `vera`: one pair of frozen random projections shared by every layer, only
+    two scaling vectors per layer trained: ~10x fewer parameters than LoRA, wants a high `r` (256) and a
+    ~10x higher learning_rate (1e-3 to 1e-2). `lorafa`: LoRA with A frozen after its random init and only B
+    trained (PEFT's LoRA-FA optimizer, AdamW-like; training.optim is not used): less optimizer memory.
+    Settings of another method are refused, naming the field."""
+
+    r: PositiveInt = 16
+    """Adapter rank. Higher fits more but costs memory and can overfit small datasets; 8-64 is typical."""
+
+    lora_alpha: float = 32
+    """Scale of the update: delta_W = (lora_alpha / r) * B @ A. Rule of thumb: alpha = 2 * r."""
+
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input. 0.05-0.1 for small datasets; 0 for speed on large ones."""
+
+    target_modules: list[str] | str = "all-linear"
+    """Which layers get adapters: `all-linear` (every linear layer but the output head; the QLoRA paper's
+    advice), a list of module-name suffixes such as [q_proj, v_proj], or a regex matched on full names."""
+
+    exclude_modules: list[str] | str | None = None
+    """Module-name suffixes (or a regex) to leave without an adapter even if `target_modules` matches them."""
+
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases train. `none` keeps the adapter mergeable without touching base biases."""
+
+    use_dora: bool = False
+    """DoRA: learn a magnitude vector as well as the direction. Better at low rank, ~20-30% slower."""
+
+    use_rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(r): keeps learning stable when r is large (64+)."""
+
+    init_lora_weights: bool | str = True
+    """`true` (B = 0, so training starts from the base model), `gaussian`, `orthogonal`, `pissa`,
+    `pissa_niter_N`, `olora`, `corda`, `eva`, `loftq`. pissa, olora and corda move the top of each weight
+    into the adapter and train on the rest; the final adapter is converted to a plain LoRA adapter of rank
+    2r on the original base, so merge and export work as usual (these three need an unquantized base).
+    eva and corda first run a calibration pass on the training data (`init_calibration_batches`); their
+    settings go in `eva_config` ({rho: 2.0, ...}) / `corda_config` ({corda_method: ipm | kpm}). loftq (GPU
+    only, needs `loftq_config`) trains on its own quantized copy of the base and cannot be merged."""
+
+    init_calibration_batches: PositiveInt = 64
+    """eva / corda: how many batches of training rows (per_device_train_batch_size each, the first rows
+    of the shuffled data) the calibration pass reads before training. More gives steadier statistics."""
+
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter (for example `embed_tokens`, `lm_head` after
+    adding tokens)."""
+
+    layers_to_transform: list[int] | int | None = None
+    """Only put adapters on these layer indices."""
+
+    layers_pattern: list[str] | str | None = None
+    """Name of the layer container that `layers_to_transform` indexes (`layers`, `h`, ...)."""
+
+    rank_pattern: dict[str, int] = {}
+    """Per-module rank overrides: {regex or name: rank}."""
+
+    alpha_pattern: dict[str, float] = {}
+    """Per-module alpha overrides: {regex or name: alpha}."""
+
+    fan_in_fan_out: bool = False
+    """Set for layers that store weights transposed (GPT-2's Conv1D)."""
+
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+: the B matrices learn at learning_rate * ratio. 16 is the paper's advice; unset = plain LoRA."""
+
+    loraplus_lr_embedding: float = Field(1e-6, gt=0)
+    """LoRA+: learning rate of adapters on embedding layers."""
+
+    # AdaLoRA (method: adalora). Unset = PEFT's default, given in each line. total_step is not a setting:
+    # loratool sets it to the run's number of optimizer steps.
+    init_r: PositiveInt | None = None
+    """AdaLoRA: starting rank of every layer (unset: 12, PEFT's default). `r` is not used by AdaLoRA."""
+
+    target_r: PositiveInt | None = None
+    """AdaLoRA: average rank per layer at the end (unset: 8, PEFT's default); the total budget is
+    target_r x layers."""
+
+    tinit: Annotated[int, Field(ge=0)] | None = None
+    """AdaLoRA: optimizer steps at the start trained at init_r before any rank is cut (unset: 0, PEFT's
+    default)."""
+
+    tfinal: Annotated[int, Field(ge=0)] | None = None
+    """AdaLoRA: optimizer steps at the end trained with the final ranks fixed (unset: 0, PEFT's default).
+    tinit + tfinal must leave steps to reallocate in."""
+
+    deltaT: PositiveInt | None = None
+    """AdaLoRA: reallocate the rank budget every deltaT optimizer steps (unset: 1, PEFT's default)."""
+
+    beta1: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """AdaLoRA: smoothing of the importance scores, an exponential moving average (unset: 0.85, PEFT's
+    default)."""
+
+    beta2: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """AdaLoRA: smoothing of the scores' uncertainty (unset: 0.85, PEFT's default)."""
+
+    orth_reg_weight: Annotated[float, Field(ge=0)] | None = None
+    """AdaLoRA: weight of the penalty keeping A and B orthogonal, added to the loss (unset: 0.5, PEFT's
+    default)."""
+
+    # VeRA (method: vera). `r` is the rank of the shared projections; lora_dropout is VeRA's dropout.
+    projection_prng_key: int | None = None
+    """VeRA: seed of the shared random projections (unset: 0, PEFT's default). They are saved with the
+    adapter."""
+
+    d_initial: Annotated[float, Field(gt=0)] | None = None
+    """VeRA: initial value of the per-layer scaling vector d (unset: 0.1, PEFT's default); the vector b starts at 0."""
+
+    # PEFT compiles these only when the adapter is attached, after the model has loaded: check them now.
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _module_regex(cls, value: list[str] | str | None) -> list[str] | str | None:
+        # A string is a regex PEFT fullmatches on full module names; a list holds plain names (suffixes).
+        if isinstance(value, str):
+            _check_regex(
+                value,
+                value,
+                "a string is a regex matched on full module names; list plain names as [q_proj, v_proj]",
+            )
+        return value
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _pattern_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            _check_regex(rf"(.*\.)?({key})$", key, "each key is a regex matched on the end of module names")
+        return value
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _saved_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            _check_regex(rf"(^|.*\.){name}($|\..*)", name, "PEFT puts each name into a regex")
+        return value
+
+
+def _check_regex(pattern: str, given: str, what: str) -> None:
+    """Raise ValueError (a recipe problem at the field's path) when PEFT's regex would not compile."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"'{given}' is not a valid regular expression ({exc}) — {what}") from None
+
+
+class DataSource(Section):
+    """One dataset: a local file, a directory of files, or a hub dataset id."""
+
+    path: PathText
+    """A .json, .jsonl, .csv, .parquet or .txt file, a directory of them, or a hub dataset id. Relative
+    paths are resolved against the recipe file's directory."""
+
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference"] = (
+        "auto"
+    )
+    """Row layout. `auto` detects it from the first row: messages -> messages, conversations -> sharegpt,
+    instruction + output -> alpaca, prompt + completion -> prompt_completion, text -> text. With a `dpo`
+    section the rows are preference pairs: `preference` (prompt / chosen / rejected, each a string or a
+    list of chat messages) or `sharegpt` (conversations + chosen / rejected messages); `auto` tells them
+    apart."""
+
+    columns: dict[str, str] = {}
+    """Rename the fields the format reads to the names in your file, e.g. {instruction: question,
+    output: answer} for alpaca, {messages: dialog, role: speaker, content: said} for messages/sharegpt."""
+
+    roles: dict[str, str] = {}
+    """Map roles in the file to user / assistant / system / tool, on top of the defaults (ShareGPT: human
+    -> user, gpt -> assistant, function_call -> assistant, observation -> tool)."""
+
+    system_prompt: str | None = None
+    """A system message put before every conversation from this source that has none of its own."""
+
+    subset: str | None = None
+    """Hub datasets: the configuration name."""
+
+    split: str = "train"
+    """Hub datasets: the split to read."""
+
+    max_rows: PositiveInt | None = None
+    """Read only the first N rows of this source (quick experiments, mixing proportions)."""
+
+
+class DataSection(Section):
+    """What the model reads, how it is templated, tokenized, masked and batched."""
+
+    train: list[DataSource] = Field(min_length=1)
+    """Training sources; several are concatenated and shuffled together."""
+
+    validation: list[DataSource] | Annotated[float, Field(gt=0, lt=1)] | None = None
+    """Held-out sources, or a fraction (0-1) of the training rows split off with `training.seed`."""
+
+    chat_template: PathText | None = None
+    """None: the tokenizer's own. A built-in name (chatml, llama2, llama3, mistral, zephyr, alpaca, gemma) for
+    tokenizers that have none, or the path of a Jinja file. The template used is saved with the adapter."""
+
+    max_length: PositiveInt = 2048
+    """Longest tokenized example, in tokens. What happens to longer ones: `truncation`."""
+
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """`truncate`: keep the first max_length tokens (the cut part, end-of-turn included, is not learned);
+    `drop`: skip the row. Rows left with no loss token are always dropped, and counted."""
+
+    completion_only_loss: bool = True
+    """Loss only on completions / assistant turns (their end-of-turn token included, so the model learns
+    to stop). False: loss on every token, prompts included."""
+
+    packing: bool = False
+    """Pack examples into rows of max_length (best-fit decreasing). Examples never attend to each other.
+    A micro-batch takes the fewest rows that hold, on average, per_device_train_batch_size examples (the
+    lengths are packed once beforehand to count them), so a step holds at least the examples and tokens
+    of a padding-free step, and every step is about the same size. Changes which examples share a step.
+    With per-example attention it computes what padding-free computes; it helps where steps of even size
+    matter (memory headroom, fixed-shape kernels). Measured in docs/benchmarks.md."""
+
+    padding_free: bool = True
+    """Concatenate each batch into one row with no pad tokens (position ids keep examples apart, and
+    attention runs per example: see model.attn_implementation). Same examples, same loss as padding,
+    less compute: no reason to turn it off but debugging."""
+
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    """A malformed row (bad JSON, missing field, wrong type, empty conversation): `fail` stops with its file
+    and line; `skip` leaves it out and counts it in the data summary."""
+
+
+class TrainingSection(Section):
+    """The optimization run: `trl.SFTConfig` / `transformers.TrainingArguments` fields."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
+    __pydantic_extra__: dict[str, PassThrough] = Field(init=False)
+
+    output_dir: PathText
+    """The run directory. At the end it is a PEFT adapter directory (loadable with
+    PeftModel.from_pretrained) plus the tokenizer, the resolved recipe, run.json, metrics and checkpoints/.
+    Relative paths are resolved against the current directory."""
+
+    num_train_epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps > 0)."""
+
+    max_steps: int = -1
+    """Stop after this many optimizer steps; -1 = run num_train_epochs."""
+
+    per_device_train_batch_size: PositiveInt = 4
+    """Examples per device per forward pass. Effective batch = this * gradient_accumulation_steps * devices."""
+
+    per_device_eval_batch_size: PositiveInt = 8
+    """Examples per device per evaluation forward pass."""
+
+    gradient_accumulation_steps: PositiveInt = 4
+    """Forward passes summed before each optimizer step: a bigger effective batch at the same memory."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate. LoRA wants ~10x a full fine-tune: 1e-4 to 3e-4 is typical."""
+
+    lr_scheduler_type: str = "cosine"
+    """linear, cosine, cosine_with_min_lr, constant, constant_with_warmup, warmup_stable_decay, ..."""
+
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    """Fraction of the steps spent warming the learning rate up. Mutually exclusive with warmup_steps."""
+
+    warmup_steps: int | None = Field(None, ge=0)
+    """Warm-up length in steps. If neither this nor warmup_ratio is set, 3% of the steps."""
+
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay. Rarely useful for LoRA."""
+
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient clipping norm; 0 disables it."""
+
+    optim: str = "adamw_torch"
+    """Optimizer. `paged_adamw_8bit` (bitsandbytes) survives memory spikes on long batches (QLoRA paper)."""
+
+    gradient_checkpointing: bool | Annotated[int, Field(ge=1)] = 2
+    """Recompute decoder-layer activations in the backward pass instead of keeping them. A number n:
+    every n-th layer (layers 0, n, 2n, ...); the default 2 keeps half of the activation memory for about
+    half the recompute (measured in docs/benchmarks.md). `true` (= 1): every layer, the least memory
+    (needed for 7B+ models on 24 GB cards), ~30% slower than `false`. `false`: none, the fastest and
+    the most memory. Layers not checkpointed still rebuild their norm and gated-MLP outputs in the
+    backward pass rather than keep them (~39% fewer bytes on a Llama layer, same gradients). Preference
+    tuning (`dpo:`) checkpoints every layer whenever this is not `false`: trl's DPO trainer turns
+    checkpointing back on for all layers after each reference pass."""
+
+    bf16: bool | None = None
+    """Mixed precision in bfloat16. None = on when the model computes in bf16 (GPUs that support it)."""
+
+    fp16: bool | None = None
+    """Mixed precision in float16 with loss scaling. None = on when the model computes in fp16."""
+
+    logging_steps: PositiveInt = 10
+    """Print and record the loss every N optimizer steps."""
+
+    eval_steps: PositiveInt | None = None
+    """Evaluate on the validation data every N steps. None = at the end of each epoch, if there is any."""
+
+    save_steps: PositiveInt | None = None
+    """Write a checkpoint (to resume from) every N steps into checkpoints/. None = at the end of each epoch."""
+
+    save_total_limit: PositiveInt | None = 2
+    """Keep at most this many checkpoints."""
+
+    early_stopping_patience: PositiveInt | None = None
+    """Stop after this many evaluations without improvement of the validation loss (needs validation data);
+    the best checkpoint is the one saved as the adapter."""
+
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    """Minimum decrease of the validation loss that counts as an improvement."""
+
+    seed: Annotated[int, Field(ge=0)] = 42
+    """Seeds shuffling, the validation split, dropout and adapter initialization. 0 to 4,294,967,295
+    (numpy's range)."""
+
+    report_to: list[str] | str = "none"
+    """Experiment trackers (tensorboard, wandb, trackio, ...). loratool always writes metrics.jsonl."""
+
+    def resolved_warmup(self) -> float:
+        """warmup_steps as TrainingArguments reads it: >= 1 is a step count, < 1 a fraction of the steps."""
+        if self.warmup_steps is not None:
+            return float(self.warmup_steps)
+        return self.warmup_ratio if self.warmup_ratio is not None else 0.03
+
+
+class DpoSection(Section):
+    """Preference tuning with trl's DPOTrainer."""
+
+    beta: float = Field(0.1, gt=0)
+    """How far the tuned model may move from the reference: higher keeps it closer. 0.1 is the DPO paper's
+    value; 0.01-0.5 is typical (for loss_type ipo it is the paper's tau)."""
+
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+        "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    ] = "sigmoid"  # fmt: skip
+    """trl's DPO loss: `sigmoid` (the DPO paper), `ipo` (less overfitting on deterministic preferences),
+    `hinge` (SLiC), `robust` (noisy labels, with label_smoothing), ... see trl's DPOConfig."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Probability that a pair's preference is wrong: used by the `robust` and `exo_pair` losses (0.1 and
+    1e-3 are their papers' values; exo_pair needs it above 0)."""
+
+    init_adapter: PathText | None = None
+    """Start from the adapter of a finished loratool run on the same base (usually an SFT run, e.g.
+    out/sft-run) instead of a fresh one; that adapter is also the reference. The `lora` section must match
+    the run's. A relative path is resolved against the current directory."""
+
+
+class Recipe(Section):
+    """A fine-tuning recipe: the base model, how it is loaded, the adapter, the data and the run."""
+
+    base_model: PathText
+    """Hub id (meta-llama/Llama-2-7b-hf), local directory, or local .gguf file of the model to fine-tune. A
+    .gguf is dequantized once into a Hugging Face checkpoint cached under $LORATOOL_CACHE (default
+    ~/.cache/loratool), float32 up to 2B parameters, bfloat16 above. A path starting with ./ or ../ is
+    resolved against the recipe file's directory when it exists there."""
+
+    model: ModelSection = ModelSection()
+    """How the base model is loaded."""
+
+    quantization: QuantizationSection | None = None
+    """bitsandbytes settings; absent = plain LoRA on a 16/32-bit base."""
+
+    lora: LoraSection = LoraSection()
+    """The LoRA adapter."""
+
+    data: DataSection
+    """Training and validation data."""
+
+    training: TrainingSection
+    """Optimizer, schedule, precision, logging, evaluation and checkpoints."""
+
+    dpo: DpoSection | None = None
+    """Preference tuning (DPO). Absent: supervised fine-tuning, the model imitates the data's answers.
+    Present (`dpo: {}` for the defaults): the adapter learns from preference pairs (a prompt, a chosen and
+    a rejected answer) with trl's DPOTrainer. The reference is the base with the adapter disabled (no
+    second copy of the model in memory), or the base with `init_adapter`. The prompt is never trained; the
+    answers (their end-of-turn included) are masked as for supervised fine-tuning. Batches are padded
+    (data.padding_free does not apply; data.packing must stay off). DPO wants a far lower learning rate
+    than SFT: 5e-6 to 5e-5 for LoRA on a real model (training.learning_rate)."""
+
+    # Not a recipe key: where the recipe file was (set by load_recipe), so that an input that cannot be
+    # found can name every place a relative path was looked for (inputs.py).
+    _directory: Path | None = PrivateAttr(default=None)
+
+    @property
+    def directory(self) -> Path | None:
+        """The directory of the recipe file this recipe was loaded from (None when built in code)."""
+        return self._directory
+
+    def is_quantized(self) -> bool:
+        q = self.quantization
+        return q is not None and (q.load_in_4bit or q.load_in_8bit)
+
+    @property
+    def stage(self) -> Literal["sft", "dpo"]:
+        """What the adapter learns from: `sft` (answers to imitate) or `dpo` (preference pairs)."""
+        return "dpo" if self.dpo is not None else "sft"
+
+
+# Keys that SFTConfig has but that belong to another section of the recipe (or that loratool sets itself).
+MOVED_KEYS: dict[str, str] = {
+    "max_length": "data.max_length",
+    "packing": "data.packing",
+    "padding_free": "data.padding_free",
+    "completion_only_loss": "data.completion_only_loss",
+    "assistant_only_loss": "data.completion_only_loss",
+    "chat_template_path": "data.chat_template",
+    "truncation_mode": "data.truncation",
+    "trust_remote_code": "model.trust_remote_code",
+    "model_init_kwargs": "model",
+    "resume_from_checkpoint": "the --resume option of `loratool train`",
+}
+# Set by loratool from the rest of the recipe; a recipe cannot override them.
+RESERVED_TRAINING_KEYS = frozenset(
+    {
+        "dataset_text_field",
+        "dataset_kwargs",
+        "dataset_num_proc",
+        "eos_token",
+        "pad_token",
+        "eval_packing",
+        "packing_strategy",
+        "shuffle_dataset",
+        "remove_unused_columns",
+        "label_names",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "eval_strategy",
+        "save_strategy",
+        "logging_strategy",
+        "load_best_model_at_end",
+        "metric_for_best_model",
+        "greater_is_better",
+        "local_rank",
+        "push_to_hub",
+        "hub_token",
+    }
+)
+# LoraConfig fields that describe the adapter's bookkeeping, not a choice.
+RESERVED_LORA_KEYS = frozenset(
+    {
+        "task_type",
+        "peft_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "total_step",  # AdaLoRA: the run's number of optimizer steps (adalora.py)
+    }
+)
+
+# `extends` is not a field: load.py reads it and merges the base before the schema sees the recipe.
+EXTENDS_DOC = """Path of a base recipe (relative to this file) deep-merged under this one: mappings merge key
+by key, lists and values replace. Chains are allowed, cycles refused. A recipe that extends another
+needs none of the required keys itself. `key: null` for a key that cannot be null drops the inherited
+value: the key is back to its default (`lora_alpha: null` when a VeRA recipe extends a LoRA one). A key
+that can be null is set to null (`quantization: null` removes the base's section)."""
+
+
+def section_models(annotation: Any) -> list[type[BaseModel]]:
+    """The Section classes inside an annotation such as `QuantizationSection | None` or list[DataSource]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found += section_models(arg)
+    return found
