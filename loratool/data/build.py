@@ -152,6 +152,7 @@ class SourceRows:
     parsed: list[Any]
     locations: list[str]
     bad: Callable[[str, str], None]
+    rows: list[dict[str, Any]]  # each parsed row as read (the data view compares rows for duplicates)
 
 
 def read_source(
@@ -179,7 +180,7 @@ def read_source(
             )
         summary.drop("malformed", location, reason)
 
-    parsed, locations = [], []
+    parsed, locations, read_rows = [], [], []
     for row in rows:
         if row.error is not None:
             bad(row.location, row.error)
@@ -187,12 +188,13 @@ def read_source(
         try:
             parsed.append(parse(row.data, fmt, source))
             locations.append(row.location)
+            read_rows.append(row.data)
         except RowError as exc:
             if exc.kind == "empty":
                 summary.drop("empty", row.location, exc.reason)
             else:
                 bad(row.location, f"{exc.reason} ({what} {fmt})")
-    return SourceRows(summary, parsed, locations, bad)
+    return SourceRows(summary, parsed, locations, bad, read_rows)
 
 
 def encode_source(

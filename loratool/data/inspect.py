@@ -1,10 +1,10 @@
 """`loratool data`: the rows as training sees them, which tokens carry loss, and what looks wrong.
 
 Nothing here re-implements the pipeline: rows are read, formatted, templated, tokenized and masked by the
-same functions build.py calls (open_source -> to_example -> encode_many), and the data summary is the one
-`build_datasets` prints before training. On top of that, each row's full tokenization (before
-data.max_length) is kept, so that truncation can be measured, and the checks below look for the mistakes
-that only show after a run has been paid for:
+same functions training calls (read_source -> to_example / to_pair -> encode_many), and the data summary
+is the one training prints. On top of that, each row's full tokenization (before data.max_length) is
+kept, so that truncation can be measured, and the checks below look for the mistakes that only show
+after a run has been paid for:
 
 - an end-of-turn / EOS token of the template that never carries loss (the model never learns to stop);
 - the generation config's EOS not being the template's end of turn (generation runs past the answer);
@@ -12,7 +12,14 @@ that only show after a run has been paid for:
 - rows cut by max_length, and how many answer tokens that loses;
 - exact duplicate rows;
 - roles out of order (two user turns in a row, a system message in the middle, ...);
-- a system prompt the chat template drops.
+- a system prompt the chat template drops;
+- preference pairs without signal (the rejected answer empty, or the same as the chosen one).
+
+Each kind of row has its own small inspector: `inspect_rows` (supervised examples) and `inspect_pairs`
+(preference pairs, for a recipe with a dpo section). An inspected row lists the token `sequences`
+training feeds for it (one for an example; prompt + chosen and prompt + rejected for a pair) and the
+`parts` it is shown in; the checks and the rendering work on those, so another kind of row (prompt-only
+rows, unpaired KTO rows) is one more inspector and row class, not a branch in these.
 """
 
 from __future__ import annotations
@@ -22,18 +29,28 @@ import html
 import io
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from loratool.data.build import build_datasets
+from loratool.data.build import build_datasets, read_source
 from loratool.data.formats import Conversation, RowError, check_columns, resolve_format, to_example
-from loratool.data.sources import open_source
+from loratool.data.preference import (
+    PreferencePair,
+    build_preference_datasets,
+    check_preference_columns,
+    resolve_preference_format,
+    signal_problem,
+    split_pair,
+    to_pair,
+)
 from loratool.data.tokenize import IGNORE, encode_many, render_conversation
 
 if TYPE_CHECKING:
     from loratool.data.summary import DataSummary
-    from loratool.recipe import Recipe
+    from loratool.recipe import DataSource, Recipe
 
 SHOWN_EXAMPLES = 3  # locations listed under each warning
 _PROBE_ANSWER = "Hello"
@@ -53,6 +70,8 @@ class InspectedRow:
     labels: list[int]
     max_length: int
 
+    LENGTH: ClassVar[str] = "tokens per row"  # what `length` counts (the histogram's axis)
+
     @property
     def truncated(self) -> bool:
         return len(self.input_ids) > self.max_length
@@ -66,6 +85,115 @@ class InspectedRow:
     def loss_tokens_cut(self) -> int:
         """Answer tokens beyond max_length: learned by no one."""
         return sum(label != IGNORE for label in self.labels[self.max_length :])
+
+    @property
+    def sequences(self) -> list[InspectedRow]:
+        """The token sequences training feeds for this row: the row itself."""
+        return [self]
+
+    @property
+    def length(self) -> int:
+        """The tokens data.max_length is compared with."""
+        return len(self.input_ids)
+
+    def parts(self) -> list[Part]:
+        return [Part(None, self, 0, len(self.input_ids))]
+
+    def describe(self) -> str:
+        return f"{len(self.input_ids):,} tokens, {self.loss_tokens:,} carry loss" + (
+            f" · cut at max_length {self.max_length:,}" if self.truncated else ""
+        )
+
+
+@dataclass
+class InspectedPair:
+    """One preference pair as DPO training reads it: the shared prompt, then each answer (every answer
+    token carries loss), before the cut at max_length (training keeps prompt + answer up to max_length
+    tokens, cutting the answers, or drops the pair)."""
+
+    location: str
+    split: str
+    raw: dict[str, Any]
+    pair: PreferencePair
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    max_length: int
+
+    LENGTH: ClassVar[str] = "tokens per pair, prompt + its longer answer"
+
+    @property
+    def example(self) -> Any:
+        """The prompt with the chosen answer: what the role and system-prompt checks read."""
+        return self.pair.chosen
+
+    @cached_property
+    def chosen(self) -> InspectedRow:
+        """prompt + chosen answer, loss on the answer (train/dpo.py feeds this sequence)."""
+        return self._sequence(self.pair.chosen, self.chosen_ids)
+
+    @cached_property
+    def rejected(self) -> InspectedRow:
+        return self._sequence(self.pair.rejected, self.rejected_ids)
+
+    def _sequence(self, example: Any, answer: list[int]) -> InspectedRow:
+        labels = [IGNORE] * len(self.prompt_ids) + answer
+        labels[0] = IGNORE  # position 0 is never predicted (tokenize.py)
+        return InspectedRow(
+            self.location, self.split, self.raw, example, self.prompt_ids + answer, labels, self.max_length
+        )
+
+    @property
+    def sequences(self) -> list[InspectedRow]:
+        return [self.chosen, self.rejected]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    @property
+    def truncated(self) -> bool:
+        return self.length > self.max_length
+
+    @property
+    def no_signal(self) -> str | None:
+        """Why the pair teaches nothing (preference.signal_problem), or None."""
+        room = max(0, self.max_length - len(self.prompt_ids))
+        whole = (self.chosen_ids, self.rejected_ids)
+        return signal_problem(self.pair, whole, (self.chosen_ids[:room], self.rejected_ids[:room]))
+
+    def parts(self) -> list[Part]:
+        start = len(self.prompt_ids)
+        return [
+            Part("prompt", self.chosen, 0, start),
+            Part("chosen", self.chosen, start, len(self.chosen.input_ids)),
+            Part("rejected", self.rejected, start, len(self.rejected.input_ids)),
+        ]
+
+    def describe(self) -> str:
+        loss = self.chosen.loss_tokens + self.rejected.loss_tokens
+        text = (
+            f"prompt {len(self.prompt_ids):,} tokens, chosen {len(self.chosen_ids):,}, rejected "
+            f"{len(self.rejected_ids):,}: {loss:,} answer tokens carry loss"
+        )
+        if self.truncated:
+            text += f" · cut at max_length {self.max_length:,}"
+        if self.no_signal:
+            text += f" · no signal: {self.no_signal}"
+        return text
+
+
+Inspected = InspectedRow | InspectedPair
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one labelled stretch of a row shows: tokens [start, stop) of one of its sequences."""
+
+    name: str | None  # prompt, chosen, rejected; None for a whole supervised row
+    sequence: InspectedRow
+    start: int
+    stop: int
 
 
 @dataclass
@@ -84,68 +212,112 @@ class Finding:
 @dataclass
 class DataReport:
     summary: DataSummary
-    rows: list[InspectedRow]
+    rows: list[Any]  # InspectedRow, or InspectedPair for preference data
     findings: list[Finding]
     end_of_turn: str | None  # the token that closes an answer (template's end of turn, or EOS)
     tokenizer: Any
+    length_meaning: str = InspectedRow.LENGTH  # what lengths() counts
 
     def lengths(self) -> list[int]:
-        return [len(row.input_ids) for row in self.rows]
+        return [row.length for row in self.rows]
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What the checks read besides the rows."""
+
+    recipe: Recipe
+    tokenizer: Any
+    eot_id: int | None
+
+
+Check = Callable[[list[Any], _Context], "Finding | None"]
 
 
 def inspect_data(recipe: Recipe, tokenizer: Any) -> DataReport:
-    """Build the data as `train` does (summary included) and check every row."""
+    """Build the data as `train` does (summary included) and check every row, with the inspector of the
+    recipe's kind of row."""
+    inspect = inspect_pairs if recipe.dpo is not None else inspect_rows
+    return inspect(recipe, tokenizer)
+
+
+def inspect_rows(recipe: Recipe, tokenizer: Any) -> DataReport:
+    """Supervised examples: one sequence per row, loss where data.completion_only_loss puts it."""
+    summary = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed).summary  # sets the template
+    rows = [row for source, split in _sources(recipe) for row in _rows_of(source, split, recipe, tokenizer)]
+    return _report(recipe, tokenizer, summary, rows, InspectedRow.LENGTH, COMMON_CHECKS)
+
+
+def inspect_pairs(recipe: Recipe, tokenizer: Any) -> DataReport:
+    """Preference pairs: the prompt, the chosen and the rejected answer, as data/preference.py encodes
+    them for DPO."""
+    summary = build_preference_datasets(recipe.data, tokenizer, seed=recipe.training.seed).summary
+    pairs = [
+        pair for source, split in _sources(recipe) for pair in _pairs_of(source, split, recipe, tokenizer)
+    ]
+    return _report(recipe, tokenizer, summary, pairs, InspectedPair.LENGTH, (*COMMON_CHECKS, _no_signal))
+
+
+def _sources(recipe: Recipe) -> list[tuple[DataSource, str]]:
     data = recipe.data
-    summary = build_datasets(data, tokenizer, seed=recipe.training.seed).summary  # sets the chat template
-    rows: list[InspectedRow] = []
     splits = [("train", data.train)]
     if isinstance(data.validation, list):
         splits.append(("validation", data.validation))
-    for split, sources in splits:
-        for source in sources:
-            rows += _inspect_source(source, split, recipe, tokenizer)
-    eot_id = end_of_turn_id(tokenizer, rows)
-    findings = [
-        f
-        for f in (
-            _eot_without_loss(rows, tokenizer, eot_id),
-            _generation_eos(recipe, tokenizer, eot_id),
-            _no_loss(rows),
-            _truncated(rows, eot_id),
-            _duplicates(rows),
-            _roles_out_of_order(rows),
-            _system_dropped(rows, tokenizer),
-        )
-        if f is not None
-    ]
-    eot = tokenizer.convert_ids_to_tokens(eot_id) if eot_id is not None else None
-    return DataReport(summary, rows, findings, eot, tokenizer)
+    return [(source, split) for split, sources in splits for source in sources]
 
 
-def _inspect_source(source: Any, split: str, recipe: Recipe, tokenizer: Any) -> list[InspectedRow]:
+def _rows_of(source: DataSource, split: str, recipe: Recipe, tokenizer: Any) -> list[InspectedRow]:
     """The rows of one source, encoded by the pipeline's own functions; malformed / empty rows are left
     to the summary (which counts them exactly as training does)."""
-    rows = [row for row in open_source(source)[0] if row.error is None]
-    fmt = resolve_format(source, rows[0].data if rows else None, rows[0].location if rows else "")
-    check_columns(source, fmt)
-    kept, examples = [], []
-    for row in rows:
-        try:
-            examples.append(to_example(row.data, fmt, source))
-            kept.append(row)
-        except RowError:
-            continue
-    encoded = encode_many(examples, tokenizer, completion_only_loss=recipe.data.completion_only_loss)
+    read = read_source(source, recipe.data, resolve_format, check_columns, to_example)
+    encoded = encode_many(read.parsed, tokenizer, completion_only_loss=recipe.data.completion_only_loss)
     out = []
-    for row, example, result in zip(kept, examples, encoded, strict=True):
+    for location, raw, example, result in zip(read.locations, read.rows, read.parsed, encoded, strict=True):
         if isinstance(result, RowError):
             continue
         ids, labels = result
-        out.append(InspectedRow(row.location, split, row.data, example, ids, labels, recipe.data.max_length))
+        out.append(InspectedRow(location, split, raw, example, ids, labels, recipe.data.max_length))
     return out
 
 
-def end_of_turn_id(tokenizer: Any, rows: list[InspectedRow]) -> int | None:
+def _pairs_of(source: DataSource, split: str, recipe: Recipe, tokenizer: Any) -> list[InspectedPair]:
+    """The pairs of one source, encoded and split into prompt and answers as for training; pairs that
+    training leaves out are left to the summary."""
+    read = read_source(
+        source, recipe.data, resolve_preference_format, check_preference_columns, to_pair, "preference format"
+    )
+    pairs: list[PreferencePair] = read.parsed
+    encoded = encode_many(
+        [p.chosen for p in pairs] + [p.rejected for p in pairs], tokenizer, completion_only_loss=True
+    )
+    out = []
+    for location, raw, pair, chosen, rejected in zip(
+        read.locations, read.rows, pairs, encoded[: len(pairs)], encoded[len(pairs) :], strict=True
+    ):
+        if isinstance(chosen, RowError) or isinstance(rejected, RowError):
+            continue
+        parts = split_pair(chosen, rejected)
+        if parts is not None:
+            out.append(InspectedPair(location, split, raw, pair, *parts, recipe.data.max_length))
+    return out
+
+
+def _report(
+    recipe: Recipe,
+    tokenizer: Any,
+    summary: DataSummary,
+    rows: list[Any],
+    meaning: str,
+    checks: tuple[Check, ...],
+) -> DataReport:
+    eot_id = end_of_turn_id(tokenizer, rows)
+    context = _Context(recipe, tokenizer, eot_id)
+    findings = [f for f in (check(rows, context) for check in checks) if f is not None]
+    eot = tokenizer.convert_ids_to_tokens(eot_id) if eot_id is not None else None
+    return DataReport(summary, rows, findings, eot, tokenizer, meaning)
+
+
+def end_of_turn_id(tokenizer: Any, rows: list[Any]) -> int | None:
     """The token that closes an assistant answer: the first special token the chat template writes after
     an answer (<|im_end|>, <|eot_id|>, </s>), or the EOS that raw-text examples end with."""
     conversational = any(isinstance(row.example, Conversation) for row in rows)
@@ -166,14 +338,25 @@ def end_of_turn_id(tokenizer: Any, rows: list[InspectedRow]) -> int | None:
 
 
 # --- the checks: each returns a Finding, or None when all is well ------------------------------------------
+# A check reads a row's token sequences (`row.sequences`), its `example` and `raw`, so that it works for
+# every kind of row that has them; a row counts once however many sequences it has.
 
 
-def _eot_without_loss(rows: list[InspectedRow], tokenizer: Any, eot_id: int | None) -> Finding | None:
+def _holds_end_of_turn(seq: InspectedRow, eot_id: int) -> bool:
+    return eot_id in seq.input_ids[: seq.max_length] and seq.loss_tokens > 0
+
+
+def _learns_end_of_turn(seq: InspectedRow, eot_id: int) -> bool:
+    return any(i == eot_id and label != IGNORE for i, label in zip(seq.input_ids, seq.labels, strict=True))
+
+
+def _eot_without_loss(rows: list[Any], context: _Context) -> Finding | None:
+    eot_id = context.eot_id
     if eot_id is None:
         return None
-    eot = tokenizer.convert_ids_to_tokens(eot_id)
-    have = [r for r in rows if eot_id in r.input_ids[: r.max_length] and r.loss_tokens]
-    if rows and not have and not any(eot_id in r.input_ids for r in rows):
+    eot = context.tokenizer.convert_ids_to_tokens(eot_id)
+    have = [r for r in rows if any(_holds_end_of_turn(s, eot_id) for s in r.sequences)]
+    if rows and not have and not any(eot_id in s.input_ids for r in rows for s in r.sequences):
         return Finding(
             "end_of_turn_never_learned",
             f"the end of turn {eot!r} appears in no row: the model is never shown where an answer stops",
@@ -183,7 +366,7 @@ def _eot_without_loss(rows: list[InspectedRow], tokenizer: Any, eot_id: int | No
     unlearned = [
         r
         for r in have
-        if not any(i == eot_id and label != IGNORE for i, label in zip(r.input_ids, r.labels, strict=True))
+        if not all(_learns_end_of_turn(s, eot_id) for s in r.sequences if _holds_end_of_turn(s, eot_id))
     ]
     if not unlearned:
         return None
@@ -198,11 +381,12 @@ def _eot_without_loss(rows: list[InspectedRow], tokenizer: Any, eot_id: int | No
     )
 
 
-def _generation_eos(recipe: Recipe, tokenizer: Any, eot_id: int | None) -> Finding | None:
+def _generation_eos(rows: list[Any], context: _Context) -> Finding | None:
     """generation_config.json's eos_token_id (else config.json's) must include the end of turn, or
     `generate` runs on after the answer, into a made-up next turn."""
     from loratool.model.load import local_model_dir
 
+    recipe, tokenizer, eot_id = context.recipe, context.tokenizer, context.eot_id
     if eot_id is None:
         return None
     folder = local_model_dir(recipe.base_model, recipe.model.revision, log=lambda _: None)
@@ -235,9 +419,9 @@ def _generation_eos(recipe: Recipe, tokenizer: Any, eot_id: int | None) -> Findi
     )
 
 
-def _no_loss(rows: list[InspectedRow]) -> Finding | None:
-    never = [r for r in rows if all(label == IGNORE for label in r.labels)]
-    cut = [r for r in rows if r not in never and r.loss_tokens == 0]
+def _no_loss(rows: list[Any], context: _Context) -> Finding | None:
+    never = [r for r in rows if all(label == IGNORE for s in r.sequences for label in s.labels)]
+    cut = [r for r in rows if r not in never and any(s.loss_tokens == 0 for s in r.sequences)]
     if not never and not cut:
         return None
     parts = []
@@ -255,18 +439,25 @@ def _no_loss(rows: list[InspectedRow]) -> Finding | None:
     )
 
 
-def _truncated(rows: list[InspectedRow], eot_id: int | None) -> Finding | None:
-    cut = [r for r in rows if r.truncated]
+def _truncated(rows: list[Any], context: _Context) -> Finding | None:
+    eot_id = context.eot_id
+    cut = [r for r in rows if any(s.truncated for s in r.sequences)]
     if not cut:
         return None
-    lost = sum(r.loss_tokens_cut for r in cut)
-    total = sum(sum(label != IGNORE for label in r.labels) for r in rows)
-    stops = sum(1 for r in cut if eot_id is not None and eot_id in r.labels[r.max_length :])
-    longest = max(len(r.input_ids) for r in cut)
+
+    def lost(row: Any) -> int:
+        return sum(s.loss_tokens_cut for s in row.sequences)
+
+    total = sum(sum(label != IGNORE for label in s.labels) for r in rows for s in r.sequences)
+    stops = sum(
+        1 for r in cut if eot_id is not None and any(eot_id in s.labels[s.max_length :] for s in r.sequences)
+    )
+    longest = max(r.length for r in cut)
     limit = cut[0].max_length
     message = (
         f"{len(cut):,} rows are longer than max_length={limit:,} (longest {longest:,} tokens): "
-        f"{lost:,} answer tokens ({lost / max(total, 1):.1%} of all) are cut"
+        f"{sum(lost(r) for r in cut):,} answer tokens ({sum(lost(r) for r in cut) / max(total, 1):.1%} of all) "
+        "are cut"
     )
     if stops:
         message += f", and {stops:,} rows lose the end of turn that teaches the model to stop"
@@ -274,14 +465,11 @@ def _truncated(rows: list[InspectedRow], eot_id: int | None) -> Finding | None:
         "truncated",
         message,
         len(cut),
-        [
-            f"{r.location} ({len(r.input_ids):,} tokens, {r.loss_tokens_cut:,} answer tokens cut)"
-            for r in cut[:SHOWN_EXAMPLES]
-        ],
+        [f"{r.location} ({r.length:,} tokens, {lost(r):,} answer tokens cut)" for r in cut[:SHOWN_EXAMPLES]],
     )
 
 
-def _duplicates(rows: list[InspectedRow]) -> Finding | None:
+def _duplicates(rows: list[Any], context: _Context) -> Finding | None:
     first: dict[str, str] = {}
     repeats = []
     for r in rows:
@@ -317,7 +505,7 @@ def _role_problem(messages: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def _roles_out_of_order(rows: list[InspectedRow]) -> Finding | None:
+def _roles_out_of_order(rows: list[Any], context: _Context) -> Finding | None:
     bad = []
     for r in rows:
         if isinstance(r.example, Conversation):
@@ -336,7 +524,8 @@ def _roles_out_of_order(rows: list[InspectedRow]) -> Finding | None:
     )
 
 
-def _system_dropped(rows: list[InspectedRow], tokenizer: Any) -> Finding | None:
+def _system_dropped(rows: list[Any], context: _Context) -> Finding | None:
+    tokenizer = context.tokenizer
     dropped, with_system = [], 0
     for r in rows:
         if not isinstance(r.example, Conversation):
@@ -363,47 +552,81 @@ def _system_dropped(rows: list[InspectedRow], tokenizer: Any) -> Finding | None:
     )
 
 
+def _no_signal(pairs: list[InspectedPair], context: _Context) -> Finding | None:
+    """Pairs whose rejected answer is empty or the same as the chosen one: a DPO gradient of zero."""
+    empty = [p for p in pairs if p.no_signal]
+    if not empty:
+        return None
+    return Finding(
+        "pairs_without_signal",
+        f"{len(empty):,} of {len(pairs):,} pairs carry no preference signal (the rejected answer is empty, "
+        "or the same as the chosen one): DPO learns nothing from them",
+        len(empty),
+        [f"{p.location}: {p.no_signal}" for p in empty[:SHOWN_EXAMPLES]],
+    )
+
+
+# The checks every kind of row gets; an inspector adds its own (inspect_pairs: _no_signal).
+COMMON_CHECKS: tuple[Check, ...] = (
+    _eot_without_loss,
+    _generation_eos,
+    _no_loss,
+    _truncated,
+    _duplicates,
+    _roles_out_of_order,
+    _system_dropped,
+)
+
+
 # --- rendering -----------------------------------------------------------------------------------------
 
 
-def token_runs(row: InspectedRow, tokenizer: Any) -> list[tuple[str, str]]:
-    """The row as (kind, text) runs: kind is `loss` (carries loss), `context` (no loss) or `cut` (past
-    max_length: never seen in training). Runs are decoded whole, so multi-byte characters stay intact."""
+def token_runs(
+    row: InspectedRow, tokenizer: Any, start: int = 0, stop: int | None = None
+) -> list[tuple[str, str]]:
+    """The row (tokens [start, stop) of it) as (kind, text) runs: kind is `loss` (carries loss),
+    `context` (no loss) or `cut` (past max_length: never seen in training). Runs are decoded whole, so
+    multi-byte characters stay intact."""
+    stop = len(row.labels) if stop is None else stop
     kinds = [
-        "cut" if i >= row.max_length else "loss" if label != IGNORE else "context"
-        for i, label in enumerate(row.labels)
+        "cut" if i >= row.max_length else "loss" if row.labels[i] != IGNORE else "context"
+        for i in range(start, stop)
     ]
     runs: list[tuple[str, str]] = []
-    start = 0
+    first = 0
     for i in range(1, len(kinds) + 1):
-        if i == len(kinds) or kinds[i] != kinds[start]:
-            text = tokenizer.decode(row.input_ids[start:i], skip_special_tokens=False)
-            runs.append((kinds[start], text))
-            start = i
+        if i == len(kinds) or kinds[i] != kinds[first]:
+            text = tokenizer.decode(row.input_ids[start + first : start + i], skip_special_tokens=False)
+            runs.append((kinds[first], text))
+            first = i
     return runs
+
+
+def part_runs(part: Part, tokenizer: Any) -> list[tuple[str, str]]:
+    return token_runs(part.sequence, tokenizer, part.start, part.stop)
 
 
 _ANSI = {"loss": "\x1b[1;32m", "context": "\x1b[2m", "cut": "\x1b[9;31m"}
 _RESET = "\x1b[0m"
 
 
-def format_row(row: InspectedRow, tokenizer: Any, *, color: bool) -> str:
-    head = (
-        f"── {row.location} ({row.split}) · {len(row.input_ids):,} tokens, "
-        f"{row.loss_tokens:,} carry loss"
-        + (f" · cut at max_length {row.max_length:,}" if row.truncated else "")
-    )
-    parts = []
-    for kind, text in token_runs(row, tokenizer):
-        if color:
-            parts.append(f"{_ANSI[kind]}{text}{_RESET}")
-        elif kind == "loss":
-            parts.append(f"[[{text}]]")
-        elif kind == "cut":
-            parts.append(f"✂{text}")
-        else:
-            parts.append(text)
-    return head + "\n" + "".join(parts)
+def format_row(row: Inspected, tokenizer: Any, *, color: bool) -> str:
+    """A header line, then each part of the row (a pair: `prompt:`, `chosen:`, `rejected:`) as text with
+    the tokens that carry loss marked."""
+    lines = [f"── {row.location} ({row.split}) · {row.describe()}"]
+    for part in row.parts():
+        shown = []
+        for kind, text in part_runs(part, tokenizer):
+            if color:
+                shown.append(f"{_ANSI[kind]}{text}{_RESET}")
+            elif kind == "loss":
+                shown.append(f"[[{text}]]")
+            elif kind == "cut":
+                shown.append(f"✂{text}")
+            else:
+                shown.append(text)
+        lines.append((f"{part.name}: " if part.name else "") + "".join(shown))
+    return "\n".join(lines)
 
 
 def histogram_lines(lengths: list[int], max_length: int, bins: int = 10, width: int = 40) -> list[str]:
@@ -432,7 +655,8 @@ def format_report(report: DataReport, *, rows: int, color: bool) -> str:
         median = ordered[len(ordered) // 2]
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
         lines.append(
-            f"lengths (tokens, before max_length={report.summary.max_length:,}): median {median:,} · "
+            f"lengths ({report.length_meaning}, before max_length={report.summary.max_length:,}): "
+            f"median {median:,} · "
             f"95th percentile {p95:,} · longest {ordered[-1]:,}"
         )
         lines += histogram_lines(lengths, report.summary.max_length)
@@ -471,7 +695,7 @@ def length_histogram_png(report: DataReport, path: Path | None = None) -> bytes:
     lengths = report.lengths()
     ax.hist(lengths or [0], bins=min(50, max(5, len(set(lengths)))), color="#4a7ab5")
     ax.axvline(report.summary.max_length, color="#c0392b", linestyle="--", label="data.max_length")
-    ax.set_xlabel("tokens per row (before max_length)")
+    ax.set_xlabel(f"{report.length_meaning} (before max_length)")
     ax.set_ylabel("rows")
     ax.legend()
     fig.tight_layout()
@@ -494,6 +718,7 @@ pre.summary { background: #f6f6f6; padding: 1em; overflow-x: auto; }
 .context { color: #777; }
 .cut { color: #b22; text-decoration: line-through; }
 .warning { color: #8a4b00; }
+.part { display: block; color: #555; font-size: .8em; font-weight: bold; }
 """
 
 
@@ -521,12 +746,14 @@ def to_html(report: DataReport, *, rows: int) -> str:
         parts.append("<p>No problem found.</p>")
     parts.append(f"<h2>First {min(rows, len(report.rows))} rows</h2>")
     for row in report.rows[:rows]:
-        body = "".join(
-            f"<span class='{kind}'>{esc(text)}</span>" for kind, text in token_runs(row, report.tokenizer)
-        )
+        shown = []
+        for part in row.parts():
+            label = f"<span class='part'>{esc(part.name)}</span>" if part.name else ""
+            runs = part_runs(part, report.tokenizer)
+            body = "".join(f"<span class='{kind}'>{esc(text)}</span>" for kind, text in runs)
+            shown.append(f"<pre>{label}{body}</pre>")
         parts.append(
-            f"<div class='row'><h3>{esc(row.location)} · {len(row.input_ids):,} tokens, "
-            f"{row.loss_tokens:,} carry loss</h3><pre>{body}</pre></div>"
+            f"<div class='row'><h3>{esc(row.location)} · {esc(row.describe())}</h3>{''.join(shown)}</div>"
         )
     parts.append("</body></html>\n")
     return "\n".join(parts)

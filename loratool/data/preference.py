@@ -11,6 +11,10 @@ Each answer is turned into the example SFT would train on (formats.py: a Complet
 trained from the answer) and encoded by the same code (tokenize.py). The tokens that carry loss there are
 the answer tokens here: the answer and its end-of-turn marker (or EOS). Everything before them is the
 prompt, never trained. Rows are read, checked, truncated and counted in the data summary as for SFT.
+
+A pair whose rejected answer is empty, or the same tokens as the chosen one (as written, or once
+data.max_length has cut both), carries no preference signal: its DPO gradient is zero. Such pairs are
+kept (they are harmless), counted and warned about; a training split made only of them is refused.
 """
 
 from __future__ import annotations
@@ -76,12 +80,14 @@ class PreferencePair:
 
 @dataclass
 class _Pair:
-    """One encoded pair, remembered with its source (for per-source counts)."""
+    """One encoded pair, remembered with its source (for per-source counts) and its place in the file."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
     source: SourceSummary
+    location: str = ""
+    no_signal: str | None = None  # why the pair teaches nothing (signal_problem), or None
 
     @property
     def tokens(self) -> int:
@@ -120,6 +126,7 @@ def build_preference_datasets(data: DataSection, tokenizer: Any, *, seed: int) -
             data.validation, lambda source: _build_source(source, data, tokenizer, template)
         )
         _require_rows("data.validation", validation_sources, validation_pairs, data)  # type: ignore[arg-type]
+    _require_signal(train_sources, train_pairs, data)
 
     summary = DataSummary(
         train=_split_summary("train", train_sources, train_pairs),
@@ -132,7 +139,7 @@ def build_preference_datasets(data: DataSection, tokenizer: Any, *, seed: int) -
         truncation=data.truncation,
         completion_only_loss=True,  # the prompt of a pair is never trained
         seed=seed,
-        warnings=template.warnings(),
+        warnings=template.warnings() + _signal_warnings(train_pairs, validation_pairs),
     )
 
     def dataset(pairs: list[_Pair]) -> Dataset:
@@ -295,21 +302,62 @@ def _build_source(
     encoded = encode_source(source, examples, tokenizer, completion_only_loss=True)
 
     kept = []
-    for location, chosen, rejected in zip(
-        locations, encoded[: len(pairs)], encoded[len(pairs) :], strict=True
+    for location, example, chosen, rejected in zip(
+        locations, pairs, encoded[: len(pairs)], encoded[len(pairs) :], strict=True
     ):
         for result in (chosen, rejected):
             if isinstance(result, RowError):
                 bad(location, result.reason)
                 break
         else:
-            pair = _pair(chosen, rejected, data, summary, location)
+            pair = _pair(example, chosen, rejected, data, summary, location)
             if pair is not None:
                 kept.append(pair)
     return summary, kept
 
 
+def split_pair(
+    chosen: tuple[list[int], list[int]], rejected: tuple[list[int], list[int]]
+) -> tuple[list[int], list[int], list[int]] | None:
+    """(prompt, chosen answer, rejected answer) token ids of a pair, from each answer's (input_ids,
+    labels) as encoded for SFT, before data.max_length; None when an answer has no token to learn from."""
+    spans = [_answer_span(labels) for _, labels in (chosen, rejected)]
+    if None in spans:
+        return None
+    (chosen_ids, _), (rejected_ids, _) = chosen, rejected
+    (chosen_start, chosen_end), (rejected_start, rejected_end) = spans  # type: ignore[misc]
+    # The answers start where their prompts end; a tokenizer may merge the last prompt token with the
+    # answer differently in the two, so the shared prompt is their common prefix (trl does the same).
+    start = min(chosen_start, rejected_start, _common_prefix(chosen_ids, rejected_ids))
+    return chosen_ids[:start], chosen_ids[start:chosen_end], rejected_ids[start:rejected_end]
+
+
+def signal_problem(
+    pair: PreferencePair, whole: tuple[list[int], list[int]], kept: tuple[list[int], list[int]]
+) -> str | None:
+    """Why a pair teaches DPO nothing, or None: the rejected answer is empty, or the chosen and rejected
+    answer tokens are the same, as written (`whole`) or as data.max_length leaves them (`kept`)."""
+    if not _answer_text(pair.rejected).strip():
+        return "the rejected answer is empty"
+    if whole[0] == whole[1]:
+        return "chosen and rejected are the same answer"
+    if kept[0] == kept[1]:
+        return (
+            f"chosen and rejected differ only after their first {len(kept[0])} tokens, cut by data.max_length"
+        )
+    return None
+
+
+def _answer_text(example: Example) -> str:
+    """The answer of a one-answer example, as text; a tool call counts as text."""
+    if isinstance(example, Conversation):
+        answer = example.messages[-1]
+        return str(answer.get("content") or "") + ("tool_calls" if answer.get("tool_calls") else "")
+    return example.completion
+
+
 def _pair(
+    example: PreferencePair,
     chosen: tuple[list[int], list[int]],
     rejected: tuple[list[int], list[int]],
     data: DataSection,
@@ -317,17 +365,12 @@ def _pair(
     location: str,
 ) -> _Pair | None:
     """The shared prompt and the two answers, cut to data.max_length; None (counted) when dropped."""
-    spans = [_answer_span(labels) for _, labels in (chosen, rejected)]
-    if None in spans:
+    parts = split_pair(chosen, rejected)
+    if parts is None:
         summary.drop("no_loss", location, "an answer has no token to learn from (empty, or only markup)")
         return None
-    (chosen_ids, _), (rejected_ids, _) = chosen, rejected
-    (chosen_start, chosen_end), (rejected_start, rejected_end) = spans  # type: ignore[misc]
-    # The answers start where their prompts end; a tokenizer may merge the last prompt token with the
-    # answer differently in the two, so the shared prompt is their common prefix (trl does the same).
-    start = min(chosen_start, rejected_start, _common_prefix(chosen_ids, rejected_ids))
-    prompt = chosen_ids[:start]
-    answers = [chosen_ids[start:chosen_end], rejected_ids[start:rejected_end]]
+    prompt, chosen_ids, rejected_ids = parts
+    answers = [chosen_ids, rejected_ids]
     longest = len(prompt) + max(len(a) for a in answers)
     truncated = longest > data.max_length
     if truncated:
@@ -344,7 +387,8 @@ def _pair(
             return None
         answers = [answer[:room] for answer in answers]
     summary.truncated += truncated
-    return _Pair(prompt, answers[0], answers[1], summary)
+    no_signal = signal_problem(example, (chosen_ids, rejected_ids), (answers[0], answers[1]))
+    return _Pair(prompt, answers[0], answers[1], summary, location, no_signal)
 
 
 def _answer_span(labels: list[int]) -> tuple[int, int] | None:
@@ -368,11 +412,12 @@ def _split_summary(
     """Counts of the pairs that made it into the split (a row is a pair)."""
     if sources:
         for source in sources:
-            source.used, source.tokens, source.loss_tokens = 0, 0, 0
+            source.used, source.tokens, source.loss_tokens, source.without_signal = 0, 0, 0, 0
         for pair in pairs:
             pair.source.used += 1
             pair.source.tokens += pair.tokens
             pair.source.loss_tokens += pair.loss_tokens
+            pair.source.without_signal += pair.no_signal is not None  # type: ignore[operator]
     return SplitSummary(
         name=name,
         sources=sources,
@@ -381,4 +426,38 @@ def _split_summary(
         loss_tokens=sum(p.loss_tokens for p in pairs),
         longest=max((p.longest for p in pairs), default=0),
         origin=origin,
+        kind="pairs",
+    )
+
+
+def _without_signal(pairs: list[_Pair]) -> list[_Pair]:
+    return [p for p in pairs if p.no_signal is not None]
+
+
+def _signal_warnings(train: list[_Pair], validation: list[_Pair] | None) -> list[str]:
+    """One warning per split that holds pairs without signal: how many, and one of them."""
+    warnings = []
+    for name, pairs in (("train", train), ("validation", validation or [])):
+        if empty := _without_signal(pairs):
+            warnings.append(
+                f"{name}: {len(empty):,} of {len(pairs):,} pairs carry no preference signal (the rejected "
+                "answer is empty, or the same as the chosen one): DPO learns nothing from them; e.g. "
+                f"{empty[0].location}: {empty[0].no_signal}"
+            )
+    return warnings
+
+
+def _require_signal(sources: list[SourceSummary], pairs: list[_Pair], data: DataSection) -> None:
+    """Training pairs that all teach nothing make a run that cannot move the model: refused."""
+    empty = _without_signal(pairs)
+    if not pairs or len(empty) < len(pairs):
+        return
+    files = ", ".join(dict.fromkeys(s.path for s in sources))
+    raise LoratoolError(
+        f"data.train: no preference pair carries signal: in all {len(pairs):,} training pairs of {files} the "
+        f"rejected answer is empty or the same as the chosen one; e.g. {empty[0].location}: "
+        f"{empty[0].no_signal}",
+        hint="DPO learns from the difference between the two answers of a pair: check that chosen and "
+        "rejected hold different answers (columns: maps them to your fields, e.g. columns: {chosen: good, "
+        f"rejected: bad}}); if they differ only near the end, raise data.max_length (now {data.max_length})",
     )

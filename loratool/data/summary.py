@@ -1,6 +1,8 @@
 """What the data pipeline did, per split and per source: printed before training, stored in run.json.
 
 For every source, `read == used + held_out + sum(dropped.values())`: each row read is accounted for.
+A row is a supervised example, or a preference pair (a prompt with a chosen and a rejected answer); the
+summary says which numbers count what for each (`SplitSummary.kind`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class SourceSummary:
     tokens: int = 0
     loss_tokens: int = 0
     bad_rows: list[dict[str, str]] = field(default_factory=list)  # first few {location, reason}
+    # Preference pairs used that teach nothing (rejected empty, or the same as chosen); None: not pairs.
+    without_signal: int | None = None
 
     def drop(self, reason: str, location: str | None = None, why: str | None = None) -> None:
         self.dropped[reason] += 1
@@ -42,6 +46,7 @@ class SourceSummary:
             self.bad_rows.append({"location": location, "reason": why or DROP_REASONS[reason]})
 
     def to_dict(self) -> dict[str, Any]:
+        pairs = {} if self.without_signal is None else {"pairs_without_signal": self.without_signal}
         return {
             "path": self.path,
             "format": self.format,
@@ -55,6 +60,7 @@ class SourceSummary:
             "loss_tokens": self.loss_tokens,
             "loss_fraction": _fraction(self.loss_tokens, self.tokens),
             "bad_rows": list(self.bad_rows),
+            **pairs,
         }
 
 
@@ -69,6 +75,7 @@ class SplitSummary:
     loss_tokens: int = 0
     longest: int = 0
     origin: str | None = None
+    kind: str = "rows"  # "rows" (supervised: tokens and longest are per row) or "pairs" (see _COUNTS)
 
     @property
     def loss_fraction(self) -> float:
@@ -156,6 +163,7 @@ def _source_cells(s: SourceSummary) -> list[str]:
         f"{s.used:,} used",
         f"{s.held_out:,} to validation" if s.held_out else "",
         f"{s.truncated:,} truncated",
+        f"{s.without_signal:,} without signal" if s.without_signal else "",
         f"{sum(s.dropped.values()):,} dropped" + (f" ({reasons})" if reasons else ""),
     ]
 
@@ -176,12 +184,19 @@ def _table(rows: list[list[str]]) -> list[str]:
     return lines
 
 
+# What the mean and the longest of a split count, per kind of row. A pair's tokens are what the model
+# reads for it (its prompt once with each answer); max_length applies to each of its two sequences.
+_COUNTS = {
+    "rows": "{mean} per row on average, longest {longest}",
+    "pairs": "{mean} per pair on average (prompt twice + chosen + rejected) · longest sequence "
+    "(prompt + one answer) {longest}",
+}
+
+
 def _tokens_line(split: SplitSummary) -> str:
     mean = split.tokens / split.rows if split.rows else 0
-    return (
-        f"{split.name}: {split.tokens:,} tokens · loss on {100 * split.loss_fraction:.1f}% · "
-        f"{mean:,.0f} per row on average, longest {split.longest:,}"
-    )
+    counts = _COUNTS[split.kind].format(mean=f"{mean:,.0f}", longest=f"{split.longest:,}")
+    return f"{split.name}: {split.tokens:,} tokens · loss on {100 * split.loss_fraction:.1f}% · {counts}"
 
 
 def _display(path: str) -> str:

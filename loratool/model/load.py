@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,19 +21,69 @@ if TYPE_CHECKING:
 
 
 def looks_like_local_path(name: str) -> bool:
-    """A hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x.safetensors) is a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+    """A hub id is `name` or `org/name`; anything else (./x, /x, ~/x, a/b/c, x.safetensors) is a path. So
+    is a name that is there on disk, even as a broken link: it is reported as what it is, not looked up."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.lexists(name)
 
 
-def check_base_model_exists(base_model: str) -> None:
+def path_kind(path: Path) -> str | None:
+    """What is at `path` when it is neither a regular file nor a directory (after following links), in
+    words for an error ("a FIFO (named pipe)", "a symbolic link loop", ...); None for a file, a directory
+    or nothing at all. The path is never opened: opening a FIFO blocks until something writes to it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        try:
+            return f"a broken symbolic link (to {os.readlink(path)})" if path.is_symlink() else None
+        except OSError:
+            return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def shown_path(path: Path) -> str:
+    """An absolute path for messages; links are not followed (a symbolic link loop has no resolved path)."""
+    return os.path.abspath(path.expanduser())
+
+
+def check_base_model_exists(base_model: str, key: str = "base_model") -> None:
+    """A local base model (or `model.tokenizer`, as `key` says) must be a directory, a .gguf a file: say
+    what is there instead, or that nothing is. Hub ids are left to the loaders."""
+    what = "base model" if key == "base_model" else key
+    path = Path(base_model).expanduser()
     if is_gguf(base_model):
-        check_gguf_file(Path(base_model))
+        kind = path_kind(path) or ("a directory" if path.is_dir() else None)
+        if kind is not None:
+            raise LoratoolError(
+                f"{what} {shown_path(path)} is {kind}, not a .gguf file",
+                hint=f"set {key} to the .gguf file itself (a Hugging Face model directory is named "
+                "without the .gguf suffix)",
+            )
+        check_gguf_file(path)
         return
-    if looks_like_local_path(base_model) and not Path(base_model).expanduser().is_dir():
-        path = Path(base_model).expanduser().resolve()
+    if looks_like_local_path(base_model) and not path.is_dir():
+        kind = path_kind(path) or ("a file" if path.is_file() else None)
+        if kind is not None:
+            raise LoratoolError(
+                f"{what} {shown_path(path)} is {kind}, not a model directory",
+                hint=f"set {key} to the directory that holds config.json and the weights (or the tokenizer "
+                "files), or to a hub id such as meta-llama/Llama-2-7b-hf",
+            )
+        resolved = path.resolve()
         raise LoratoolError(
-            f"base model not found: {path} is not a directory",
-            hint="set base_model to a local model directory (with config.json) or a hub id such as "
+            f"{what} not found: {resolved} is not a directory",
+            hint=f"set {key} to a local model directory (with config.json) or a hub id such as "
             "meta-llama/Llama-2-7b-hf",
         )
 
@@ -42,6 +95,8 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     check_base_model_exists(base_model)
+    if model.tokenizer:
+        check_base_model_exists(model.tokenizer, "model.tokenizer")
     source = resolve_base_model(model.tokenizer or base_model, log)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -51,6 +106,16 @@ def load_tokenizer(
         raise _not_loadable("tokenizer", source, exc) from None
     _keep_context_length(tokenizer, source, model)
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            # Caught here, not by the trainer after the model has loaded: nothing could pad a batch.
+            key = "model.tokenizer" if model.tokenizer else "base_model"
+            raise LoratoolError(
+                f"the tokenizer of {source} ({key}) has neither a pad token nor an eos token: training, "
+                "evaluation and generation pad their batches with one of them",
+                hint="set model.tokenizer to a tokenizer that defines an eos token (the pad token then "
+                "defaults to it), or add one to this tokenizer (tokenizer.add_special_tokens({'eos_token': "
+                "'</s>'}), then save_pretrained) and point model.tokenizer at the result",
+            )
         # Padding-free batches never pad, but evaluation and generation need a pad id; EOS is the usual
         # stand-in and is never confused with a target because padded positions carry no loss.
         tokenizer.pad_token = tokenizer.eos_token

@@ -560,15 +560,15 @@ def _index(key: str, where: str, override: str, length: int) -> int:
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
-    """Make base_model, data and template paths relative to the recipe file, so a recipe works from any
-    working directory.
+    """Make base_model, model.tokenizer, data and template paths relative to the recipe file, so a recipe works
+    from any working directory.
 
     A relative path that does not exist next to the recipe is left as written: it may be relative to the
     working directory, or a hub id (org/name). training.output_dir stays relative to the working directory.
     """
-    model = raw.get("base_model")
-    if isinstance(model, str) and model.startswith(("./", "../")) and (base / model).exists():
-        raw["base_model"] = str((base / model).resolve())
+    raw["base_model"] = _next_to_recipe(raw.get("base_model"), base)
+    if isinstance(raw.get("model"), dict) and "tokenizer" in raw["model"]:
+        raw["model"]["tokenizer"] = _next_to_recipe(raw["model"]["tokenizer"], base)
     data = raw.get("data")
     if not isinstance(data, dict):
         return
@@ -578,12 +578,23 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
             continue
         for source in sources:
             if isinstance(source, dict) and isinstance(source.get("path"), str):
-                candidate = base / source["path"]
-                if not Path(source["path"]).is_absolute() and candidate.exists():
-                    source["path"] = str(candidate)
+                source["path"] = _next_to_recipe(source["path"], base, absolute=False)
     template = data.get("chat_template")
     if isinstance(template, str) and template.endswith((".jinja", ".j2")) and (base / template).exists():
         data["chat_template"] = str(base / template)
+
+
+def _next_to_recipe(value: Any, base: Path, *, absolute: bool = True) -> Any:
+    """A relative path that exists next to the recipe (a directory `tiny`, `./tiny`, a file) as seen from
+    there (absolute, or joined to the recipe's directory as given); anything else as written. `lexists`,
+    not `exists`: a FIFO or a link loop there is still what the recipe names, and the input checks then say
+    what it is; abspath, not resolve (a link loop would raise)."""
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return value
+    candidate = base / value
+    if not os.path.lexists(candidate):
+        return value
+    return os.path.abspath(candidate) if absolute else str(candidate)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

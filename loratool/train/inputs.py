@@ -1,8 +1,10 @@
 """Can every input of a recipe be found? Checked before anything loads, and reported in one error.
 
 The inputs are the base model, the tokenizer (when `model.tokenizer` names another one) and every data
-source. A local path must exist; a relative one names each place it was looked for (next to the recipe
-file, then in the working directory: recipe.py resolves it against the first when it exists there).
+source. A local path must exist, and be what is wanted (a model directory, a .gguf file, a data file or
+directory: a FIFO, a device or a symbolic link loop is named for what it is); a relative one names each
+place it was looked for (next to the recipe file, then in the working directory: the recipe loader
+resolves it against the first when it exists there).
 
 A hub id needs the hub, or the local Hugging Face cache under HF_HUB_OFFLINE=1. Without that variable,
 transformers and datasets retry an unreachable hub for about a minute before failing (58 s and 12 lines
@@ -22,7 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from loratool.data.sources import looks_like_hub_id, not_a_data_file
 from loratool.errors import LoratoolError
+from loratool.model.gguf_base import is_gguf
+from loratool.model.load import check_base_model_exists, looks_like_local_path, path_kind
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe
@@ -48,34 +53,20 @@ class HubInput:
 def check_inputs(recipe: Recipe, log: Callable[[str], None] = print) -> None:
     """Raise one LoratoolError naming every input of `recipe` that cannot be resolved; return quietly
     when all can. A single problem is raised as it is; several are listed one per line."""
-    from loratool.data.sources import looks_like_hub_id
 
     problems: list[LoratoolError] = []
     hub: list[HubInput] = []
     directory = recipe.directory
 
     def model_input(key: str, name: str, revision: str | None, cache_files: tuple[str, ...]) -> None:
-        from loratool.model.gguf_base import check_gguf_file, is_gguf
-        from loratool.model.load import looks_like_local_path
-
         places = candidates(name, directory)
-        if is_gguf(name):
-            found = next((p for p in places if p.is_file()), places[-1])
+        read_from = Path(name).expanduser()  # what the loaders open (the recipe loader made it absolute
+        # when it exists next to the recipe)
+        if is_gguf(name) or looks_like_local_path(name):
             try:
-                check_gguf_file(found)
+                check_base_model_exists(name, key)  # a directory (a file for .gguf), or what is there
             except LoratoolError as exc:
-                problems.append(exc if found.is_file() else _with_places(exc, name, places))
-        elif looks_like_local_path(name):
-            if not any(p.is_dir() for p in places):
-                problems.append(
-                    LoratoolError(
-                        f"{'base model' if key == 'base_model' else key} not found: "
-                        f"{places[-1]} is not a directory",
-                        hint=_looked_in(name, places)
-                        + f"set {key} to a local model directory (with config.json) or a hub id such as "
-                        "meta-llama/Llama-2-7b-hf",
-                    )
-                )
+                problems.append(exc if os.path.lexists(read_from) else _with_places(exc, name, places))
         else:
             hub.append(HubInput(key, name, model_in_cache(name, revision, cache_files), places))
 
@@ -94,7 +85,11 @@ def check_inputs(recipe: Recipe, log: Callable[[str], None] = print) -> None:
         for index, source in enumerate(sources):
             key = f"data.{split}[{index}].path"
             places = candidates(source.path, directory)
-            if any(p.exists() for p in places):
+            there = next((p for p in places if os.path.lexists(p)), None)
+            if there is not None:
+                kind = path_kind(there)  # never opened: a FIFO would block
+                if kind is not None:
+                    problems.append(not_a_data_file(there, kind, key=f"{key}:"))
                 continue
             if looks_like_hub_id(source.path):
                 hub.append(HubInput(key, source.path, dataset_in_cache(source.path), places))
