@@ -22,6 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from loratool.errors import LoratoolError
+from loratool.export import run_export
+from loratool.export.gguf import ARCHITECTURES
+from loratool.merge import run_merge
+from loratool.model.cache import cache_root
+from loratool.model.checkpoint import read_config
+from loratool.model.gguf_base import resolve_base_model
+from loratool.model.load import load_tokenizer
 from loratool.recipe import Recipe, recipe_to_dict, validate_recipe
 
 # The small model: the base's config with these sizes. 2 layers keep every layer type that alternates
@@ -39,10 +46,6 @@ SMOKE_ROWS = 32  # per data source
 SMOKE_MAX_LENGTH = 256  # tokens: the logits of a 150k vocabulary at 2 x 2048 tokens would take 2.5 GB
 SMOKE_BATCH = 2
 SMOKE_SUFFIX = "-smoke"
-BANNER = (
-    "> **SMOKE RUN — not a real adapter.** Trained by `loratool train --smoke` on a small random model "
-    "of the base's architecture, for a few steps, to check the recipe end to end. Do not use it.\n\n"
-)
 
 
 def smoke_recipe(recipe: Recipe, base_dir: Path) -> tuple[Recipe, list[str]]:
@@ -105,18 +108,14 @@ def build_smoke_base(recipe: Recipe, folder: Path, log: Callable[[str], None]) -
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from loratool.model.gguf_base import resolve_base_model
-    from loratool.model.load import load_tokenizer
-
     source = resolve_base_model(recipe.base_model, log)
     try:
         config = AutoConfig.from_pretrained(
             source, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise LoratoolError(
-            f"--smoke: cannot read the config of {recipe.base_model}: {exc}",
-            hint="a hub id needs the network (or the hub cache) for its config.json and tokenizer",
+            f"--smoke: cannot read the config of {recipe.base_model}: {exc}", hint=_config_hint(exc, source)
         ) from None
     tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
     shrink(config)
@@ -148,6 +147,22 @@ def build_smoke_base(recipe: Recipe, folder: Path, log: Callable[[str], None]) -
     return target
 
 
+def _config_hint(exc: BaseException, source: str) -> str:
+    """What to do when the base's config cannot be read: an architecture this transformers does not know
+    is not a network problem, and neither is a local directory."""
+    import transformers
+
+    if isinstance(exc, KeyError) or "does not recognize this architecture" in str(exc) or "model_type" in str(exc):
+        return (
+            f"transformers {transformers.__version__} does not know this architecture: upgrade it "
+            "(pip install -U 'transformers<6'), or set model.trust_remote_code: true if the model ships its "
+            "own code and you trust it"
+        )
+    if Path(source).expanduser().exists():
+        return f"check that {source} holds a readable config.json"
+    return "a hub id needs the network (or the hub cache) for its config.json and tokenizer"
+
+
 def shrink(config: Any) -> None:
     """Make `config` small in place: SMOKE_SIZES where the architecture has the field, per-layer lists cut
     to the new depth, mixture-of-experts kept (with narrow experts)."""
@@ -175,25 +190,12 @@ def shrink(config: Any) -> None:
         config.torch_dtype = "float32"
 
 
-def mark_model_card(card: Path) -> None:
-    """Put the smoke-run banner on top of the adapter's model card."""
-    text = card.read_text(encoding="utf-8") if card.is_file() else ""
-    head = ""
-    if text.startswith("---\n") and "\n---\n" in text[4:]:  # YAML metadata must stay at the top
-        end = text.index("\n---\n", 4) + len("\n---\n")
-        head, text = text[:end] + "\n", text[end:]
-    card.write_text(head + BANNER + text, encoding="utf-8")
-
-
 def run_smoke(recipe: Recipe, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the smoke version of `recipe`, merge it, export it where the architecture exports, verify
     each; return what was done (also printed)."""
     import time
 
-    from loratool.export.gguf import ARCHITECTURES
-    from loratool.merge import run_merge
-    from loratool.model.gguf_base import cache_root
-    from loratool.train.run import run_train
+    from loratool.train.run import run_train  # deferred: training loads torch and transformers
 
     started = time.time()
     base_dir = build_smoke_base(recipe, cache_root() / "smoke", log)
@@ -204,12 +206,11 @@ def run_smoke(recipe: Recipe, *, log: Callable[[str], None] = print) -> dict[str
     record = {"of_base_model": recipe.base_model, "changes": changes}
     run_dir = run_train(smoke, overwrite=True, log=log, smoke=record)
     merged = run_merge(run_dir, output=Path(f"{run_dir}-merged"), overwrite=True, log=log)
-    model_type = json.loads((base_dir / "config.json").read_text())["model_type"]
+    model_type = read_config(base_dir)["model_type"]
     exported = None
     if model_type in ARCHITECTURES:
-        from loratool.export import run_export
-
-        exported = run_export(run_dir, output=Path(f"{run_dir}-gguf"), outtype="f32", overwrite=True, log=log)
+        # From the merged checkpoint: exporting the run directory would merge the adapter a second time.
+        exported = run_export(merged, output=Path(f"{run_dir}-gguf"), outtype="f32", overwrite=True, log=log)
     else:
         log(f"export: skipped ({model_type} is not an architecture loratool exports to GGUF)")
     outcome = {

@@ -124,6 +124,14 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
 
 
+def update_adapter_config(folder: Path, **changes: Any) -> None:
+    """Change keys of adapter_config.json in an adapter folder being written (a staging folder that no
+    reader sees yet, so no atomic rename is needed), in PEFT's own layout."""
+    path = folder / ADAPTER_CONFIG
+    config = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**config, **changes}, indent=2, sort_keys=True), encoding="utf-8")
+
+
 def check_adapter_files(path: Path) -> dict[str, Any]:
     """Check that an adapter directory's two files are whole before any library reads them, and return the
     config. Without this a garbage adapter_config.json ends in a bare JSONDecodeError or KeyError inside

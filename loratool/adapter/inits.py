@@ -19,13 +19,16 @@ across layers) and CorDA (on the base, before the adapter is attached).
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loratool.adapter.files import ADAPTER_CONFIG, update_adapter_config
 from loratool.errors import LoratoolError
+from loratool.recipe.rules import CONVERTED, init_method
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -35,52 +38,6 @@ if TYPE_CHECKING:
 
 INITIAL_ADAPTER = "initial_adapter"  # under checkpoints/: the adapter before the first step
 CALIBRATED = ("eva", "corda")
-CONVERTED = ("pissa", "olora", "corda")  # change the base; converted to plain LoRA at save
-
-
-def init_method(lora: LoraSection) -> str | None:
-    """The init's family name (`pissa_niter_4` -> `pissa`), or None for PEFT's default (B = 0) or false."""
-    init = lora.init_lora_weights
-    if not isinstance(init, str):
-        return None
-    return "pissa" if init.startswith("pissa") else init
-
-
-def converts(lora: LoraSection) -> bool:
-    """Whether the final adapter is converted into a plain LoRA adapter on the original base."""
-    return init_method(lora) in CONVERTED
-
-
-def init_problems(lora: LoraSection, *, quantized: bool) -> list[str]:
-    """What makes the recipe's init impossible, one line each (recipe validation collects them)."""
-    method = init_method(lora)
-    problems = []
-    if method in CONVERTED and quantized:
-        # PiSSA and CorDA cannot decompose 4/8-bit weights at all. OLoRA can, but it trains on the
-        # re-quantized residual Q(W - B0 @ A0), so the converted adapter on W (or on Q(W)) is off the
-        # trained model by a quantization error (a tiny test model: 1.6 logits, more than the adapter's
-        # own effect), and no merge would reproduce what was trained.
-        problems.append(
-            f"lora.init_lora_weights: {method} changes the base, and on a 4/8-bit base the adapter cannot be "
-            "converted to one that reproduces the trained model on the original base — remove the "
-            "quantization section, or keep QLoRA with init_lora_weights: true (or eva)"
-        )
-    if method in CONVERTED:
-        # PEFT's conversion rewrites only lora_A / lora_B: everything else would be lost or wrong.
-        blockers = {
-            "use_dora": lora.use_dora,
-            "modules_to_save": bool(lora.modules_to_save),
-            "bias": lora.bias != "none",
-            "use_rslora with rank_pattern / alpha_pattern": lora.use_rslora
-            and bool(lora.rank_pattern or lora.alpha_pattern),
-        }
-        for name, present in blockers.items():
-            if present:
-                problems.append(
-                    f"lora.init_lora_weights: {method} changes the base and is converted to a plain LoRA "
-                    f"adapter at save time, which cannot carry {name} — drop one of the two"
-                )
-    return problems
 
 
 def check_runs_here(lora: LoraSection) -> None:
@@ -329,11 +286,8 @@ def save_adapter(model: PeftModel, folder: Path, state_dict: Any, initial: Path 
         )
     # PEFT keeps corda_config in the converted (plain, init_lora_weights: true) config, and then warns at
     # every load that it is ignored.
-    from loratool.rundir.outputs import read_json, write_json_atomic
-
-    config = read_json(folder / "adapter_config.json")
-    if config.get("corda_config") is not None:
-        write_json_atomic(folder / "adapter_config.json", {**config, "corda_config": None})
+    if json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("corda_config") is not None:
+        update_adapter_config(folder, corda_config=None)
 
 
 def init_record(lora: LoraSection, model: PeftModel) -> dict[str, Any] | None:

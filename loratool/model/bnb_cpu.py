@@ -30,7 +30,10 @@ in eval mode (the fused kernel is faster), which a trustworthy number is worth.
 The fused kernel is fetched from the hub (`kernels-community/quantization-bitsandbytes`, needs the `kernels`
 package) when bitsandbytes is imported, on AVX512-BF16 CPUs only; when that fails bitsandbytes logs
 "Failed to load CPU gemm_4bit_forward from kernels-community ..." — on every command, since PEFT imports
-bitsandbytes. loratool never uses that kernel, so `silence_kernel_hub_warning()` drops exactly that record.
+bitsandbytes. Offline (HF_HUB_OFFLINE=1), the `kernels` package first logs "Skipping publisher trust check
+for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode" — once per
+process, so once per rank under torchrun. loratool never uses that kernel, so
+`silence_kernel_hub_warning()` drops exactly those two records.
 """
 
 from __future__ import annotations
@@ -42,19 +45,32 @@ from typing import Any
 # message it logs at import time when the hub kernel cannot be loaded.
 KERNEL_HUB_LOGGER = "bitsandbytes.backends.cpu.ops"
 KERNEL_HUB_MESSAGE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+# The logger of kernels/_internals/hf_hub.py and the start of what it logs, offline, for that same kernel (the
+# repository named in full: the check of any other kernel repository stays visible).
+KERNEL_TRUST_LOGGER = "kernels._internals.hf_hub"
+KERNEL_TRUST_MESSAGE = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
 
 
 class _DropKernelHubWarning(logging.Filter):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(KERNEL_HUB_MESSAGE)
+        return not str(record.msg).startswith(self.message)
 
 
 def silence_kernel_hub_warning() -> None:
-    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward" record (and nothing else it logs). It is
-    logged while bitsandbytes is imported, so call this before anything imports it (peft does)."""
-    logger = logging.getLogger(KERNEL_HUB_LOGGER)
-    if not any(isinstance(f, _DropKernelHubWarning) for f in logger.filters):
-        logger.addFilter(_DropKernelHubWarning())
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward" record and the `kernels` package's offline
+    trust-check record for the same kernel (and nothing else either logs). Both are logged while
+    bitsandbytes is imported, so call this before anything imports it (peft does)."""
+    for name, message in (
+        (KERNEL_HUB_LOGGER, KERNEL_HUB_MESSAGE),
+        (KERNEL_TRUST_LOGGER, KERNEL_TRUST_MESSAGE),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKernelHubWarning) for f in logger.filters):
+            logger.addFilter(_DropKernelHubWarning(message))
 
 
 def _four_bit_layers(model: Any) -> list[Any]:

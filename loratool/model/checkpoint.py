@@ -222,10 +222,37 @@ def shard_bytes(tensors: list[TensorInfo]) -> int:
     return sum(t.nbytes for t in tensors)
 
 
+CONFIG = "config.json"
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """The model's config.json, as a dict; a LoratoolError naming the file when it is missing, unreadable
+    or not a JSON object. Whether a directory is a model at all is asked with `(dir / CONFIG).is_file()`."""
+    path = model_dir / CONFIG
+    if not path.is_file():
+        raise LoratoolError(
+            f"{model_dir} has no {CONFIG}: it is not a Hugging Face model directory",
+            hint=f"pass a model directory ({CONFIG} + *.safetensors)",
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoratoolError(f"cannot read {path}: {exc}", hint="check the file's permissions") from None
+    except json.JSONDecodeError as exc:
+        raise LoratoolError(
+            f"{path} is not valid JSON ({exc})", hint="restore the file (download the model again)"
+        ) from None
+    if not isinstance(config, dict):
+        raise LoratoolError(
+            f"{path} is not a JSON object", hint="restore the file (download the model again)"
+        )
+    return config
+
+
 def checkpoint_dtype(model_dir: Path, checkpoint: Checkpoint) -> str:
     """The base's own dtype: config.json's `dtype` (`torch_dtype` before transformers 5), else the dtype
     most of its floating-point tensors are stored in."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     named = config.get("dtype") or config.get("torch_dtype")
     if named in SAFETENSORS_DTYPE:
         return named

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.errors import LoratoolError
-from loratool.model.gguf_base import cache_root
+from loratool.model.cache import cache_root
 
 SCHEME = "xxh3-128"  # the scheme new fingerprints use
 LEGACY_SAMPLED = "sha256-sampled"  # loratool <= 0.1.0 records: headers + 1 MiB samples

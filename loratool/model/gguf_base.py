@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from loratool.errors import LoratoolError
+from loratool.model.cache import cache_root
+from loratool.model.fingerprint import file_sha256
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_RECORD = "gguf_source.json"  # written last inside the conversion: its presence means complete
@@ -68,16 +70,6 @@ def resolve_base_model(name_or_path: str, log: Callable[[str], None] = print) ->
     if not is_gguf(name_or_path):
         return name_or_path
     return str(converted_checkpoint(Path(name_or_path), log=log))
-
-
-def cache_root() -> Path:
-    """Where loratool keeps what it derives from inputs: $LORATOOL_CACHE, $XDG_CACHE_HOME/loratool or
-    ~/.cache/loratool."""
-    if os.environ.get("LORATOOL_CACHE"):
-        return Path(os.environ["LORATOOL_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "loratool"
-    return Path.home() / ".cache" / "loratool"
 
 
 def gguf_record(gguf_file: str | Path) -> dict[str, Any]:
@@ -152,8 +144,6 @@ def check_gguf_file(path: Path) -> Path:
 def file_sha256_cached(path: Path) -> str:
     """sha256 of a file, hashed in chunks; remembered by (path, size, mtime) so that a multi-GB file is
     hashed once, not on every run."""
-    from loratool.model.fingerprint import file_sha256
-
     stat = path.stat()
     key = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     memo = cache_root() / "gguf" / "hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:16] + ".json")

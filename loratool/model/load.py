@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,16 +89,39 @@ def check_base_model_exists(base_model: str, key: str = "base_model") -> None:
         )
 
 
+@dataclass(frozen=True)
+class Base:
+    """The base model of a command, resolved once and handed on: the name the recipe gives, what the
+    loaders read (a local directory, a .gguf file's cached conversion, or the hub id), and the directory
+    holding its weights when they are on this machine (for the fingerprint)."""
+
+    name: str
+    revision: str | None
+    source: str
+    weights_dir: Path | None
+
+
+def resolve_base(name: str, revision: str | None, log: Callable[[str], None] = print) -> Base:
+    """The Base `name` stands for; a .gguf file is converted now if its conversion is not cached."""
+    source = resolve_base_model(name, log)
+    return Base(name, revision, source, local_model_dir(name, revision, log))
+
+
 def load_tokenizer(
-    base_model: str, model: ModelSection, log: Callable[[str], None] = print
+    base_model: str | Base, model: ModelSection, log: Callable[[str], None] = print
 ) -> PreTrainedTokenizerBase:
     """The tokenizer of `base_model` (or of `model.tokenizer`); a .gguf is converted first (gguf_base.py)."""
+    base = base_model if isinstance(base_model, Base) else None
+    base_model = base.name if base is not None else base_model
     from transformers import AutoTokenizer
 
     check_base_model_exists(base_model)
     if model.tokenizer:
         check_base_model_exists(model.tokenizer, "model.tokenizer")
-    source = resolve_base_model(model.tokenizer or base_model, log)
+    if base is not None and not model.tokenizer:
+        source = base.source  # resolved once by the caller
+    else:
+        source = resolve_base_model(model.tokenizer or base_model, log)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=model.revision, trust_remote_code=model.trust_remote_code
@@ -160,13 +184,16 @@ def build_quantization_config(q: QuantizationSection, dtype: Any) -> BitsAndByte
     )
 
 
-def load_model(recipe: Recipe, hw: Hardware, log: Callable[[str], None] = print) -> PreTrainedModel:
+def load_model(
+    recipe: Recipe, hw: Hardware, log: Callable[[str], None] = print, base: Base | None = None
+) -> PreTrainedModel:
     """The frozen base, in the dtype the hardware supports, quantized if the recipe says so. A .gguf base
-    loads from its cached conversion (made now if missing), so quantization applies on top of that."""
+    loads from its cached conversion (made now if missing), so quantization applies on top of that.
+    `base`: the base as the caller resolved it (else resolved here from the recipe)."""
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
 
-    base_model = resolve_base_model(recipe.base_model, log)
+    base_model = base.source if base is not None else resolve_base_model(recipe.base_model, log)
 
     kwargs: dict[str, Any] = {
         "revision": recipe.model.revision,

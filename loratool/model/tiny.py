@@ -9,6 +9,12 @@ random, so the model's outputs are meaningless; what is exercised is every code 
 Everything is deterministic: the same arguments give byte-identical weights and the same vocabulary, so a
 benchmark or a regression test can be re-run and compared.
 
+`build_real_structure_model` builds the same kind of directory with the structure of one real checkpoint
+per architecture (REAL_CONFIGS: its vocabulary size, tied or untied head, norms, MLP activation, sliding
+window and layer pattern), at tiny width and depth for tests or at the real widths for benchmarks
+(`real_shape=True`): what a memory saver or a benchmark measured on one architecture can be checked on the
+others without downloading any of them.
+
 torch and transformers are imported inside the functions so that importing this module (for instance from
 the CLI) stays cheap.
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
 
@@ -35,6 +41,130 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 EXPORT_ARCHITECTURES = ("qwen3", "gemma2", "gemma3_text", "phi3")
 # Gemma's special tokens (GEMMA_TOKENS) instead of the ChatML ones, and a tokenizer that adds <bos>.
 GEMMA_ARCHITECTURES = ("gemma3_text",)
+
+# One real checkpoint per architecture loratool ships recipes or a GGUF export for, and the fields of its
+# config.json that give it its structure. The widths (hidden, MLP, heads, head_dim) and the depth are what
+# build_real_structure_model shrinks unless real_shape=True; everything else is kept as published: the
+# vocabulary (the LM head's cost, whatever the tokenizer holds), the tied or untied head, the norms' eps,
+# the MLP activation, the sliding window and the rope bases. The model classes add the rest of the
+# structure themselves (Qwen2's q/k/v biases, Qwen3's q/k norms, Phi-3's fused qkv and gate_up projections,
+# Gemma 3's four norms per layer, scaled embeddings and 5:1 sliding/full layer pattern).
+REAL_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": (
+        "HuggingFaceTB/SmolLM2-135M-Instruct",  # the demo's base (recipes/smollm2-demo.yaml)
+        {
+            "vocab_size": 49152,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "tie_word_embeddings": True,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 100000.0,
+            "max_position_embeddings": 8192,
+        },
+    ),
+    "mistral": (
+        "mistralai/Mistral-7B-v0.1",  # recipes/mistral-7b-qlora.yaml
+        {
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "sliding_window": 4096,
+            "max_position_embeddings": 32768,
+        },
+    ),
+    "qwen2": (
+        "Qwen/Qwen2.5-0.5B-Instruct",  # the smallest Qwen2.5 (the 7B of recipes/qwen2.5-7b-qlora.yaml unties its head)
+        {
+            "vocab_size": 151936,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_position_embeddings": 32768,
+        },
+    ),
+    "qwen3": (
+        "Qwen/Qwen3-0.6B",
+        {
+            "vocab_size": 151936,
+            "hidden_size": 1024,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "tie_word_embeddings": True,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_position_embeddings": 40960,
+        },
+    ),
+    "phi3": (
+        "microsoft/Phi-3-mini-4k-instruct",
+        {
+            "vocab_size": 32064,
+            "hidden_size": 3072,
+            "intermediate_size": 8192,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "sliding_window": 2047,
+            "max_position_embeddings": 4096,
+            "original_max_position_embeddings": 4096,
+        },
+    ),
+    "gemma3_text": (
+        "google/gemma-3-270m",
+        {
+            "vocab_size": 262144,
+            "hidden_size": 640,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 18,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "query_pre_attn_scalar": 256,
+            "tie_word_embeddings": True,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0,
+            "sliding_window": 512,
+            "max_position_embeddings": 32768,
+        },
+    ),
+}
+REAL_STRUCTURE_ARCHITECTURES = tuple(REAL_CONFIGS)
+# Gemma 3 makes every 6th decoder layer full attention, the others sliding-window.
+GEMMA3_FULL_ATTENTION_EVERY = 6
+# The tiny width of build_real_structure_model: the width of build_tiny_model's defaults.
+TINY_WIDTH = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
 
 # Special tokens. The ids are fixed by their order here (0..4) because the BPE trainer puts its special
 # tokens first: pad=0, bos=1, eos=2, im_start=3, endoftext=4, whatever vocab_size is asked for.
@@ -292,38 +422,42 @@ def build_tokenizer(vocab_size: int = 512, *, gemma: bool = False) -> PreTrained
     )
 
 
+def _config_class(arch: str) -> type[PreTrainedConfig]:
+    import transformers
+
+    classes = {
+        "llama": "LlamaConfig",
+        "mistral": "MistralConfig",
+        "qwen2": "Qwen2Config",
+        "qwen3": "Qwen3Config",
+        "phi3": "Phi3Config",
+        "gemma2": "Gemma2Config",
+        "gemma3_text": "Gemma3TextConfig",
+    }
+    if arch not in classes:
+        raise LoratoolError(
+            f"unknown architecture {arch!r}",
+            hint=f"choose one of {', '.join(ARCHITECTURES + EXPORT_ARCHITECTURES)}",
+        )
+    return getattr(transformers, classes[arch])
+
+
 def _make_config(arch: str, **kwargs: object) -> PreTrainedConfig:
     """The per-architecture config. Sliding-window attention is turned off so the Llama-shaped ones behave alike."""
-    from transformers import (
-        Gemma2Config,
-        Gemma3TextConfig,
-        LlamaConfig,
-        MistralConfig,
-        Phi3Config,
-        Qwen2Config,
-        Qwen3Config,
-    )
-
+    config_class = _config_class(arch)
     if arch == "llama":
-        return LlamaConfig(**kwargs)
-    if arch == "mistral":
-        return MistralConfig(sliding_window=None, **kwargs)
+        return config_class(**kwargs)
+    if arch in ("mistral", "phi3"):
+        return config_class(sliding_window=None, **kwargs)
     if arch == "qwen2":
-        return Qwen2Config(use_sliding_window=False, sliding_window=None, **kwargs)
+        return config_class(use_sliding_window=False, sliding_window=None, **kwargs)
     if arch == "qwen3":
         # head_dim 128 as in every released Qwen3 (transformers' GGUF reader assumes it, too)
-        return Qwen3Config(use_sliding_window=False, sliding_window=None, head_dim=128, **kwargs)
-    if arch == "phi3":
-        return Phi3Config(sliding_window=None, **kwargs)
+        return config_class(use_sliding_window=False, sliding_window=None, head_dim=128, **kwargs)
     gemma = {**kwargs, "tie_word_embeddings": True, "head_dim": 256, "query_pre_attn_scalar": 256}
     if arch == "gemma2":
-        return Gemma2Config(**gemma)
-    if arch == "gemma3_text":
-        return Gemma3TextConfig(sliding_window=16, **gemma)
-    raise LoratoolError(
-        f"unknown architecture {arch!r}",
-        hint=f"choose one of {', '.join(ARCHITECTURES + EXPORT_ARCHITECTURES)}",
-    )
+        return config_class(**gemma)
+    return config_class(sliding_window=16, **gemma)  # gemma3_text
 
 
 def build_tiny_model(
@@ -358,21 +492,7 @@ def build_tiny_model(
             f"hidden_size={hidden_size}, num_heads={num_heads}, num_kv_heads={num_kv_heads} do not divide",
             hint="hidden_size must be a multiple of num_heads, and num_heads a multiple of num_kv_heads",
         )
-
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    output_dir = Path(output_dir)
-    tokenizer = build_tokenizer(vocab_size, gemma=arch in GEMMA_ARCHITECTURES)
-    if chat_template:
-        tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.model_max_length = max_position_embeddings  # tokens
-
-    token_ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,  # <|im_end|>: generation stops at the end of a turn
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    tokenizer = _tokenizer(arch, vocab_size, chat_template, max_position_embeddings)
     config = _make_config(
         arch,
         vocab_size=len(tokenizer),  # tokens, specials included
@@ -388,13 +508,102 @@ def build_tiny_model(
         # 0.02 on a 64-wide model no logit can exceed ~1.3, so no answer can ever become likely and the
         # loss plateaus near uniform. 0.1 lets a tiny model learn a task in a few dozen steps.
         initializer_range=0.1,
-        **token_ids,
+        **_token_ids(tokenizer),
     )
+    return _write_model(Path(output_dir), config, tokenizer, seed)
+
+
+def real_structure_config(
+    arch: str, *, real_shape: bool = False, num_layers: int | None = None
+) -> dict[str, Any]:
+    """The config fields of REAL_CONFIGS[arch]'s checkpoint, shrunk to TINY_WIDTH and 2 decoder layers unless
+    ``real_shape``; ``num_layers`` sets the depth either way. Tiny keeps the number of query heads per KV
+    head (at least one KV head) and a head_dim of hidden / heads."""
+    if arch not in REAL_CONFIGS:
+        raise LoratoolError(
+            f"no real structure recorded for {arch!r}",
+            hint=f"choose one of {', '.join(REAL_STRUCTURE_ARCHITECTURES)}",
+        )
+    fields = dict(REAL_CONFIGS[arch][1])
+    if not real_shape:
+        heads = TINY_WIDTH["num_attention_heads"]
+        per_kv_head = int(fields["num_attention_heads"]) // int(fields["num_key_value_heads"])
+        fields.update(TINY_WIDTH, num_key_value_heads=max(1, heads // per_kv_head), num_hidden_layers=2)
+        if "head_dim" in fields:
+            fields["head_dim"] = TINY_WIDTH["hidden_size"] // heads
+        if "query_pre_attn_scalar" in fields:  # Gemma scales the scores by head_dim ** -0.5 with this
+            fields["query_pre_attn_scalar"] = fields["head_dim"]
+    if num_layers is not None:
+        fields["num_hidden_layers"] = num_layers
+    if arch == "gemma3_text":
+        # The real pattern, except that a model shallower than one period still gets its full-attention layer
+        # (last), so that both kinds of layer run.
+        depth = int(fields["num_hidden_layers"])
+        fields["layer_types"] = [
+            "full_attention"
+            if (i + 1) % GEMMA3_FULL_ATTENTION_EVERY == 0 or i == depth - 1
+            else "sliding_attention"
+            for i in range(depth)
+        ]
+    return fields
+
+
+def build_real_structure_model(
+    output_dir: str | Path,
+    arch: str,
+    *,
+    real_shape: bool = False,
+    num_layers: int | None = None,
+    vocab_size: int = 2000,
+    seed: int = 0,
+    chat_template: bool = True,
+) -> Path:
+    """Write a random ``arch`` model with the structure of REAL_CONFIGS[arch]'s checkpoint
+    (real_structure_config) and a trained tokenizer of ``vocab_size`` tokens; return the path.
+
+    The model keeps the real vocabulary: its config's vocab_size is the checkpoint's (262,144 for
+    Gemma 3) although the tokenizer uses only its first ``len(tokenizer)`` ids, as real checkpoints whose
+    embedding is padded beyond their tokenizer do, so the LM head costs what the real one costs. Tiny
+    width (the default) is for tests (Gemma 3: ~17M parameters, nearly all in the embedding);
+    ``real_shape=True`` is for benchmarks (the real widths; ``num_layers`` to keep it short).
+    Deterministic like build_tiny_model."""
+    fields = real_structure_config(arch, real_shape=real_shape, num_layers=num_layers)
+    tokenizer = _tokenizer(arch, vocab_size, chat_template, int(fields["max_position_embeddings"]))
+    config = _config_class(arch)(
+        **fields,
+        dtype="float32",
+        # build_tiny_model's reason for 0.1 holds at tiny width; at the real widths, the real init.
+        initializer_range=0.02 if real_shape else 0.1,
+        **_token_ids(tokenizer),
+    )
+    return _write_model(Path(output_dir), config, tokenizer, seed)
+
+
+def _tokenizer(arch: str, vocab_size: int, chat_template: bool, max_length: int) -> PreTrainedTokenizerFast:
+    tokenizer = build_tokenizer(vocab_size, gemma=arch in GEMMA_ARCHITECTURES)
+    if chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.model_max_length = max_length  # tokens
+    return tokenizer
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,  # <|im_end|>: generation stops at the end of a turn
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _write_model(
+    output_dir: Path, config: PreTrainedConfig, tokenizer: PreTrainedTokenizerFast, seed: int
+) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(**token_ids)
-
+    model.generation_config = GenerationConfig(**_token_ids(tokenizer))
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)

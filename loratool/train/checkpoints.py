@@ -3,7 +3,8 @@
 The trainer writes a checkpoint's files one after the other; a crash or a full disk in between leaves a
 checkpoint that looks usable but is not. `CheckpointSeal` writes `loratool-checkpoint.json` into each
 checkpoint once the trainer has saved everything else (on_save runs after the save), so a checkpoint
-without it is incomplete: `--resume` skips it and says so (rundir.RunDir.latest_checkpoint).
+without it is incomplete, and one whose files no longer match the seal's list is damaged: `--resume`
+skips both and says so (rundir.RunDir.latest_checkpoint).
 
 The seal also carries what the trainer does not keep across a resume: the sum of per-step training losses
 and the seconds spent training up to that step. A resumed run starts from those, so run.json's train_loss
@@ -20,14 +21,15 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from loratool.rundir.records import CHECKPOINT_SEAL, read_checkpoint_seal
+from loratool.rundir.records import CHECKPOINT_SEAL, checkpoint_files, read_checkpoint_seal
 
 
 class CheckpointSeal(TrainerCallback):
     """Seals each checkpoint and keeps the run's totals (loss sum, training seconds) across resumes."""
 
-    def __init__(self, resumed_from: Path | None = None):
+    def __init__(self, resumed_from: Path | None = None, base_fingerprint: str | None = None):
         seal = read_checkpoint_seal(resumed_from) if resumed_from is not None else {}
+        self.base_fingerprint = base_fingerprint  # so a checkpoint used as an adapter names its base
         self.loss_sum_before = float(seal.get("loss_sum", 0.0))  # per-step losses summed, before this part
         self.seconds_before = float(seal.get("train_seconds", 0.0))
         self.trainer: Any = None  # set by train.py: the loss accumulators live on the trainer
@@ -61,6 +63,10 @@ class CheckpointSeal(TrainerCallback):
             "train_seconds": round(self.train_seconds(), 3),
             "tokens_seen": int(state.num_input_tokens_seen or 0),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "base_fingerprint": self.base_fingerprint,
+            # Each file with its size (and the hash of the small ones): a file damaged or removed later makes
+            # --resume skip this checkpoint (rundir.records.checkpoint_problem).
+            "files": checkpoint_files(folder),
         }
         tmp = folder / f".{CHECKPOINT_SEAL}.tmp"
         with tmp.open("w") as fh:

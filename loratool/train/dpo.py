@@ -5,7 +5,8 @@ batches them. The reference model costs no memory: trl computes it with the adap
 adapter, so the base itself) or, when training starts from a finished run's adapter (`init_adapter`),
 from a frozen copy of that adapter — never a second copy of the model.
 
-trl is imported at the top: this module is imported only when a recipe has a dpo section.
+One of the sibling trainer builders (sft.py, dpo.py), with the same few functions; `train/preflight.py`
+picks one per recipe. trl is imported at the top: `train` needs it whichever the method.
 """
 
 from __future__ import annotations
@@ -16,16 +17,103 @@ from typing import TYPE_CHECKING, Any
 
 from trl import DPOConfig, DPOTrainer
 
+from loratool.data.preference import build_preference_datasets
 from loratool.errors import LoratoolError
+from loratool.recipe import recipe_to_dict
 from loratool.rundir.records import read_run
-from loratool.train.sft import make_config, trainer_fields
+from loratool.train.arguments import make_config, trainer_fields
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
+    from loratool.data import PreparedData
     from loratool.recipe import DpoSection, Recipe, TrainingSection
 
 REFERENCE_ADAPTER = "ref"  # the name trl gives its frozen copy of a PeftModel's starting adapter
+STAGE = "dpo"  # run.json's "stage"
+
+
+def check(recipe: Recipe) -> None:
+    """Before anything loads: `dpo.init_adapter` names a finished run on the same base and lora section."""
+    check_init_adapter(recipe)
+
+
+def build_data(recipe: Recipe, tokenizer: Any) -> PreparedData:
+    """Every preference pair read, templated, tokenized and masked (data/preference.py)."""
+    return build_preference_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+
+
+def record(recipe: Recipe) -> dict[str, Any]:
+    """What run.json says about the method: its settings and the reference model."""
+    assert recipe.dpo is not None
+    init = recipe.dpo.init_adapter
+    return {
+        "stage": STAGE,
+        "dpo": {
+            "beta": recipe.dpo.beta,
+            "loss_type": recipe.dpo.loss_type,
+            "reference": reference_description(recipe),
+            "init_adapter": str(Path(init).expanduser().resolve()) if init else None,
+        },
+    }
+
+
+def build_config(
+    recipe: Recipe,
+    *,
+    checkpoints_dir: Path,
+    has_validation: bool,
+    bf16: bool,
+    fp16: bool,
+    train_lengths: Any = None,
+) -> DPOConfig:
+    """The trainer's arguments (`train_lengths` is for packing, which preference batches do not use)."""
+    assert recipe.dpo is not None
+    return build_dpo_config(
+        recipe.training,
+        recipe.dpo,
+        checkpoints_dir=checkpoints_dir,
+        has_validation=has_validation,
+        bf16=bf16,
+        fp16=fp16,
+    )
+
+
+def prepare_model(
+    model: PeftModel, recipe: Recipe, base_fingerprint: str | None, log: Callable[[str], None]
+) -> None:
+    """Start from the adapter of `dpo.init_adapter`, if set (before the initial adapter is kept and before
+    trl copies the starting adapter into its reference)."""
+    load_init_adapter(model, recipe, base_fingerprint, log)
+
+
+def build_trainer(
+    model: PeftModel,
+    recipe: Recipe,
+    *,
+    args: DPOConfig,
+    data: PreparedData,
+    tokenizer: Any,
+    callbacks: list[Any],
+    optimizer: Any,
+    num_processes: int,
+) -> PreferenceTrainer:
+    """The trainer on the preference pairs (the reference model as the module docstring says)."""
+    return build_dpo_trainer(
+        model,
+        recipe,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        tokenizer=tokenizer,
+        callbacks=callbacks,
+        optimizer=optimizer,
+    )
+
+
+def before_save(model: PeftModel) -> None:
+    """The run saves the trained adapter only, not trl's reference copy."""
+    drop_reference_adapter(model)
 
 
 def build_dpo_config(
@@ -134,7 +222,6 @@ def reference_description(recipe: Recipe) -> str:
 def check_init_adapter(recipe: Recipe, base_fingerprint: str | None = None) -> Path | None:
     """The run directory `dpo.init_adapter` names, checked to be a finished loratool run on the same base
     (and, given `base_fingerprint`, the same weights) with the same `lora` section; None when unset."""
-    from loratool.recipe import recipe_to_dict
 
     if recipe.dpo is None or recipe.dpo.init_adapter is None:
         return None
@@ -166,7 +253,7 @@ def check_init_adapter(recipe: Recipe, base_fingerprint: str | None = None) -> P
             f"{key}: the weights of {recipe.base_model} changed since the run in {path} trained on them",
             hint="train the starting adapter again on these weights, or restore the base it was trained on",
         )
-    theirs = (record.recipe() or {}).get("lora") or {}
+    theirs = (record.recipe_dict() or {}).get("lora") or {}
     ours = recipe_to_dict(recipe)["lora"]
     different = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if different:

@@ -31,7 +31,18 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from loratool.adapter.inits import shapes_only
+from loratool.adapter.lora import attach_adapter
+from loratool.data import build_datasets
+from loratool.data.preference import build_preference_datasets, padded_pair_lengths
 from loratool.errors import LoratoolError
+from loratool.model import hardware
+from loratool.model.gguf_base import resolve_base_model
+from loratool.model.load import load_tokenizer
+from loratool.recipe import recipe_to_dict, validate_recipe
+from loratool.rundir.records import read_run
+from loratool.train.arguments import checkpoint_every_n_layers
+from loratool.train.sft import packed_rows_per_batch
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe, TrainingSection
@@ -160,9 +171,6 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loratool.adapter.inits import shapes_only
-    from loratool.adapter.lora import attach_adapter
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     skip = set(recipe.quantization.llm_int8_skip_modules or []) if recipe.quantization else set()
@@ -195,7 +203,6 @@ def model_shape(recipe: Recipe, config: Any) -> ModelShape:
 
 def layers_to_checkpoint(training: TrainingSection, layers: int) -> int:
     """How many of `layers` decoder layers `training.gradient_checkpointing` recomputes (every n-th)."""
-    from loratool.train.sft import checkpoint_every_n_layers
 
     if training.gradient_checkpointing is False:
         return 0
@@ -227,8 +234,6 @@ def make_plan(
     if lengths:
         longest = sorted((min(n, max_len) for n in lengths), reverse=True)
         if data.packing:  # the micro-batch is a number of packed rows, sized from the data
-            from loratool.train.sft import packed_rows_per_batch
-
             tokens = packed_rows_per_batch(t, data, lengths) * max_len
         elif data.padding_free:
             tokens = sum(longest[:batch])  # the worst batch: the longest rows together
@@ -331,7 +336,6 @@ def suggestions(
     recipe: Recipe, shape: ModelShape, plan: Plan, *, device: str, cpu_count: int, lengths: list[int] | None
 ) -> list[str]:
     """Changes that bring the peak under the budget, each with what it costs; the cheapest first."""
-    from loratool.recipe import recipe_to_dict, validate_recipe
 
     t = recipe.training
     candidates: list[tuple[str, dict[str, Any], str]] = []
@@ -477,9 +481,6 @@ def plan_recipe(
     it is at hand: the real row lengths make the activation estimate exact rather than worst-case)."""
     from transformers import AutoConfig
 
-    from loratool.model import hardware
-    from loratool.model.gguf_base import resolve_base_model
-
     hw = hardware.detect()
     if gpu:
         device = gpu_named(gpu)
@@ -540,13 +541,9 @@ def dry_run_line(recipe: Recipe, config: Any, hw: Any, data: Any) -> str:
 
 def _row_lengths(recipe: Recipe, log: Any) -> tuple[list[int], int]:
     """Token lengths of the training rows, read and tokenized as training does (build_datasets)."""
-    from loratool.data import build_datasets
-    from loratool.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
     if recipe.dpo is not None:
-        from loratool.data.preference import build_preference_datasets
-
         data = build_preference_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
     else:
         data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
@@ -559,8 +556,6 @@ def _lengths(train: Any) -> list[int]:
     padded to the longer one: counted as one row of twice that length. The plan does not add the DPO
     reference pass, which runs without gradients (no activations kept)."""
     if "prompt_ids" in train.column_names:
-        from loratool.data.preference import padded_pair_lengths
-
         return padded_pair_lengths(train)
     return [len(ids) for ids in train["input_ids"]]
 
@@ -574,9 +569,6 @@ def calibrate(recipe: Recipe, plan: Plan, *, steps: int = 3, log: Any = print) -
     from pathlib import Path
 
     import yaml
-
-    from loratool.recipe import recipe_to_dict
-    from loratool.rundir.records import read_run
 
     with tempfile.TemporaryDirectory(prefix="loratool-calibrate-") as folder:
         raw = recipe_to_dict(recipe)

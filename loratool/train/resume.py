@@ -10,10 +10,18 @@ recorded in run.json's "resumes".
 from __future__ import annotations
 
 import hashlib
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from loratool.errors import LoratoolError
-from loratool.rundir.records import RunRecord
+from loratool.model.fingerprint import fingerprint_matches
+from loratool.recipe import Recipe, recipe_to_dict
+from loratool.rundir.outputs import remove_entry
+from loratool.rundir.records import ADAPTER_FILES, STAGING, RunDir, RunRecord, checkpoint_problem, read_run
+from loratool.train.progress import trim_metrics
 
 # Keys that may change on resume: how long to train (to extend a finished run) and how it is logged,
 # evaluated, checkpointed and reported. Everything else changes what the adapter learns.
@@ -70,7 +78,7 @@ def check_resume(
     effective_batch_size: int,
 ) -> dict[str, list[Any]]:
     """The allowed changes ({key: [old, new]}); raises LoratoolError listing every refused difference."""
-    old_recipe = record.recipe()
+    old_recipe = record.recipe_dict()
     if old_recipe is None:
         raise LoratoolError(
             f"--resume: {record.path} has no readable recipe.yaml to compare with",
@@ -157,3 +165,80 @@ def tokenizer_sha256(tokenizer: Any) -> str:
     template = getattr(tokenizer, "chat_template", None)
     digest.update(repr(template).encode())
     return digest.hexdigest()
+
+
+# --- continuing the run directory ---------------------------------------------------------------------
+
+
+def resume_point(
+    recipe: Recipe, run: RunDir, manifest: dict[str, Any], log: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from and what the resume changes, or a LoratoolError listing every
+    difference that would make it a different training (check_resume)."""
+    record = read_run(run.path)
+    assert record is not None  # RunDir.prepare refused anything else
+    checkpoint, skipped = run.latest_checkpoint()
+    assert checkpoint is not None
+    base = manifest["base_model"]
+    matches = None
+    if record.base_model.fingerprint and base.get("resolved_path"):
+        matches = fingerprint_matches(Path(base["resolved_path"]), record.base_model.fingerprint)
+    changes = check_resume(
+        record,
+        recipe_to_dict(recipe),
+        data=manifest["data"],
+        base_fingerprint_matches=matches,
+        base_fingerprint=base.get("fingerprint"),
+        tokenizer_sha256=manifest["tokenizer_sha256"],
+        world_size=manifest["world_size"],
+        effective_batch_size=manifest["effective_batch_size"],
+    )
+    problems = {path: checkpoint_problem(path) or "" for path in skipped}
+    incomplete = [p for p, why in problems.items() if why.startswith("incomplete")]
+    if incomplete:
+        log(
+            f"note: skipping incomplete checkpoint{'s' if len(incomplete) > 1 else ''} "
+            f"{', '.join(p.name for p in incomplete)} (interrupted while saving)"
+        )
+    for path, why in problems.items():
+        if path not in incomplete:
+            log(f"note: skipping checkpoint {path.name}: {why}")
+    log(f"resuming from {checkpoint.name}")
+    for key, (before, after) in changes.items():
+        log(f"  {key}: {before!r} -> {after!r}")
+    entry = {
+        "from_checkpoint": checkpoint.name,
+        "step": int(checkpoint.name.split("-")[-1]),
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "changed": changes,
+        "skipped_incomplete_checkpoints": [p.name for p in skipped],
+        "command": sys.argv,
+    }
+    return checkpoint, entry
+
+
+def continue_run(
+    run: RunDir, manifest: dict[str, Any], entry: dict[str, Any], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Make the run directory ready to continue from entry's checkpoint: the finished adapter (if any)
+    is superseded, incomplete checkpoints go, metrics.jsonl keeps only the steps up to the checkpoint, and
+    run.json records this resume next to the earlier ones."""
+    for name in (*ADAPTER_FILES, STAGING):
+        path = run.path / name
+        if path.is_symlink() or path.exists():
+            remove_entry(path)
+    run.remove_incomplete_checkpoints()
+    dropped = trim_metrics(run.metrics, entry["step"])
+    if dropped:
+        log(
+            f"metrics.jsonl: dropped {dropped} line(s) logged after {entry['from_checkpoint']} (retrained now)"
+        )
+    record = read_run(run.path)
+    assert record is not None
+    continued = {
+        **manifest,
+        "started_at": record.raw.get("started_at", manifest["started_at"]),
+        "resumes": [*record.resumes, entry],
+    }
+    run.write_manifest({**continued, "status": "running"})
+    return continued

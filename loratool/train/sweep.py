@@ -63,6 +63,7 @@ from loratool.rundir.outputs import (
 )
 from loratool.rundir.records import RunDir, read_run
 from loratool.rundir.signals import terminate_as_interrupt
+from loratool.train.inputs import check_inputs
 
 KIND = "sweep"
 RECORD = "sweep.json"
@@ -209,7 +210,6 @@ def check_keys(axes: list[Axis], base: Recipe, sets: list[str]) -> None:
 def plan_cells(recipe_path: Path, axes: list[Axis], sets: list[str], sweep_dir: Path) -> list[Cell]:
     """Every cell of the grid (the first --vary changes slowest), each recipe loaded and validated now,
     so that a bad value in any cell is found before the first one trains."""
-    from loratool.train.inputs import check_inputs
 
     labels = _labels([axis.key for axis in axes])
     cells, problems, names, checked = [], [], set(), set()
@@ -417,7 +417,7 @@ def _run_cell(
     """Train one cell in a fresh process (or skip it: finished, same recipe, --resume), then evaluate it."""
     state = RunDir(cell.run_dir).state() if cell.run_dir.exists() else "new"
     previous = read_run(cell.run_dir) if state in ("finished", "unfinished") else None
-    same = previous is not None and _same(previous.recipe(), recipe_to_dict(cell.recipe))
+    same = previous is not None and _same(previous.recipe_dict(), recipe_to_dict(cell.recipe))
     if resume and state == "finished" and same:
         log(f"{cell.name}: finished before, same recipe: kept as it is")
         outcome = Outcome("skipped")
@@ -541,7 +541,7 @@ def read_sweep(sweep_dir: Path) -> dict[str, Any] | None:
 def _dry_run(cells: list[Cell], log: Callable[[str], None]) -> None:
     """`train --dry-run` of every cell, in this process: data, tokenizer, target modules and the
     adapter's size on a weightless model, and the plan's memory and time line. Nothing is written."""
-    from loratool.train.run import dry_run
+    from loratool.train.dry_run import dry_run  # deferred: loads torch and transformers
 
     for number, cell in enumerate(cells, 1):
         log(f"--- cell {number}/{len(cells)}: {cell.name}")
@@ -558,7 +558,7 @@ def _str(value: Path | None) -> str | None:
 
 def row(cell: Cell, outcome: Outcome | None, with_eval: bool) -> dict[str, Any]:
     """One row of the table, read from the cell's run.json, metrics.jsonl and eval report."""
-    from loratool.train.progress import read_metrics
+    from loratool.train.progress import read_metrics  # deferred: progress.py loads transformers
 
     result: dict[str, Any] = {
         "cell": cell.name,
@@ -705,7 +705,7 @@ def plot_sweep(record: dict[str, Any], axes: list[Axis], sweep_dir: Path, output
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    from loratool.train.progress import read_metrics
+    from loratool.train.progress import read_metrics  # deferred: progress.py loads transformers
 
     cells = record["cells"]
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)

@@ -42,13 +42,26 @@ def score_only_loss_positions() -> bool:
         return device.type == "cpu" or stock(device)
 
     setattr(compact, _MARK, True)
+    compact.stock = stock  # type: ignore[attr-defined]
     utils._use_triton = compact
     return True
+
+
+def score_every_position_on_cpu() -> None:
+    """Undo `score_only_loss_positions` (TRL's own predicate again), for a run in the same process that
+    does not want it. Nothing happens when it was never installed."""
+    try:
+        from trl.trainer import utils
+    except ImportError:  # pragma: no cover - trl is a dependency
+        return
+    if getattr(getattr(utils, "_use_triton", None), _MARK, False):
+        utils._use_triton = utils._use_triton.stock
 
 
 # TRL's fused head walks the vocabulary in tiles of this many columns; every tile's backward makes about ten
 # temporaries of (positions x tile) floats, alive while every activation still is.
 CPU_VOCAB_TILE = 4096
+_stock_tile: int | None = None  # TRL's own setting, as small_vocab_tiles_on_cpu found it
 
 
 def small_vocab_tiles_on_cpu() -> bool:
@@ -63,7 +76,21 @@ def small_vocab_tiles_on_cpu() -> bool:
         from trl.trainer import utils
     except ImportError:  # pragma: no cover - trl is a dependency
         return False
+    global _stock_tile
     if not isinstance(getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None), int):
         return False
+    if utils._CHUNKED_LOGPROB_CHUNK_SIZE != CPU_VOCAB_TILE:
+        _stock_tile = utils._CHUNKED_LOGPROB_CHUNK_SIZE
     utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(utils._CHUNKED_LOGPROB_CHUNK_SIZE, CPU_VOCAB_TILE)
     return True
+
+
+def stock_vocab_tiles() -> None:
+    """Undo `small_vocab_tiles_on_cpu` (TRL's own tile width again), for a run in the same process that does
+    not want it. Nothing happens when it was never installed."""
+    try:
+        from trl.trainer import utils
+    except ImportError:  # pragma: no cover - trl is a dependency
+        return
+    if _stock_tile is not None and getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None) == CPU_VOCAB_TILE:
+        utils._CHUNKED_LOGPROB_CHUNK_SIZE = _stock_tile
