@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,7 @@ def run_eval(
             },
             "models": models,
             "difference": _difference(models) if "tuned" in models and "base" in models else None,
-            "trainer_final_eval_loss": ((resolved.manifest.get("train") or {}).get("final_eval_loss")),
+            "trainer_final_eval_loss": resolved.run.train.get("final_eval_loss") if resolved.run else None,
             "lm_eval": lm_eval.record(),
             "versions": library_versions(
                 "torch", "transformers", "peft", "rouge-score", "sacrebleu", "lm-eval"
@@ -495,8 +495,9 @@ def _add_to_model_card(target: Target, record: dict[str, Any], out: Path) -> Non
     evaluation["full report"] = (
         f"`{out.relative_to(target.path) if out.is_relative_to(target.path) else out}`"
     )
-    write_model_card(target.path, target.recipe.model_dump(mode="json") if target.recipe else None,
-                     target.manifest, evaluation)  # fmt: skip
+    assert target.run is not None  # a run target: resolve_target read its run.json
+    recipe = target.recipe.model_dump(mode="json") if target.recipe else None
+    write_model_card(target.path, recipe, target.run, evaluation)
 
 
 def write_outputs(
@@ -551,11 +552,10 @@ def _difference(models: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def _describe_target(target: Target) -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(target.path), "kind": target.kind}
-    if target.kind == "run":
-        info["base_model"] = target.manifest.get("base_model")
+    if target.kind == "run" and target.run is not None:
+        info["base_model"] = target.run.base_model.to_dict()
         info["adapter"] = str(target.path)
-    elif target.kind == "merged":
-        record = target.merge_record or {}
-        info["base_model"] = record.get("base_model")
-        info["adapter"] = (record.get("adapter") or {}).get("path")
+    elif target.kind == "merged" and target.merge is not None:
+        info["base_model"] = asdict(target.merge.base_model)
+        info["adapter"] = target.merge.adapter.path
     return info

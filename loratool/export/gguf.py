@@ -39,7 +39,6 @@ Layout rules (from llama.cpp's loader):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
+from loratool.model.checkpoint import CONFIG, read_config
 
 if TYPE_CHECKING:
     import numpy as np
@@ -120,7 +120,7 @@ def write_gguf(
     from loratool.model.checkpoint import open_checkpoint
 
     model_dir, out_file = Path(model_dir), Path(out_file)
-    config = read_config(model_dir)
+    config = exportable_config(model_dir)
     arch = gguf_architecture(config, model_dir)
     config = text_config(config)
     check_architecture(config, arch, model_dir)
@@ -168,17 +168,14 @@ def write_gguf(
 # --- the model -----------------------------------------------------------------------------------------
 
 
-def read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    if not path.is_file():
+def exportable_config(model_dir: Path) -> dict[str, Any]:
+    """config.json of a model the GGUF writer can take: refused when missing or quantized."""
+    if not (model_dir / CONFIG).is_file():
         raise LoratoolError(
             f"{model_dir} is not a Hugging Face model directory: config.json is missing",
             hint="pass a merged checkpoint (`loratool merge` output) or a `loratool train` run directory",
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LoratoolError(f"{path} is not valid JSON ({exc})", hint="restore the file") from exc
+    config = read_config(model_dir)
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise LoratoolError(

@@ -15,8 +15,9 @@ Reads top to bottom like the export:
 - The architecture is checked first, on the base's config.json for a run (merging a 7B takes minutes):
   an architecture the GGUF writer does not support is refused before any merge work. Errors from the
   conversion of a temporary merge name the run, never that folder (it is deleted by then).
-- Everything is written into `<output>.partial-XXXX` and renamed into place at the end, so an interrupted
-  export leaves no directory that looks complete. The free disk space is checked before anything is written
+- Everything is written into `<output>.partial-XXXX` and renamed into place at the end (rundir/outputs.py
+  `Output.place`, export.json last: export/record.py), so an interrupted export leaves no directory that
+  looks complete. The free disk space is checked before anything is written
   (the temporary merge plus the GGUF). An existing output is replaced only with --overwrite, and only if it
   is a loratool export (it has export.json).
 - Verification (default on): the GGUF is loaded back with transformers and compared with the checkpoint it
@@ -26,22 +27,27 @@ Reads top to bottom like the export:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loratool import __version__
 from loratool.errors import LoratoolError
+from loratool.export.record import RECORD, ExportRecord, ExportSource
+from loratool.merge.record import MergeRecord
+from loratool.model.checkpoint import read_config
 from loratool.model.fingerprint import file_sha256
-from loratool.rundir.outputs import Output, claim_output, library_versions, read_record
+from loratool.rundir.outputs import Output, check_free_space, claim_output, library_versions
 from loratool.rundir.records import has_run_record, read_run
 
-EXPORT_RECORD = "export.json"
+if TYPE_CHECKING:
+    from loratool.recipe import Recipe
+
+EXPORT_RECORD = RECORD  # the name the package exported it by
 FORMATS = ("gguf", "hf")
-_MARGIN = 64 * 2**20  # bytes of free disk kept beyond the estimate (file-system overhead, metadata)
 
 
 def run_export(
@@ -74,7 +80,7 @@ def run_export(
     file_type(outtype)  # refuse an unknown outtype before any work
     check_gguf_architecture(source, base, is_run)  # before the merge, which takes minutes on a 7B
     output = output_location(output, source)
-    with claim_output(output, kind="export", record_name=EXPORT_RECORD, overwrite=overwrite, log=log) as out:
+    with claim_output(output, kind="export", record_name=RECORD, overwrite=overwrite, log=log) as out:
         partial = out.partial()
         try:
             check_disk_space(partial, source, base, outtype, is_run)
@@ -82,7 +88,7 @@ def run_export(
                 model_dir, merge_record = merge_for_export(source, partial, base, outtype, verify, force, log)
             else:
                 # A `loratool merge` output: its merge.json is the chain back to the run (adapter, base).
-                model_dir, merge_record = source, merge_record_of(source)
+                model_dir, merge_record = source, MergeRecord.read(source)
             try:
                 record = export_gguf(model_dir, partial, source, outtype, ollama, verify, log)
             except LoratoolError as exc:
@@ -94,27 +100,22 @@ def run_export(
                     exc.message.replace(str(model_dir), merged),
                     None if exc.hint is None else exc.hint.replace(str(model_dir), merged),
                 ) from None
-            record["source"]["merge"] = merge_record
             if is_run:
                 shutil.rmtree(model_dir)  # the temporary merge: see the module docstring
-            record["wall_time_s"] = round(time.time() - started, 2)
+            record = dataclasses.replace(
+                record,
+                source=dataclasses.replace(record.source, merge=merge_record),
+                wall_time_s=round(time.time() - started, 2),
+            )
             finish(out, partial, record, log)
         finally:
             if partial.exists():
                 shutil.rmtree(partial, ignore_errors=True)
-    log(f"exported to {output / record['file']} ({record['wall_time_s']:.0f}s)")
+    log(f"exported to {output / str(record.file)} ({record.wall_time_s:.0f}s)")
     return output
 
 
 # --- the source ----------------------------------------------------------------------------------------
-
-
-def merge_record_of(model_dir: Path) -> dict[str, Any] | None:
-    """merge.json of a `loratool merge` output (loratool's marker checked), or None for any other model."""
-    from loratool.merge import MERGE_RECORD
-    from loratool.rundir.outputs import owned_record
-
-    return owned_record(model_dir, MERGE_RECORD, "merge")
 
 
 def find_source(path: Path) -> Path:
@@ -179,7 +180,7 @@ def output_location(output: str | Path | None, source: Path) -> Path:
     if path.suffix == ".gguf":
         raise LoratoolError(
             f"--output {path}: give a directory; the GGUF file is named <name>.<outtype>.gguf inside it, next "
-            f"to {EXPORT_RECORD}",
+            f"to {RECORD}",
             hint=f"e.g. --output {path.with_suffix('')}",
         )
     resolved = path.resolve()
@@ -193,7 +194,7 @@ def output_location(output: str | Path | None, source: Path) -> Path:
 
 def model_name(source: Path) -> str:
     """The model's name (GGUF general.name, file name): a merge output called `merged` takes its run's."""
-    if source.name == "merged" and read_record(source, "merge") is not None:
+    if source.name == "merged" and MergeRecord.read(source) is not None:
         return source.parent.name
     return source.name
 
@@ -216,14 +217,13 @@ def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str,
     needed = params * bytes_per_param + 2 * 2**20 * 16  # tokenizer metadata: a few MB even for 128K vocabs
     if is_run:
         needed += params * 4 if outtype == "f32" else stored  # the temporary merge, in its dtype
-    free = shutil.disk_usage(folder).free
-    if free < needed + _MARGIN:
-        raise LoratoolError(
-            f"not enough disk space in {folder.parent}: the export needs about {_size(needed)}"
-            + (" (merge + GGUF)" if is_run else "")
-            + f", and {_size(free)} is free",
-            hint="free some space, choose another --output, or a smaller --outtype (q8_0)",
-        )
+    check_free_space(
+        folder.parent,
+        needed,
+        what="the export",
+        detail=" (merge + GGUF)" if is_run else "",
+        hint="free some space, choose another --output, or a smaller --outtype (q8_0)",
+    )
 
 
 def check_gguf_architecture(source: Path, base: str | None, is_run: bool) -> None:
@@ -233,9 +233,9 @@ def check_gguf_architecture(source: Path, base: str | None, is_run: bool) -> Non
 
     model_dir = _base_dir(source, base) if is_run else source
     try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # unreadable here: the conversion reports it with its own message
+        config = read_config(model_dir)
+    except LoratoolError:
+        return  # missing or unreadable here: the conversion reports it with its own message
     model_type = config.get("model_type")
     if model_type in ARCHITECTURES:
         return
@@ -264,10 +264,6 @@ def _base_dir(run_dir: Path, base: str | None) -> Path:
     return resolve_base(base, read_training_run(adapter_dir), read_adapter(adapter_dir))[1]
 
 
-def _size(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 # --- merge, convert, verify ----------------------------------------------------------------------------
 
 
@@ -279,9 +275,9 @@ def merge_for_export(
     verify: bool,
     force: bool,
     log: Callable[[str], None],
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, MergeRecord | None]:
     """Merge the run's adapter into `folder/merged` (removed after conversion); return it and merge.json."""
-    from loratool.merge import MERGE_RECORD, run_merge
+    from loratool.merge import run_merge
 
     merged = run_merge(
         run_dir,
@@ -292,7 +288,7 @@ def merge_for_export(
         force=force,
         log=log,
     )
-    return merged, json.loads((merged / MERGE_RECORD).read_text())
+    return merged, MergeRecord.read(merged)
 
 
 def export_gguf(
@@ -303,14 +299,15 @@ def export_gguf(
     ollama: bool,
     verify: bool,
     log: Callable[[str], None],
-) -> dict[str, Any]:
-    """Write the GGUF (+ Modelfile) into `folder`, verify it; return export.json's content."""
+) -> ExportRecord:
+    """Write the GGUF (+ Modelfile) into `folder`, verify it; return export.json's content (the merge
+    behind it and the wall time are added by run_export)."""
     from loratool.export.gguf import write_gguf
 
     name = gguf_name(source, outtype)
     log(f"converting {model_dir} to GGUF ({outtype})")
     gguf_file = write_gguf(model_dir, folder / name, outtype, log=log, name=model_name(source))
-    recipe = _recipe_of(source)
+    recipe = _recipe_of(source, log)
     modelfile = None
     if ollama:
         from loratool.export.ollama import default_system_prompt, write_modelfile
@@ -320,27 +317,29 @@ def export_gguf(
         modelfile = write_modelfile(
             folder, name, tokenizer["chat_template"], system, tokenizer["eos_token"]
         ).name
-    record: dict[str, Any] = {
-        "status": "complete",
-        "loratool_version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": {"path": str(source), "kind": source_kind(source)},
-        "format": "gguf",
-        "outtype": outtype,
-        "file": name,
-        "bytes": gguf_file.stat().st_size,
-        "sha256": file_sha256(gguf_file),
-        "modelfile": modelfile,
-        "versions": library_versions("gguf", "torch", "transformers", "peft", "safetensors"),
-    }
+    created_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    size, sha256 = gguf_file.stat().st_size, file_sha256(gguf_file)
+    versions = library_versions("gguf", "torch", "transformers", "peft", "safetensors")
+    verification: dict[str, Any] = {"skipped": True}
     if verify:
         from loratool.export.verify import verify_gguf
 
         log("verifying the GGUF against its source (transformers gguf_file= reload)")
-        record["verification"] = verify_gguf(gguf_file, model_dir, outtype, _validated(recipe, log), log)
-    else:
-        record["verification"] = {"skipped": True}
-    return record
+        verification = verify_gguf(gguf_file, model_dir, outtype, recipe, log)
+    return ExportRecord(
+        status="complete",
+        loratool_version=__version__,
+        created_at=created_at,
+        source=ExportSource(path=str(source), kind=source_kind(source)),
+        format="gguf",
+        outtype=outtype,
+        file=name,
+        bytes=size,
+        sha256=sha256,
+        modelfile=modelfile,
+        versions=versions,
+        verification=verification,
+    )
 
 
 def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
@@ -350,46 +349,33 @@ def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
     return {"chat_template": tokenizer.chat_template, "eos_token": tokenizer.eos_token}
 
 
-def _recipe_of(source: Path) -> dict[str, Any] | None:
+def _recipe_of(source: Path, log: Callable[[str], None]) -> Recipe | None:
     """The training recipe behind the source: the run's recipe.yaml, or for a `loratool merge` output the
-    recipe.yaml of the adapter its merge.json names."""
+    recipe.yaml of the adapter its merge.json names (validated; `log` says when it no longer validates)."""
     run = read_run(source)
-    merge_record = read_record(source, "merge")
-    if run is None and merge_record is not None:
-        adapter = (merge_record.get("adapter") or {}).get("path")
+    merge = MergeRecord.read(source)
+    if run is None and merge is not None:
+        adapter = merge.adapter.path
         run = read_run(Path(adapter)) if adapter and Path(adapter).is_dir() else None
-    return run.recipe() if run is not None else None
+    return run.recipe(log) if run is not None else None
 
 
-def _system_prompt(recipe: dict[str, Any] | None) -> str | None:
+def _system_prompt(recipe: Recipe | None) -> str | None:
     """The recipe's system prompt when its training sources agree on one (Modelfile SYSTEM)."""
-    sources = ((recipe or {}).get("data") or {}).get("train") or []
-    prompts = {s.get("system_prompt") for s in sources if isinstance(s, dict)}
+    prompts = {s.system_prompt for s in recipe.data.train} if recipe is not None else set()
     return prompts.pop() if len(prompts) == 1 else None
 
 
-def _validated(recipe: dict[str, Any] | None, log: Callable[[str], None]) -> Any:
-    if recipe is None:
-        return None
-    from loratool.recipe import validate_recipe
-
-    try:
-        return validate_recipe(recipe, source="recipe.yaml")
-    except LoratoolError as exc:
-        log(f"note: the run's recipe.yaml no longer validates ({exc.message.splitlines()[0]})")
-        return None
-
-
-def finish(out: Output, partial: Path, record: dict[str, Any], log: Callable[[str], None]) -> None:
+def finish(out: Output, partial: Path, record: ExportRecord, log: Callable[[str], None]) -> None:
     """Write export.json and move the export into place — or keep a failed one under a name saying so."""
-    verification = record["verification"]
+    verification = record.verification
     if not verification.get("skipped") and not verification["passed"]:
         from loratool.export.verify import verification_message
 
-        record["status"] = "failed-verification"
-        kept = out.keep_failed(partial, record)
+        failed = dataclasses.replace(record, status="failed-verification")
+        kept = out.keep_failed(partial, failed.to_dict())
         raise LoratoolError(
             verification_message(verification, kept),
             hint="rerun with LORATOOL_DEBUG=1 and report a bug; --no-verify skips the check (not advised)",
         )
-    out.place(partial, record, log)
+    out.place(partial, record.to_dict(), log)

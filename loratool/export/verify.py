@@ -4,8 +4,8 @@ Two checks, both against the HF checkpoint the GGUF was written from:
 
 - Logits: the GGUF is loaded with `AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)` (transformers
   dequantizes it to float32 and undoes llama.cpp's Q/K row permutation), both models run the probe rows
-  (logit_comparison.build_probes: the run's own data when there is a recipe, else built-in conversations in the
-  chat template) and logit_comparison.compare reports max |Δlogit|, mean KL and greedy agreement. How close
+  (merge/compare.py build_probes: the run's own data when there is a recipe, else built-in conversations in
+  the chat template) and merge/compare.py compare reports max |Δlogit|, mean KL and greedy agreement. How close
   they must be depends on how the tensors were stored (THRESHOLDS below).
 - Tokenizer: the tokenizer transformers rebuilds from the GGUF metadata must encode a few strings (prose,
   code, digits, unicode, whitespace runs, and a conversation rendered with the chat template, so its special

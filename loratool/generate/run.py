@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.errors import LoratoolError
-from loratool.generate.target import Loaded, Target, load_target, resolve_target
+from loratool.generate.target import Loaded, Target, load_target, resolve_target, stop_ids_of
 from loratool.rundir.outputs import read_json
 
 BASE = "base"  # the adapter name that means "no adapter"
@@ -417,7 +417,7 @@ def plain_name(target: Target) -> str:
     """How answers of TARGET with no adapter active are labelled: a merged model by its run's name."""
     if target.kind != "merged":
         return BASE
-    adapter_path = ((target.merge_record or {}).get("adapter") or {}).get("path")
+    adapter_path = target.merge.adapter.path if target.merge is not None else None
     return _safe_name(Path(adapter_path).name if adapter_path else target.path.name)
 
 
@@ -480,30 +480,13 @@ def _adapter_prompting_source(
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
         record = read_run(adapter_dir)
         recipe = record.recipe() if record is not None else None
-        sources = ((recipe or {}).get("data") or {}).get("train") or []
-        system = trained_system([s.get("system_prompt") for s in sources if isinstance(s, dict)])
+        system = trained_system([s.system_prompt for s in recipe.data.train]) if recipe is not None else None
         origin = f"the chat template saved with it ({adapter_dir})"
         return Prompting(
             tokenizer, system, stop_ids_of(tokenizer, loaded.model), origin, stop_texts(tokenizer)
         )
 
     return build
-
-
-def stop_ids_of(tokenizer: Any, model: Any) -> list[int]:
-    """Where answers of a template end: the model's and the tokenizer's EOS, and the token the template
-    closes an assistant turn with, when the vocabulary has it as one token (a chat fine-tune that stops only
-    at EOS runs on; an end of turn in several tokens is a stop text: data.templates.stop_texts)."""
-    from loratool.data.templates import end_of_turn
-
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    end = end_of_turn(tokenizer)
-    if end is not None and end.token_id is not None:
-        ids.append(end.token_id)
-    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def read_tools(path: Path | None) -> list[Any] | None:

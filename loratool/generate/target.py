@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from loratool.errors import LoratoolError
+from loratool.merge.record import MergeRecord
 from loratool.model.gguf_base import is_gguf, resolve_base_model
-from loratool.rundir.outputs import read_record
-from loratool.rundir.records import RECIPE, has_run_record, read_run
+from loratool.rundir.records import RECIPE, RunRecord, has_run_record, read_run
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe
@@ -40,8 +40,8 @@ class Target:
     kind: TargetKind
     path: Path
     recipe: Recipe | None = None  # the run's resolved recipe (a merged model: its run's, if still there)
-    manifest: dict[str, Any] = field(default_factory=dict)  # run.json of the run (merged: of its run)
-    merge_record: dict[str, Any] | None = None  # merge.json
+    run: RunRecord | None = None  # run.json of the run (merged: of its run, when its recipe is there too)
+    merge: MergeRecord | None = None  # merge.json of a merged target
     run_dir: Path | None = None  # the training run behind a run or merged target, when known
 
     @property
@@ -53,9 +53,10 @@ class Target:
     def base_id(self) -> str:
         """How messages name the base model."""
         if self.kind == "run":
-            return str((self.manifest.get("base_model") or {}).get("id") or self.recipe.base_model)
+            assert self.run is not None and self.recipe is not None
+            return str(self.run.base_model.id or self.recipe.base_model)
         if self.kind == "merged":
-            return str(((self.merge_record or {}).get("base_model") or {}).get("id") or "?")
+            return str((self.merge.base_model.id if self.merge is not None else None) or "?")
         return str(self.path)
 
     @property
@@ -64,7 +65,8 @@ class Target:
         from loratool.model.fingerprint import weights_fingerprint
 
         if self.kind == "run":
-            return (self.manifest.get("base_model") or {}).get("fingerprint")
+            assert self.run is not None
+            return self.run.base_model.fingerprint
         return weights_fingerprint(model_dir(self, log=lambda _: None))
 
     def base_matches(self, recorded: str) -> bool:
@@ -108,8 +110,9 @@ def resolve_target(path: str | Path) -> Target:
         )
     if path.is_dir() and has_run_record(path):
         return _run_target(path)
-    if path.is_dir() and read_record(path, "merge") is not None:
-        return _merged_target(path)
+    merge = MergeRecord.read(path) if path.is_dir() else None
+    if merge is not None:
+        return _merged_target(path, merge)
     if path.is_dir() and (path / "config.json").is_file():
         return Target("base", path)
     if path.is_file() and is_gguf(path):
@@ -134,7 +137,6 @@ def model_dir(target: Target, log: Callable[[str], None]) -> Path:
 
 def _run_target(path: Path) -> Target:
     from loratool.adapter.files import check_adapter_files
-    from loratool.recipe import load_recipe
     from loratool.rundir.records import ADAPTER_FILES
 
     record = read_run(path)
@@ -143,7 +145,6 @@ def _run_target(path: Path) -> Target:
             f"{path} holds a run.json that loratool did not write (or an older loratool, without its marker)",
             hint="evaluate its adapter through its base model: TARGET = the base, --adapter NAME=DIR",
         )
-    manifest = record.raw
     status = record.status
     if status != "complete":
         reason = f": {record.error}" if record.error else ""
@@ -160,47 +161,39 @@ def _run_target(path: Path) -> Target:
         )
     check_adapter_files(path)
     try:
-        recipe = load_recipe(path / RECIPE)
+        recipe = record.load_recipe()
     except LoratoolError as exc:
         raise LoratoolError(
             f"{path / 'recipe.yaml'} no longer validates: {exc.message}",
             hint="the run was written by another loratool version; evaluate its merged model with --data",
         ) from None
-    return Target("run", path, recipe=recipe, manifest=manifest, run_dir=path)
+    return Target("run", path, recipe=recipe, run=record, run_dir=path)
 
 
-def _merged_target(path: Path) -> Target:
-    from loratool.recipe import load_recipe
-
-    record = read_record(path, "merge") or {}
-    if record.get("status") != "complete":
+def _merged_target(path: Path, merge: MergeRecord) -> Target:
+    if not merge.complete:
         raise LoratoolError(
-            f"the merge in {path} did not complete (merge.json status: {record.get('status')!r})",
+            f"the merge in {path} did not complete (merge.json status: {merge.status!r})",
             hint="run `loratool merge` again",
         )
-    adapter_path = (record.get("adapter") or {}).get("path")
-    run_dir = Path(adapter_path) if adapter_path else None
-    recipe, manifest = None, {}
+    run_dir = Path(merge.adapter.path) if merge.adapter.path else None
     run_record = read_run(run_dir) if run_dir is not None and run_dir.is_dir() else None
-    if run_record is not None and (run_record.path / RECIPE).is_file():
-        try:
-            recipe = load_recipe(run_record.path / RECIPE)
-            manifest = run_record.raw
-        except LoratoolError:
-            recipe = None  # the run's data is then simply unknown: --data is required
+    # Without a recipe that still validates, the run's data is unknown (--data is required) and so is
+    # the rest of what the run says.
+    recipe = run_record.recipe() if run_record is not None else None
     return Target(
         "merged",
         path,
         recipe=recipe,
-        manifest=manifest,
-        merge_record=record,
+        run=run_record if recipe is not None else None,
+        merge=merge,
         run_dir=run_dir if run_dir is not None and run_dir.is_dir() else None,
     )
 
 
 def merged_base_dir(target: Target) -> Path:
     """The base a merged model was merged into (for --compare-base)."""
-    base = ((target.merge_record or {}).get("base_model") or {}).get("path")
+    base = target.merge.base_model.path if target.merge is not None else None
     if not base or not Path(base).is_dir():
         raise LoratoolError(
             f"--compare-base: the base recorded in {target.path / 'merge.json'} ({base}) is not there anymore",
@@ -233,7 +226,7 @@ def load_target(target: Target, log: Callable[[str], None]) -> Loaded:
         device=hw.device,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         context=context_length(model),
-        stop_ids=stop_ids(model, target.path if target.kind == "run" else model_dir(target, log)),
+        stop_ids=stop_ids_of(tokenizer, model),
         load_seconds=time.perf_counter() - started,
         quantized=quantized,
         stop_texts=stop_texts(tokenizer),
@@ -266,8 +259,8 @@ def check_run_base(target: Target, log: Callable[[str], None]) -> None:
     from loratool.model.fingerprint import fingerprint_matches, weights_fingerprint
     from loratool.model.load import local_model_dir
 
-    recorded = (target.manifest.get("base_model") or {}).get("fingerprint")
-    assert target.recipe is not None
+    assert target.run is not None and target.recipe is not None
+    recorded = target.run.base_model.fingerprint
     found = local_model_dir(target.recipe.base_model, target.recipe.model.revision, log)
     actual = weights_fingerprint(found) if found is not None else None
     if recorded and actual and not fingerprint_matches(found, recorded):
@@ -322,14 +315,17 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def stop_ids(model: Any, tokenizer_dir: Path) -> list[int]:
-    """Where generation stops: the model's EOS id(s) and the token the chat template ends a turn with
-    (a chat fine-tune that stops only at EOS runs on past its answer)."""
-    from loratool.merge import stop_token_ids
+def stop_ids_of(tokenizer: Any, model: Any) -> list[int]:
+    """Where answers of a template end: the model's and the tokenizer's EOS, and the token the template
+    closes an assistant turn with, when the vocabulary has it as one token (a chat fine-tune that stops only
+    at EOS runs on; an end of turn in several tokens is a stop text: data.templates.stop_texts)."""
+    from loratool.data.templates import end_of_turn
 
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]
-    for token in stop_token_ids(tokenizer_dir):
-        if token not in ids:
-            ids.append(token)
-    return [int(i) for i in ids]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    end = end_of_turn(tokenizer)
+    if end is not None and end.token_id is not None:
+        ids.append(end.token_id)
+    return list(dict.fromkeys(int(i) for i in ids))

@@ -23,8 +23,8 @@ from typing import Any
 from loratool import __version__
 from loratool.adapter.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, check_supported
 from loratool.errors import LoratoolError
+from loratool.merge.record import RECORD as MERGE_RECORD
 from loratool.merge.run import (
-    MERGE_RECORD,
     _has_tokenizer,
     check_base_identity,
     copy_tokenizer,

@@ -6,6 +6,9 @@ same probe rows through both models and compare the logits at every position: th
 difference|, the mean KL(reference || other) per position and the share of positions where both pick the
 same next token (greedy agreement), each against a threshold the caller chooses.
 
+It lives in merge, the first command that needs it: export's verify.py imports it from here (export comes
+after merge in the flow), so neither command carries a copy.
+
 Probes: up to 8 held-out rows of the run's own data (rebuilt from recipe.yaml), or training rows when the
 run had no validation split, or — for an adapter without a recipe, or data that is gone — a few built-in
 conversations rendered with the chat template. Each probe is cut to 128 tokens.

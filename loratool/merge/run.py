@@ -2,17 +2,19 @@
 
 Reads top to bottom like the merge: find the adapter and what it says about its base, find the base and
 check it is the one trained on, decide the output dtype and (for QLoRA) which base weights to fold into,
-stream the base checkpoint shard by shard into `<output>.partial-XXXX` (hf_checkpoint.py), add config,
-generation config and tokenizer, verify against base + adapter (merge/verify.py), write merge.json, and
-only then rename the directory into place. An interrupted merge leaves at most a `.partial-` directory;
-a merge that fails verification is kept as `<output>.failed-verification`.
+stream the base checkpoint shard by shard into `<output>.partial-XXXX` (model/checkpoint.py), add config,
+generation config and tokenizer, verify against base + adapter (merge/verify.py), write merge.json
+(merge/record.py), and only then rename the directory into place (rundir/outputs.py `Output.place`).
+An interrupted merge leaves at most a `.partial-` directory; a merge that fails verification is kept as
+`<output>.failed-verification`.
 
-Memory: the adapter plus a few tensors of the base (see hf_checkpoint.py), never a whole shard or model.
+Memory: the adapter plus a few tensors of the base (see model/checkpoint.py), never a whole shard or model.
 Verification, when on, loads the base and the merged model one after the other, in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -27,12 +29,14 @@ from loratool.adapter.files import (
 )
 from loratool.adapter.inits import refuse_unmergeable
 from loratool.errors import LoratoolError
-from loratool.model.checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo
+from loratool.merge.record import RECORD, MergedAdapter, MergedBase, MergeRecord
+from loratool.model.checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo, read_config
 from loratool.model.fingerprint import fingerprint_matches, weights_fingerprint
-from loratool.rundir.outputs import Output, claim_output, library_versions, read_json
+from loratool.recipe import QuantizationSection
+from loratool.rundir.outputs import Output, check_free_space, claim_output, library_versions, read_json
 from loratool.rundir.records import TrainingRun, find_adapter, read_training_run
 
-MERGE_RECORD = "merge.json"
+MERGE_RECORD = RECORD  # merge.json, by the name loratool.merge has always exported
 QLORA_POLICIES = ("dequantized", "original")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_FILES = (
@@ -40,7 +44,6 @@ TOKENIZER_FILES = (
     "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
     "chat_template.json",
 )  # fmt: skip
-_MARGIN = 64 * 2**20  # bytes of free disk kept beyond the estimate (file-system overhead, merge.json)
 
 
 def run_merge(
@@ -63,7 +66,7 @@ def run_merge(
     if dtype not in DTYPES:
         raise LoratoolError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     adapter_dir = find_adapter(Path(adapter_dir))
-    run = read_training_run(adapter_dir)
+    run = read_training_run(adapter_dir, log)
     if run.record is not None:
         refuse_unmergeable(run.record.adapter_init, adapter_dir)  # LoftQ (lora_init.py)
     adapter = read_adapter(adapter_dir)
@@ -71,9 +74,7 @@ def run_merge(
     identity = check_base_identity(run, base_id, base_dir, force=force, log=log)
     policy = choose_qlora_policy(qlora_base, run)
     output_path = output_location(output, adapter_dir, base_dir)
-    with claim_output(
-        output_path, kind="merge", record_name=MERGE_RECORD, overwrite=overwrite, log=log
-    ) as out:
+    with claim_output(output_path, kind="merge", record_name=RECORD, overwrite=overwrite, log=log) as out:
         checkpoint = open_checkpoint(base_dir)
         refuse_quantized_checkpoint(base_dir)
         check_against_base(adapter.updates, checkpoint.shapes())
@@ -103,22 +104,22 @@ def run_merge(
             record = describe_merge(
                 adapter, run, base_id, base_dir, identity, out_dtype, policy, quantized, counts
             )
-            record["verification"] = (
-                verify_merge(partial, base_dir, adapter_dir, run, policy, quantized, out_dtype, log)
-                if verify
-                else {"skipped": True}
+            record = dataclasses.replace(
+                record,
+                verification=(
+                    verify_merge(partial, base_dir, adapter_dir, run, policy, quantized, out_dtype, log)
+                    if verify
+                    else {"skipped": True}
+                ),
+                wall_time_s=round(time.time() - started, 2),
             )
-            record["wall_time_s"] = round(time.time() - started, 2)
             finish(out, partial, record, log)
         finally:
             if partial.exists():
                 shutil.rmtree(partial, ignore_errors=True)
     output = output_path
-    log(f"merged model written to {output} ({record['wall_time_s']:.0f}s)")
+    log(f"merged model written to {output} ({record.wall_time_s:.0f}s)")
     return output
-
-
-# --- the adapter and its run ---------------------------------------------------------------------------
 
 
 # --- the base ------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def _short(fingerprint: str | None) -> str:
 
 
 def refuse_quantized_checkpoint(base_dir: Path) -> None:
-    config = read_json(base_dir / "config.json")
+    config = read_config(base_dir)
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         raise LoratoolError(
@@ -212,9 +213,10 @@ def check_vocabulary(tokenizer_dir: Path, base_dir: Path) -> None:
 
     if not _has_tokenizer(tokenizer_dir):
         return
-    vocab = read_json(base_dir / "config.json").get("vocab_size")
+    config = read_config(base_dir)
+    vocab = config.get("vocab_size")
     if vocab is None:
-        vocab = read_json(base_dir / "config.json").get("text_config", {}).get("vocab_size")
+        vocab = config.get("text_config", {}).get("vocab_size")
     tokens = len(AutoTokenizer.from_pretrained(tokenizer_dir))
     if vocab is not None and tokens > vocab:
         raise LoratoolError(
@@ -262,23 +264,36 @@ def choose_qlora_policy(requested: str | None, run: TrainingRun) -> str | None:
 def quantized_base(run: TrainingRun, base_dir: Path, base_dtype: str) -> Any:
     """How the run quantized its base: the recipe's quantization section and the dtype it loaded in."""
     from loratool.merge.qlora import QuantizedBase, quantization_device, quantized_weight_names
-    from loratool.recipe import QuantizationSection
 
-    recipe = run.recipe or {}
-    try:
-        q = QuantizationSection.model_validate(recipe.get("quantization") or {})
-    except Exception:  # a recipe from another loratool version: its resolved values are still plain keys
-        q = QuantizationSection.model_construct(**(recipe.get("quantization") or {}))
-    model = recipe.get("model") or {}
+    q, _, trust_remote_code = trained_with(run)
     skip = q.llm_int8_skip_modules
     return QuantizedBase(
         quant_type=q.bnb_4bit_quant_type,
         double_quant=q.bnb_4bit_use_double_quant,
         load_dtype=training_load_dtype(run, base_dtype),
         skip_modules=tuple(skip) if skip is not None else None,
-        weights=quantized_weight_names(base_dir, skip, bool(model.get("trust_remote_code"))),
+        weights=quantized_weight_names(base_dir, skip, trust_remote_code),
         device=quantization_device(run.hardware.get("device")),
     )
+
+
+def trained_with(run: TrainingRun) -> tuple[QuantizationSection, str, bool]:
+    """The run's quantization section, model.dtype and model.trust_remote_code (the defaults for an
+    adapter without a recipe). A recipe.yaml that no longer validates (another loratool version) still
+    holds its resolved values as plain keys: they are taken as written, since they say how the base was
+    quantized in training."""
+    if run.recipe is not None:
+        recipe = run.recipe
+        q = recipe.quantization or QuantizationSection()
+        return q, recipe.model.dtype, recipe.model.trust_remote_code
+    written = (run.record.recipe_dict() if run.record is not None else None) or {}
+    quantization = written.get("quantization") or {}
+    try:
+        q = QuantizationSection.model_validate(quantization)
+    except Exception:  # pydantic's ValidationError: a section another loratool version wrote
+        q = QuantizationSection.model_construct(**quantization)
+    model = written.get("model") or {}
+    return q, model.get("dtype", "auto"), bool(model.get("trust_remote_code"))
 
 
 def training_load_dtype(run: TrainingRun, base_dtype: str) -> str:
@@ -288,7 +303,7 @@ def training_load_dtype(run: TrainingRun, base_dtype: str) -> str:
 
     from loratool.model.hardware import Hardware, model_dtype
 
-    requested = ((run.recipe or {}).get("model") or {}).get("dtype", "auto")
+    _, requested, _ = trained_with(run)
     hardware = run.hardware
     if requested != "auto":
         return requested
@@ -335,18 +350,12 @@ def check_disk_space(output: Path, planned: list[list[TensorInfo]], tokenizer_di
 
     needed = sum(shard_bytes(tensors) for tensors in planned)
     needed += sum((tokenizer_dir / f).stat().st_size for f in TOKENIZER_FILES if (tokenizer_dir / f).exists())
-    existing = next(p for p in (output.parent, *output.parent.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < needed + _MARGIN:
-        raise LoratoolError(
-            f"not enough disk space in {output.parent}: the merged model needs about {_gb(needed)}, "
-            f"and {_gb(free)} is free",
-            hint="free some space, choose another --output, or write a smaller model with --dtype bfloat16",
-        )
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    check_free_space(
+        output.parent,
+        needed,
+        what="the merged model",
+        hint="free some space, choose another --output, or write a smaller model with --dtype bfloat16",
+    )
 
 
 def write_weights(
@@ -398,7 +407,7 @@ def write_weights(
 
 
 def write_config(base_dir: Path, folder: Path, dtype: str) -> None:
-    config = read_json(base_dir / "config.json")
+    config = read_config(base_dir)
     if "torch_dtype" in config:  # the name before transformers 5
         config["torch_dtype"] = dtype
     config["dtype"] = dtype
@@ -422,7 +431,7 @@ def write_generation_config(base_dir: Path, folder: Path) -> None:
     """The base's generation config, with generation stopping at the tokenizer's EOS and at the chat
     template's end-of-turn token (a chat fine-tune that only stops at EOS runs on past its answer)."""
     generation = read_json(base_dir / "generation_config.json")
-    config = read_json(folder / "config.json")
+    config = read_config(folder)
     if not generation:
         ids = ("bos_token_id", "eos_token_id", "pad_token_id")
         generation = {k: config[k] for k in ids if config.get(k) is not None}
@@ -463,7 +472,7 @@ def describe_merge(
     policy: str | None,
     quantized: Any,
     counts: dict[str, int],
-) -> dict[str, Any]:
+) -> MergeRecord:
     """merge.json: what was merged into what, how, and with which versions (verification is added later)."""
     c = adapter.config
     qlora = None
@@ -474,36 +483,36 @@ def describe_merge(
             "trained_on": trained_on,
             **(quantized.to_dict() if quantized else {}),
         }
-    return {
-        "status": "complete",
-        "loratool_version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "adapter": {
-            "path": str(adapter.path),
-            "loratool_run": run.record is not None,
-            "r": c.get("r"),
-            "lora_alpha": c.get("lora_alpha"),
-            "use_rslora": bool(c.get("use_rslora")),
-            "use_dora": bool(c.get("use_dora")),
-            "modules_to_save": c.get("modules_to_save"),
-            "base_model_name_or_path": c.get("base_model_name_or_path"),
-        },
-        "base_model": {"id": base_id, "path": str(base_dir), **identity},
-        "dtype": dtype,
-        "qlora": qlora,
-        "tensors": counts,
-        "versions": library_versions("torch", "transformers", "peft", "safetensors", "bitsandbytes"),
-    }
+    return MergeRecord(
+        status="complete",
+        loratool_version=__version__,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        adapter=MergedAdapter(
+            path=str(adapter.path),
+            loratool_run=run.record is not None,
+            r=c.get("r"),
+            lora_alpha=c.get("lora_alpha"),
+            use_rslora=bool(c.get("use_rslora")),
+            use_dora=bool(c.get("use_dora")),
+            modules_to_save=c.get("modules_to_save"),
+            base_model_name_or_path=c.get("base_model_name_or_path"),
+        ),
+        base_model=MergedBase(id=base_id, path=str(base_dir), **identity),
+        dtype=dtype,
+        qlora=qlora,
+        tensors=counts,
+        versions=library_versions("torch", "transformers", "peft", "safetensors", "bitsandbytes"),
+    )
 
 
-def finish(out: Output, partial: Path, record: dict[str, Any], log: Callable[[str], None]) -> None:
+def finish(out: Output, partial: Path, record: MergeRecord, log: Callable[[str], None]) -> None:
     """Write merge.json and move the merge into place — or, if verification failed, keep it under a name
     that says so and raise."""
-    verification = record["verification"]
+    verification = record.verification
     if not verification.get("skipped") and not verification["passed"]:
-        record["status"] = "failed-verification"
-        raise verification_error(verification, out.keep_failed(partial, record))
-    out.place(partial, record, log)
+        failed = dataclasses.replace(record, status="failed-verification")
+        raise verification_error(verification, out.keep_failed(partial, failed.to_dict()))
+    out.place(partial, record.to_dict(), log)
 
 
 # --- verification --------------------------------------------------------------------------------------
@@ -540,23 +549,10 @@ def verify_merge(
             "with",
             hint="pass --no-verify, or put the tokenizer files next to the adapter",
         )
-    probes, source = build_probes(AutoTokenizer.from_pretrained(merged_dir), _recipe(run, log), log)
+    probes, source = build_probes(AutoTokenizer.from_pretrained(merged_dir), run.recipe, log)
     log(f"verifying on {source}")
     checks = verify(merged_dir, base_dir, adapter_dir, references, probes, log)
     return {"probes": source, **checks, "passed": all(c["passed"] for c in checks.values())}
-
-
-def _recipe(run: TrainingRun, log: Callable[[str], None]) -> Any:
-    """The run's recipe as a Recipe (for rebuilding its data), or None."""
-    if run.recipe is None:
-        return None
-    from loratool.recipe import validate_recipe
-
-    try:
-        return validate_recipe(run.recipe, source="recipe.yaml")
-    except LoratoolError as exc:
-        log(f"note: the run's recipe.yaml no longer validates ({exc.message.splitlines()[0]})")
-        return None
 
 
 def verification_error(verification: dict[str, Any], kept: Path) -> LoratoolError:

@@ -21,6 +21,7 @@ from typing import Any
 
 from loratool.adapter.inits import describe as describe_init
 from loratool.rundir.outputs import read_json, write_json_atomic
+from loratool.rundir.records import BaseModelRecord, RunRecord
 
 CARD = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -32,60 +33,70 @@ SMOKE_STEPS = 100
 SMOKE_TOKENS = 100_000
 
 
-def base_name(base: dict[str, Any]) -> str:
+def base_name(base: BaseModelRecord) -> str:
     """How someone else finds the base: its hub id (or local path) as the recipe named it; a .gguf base by
     its file name (the sha256 goes next to it in the card)."""
-    gguf = base.get("gguf")
-    if isinstance(gguf, dict) and gguf.get("file"):
-        return str(gguf["file"])
-    return str(base.get("id") or base.get("resolved_path") or "unknown")
+    if base.gguf is not None and base.gguf.get("file"):
+        return str(base.gguf["file"])
+    return str(base.id or base.resolved_path or "unknown")
 
 
 def finish_adapter_dir(folder: Path, recipe: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Name the real base in adapter_config.json and write the model card (train, on the staging folder)."""
+    """Name the real base in adapter_config.json and write the model card (train, on the staging folder,
+    with the run.json it is building)."""
+    run = RunRecord.from_dict(manifest, folder)
     config_path = folder / ADAPTER_CONFIG
     if config_path.is_file():
         config = read_json(config_path)
-        config["base_model_name_or_path"] = base_name(manifest.get("base_model") or {})
+        config["base_model_name_or_path"] = base_name(run.base_model)
         write_json_atomic(config_path, config)
-    write_model_card(folder, recipe, manifest)
+    write_model_card(folder, recipe, run)
 
 
 def write_model_card(
     folder: Path,
     recipe: dict[str, Any] | None,
-    manifest: dict[str, Any],
+    run: RunRecord,
     evaluation: dict[str, Any] | None = None,
 ) -> Path:
     """README.md in `folder`: what the adapter is, how it was made, how well it did, how to load it."""
     path = folder / CARD
-    path.write_text(model_card(folder, recipe or {}, manifest, evaluation), encoding="utf-8")
+    path.write_text(model_card(folder, recipe or {}, run, evaluation), encoding="utf-8")
     return path
 
 
-def is_smoke(manifest: dict[str, Any]) -> bool:
-    train = manifest.get("train") or {}
-    steps, tokens = train.get("global_step"), train.get("tokens_trained")
+def is_smoke(run: RunRecord) -> bool:
+    steps, tokens = run.train.get("global_step"), run.train.get("tokens_trained")
     return (isinstance(steps, int) and steps < SMOKE_STEPS) or (
         isinstance(tokens, int) and tokens < SMOKE_TOKENS
     )
 
 
 def model_card(
-    folder: Path, recipe: dict[str, Any], manifest: dict[str, Any], evaluation: dict[str, Any] | None = None
+    folder: Path, recipe: dict[str, Any], run: RunRecord, evaluation: dict[str, Any] | None = None
 ) -> str:
+    """The card's text, one section after the other. `recipe` is the resolved recipe as a dict (recipe.yaml)."""
     output_dir = (recipe.get("training") or {}).get("output_dir")
     name = Path(output_dir).name if output_dir else folder.name  # train writes into a staging folder
-    base = manifest.get("base_model") or {}
-    base_ref = base_name(base)
-    gguf = base.get("gguf") if isinstance(base.get("gguf"), dict) else None
-    lora = recipe.get("lora") or {}
-    training = recipe.get("training") or {}
-    data = manifest.get("data") or {}
-    train = manifest.get("train") or {}
-    config = _adapter_config(folder)
+    base_ref = base_name(run.base_model)
+    gguf = run.base_model.gguf
     hub_base = None if gguf or _looks_local(base_ref) else base_ref
+    lora = recipe.get("lora") or {}
+    config = _adapter_config(folder)
 
+    lines = _introduction(name, base_ref, hub_base, run)
+    lines += _data_section(run.data)
+    lines += _training_section(lora, recipe.get("training") or {}, run, config)
+    if run.adalora is not None:
+        lines += _adalora_ranks(run.adalora)
+    lines += _results_section(run.train, evaluation)
+    lines += _use_section(folder, name, hub_base or base_ref, gguf, lora, config)
+    return "\n".join(lines)
+
+
+def _introduction(name: str, base_ref: str, hub_base: str | None, run: RunRecord) -> list[str]:
+    """The YAML metadata the Hub reads, the title, what the adapter is, and a warning for a short run."""
+    gguf = run.base_model.gguf
     lines = ["---", "library_name: peft", "tags: [lora, loratool]"]
     if hub_base:
         lines.append(f"base_model: {hub_base}")
@@ -95,18 +106,19 @@ def model_card(
         lines.append(
             f"The base is the GGUF file `{Path(gguf['file']).name}` (sha256 `{gguf.get('sha256')}`)."
         )
-    if base.get("quantization"):
-        lines.append(f"Trained on the {base['quantization']}-quantized base (QLoRA).")
-    if init_line := describe_init(manifest.get("adapter_init")):
+    if run.base_model.quantization:
+        lines.append(f"Trained on the {run.base_model.quantization}-quantized base (QLoRA).")
+    if init_line := describe_init(run.adapter_init):
         lines.append(init_line)
-    dpo = manifest.get("dpo") if manifest.get("stage") == "dpo" else None
-    if isinstance(dpo, dict):
+    dpo = run.dpo if run.stage == "dpo" else None
+    if dpo is not None:
         lines.append(
             f"Preference-tuned with DPO (loss {dpo.get('loss_type')}, beta {dpo.get('beta')}; reference: "
             f"{dpo.get('reference')}) on chosen / rejected answer pairs."
         )
     lines.append("")
-    if is_smoke(manifest) and not manifest.get("smoke"):  # a --smoke run gets its own banner (smoke.py)
+    if is_smoke(run) and not run.smoke:  # a --smoke run gets its own banner (mark_smoke_run)
+        train = run.train
         size = f"{train.get('global_step')} optimizer steps" + (
             f", {train['tokens_trained']:,} tokens" if isinstance(train.get("tokens_trained"), int) else ""
         )
@@ -115,8 +127,12 @@ def model_card(
             "pipeline: check its evaluation before relying on it.",
             "",
         ]
+    return lines
 
-    lines += ["## Data", ""]
+
+def _data_section(data: dict[str, Any]) -> list[str]:
+    """Rows and tokens of each split and where they came from (run.json "data", data/summary.py)."""
+    lines = ["## Data", ""]
     for split in ("train", "validation"):
         summary = data.get(split)
         if not isinstance(summary, dict):
@@ -133,38 +149,52 @@ def model_card(
                 )
     if data.get("chat_template"):
         lines.append(f"- chat template: {data['chat_template']} (saved with the tokenizer in this directory)")
-    lines.append("")
+    return [*lines, ""]
 
-    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+
+def _training_section(
+    lora: dict[str, Any], training: dict[str, Any], run: RunRecord, config: dict[str, Any]
+) -> list[str]:
+    """The settings that shape the adapter, as a table (a setting without a value is left out)."""
+    lines = ["## Training", "", "| setting | value |", "|---|---|"]
     for key, value in (
         ("LoRA rank r / alpha", f"{_round(lora.get('r'))} / {_round(lora.get('lora_alpha'))}"),
         ("target modules", _target_modules(lora.get("target_modules"), config.get("target_modules"))),
         ("dropout", lora.get("lora_dropout")),
         ("learning rate", training.get("learning_rate")),
-        ("optimizer steps", train.get("global_step")),
-        ("epochs", _round(train.get("epochs"))),
-        ("effective batch size", manifest.get("effective_batch_size")),
-        ("max length", data.get("max_length")),
+        ("optimizer steps", run.train.get("global_step")),
+        ("epochs", _round(run.train.get("epochs"))),
+        ("effective batch size", run.effective_batch_size),
+        ("max length", run.data.get("max_length")),
         ("seed", training.get("seed")),
     ):
         if value not in (None, "None / None"):
             lines.append(f"| {key} | {value} |")
-    lines.append("")
+    return [*lines, ""]
 
-    if isinstance(manifest.get("adalora"), dict):
-        lines += _adalora_ranks(manifest["adalora"])
 
-    lines += ["## Results", ""]
+def _results_section(train: dict[str, Any], evaluation: dict[str, Any] | None) -> list[str]:
+    """The final losses, and what `loratool eval` measured when it has run."""
+    lines = ["## Results", ""]
     if train.get("train_loss") is not None:
         lines.append(f"- final train loss: {_round(train['train_loss'])}")
     if train.get("final_eval_loss") is not None:
         lines.append(f"- final validation loss: {_round(train['final_eval_loss'])}")
     for key, value in (evaluation or {}).items():
         lines.append(f"- {key}: {value}")
-    lines += ["- the loss curve: `loss_curve.png`; every step: `metrics.jsonl`", ""]
+    return [*lines, "- the loss curve: `loss_curve.png`; every step: `metrics.jsonl`", ""]
 
-    load_base = hub_base or base_ref
-    lines += [
+
+def _use_section(
+    folder: Path,
+    name: str,
+    load_base: str,
+    gguf: dict[str, Any] | None,
+    lora: dict[str, Any],
+    config: dict[str, Any],
+) -> list[str]:
+    """How to load it with PEFT, serve it with vLLM (or why vLLM would refuse it), and run it in llama.cpp."""
+    lines = [
         "## Use",
         "",
         "With PEFT:",
@@ -206,7 +236,7 @@ def model_card(
         "records the versions, the base's fingerprint and the data's.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def _adalora_ranks(record: dict[str, Any]) -> list[str]:
@@ -334,3 +364,21 @@ def _target_modules(asked: Any, saved: Any) -> str:
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+
+
+# --- a smoke run's card (`train --smoke`) ---
+
+SMOKE_BANNER = (
+    "> **SMOKE RUN — not a real adapter.** Trained by `loratool train --smoke` on a small random model "
+    "of the base's architecture, for a few steps, to check the recipe end to end. Do not use it.\n\n"
+)
+
+
+def mark_smoke_run(card: Path) -> None:
+    """Put the smoke-run banner on top of the adapter's model card."""
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    head = ""
+    if text.startswith("---\n") and "\n---\n" in text[4:]:  # YAML metadata must stay at the top
+        end = text.index("\n---\n", 4) + len("\n---\n")
+        head, text = text[:end] + "\n", text[end:]
+    card.write_text(head + SMOKE_BANNER + text, encoding="utf-8")

@@ -13,6 +13,12 @@
   output and rename it into place as the last step; a result that fails verification is renamed
   `<output>.failed-verification`. An output that appeared while we worked is not replaced.
 - Records are written atomically (temporary file, fsync, rename).
+- Room first. A command checks the free disk space for what it is about to write before it writes
+  anything (`check_free_space`).
+
+Each record has one typed owner in the package of the command that writes it (run.json:
+rundir/records.py, merge.json: merge/record.py, export.json: export/record.py); this module only knows
+their names, markers and file lists.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +96,17 @@ def owned_record(folder: Path, record_name: str, kind: str) -> dict[str, Any] | 
 
 
 def read_record(folder: Path, kind: str) -> dict[str, Any] | None:
-    """The record of the loratool `kind` output in `folder` (merge.json of a merge, ...), or None. Runs
-    are read through rundir.read_run, which types what run.json holds."""
+    """The record of the loratool `kind` output in `folder`, as a plain object, or None. Records with a
+    typed owner are read through it instead: run.json through rundir.records.read_run, merge.json through
+    merge.record.MergeRecord, export.json through export.record.ExportRecord."""
     return owned_record(folder, RECORD_OF_KIND[kind], kind)
+
+
+def known_fields(cls: type, value: Any) -> dict[str, Any]:
+    """The keys of a record's JSON object that are fields of the dataclass `cls` (its `raw` excepted):
+    a key another loratool version wrote is left out, and a value that is not an object gives {}."""
+    names = {f.name for f in fields(cls)} - {"raw"}
+    return {k: v for k, v in value.items() if k in names} if isinstance(value, dict) else {}
 
 
 def write_record(folder: Path, record_name: str, record: dict[str, Any], *, kind: str) -> None:
@@ -172,6 +186,29 @@ def foreign_entries(folder: Path, record: dict[str, Any]) -> list[str]:
         for p in folder.iterdir()
         if p.name not in listed and derived_output(p) is None and not _is_lock_file(p)
     )
+
+
+# --- disk space ----------------------------------------------------------------------------------------
+
+FREE_SPACE_MARGIN = 64 * 2**20  # bytes kept free beyond an estimate (file-system overhead, the record)
+
+
+def check_free_space(folder: Path, needed: int, *, what: str, hint: str, detail: str = "") -> None:
+    """Refuse, before anything is written, an output of about `needed` bytes that the disk holding
+    `folder` cannot take with FREE_SPACE_MARGIN to spare. `folder` need not exist yet (its nearest
+    existing parent is asked); `what` names the output in the message ("the merged model")."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed + FREE_SPACE_MARGIN:
+        raise LoratoolError(
+            f"not enough disk space in {folder}: {what} needs about {_size(needed)}{detail}, and "
+            f"{_size(free)} is free",
+            hint=hint,
+        )
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 # --- locks ---------------------------------------------------------------------------------------------
@@ -333,6 +370,7 @@ def check_output(path: Path, *, kind: str, record_name: str, overwrite: bool, op
     """Refuse an output directory that would lose anything: a file, a link, a directory that is not a
     loratool output of this kind, or one that also holds files loratool did not write. With --overwrite a
     previous output of the same kind is replaced (only what it wrote); without it, refused."""
+    check_writable(path, option)
     if path.is_symlink():
         raise LoratoolError(
             f"{option} {path} is a symbolic link",
@@ -378,6 +416,34 @@ def claim_output(
     """Lock `path` for this command and check it (see check_output); the lock is held until the block ends."""
     with output_lock(path, command_line(), log):
         yield check_output(path, kind=kind, record_name=record_name, overwrite=overwrite, option=option)
+
+
+NAME_MAX = 255  # bytes in one file name, on every common Linux and macOS file system
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any work, an output that cannot be written: a name longer than file systems allow,
+    or a place (the directory, or its nearest existing parent) on a read-only file system or without
+    write permission. Found here rather than after the data and the model have loaded."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise LoratoolError(
+                f"{what} {path}: the name {part[:24]}... is {len(os.fsencode(part))} bytes long; file systems "
+                f"allow {NAME_MAX}",
+                hint="choose a shorter output directory name",
+            )
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return  # a file where a directory is wanted: the caller says so
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise LoratoolError(
+            f"{what} {path}: {existing} {why}",
+            hint="choose an output directory on a writable disk",
+        )
 
 
 def library_versions(*names: str) -> dict[str, str | None]:

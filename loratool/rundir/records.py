@@ -12,7 +12,9 @@
       traceback.txt     only after a failure: the full traceback
 
 This module owns run.json: train writes it through RunDir, and every other command reads it through
-`read_run`. `find_adapter` and `read_training_run` are how merge, export and generate find an adapter and
+`read_run` (a typed RunRecord; `RunRecord.from_dict` for the record train is still building, as the model
+card does), and the run's recipe through `RunRecord.recipe()` (validated) or `recipe_dict()` (as written).
+`find_adapter` and `read_training_run` are how merge, export and generate find an adapter and
 what its run says about it. A directory is a loratool run only when its run.json carries loratool's marker (see
 outputs.py), and `--overwrite` removes only the names run.json lists as written by the run.
 
@@ -25,19 +27,23 @@ adapter files at its root, and its run.json says "running" or "failed".
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from loratool.errors import LoratoolError
+from loratool.recipe import Recipe, load_recipe
 from loratool.rundir.outputs import (
     MARKER,
+    check_writable,
+    known_fields,
     marker,
     owned_record,
     read_json,
@@ -66,26 +72,40 @@ CHECKPOINT_SEAL = "loratool-checkpoint.json"
 
 @dataclass(frozen=True)
 class BaseModelRecord:
-    """The base a run trained on."""
+    """The base a run trained on (run.json "base_model")."""
 
     id: str | None = None
     revision: str | None = None
     resolved_path: str | None = None
     fingerprint: str | None = None
     quantization: str | None = None  # "4bit", "8bit" or None
-    gguf: dict[str, Any] | None = None  # a .gguf base: its file, sha256 and conversion
+    gguf: dict[str, Any] | None = None  # a .gguf base: its file, sha256 and conversion (absent otherwise)
+
+    @classmethod
+    def from_dict(cls, value: Any) -> BaseModelRecord:
+        known = known_fields(cls, value)
+        known["gguf"] = _dict_or_none(known.get("gguf"))
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As run.json has it: `gguf` only for a .gguf base."""
+        value = asdict(self)
+        if self.gguf is None:
+            del value["gguf"]
+        return value
 
 
 @dataclass(frozen=True)
 class RunRecord:
-    """run.json, as read back. `raw` keeps every field for records that copy it whole (eval reports)."""
+    """run.json, as read back: a typed field for every key train writes (train/record.py). `raw` keeps the
+    object as read, for records that copy it whole and for keys a newer loratool added."""
 
     path: Path
-    status: str | None
-    error: str | None = None
+    status: str | None  # running, failed or complete
+    error: str | None = None  # why a failed run stopped
     base_model: BaseModelRecord = field(default_factory=BaseModelRecord)
-    data: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # the data summary (data/summary.py)
+    train: dict[str, Any] = field(default_factory=dict)  # the figures: steps, losses, tokens, seconds
     world_size: int | None = None
     effective_batch_size: int | None = None
     tokenizer_sha256: str | None = None
@@ -93,45 +113,88 @@ class RunRecord:
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)  # process_rss, cuda_allocated (GPU)
     wall_time_s: float | None = None
     adapter_init: dict[str, Any] = field(default_factory=dict)  # a non-default init (lora_init.py)
+    loratool_version: str | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)  # the libraries that trained it
+    python: str | None = None
+    command: list[str] = field(default_factory=list)
+    started_at: str | None = None
+    finished_at: str | None = None
+    hardware: dict[str, Any] = field(default_factory=dict)  # model/hardware.py Hardware, and the platform
+    stage: str | None = None  # sft or dpo
+    dpo: dict[str, Any] | None = None  # a DPO run: beta, loss_type, reference, init_adapter
+    smoke: dict[str, Any] | None = None  # a `train --smoke` run: the base it stands in for, what changed
+    adalora: dict[str, Any] | None = None  # an AdaLoRA run: its rank budget and final ranks
+    files: list[str] = field(default_factory=list)  # the top-level names the run wrote
     raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any], path: Path) -> RunRecord:
+        """A run.json object (or the record train is still building) as a RunRecord; a value of the wrong
+        type reads as absent."""
+        return cls(
+            path=path,
+            status=record.get("status"),
+            error=record.get("error"),
+            base_model=BaseModelRecord.from_dict(record.get("base_model")),
+            data=_dict(record.get("data")),
+            train=_dict(record.get("train")),
+            world_size=record.get("world_size"),
+            effective_batch_size=record.get("effective_batch_size"),
+            tokenizer_sha256=record.get("tokenizer_sha256"),
+            resumes=list(record.get("resumes") or []),
+            peak_memory_bytes=_dict(record.get("peak_memory_bytes")),
+            wall_time_s=record.get("wall_time_s"),
+            adapter_init=_dict(record.get("adapter_init")),
+            loratool_version=record.get("loratool_version"),
+            versions=_dict(record.get("versions")),
+            python=record.get("python"),
+            command=list(record.get("command") or []),
+            started_at=record.get("started_at"),
+            finished_at=record.get("finished_at"),
+            hardware=_dict(record.get("hardware")),
+            stage=record.get("stage"),
+            dpo=_dict_or_none(record.get("dpo")),
+            smoke=_dict_or_none(record.get("smoke")),
+            adalora=_dict_or_none(record.get("adalora")),
+            files=list(record.get("files") or []),
+            raw=record,
+        )
 
     @property
     def complete(self) -> bool:
         return self.status == "complete"
 
-    def recipe(self) -> dict[str, Any] | None:
-        """The resolved recipe the run wrote (recipe.yaml), or None when missing or unreadable."""
+    def recipe_dict(self) -> dict[str, Any] | None:
+        """recipe.yaml exactly as the run wrote it (every default filled in), or None when missing or
+        unreadable: for comparing recipes key by key (resume, sweep)."""
         try:
             value = yaml.safe_load((self.path / RECIPE).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             return None
         return value if isinstance(value, dict) else None
 
+    def load_recipe(self) -> Recipe:
+        """recipe.yaml, validated; a LoratoolError listing every problem when it is missing or no longer
+        validates (a run of another loratool version)."""
+        return load_recipe(self.path / RECIPE)
+
+    def recipe(self, log: Callable[[str], None] | None = None) -> Recipe | None:
+        """The run's recipe, validated: None when recipe.yaml is missing or unreadable, or when it no longer
+        validates (then `log` gets a note saying why)."""
+        if self.recipe_dict() is None:
+            return None
+        try:
+            return self.load_recipe()
+        except LoratoolError as exc:
+            if log is not None:
+                log(f"note: the run's recipe.yaml no longer validates ({exc.message.splitlines()[0]})")
+            return None
+
 
 def read_run(path: Path) -> RunRecord | None:
     """The record of the loratool run in `path`, or None when `path` holds no loratool run.json."""
     record = owned_record(path, MANIFEST, KIND)
-    if record is None:
-        return None
-    base = record.get("base_model")
-    base = base if isinstance(base, dict) else {}
-    known = {f for f in BaseModelRecord.__dataclass_fields__}
-    return RunRecord(
-        path=path,
-        status=record.get("status"),
-        error=record.get("error"),
-        base_model=BaseModelRecord(**{k: v for k, v in base.items() if k in known}),
-        data=_dict(record.get("data")),
-        train=_dict(record.get("train")),
-        world_size=record.get("world_size"),
-        effective_batch_size=record.get("effective_batch_size"),
-        tokenizer_sha256=record.get("tokenizer_sha256"),
-        resumes=list(record.get("resumes") or []),
-        peak_memory_bytes=_dict(record.get("peak_memory_bytes")),
-        wall_time_s=record.get("wall_time_s"),
-        adapter_init=_dict(record.get("adapter_init")),
-        raw=record,
-    )
+    return RunRecord.from_dict(record, path) if record is not None else None
 
 
 def has_run_record(path: Path) -> bool:
@@ -141,6 +204,10 @@ def has_run_record(path: Path) -> bool:
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _dict_or_none(value: Any) -> dict[str, Any] | None:
+    return value if isinstance(value, dict) else None
 
 
 # --- writing -------------------------------------------------------------------------------------------
@@ -178,6 +245,7 @@ class RunDir:
 
         With dry_run the same checks run but nothing on disk changes."""
         given = Path(output_dir).expanduser()
+        check_writable(given.absolute(), "training.output_dir")
         run = cls(given.resolve())  # a link to a directory elsewhere: the run lives where it points
         if resume and overwrite:
             raise LoratoolError("--resume and --overwrite contradict each other", hint="pass one of them")
@@ -240,11 +308,12 @@ class RunDir:
         return "finished" if finished else "unfinished"
 
     def latest_checkpoint(self) -> tuple[Path | None, list[Path]]:
-        """The newest complete checkpoint, and the newer ones skipped because they are incomplete."""
+        """The newest checkpoint that can be resumed from, and the newer ones skipped: incomplete (no seal)
+        or damaged since (a file the seal lists is missing or changed); `checkpoint_problem` says which."""
         found = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
         skipped = []
         for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-            if (path / CHECKPOINT_SEAL).is_file():
+            if checkpoint_problem(path) is None:
                 return path, skipped
             skipped.append(path)
         return None, skipped
@@ -266,7 +335,7 @@ class RunDir:
     def fail(self, manifest: dict[str, Any], error: BaseException) -> str:
         """Record the failure: traceback.txt, and run.json "failed" with the cause. On a full disk, the
         incomplete checkpoint being written is removed first, so that there is room to say so."""
-        if is_disk_full(error):
+        if is_disk_full(error) or is_file_too_large(error):
             self.remove_incomplete_checkpoints()
         if isinstance(error, KeyboardInterrupt):
             reason = str(error) if str(error).startswith("terminated") else "interrupted"
@@ -332,9 +401,53 @@ def is_disk_full(error: BaseException) -> bool:
     return any(sign in text for sign in ("No space left on device", "StorageFull", "Disk quota exceeded"))
 
 
+def is_file_too_large(error: BaseException) -> bool:
+    """A file-size limit hit while writing (`ulimit -f`, a file system's largest file): EFBIG, however the
+    writing library reports it. Python ignores SIGXFSZ, so the write fails instead of killing the process."""
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+        return True
+    return "File too large" in str(error)
+
+
 def read_checkpoint_seal(checkpoint: Path) -> dict[str, Any]:
-    """What the run's totals were when `checkpoint` was saved (see checkpoints.py)."""
+    """What the run's totals were when `checkpoint` was saved (see train/checkpoints.py)."""
     return read_json(checkpoint / CHECKPOINT_SEAL)
+
+
+SEAL_HASH_LIMIT = 1 << 20  # files up to 1 MiB (trainer_state.json, configs) are hashed too, larger ones sized
+
+
+def checkpoint_files(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a saved checkpoint with its size, and the sha256 of the small ones: the seal's list."""
+    files = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_SEAL):
+        size = path.stat().st_size
+        entry: dict[str, Any] = {"size": size}
+        if size <= SEAL_HASH_LIMIT:
+            entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        files[path.relative_to(checkpoint).as_posix()] = entry
+    return files
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None: it must be sealed, and every file its seal lists
+    must be there with the size (and, for small files, the content) it had when it was saved."""
+    if not (checkpoint / CHECKPOINT_SEAL).is_file():
+        return "incomplete (interrupted while saving)"
+    listed = read_checkpoint_seal(checkpoint).get("files")
+    if not isinstance(listed, dict):
+        return None  # sealed by a loratool that did not list the files: nothing more to check
+    for name, saved in sorted(listed.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            return f"damaged since it was saved ({name} is missing)"
+        if path.stat().st_size != saved.get("size"):
+            return (
+                f"damaged since it was saved ({name} is {path.stat().st_size} bytes, was {saved.get('size')})"
+            )
+        if saved.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != saved["sha256"]:
+            return f"damaged since it was saved ({name} changed)"
+    return None
 
 
 # --- an adapter and the run that trained it (merge, export, generate) --------------------------------
@@ -344,8 +457,8 @@ def read_checkpoint_seal(checkpoint: Path) -> dict[str, Any]:
 class TrainingRun:
     """What a loratool run directory says about the adapter; empty for an adapter from another tool."""
 
-    record: RunRecord | None  # run.json, read by rundir.read_run
-    recipe: dict[str, Any] | None  # recipe.yaml as written (fully resolved)
+    record: RunRecord | None  # run.json, read by read_run
+    recipe: Recipe | None  # recipe.yaml, validated (None: no run, no recipe.yaml, or it no longer validates)
 
     @property
     def base(self) -> BaseModelRecord:
@@ -358,8 +471,7 @@ class TrainingRun:
     @property
     def hardware(self) -> dict[str, Any]:
         """The hardware the run trained on (run.json), {} for an adapter from another tool."""
-        value = self.record.raw.get("hardware") if self.record is not None else None
-        return value if isinstance(value, dict) else {}
+        return self.record.hardware if self.record is not None else {}
 
 
 def find_adapter(path: Path) -> Path:
@@ -394,7 +506,8 @@ def find_adapter(path: Path) -> Path:
     )
 
 
-def read_training_run(adapter_dir: Path) -> TrainingRun:
-    """What the run directory around an adapter says (empty for an adapter from another tool)."""
+def read_training_run(adapter_dir: Path, log: Callable[[str], None] | None = None) -> TrainingRun:
+    """What the run directory around an adapter says (empty for an adapter from another tool); `log` gets
+    a note when its recipe.yaml no longer validates."""
     record = read_run(adapter_dir)
-    return TrainingRun(record, record.recipe() if record is not None else None)
+    return TrainingRun(record, record.recipe(log) if record is not None else None)

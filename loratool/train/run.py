@@ -80,8 +80,8 @@ def run_train(
             if state.is_main_process:
                 run.fail(record, exc)
             raise as_training_error(exc, run) from exc
-    log(summary(record, training.trainer, final_eval))
-    log(f"adapter written to {run.path}")
+        log(summary(record, training.trainer, final_eval))  # inside: train.log keeps these lines too
+        log(f"adapter written to {run.path}")
     return run.path
 
 
