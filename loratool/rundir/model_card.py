@@ -41,10 +41,9 @@ def base_name(base: BaseModelRecord) -> str:
     return str(base.id or base.resolved_path or "unknown")
 
 
-def finish_adapter_dir(folder: Path, recipe: dict[str, Any], manifest: dict[str, Any]) -> None:
+def finish_adapter_dir(folder: Path, recipe: dict[str, Any], run: RunRecord) -> None:
     """Name the real base in adapter_config.json and write the model card (train, on the staging folder,
     with the run.json it is building)."""
-    run = RunRecord.from_dict(manifest, folder)
     config_path = folder / ADAPTER_CONFIG
     if config_path.is_file():
         config = read_json(config_path)

@@ -32,7 +32,7 @@ import os
 import shutil
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,38 @@ class RunRecord:
             files=list(record.get("files") or []),
             raw=record,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run.json object (without the ownership marker and "files", which RunDir adds): what is known
+        before training first, the figures after; a section the run does not have is left out."""
+        value: dict[str, Any] = {
+            "loratool_version": self.loratool_version,
+            "versions": self.versions,
+            "python": self.python,
+            "command": self.command,
+            "started_at": self.started_at,
+            "base_model": self.base_model.to_dict(),
+            "hardware": self.hardware,
+            "world_size": self.world_size,
+            "effective_batch_size": self.effective_batch_size,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "data": self.data,
+            "stage": self.stage,
+            "dpo": self.dpo,
+            "smoke": self.smoke,
+            "adapter_init": self.adapter_init,
+            "resumes": self.resumes,
+            "train": self.train,
+            "adalora": self.adalora,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "wall_time_s": self.wall_time_s,
+            "finished_at": self.finished_at,
+            "status": self.status,
+            "error": self.error,
+        }
+        optional = {"dpo", "smoke", "adapter_init", "resumes", "train", "adalora", "peak_memory_bytes",
+                    "wall_time_s", "finished_at", "error"}  # fmt: skip
+        return {k: v for k, v in value.items() if k not in optional or v not in (None, {}, [])}
 
     @property
     def complete(self) -> bool:
@@ -318,9 +350,9 @@ class RunDir:
             skipped.append(path)
         return None, skipped
 
-    def start(self, resolved_recipe: dict[str, Any], manifest: dict[str, Any]) -> None:
+    def start(self, resolved_recipe: dict[str, Any], record: RunRecord) -> None:
         self.files |= {MANIFEST, RECIPE, METRICS, LOG, CHECKPOINTS, STAGING}
-        self.write_manifest({**manifest, "status": "running"})  # first: it marks the directory as ours
+        self.write_manifest(replace(record, status="running"))  # first: it marks the directory as ours
         self.write_recipe(resolved_recipe)
 
     def write_recipe(self, resolved_recipe: dict[str, Any]) -> None:
@@ -328,11 +360,13 @@ class RunDir:
         tmp.write_text(yaml.safe_dump(resolved_recipe, sort_keys=False, allow_unicode=True), encoding="utf-8")
         os.replace(tmp, self.path / RECIPE)
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        record = {MARKER: marker(KIND), **manifest, "files": sorted(self.files)}
-        write_json_atomic(self.path / MANIFEST, record)
+    def write_manifest(self, record: RunRecord) -> None:
+        """run.json: the record, loratool's ownership marker and the names this run wrote."""
+        write_json_atomic(
+            self.path / MANIFEST, {MARKER: marker(KIND), **record.to_dict(), "files": sorted(self.files)}
+        )
 
-    def fail(self, manifest: dict[str, Any], error: BaseException) -> str:
+    def fail(self, record: RunRecord, error: BaseException) -> str:
         """Record the failure: traceback.txt, and run.json "failed" with the cause. On a full disk, the
         incomplete checkpoint being written is removed first, so that there is room to say so."""
         if is_disk_full(error) or is_file_too_large(error):
@@ -347,7 +381,7 @@ class RunDir:
             self.files.add(TRACEBACK)
         except OSError:
             pass
-        failed = {**manifest, "status": "failed", "error": reason[:2000]}
+        failed = replace(record, status="failed", error=reason[:2000])
         try:
             self.write_manifest(failed)
         except OSError:
@@ -368,7 +402,7 @@ class RunDir:
         self.removed_incomplete += [p.name for p in skipped]
         return [p.name for p in skipped]
 
-    def finish(self, write_outputs: Callable[[Path], None], manifest: dict[str, Any]) -> None:
+    def finish(self, write_outputs: Callable[[Path], None], record: RunRecord) -> None:
         """Write the adapter & co. into staging with `write_outputs(dir)`, then move them into place."""
         staging = self.path / STAGING
         if staging.exists() or staging.is_symlink():
@@ -377,7 +411,7 @@ class RunDir:
         write_outputs(staging)
         names = sorted(p.name for p in staging.iterdir())
         self.files |= set(names)
-        self.write_manifest({**manifest, "status": "running"})  # the names are ours before they land
+        self.write_manifest(replace(record, status="running"))  # the names are ours before they land
         # Adapter weights before their config: a directory with weights but no adapter_config.json is
         # not loadable, so no interruption point leaves something that looks like a finished adapter.
         order = [n for n in names if n not in ADAPTER_FILES] + [
@@ -389,7 +423,7 @@ class RunDir:
                 shutil.rmtree(target)
             os.replace(staging / name, target)
         staging.rmdir()
-        self.write_manifest({**manifest, "status": "complete"})
+        self.write_manifest(replace(record, status="complete"))
 
 
 def is_disk_full(error: BaseException) -> bool:

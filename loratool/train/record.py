@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from loratool import __version__
@@ -14,6 +16,7 @@ from loratool.model.gguf_base import gguf_record, is_gguf
 from loratool.model.hardware import Hardware
 from loratool.model.load import Base
 from loratool.recipe import Recipe
+from loratool.rundir.records import BaseModelRecord, RunRecord
 from loratool.train.preflight import Preflight
 from loratool.train.resume import tokenizer_sha256
 from loratool.train.trainer import Training
@@ -21,35 +24,42 @@ from loratool.train.trainer import Training
 
 def new_record(
     recipe: Recipe, checks: Preflight, *, world_size: int, started: float, smoke: dict[str, Any] | None
-) -> dict[str, Any]:
+) -> RunRecord:
     """Everything run.json says before training: versions, base, hardware, layout, data and method."""
-    return {
+    t = recipe.training
+    method = checks.method.record(recipe)
+    return RunRecord(
+        path=Path(t.output_dir).expanduser().resolve(),
+        status="running",
         **header(recipe, checks.hw, checks.base, started),
-        **layout(recipe, world_size),
-        "tokenizer_sha256": tokenizer_sha256(checks.tokenizer),
-        "data": checks.data.summary.to_dict(),
-        **checks.method.record(recipe),
-        **({"smoke": smoke} if smoke is not None else {}),
-    }
+        world_size=world_size,
+        # How many rows one optimizer step sees across all processes.
+        effective_batch_size=t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size,
+        tokenizer_sha256=tokenizer_sha256(checks.tokenizer),
+        data=checks.data.summary.to_dict(),
+        stage=method["stage"],
+        dpo=method.get("dpo"),
+        smoke=smoke,
+    )
 
 
 def finish_record(
-    record: dict[str, Any],
+    record: RunRecord,
     training: Training,
     training_loss: float,
     final_eval: dict[str, float],
     parameters: tuple[int, int],
     hw: Hardware,
     started: float,
-) -> dict[str, Any]:
+) -> RunRecord:
     """The record with the run's figures: steps, whole-run loss and time (resumes included), tokens,
     parameters (trainable, total: counted when the adapter was attached), memory."""
     trainer, seal = training.trainer, training.seal
     trainable, total = parameters
     global_step = trainer.state.global_step
-    finished = {
-        **record,
-        "train": {
+    return replace(
+        record,
+        train={
             "global_step": global_step,
             "epochs": trainer.state.epoch,
             # Whole-run figures: a resumed run adds what its checkpoint carried (checkpoints.py).
@@ -64,17 +74,15 @@ def finish_record(
             "bf16": training.bf16,
             "fp16": training.fp16,
         },
-    }
-    if training.rank_budget is not None:
-        finished["adalora"] = training.rank_budget.record()
-    finished["peak_memory_bytes"] = peak_memory(hw)
-    finished["wall_time_s"] = round(seal.seconds_before + time.time() - started, 2)
-    finished["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    return finished
+        adalora=training.rank_budget.record() if training.rank_budget is not None else None,
+        peak_memory_bytes=peak_memory(hw),
+        wall_time_s=round(seal.seconds_before + time.time() - started, 2),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
 
 
 def header(recipe: Recipe, hw: Hardware, base: Base, started: float) -> dict[str, Any]:
-    """What is known before training: versions, base model identity, hardware, command line."""
+    """RunRecord's fields known before training: versions, base model identity, hardware, command line."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -100,30 +108,21 @@ def header(recipe: Recipe, hw: Hardware, base: Base, started: float) -> dict[str
         "python": platform.python_version(),
         "command": sys.argv,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "base_model": {
-            "id": recipe.base_model,
-            "revision": recipe.model.revision,
-            "resolved_path": str(model_dir) if model_dir else None,
-            "fingerprint": weights_fingerprint(model_dir) if model_dir else None,
-            "quantization": "4bit"
+        "base_model": BaseModelRecord(
+            id=recipe.base_model,
+            revision=recipe.model.revision,
+            resolved_path=str(model_dir) if model_dir else None,
+            fingerprint=weights_fingerprint(model_dir) if model_dir else None,
+            quantization="4bit"
             if recipe.quantization and recipe.quantization.load_in_4bit
             else "8bit"
             if recipe.quantization and recipe.quantization.load_in_8bit
             else None,
             # A .gguf base: the file and its sha256; resolved_path is then its cached conversion, which
             # merge finds (or rebuilds from the file) by this record.
-            **({"gguf": gguf_record(recipe.base_model)} if is_gguf(recipe.base_model) else {}),
-        },
+            gguf=gguf_record(recipe.base_model) if is_gguf(recipe.base_model) else None,
+        ),
         "hardware": {**hw.to_dict(), "platform": platform.platform()},
-    }
-
-
-def layout(recipe: Recipe, world_size: int) -> dict[str, int]:
-    """How many processes train and how many rows one optimizer step sees across all of them."""
-    t = recipe.training
-    return {
-        "world_size": world_size,
-        "effective_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size,
     }
 
 

@@ -13,6 +13,7 @@ import hashlib
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -171,27 +172,28 @@ def tokenizer_sha256(tokenizer: Any) -> str:
 
 
 def resume_point(
-    recipe: Recipe, run: RunDir, manifest: dict[str, Any], log: Callable[[str], None]
+    recipe: Recipe, run: RunDir, new: RunRecord, log: Callable[[str], None]
 ) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to resume from and what the resume changes, or a LoratoolError listing every
-    difference that would make it a different training (check_resume)."""
+    """The checkpoint to resume from and what the resume changes (run.json "resumes" entry), or a
+    LoratoolError listing every difference between the run's record and `new` that would make it a
+    different training (check_resume)."""
     record = read_run(run.path)
     assert record is not None  # RunDir.prepare refused anything else
     checkpoint, skipped = run.latest_checkpoint()
     assert checkpoint is not None
-    base = manifest["base_model"]
+    base = new.base_model
     matches = None
-    if record.base_model.fingerprint and base.get("resolved_path"):
-        matches = fingerprint_matches(Path(base["resolved_path"]), record.base_model.fingerprint)
+    if record.base_model.fingerprint and base.resolved_path:
+        matches = fingerprint_matches(Path(base.resolved_path), record.base_model.fingerprint)
     changes = check_resume(
         record,
         recipe_to_dict(recipe),
-        data=manifest["data"],
+        data=new.data,
         base_fingerprint_matches=matches,
-        base_fingerprint=base.get("fingerprint"),
-        tokenizer_sha256=manifest["tokenizer_sha256"],
-        world_size=manifest["world_size"],
-        effective_batch_size=manifest["effective_batch_size"],
+        base_fingerprint=base.fingerprint,
+        tokenizer_sha256=new.tokenizer_sha256,
+        world_size=new.world_size,
+        effective_batch_size=new.effective_batch_size,
     )
     problems = {path: checkpoint_problem(path) or "" for path in skipped}
     incomplete = [p for p, why in problems.items() if why.startswith("incomplete")]
@@ -217,9 +219,7 @@ def resume_point(
     return checkpoint, entry
 
 
-def continue_run(
-    run: RunDir, manifest: dict[str, Any], entry: dict[str, Any], log: Callable[[str], None]
-) -> dict[str, Any]:
+def continue_run(run: RunDir, new: RunRecord, entry: dict[str, Any], log: Callable[[str], None]) -> RunRecord:
     """Make the run directory ready to continue from entry's checkpoint: the finished adapter (if any)
     is superseded, incomplete checkpoints go, metrics.jsonl keeps only the steps up to the checkpoint, and
     run.json records this resume next to the earlier ones."""
@@ -235,10 +235,11 @@ def continue_run(
         )
     record = read_run(run.path)
     assert record is not None
-    continued = {
-        **manifest,
-        "started_at": record.raw.get("started_at", manifest["started_at"]),
-        "resumes": [*record.resumes, entry],
-    }
-    run.write_manifest({**continued, "status": "running"})
+    continued = replace(
+        new,
+        started_at=record.started_at or new.started_at,
+        resumes=[*record.resumes, entry],
+        status="running",
+    )
+    run.write_manifest(continued)
     return continued

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from loratool.adapter.lora import attach_adapter
 from loratool.model.load import load_model
 from loratool.recipe import Recipe, recipe_to_dict
 from loratool.rundir.model_card import finish_adapter_dir, mark_smoke_run
-from loratool.rundir.records import LOSS_CURVE, RunDir
+from loratool.rundir.records import LOSS_CURVE, RunDir, RunRecord
 from loratool.train import memory
 from loratool.train.divergence import check_finite_adapter
 from loratool.train.failures import as_training_error
@@ -60,7 +61,7 @@ def run_train(
             initial = on_main_first(state, lambda: inits.keep_initial_adapter(model, run.checkpoints, log))
             training = build_trainer(
                 model, recipe, checks, run, checkpoint, num_processes=state.num_processes,
-                base_fingerprint=record["base_model"]["fingerprint"],
+                base_fingerprint=record.base_model.fingerprint,
             )  # fmt: skip
             result = training.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             final_eval = final_evaluation(training.trainer) if checks.data.validation is not None else {}
@@ -90,8 +91,8 @@ def output_path(recipe: Recipe) -> Path:
 
 
 def load_with_adapter(
-    recipe: Recipe, checks: Preflight, record: dict[str, Any], log: Callable[[str], None]
-) -> tuple[Any, tuple[int, int], dict[str, Any]]:
+    recipe: Recipe, checks: Preflight, record: RunRecord, log: Callable[[str], None]
+) -> tuple[Any, tuple[int, int], RunRecord]:
     """The base on this hardware with the recipe's adapter attached (its init computed from the training
     rows where it needs data) and the memory savers installed; the (trainable, total) parameter counts;
     the record with the init that was used."""
@@ -111,24 +112,24 @@ def load_with_adapter(
         log=log,
     )
     memory.apply(model, checks.hw)
-    checks.method.prepare_model(model, recipe, record["base_model"]["fingerprint"], log)  # DPO: init_adapter
+    checks.method.prepare_model(model, recipe, record.base_model.fingerprint, log)  # DPO: init_adapter
     trainable, total = model.get_nb_trainable_parameters()
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")
     if (adapter_init := inits.init_record(recipe.lora, model)) is not None:
-        record = {**record, "adapter_init": adapter_init}
+        record = replace(record, adapter_init=adapter_init)
     return model, (trainable, total), record
 
 
 def start_run(
     state: Any,
     recipe: Recipe,
-    record: dict[str, Any],
+    record: RunRecord,
     resumed: dict[str, Any] | None,
     overwrite: bool,
     resume: bool,
     run_log: RunLog,
     log: Callable[[str], None],
-) -> tuple[RunDir, dict[str, Any]]:
+) -> tuple[RunDir, RunRecord]:
     """The run directory, started afresh (run.json "running", recipe.yaml) or continued at the resume
     point, by the main process; train.log from here on lands in it. The others only learn where it is."""
     started = on_main_first(
@@ -139,13 +140,13 @@ def start_run(
 
 def _start_run(
     recipe: Recipe,
-    record: dict[str, Any],
+    record: RunRecord,
     resumed: dict[str, Any] | None,
     overwrite: bool,
     resume: bool,
     run_log: RunLog,
     log: Callable[[str], None],
-) -> tuple[RunDir, dict[str, Any]]:
+) -> tuple[RunDir, RunRecord]:
     run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, log=log)
     if resumed is not None:
         record = continue_run(run, record, resumed, log)
@@ -161,7 +162,7 @@ def write_adapter_dir(
     checks: Preflight,
     run: RunDir,
     training: Training,
-    record: dict[str, Any],
+    record: RunRecord,
     adapter_state: dict[str, Any] | None,
     initial: Path | None,
     folder: Path,
@@ -175,15 +176,15 @@ def write_adapter_dir(
         read_metrics(run.metrics), folder / LOSS_CURVE, title=f"{run.path.name} · LoRA on {recipe.base_model}"
     )
     finish_adapter_dir(folder, recipe_to_dict(recipe), record)  # model card, the real base's name
-    if "smoke" in record:
+    if record.smoke is not None:
         mark_smoke_run(folder / "README.md")
 
 
-def summary(record: dict[str, Any], trainer: Any, final_eval: dict[str, float]) -> str:
+def summary(record: RunRecord, trainer: Any, final_eval: dict[str, float]) -> str:
     """The run's last line: time, steps, tokens and losses."""
-    train = record["train"]
+    train = record.train
     return (
-        f"done in {record['wall_time_s']:.0f}s: {train['global_step']} steps, "
+        f"done in {record.wall_time_s:.0f}s: {train['global_step']} steps, "
         f"{train['tokens_trained']:,} tokens, train loss {train['train_loss']:.4f}"
         + (f", validation loss {eval_trend(trainer, final_eval)}" if final_eval else "")
     )
