@@ -152,7 +152,11 @@ def _config_hint(exc: BaseException, source: str) -> str:
     is not a network problem, and neither is a local directory."""
     import transformers
 
-    if isinstance(exc, KeyError) or "does not recognize this architecture" in str(exc) or "model_type" in str(exc):
+    if (
+        isinstance(exc, KeyError)
+        or "does not recognize this architecture" in str(exc)
+        or "model_type" in str(exc)
+    ):
         return (
             f"transformers {transformers.__version__} does not know this architecture: upgrade it "
             "(pip install -U 'transformers<6'), or set model.trust_remote_code: true if the model ships its "

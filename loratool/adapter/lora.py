@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from loratool.adapter.inits import calibrate_adapter, calibrate_base, check_runs_here
 from loratool.errors import LoratoolError
 from loratool.recipe.methods import OWN_FIELDS
 
@@ -54,7 +55,7 @@ def build_lora_config(lora: LoraSection, total_steps: int | None = None) -> Peft
         fields.update(lora.model_extra or {})  # other LoraConfig fields the recipe passes through
         config_class = LoraConfig
         if lora.method == "adalora":
-            from loratool.adapter.adalora import provisional_total_steps
+            from loratool.adapter.adalora import provisional_total_steps  # deferred: loads transformers
 
             config_class = AdaLoraConfig
             fields.update(own, total_step=total_steps or provisional_total_steps(lora))
@@ -110,8 +111,6 @@ def attach_adapter(
     """Wrap the frozen base with a fresh adapter. Quantized bases get peft's k-bit preparation first.
     `calibration`: batches of training rows for the inits that need them (eva, corda; lora_init.py)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
-
-    from loratool.adapter.inits import calibrate_adapter, calibrate_base, check_runs_here
 
     check_target_modules(model, lora)
     check_runs_here(lora)

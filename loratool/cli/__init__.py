@@ -17,7 +17,7 @@ torch and transformers, and the loratool stages that load them, are imported ins
 
 from __future__ import annotations
 
-from loratool.cli import data, eval, export, generate, merge, recipe, train
+from loratool.cli import data, eval, export, generate, merge, recipe, serve, train
 from loratool.cli.application import app, main
 
 # Registered here, in one place, in the order `loratool --help` lists them: the order of the data flow.
@@ -32,5 +32,6 @@ app.command("export")(export.export)
 app.command("eval")(eval.eval_)
 app.command("generate")(generate.generate)
 app.command("chat")(generate.chat)
+app.command("serve")(serve.serve)
 
 __all__ = ["app", "main"]

@@ -15,6 +15,15 @@ import typer
 
 from loratool import __version__
 from loratool.errors import LoratoolError
+from loratool.model.bnb_cpu import silence_kernel_hub_warning
+
+# On AVX512-BF16 CPUs, importing bitsandbytes (peft does, on every command) logs that it cannot load a fused CPU
+# kernel that loratool turns off anyway (loratool/model/bnb_cpu.py), and offline the `kernels` package first
+# logs that it skips that kernel's trust check: not even LORATOOL_DEBUG=1 needs those lines. The filters go on
+# here, when the CLI starts, because some commands import the training stages (and so bitsandbytes) before
+# they call quiet_libraries, and a launcher's or sweep's every process starts here too. (Only `logging` is
+# imported for it: `--help` stays light.)
+silence_kernel_hub_warning()
 
 app = typer.Typer(
     help="Fine-tune causal language models with LoRA and QLoRA from YAML recipes.",
@@ -71,8 +80,9 @@ def reports_errors(command: F) -> F:
 # (category, message regex) of library warnings that say nothing a loratool user can act on.
 KNOWN_NOISE: tuple[tuple[type[Warning], str], ...] = (
     # peft and trl still call transformers' old names for activation checkpointing (loratool's own recipe key
-    # keeps the familiar name and maps it).
-    (FutureWarning, r".*`(is_)?gradient_checkpointing(_enable)?` is deprecated"),
+    # keeps the familiar name and maps it); DPO's trainer turns it off and on around its reference pass
+    # (trl/models/utils.py: `gradient_checkpointing_disable`).
+    (FutureWarning, r".*`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated"),
     # The trainer asks for pinned memory by default; on a CPU-only machine there is nothing to pin.
     (UserWarning, r".*'pin_memory' argument is set as true but no accelerator is found"),
 )
@@ -82,14 +92,7 @@ def quiet_libraries() -> None:
     """Known library noise and info logs drown the few lines that matter; LORATOOL_DEBUG=1 brings them
     back. Only the warnings named here are hidden: any other library warning is printed (and lands in a
     run's train.log), since it may be the one that explains a bad result."""
-    # deferred, as every loratool import in cli/ that is not the CLI's own: `--help` loads none of them
-    # --- bitsandbytes' hub-kernel warning (loratool/model/bnb_cpu.py) ---
-    # On AVX512-BF16 CPUs, importing bitsandbytes (peft does, on every command) logs that it cannot load a
-    # fused CPU kernel that loratool turns off anyway; not even LORATOOL_DEBUG=1 needs that line.
-    from loratool.model.bnb_cpu import silence_kernel_hub_warning
-
-    silence_kernel_hub_warning()
-    # --- end of the bitsandbytes block ---
+    # (bitsandbytes' hub-kernel lines are silenced when the CLI starts: see the top of this module.)
     if debug_enabled():
         return
     import warnings
@@ -107,7 +110,7 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     # transformers' GGUF reader draws its own tqdm bar, which disable_progress_bar() does not reach; it is
     # silenced where a GGUF file is read (importing the reader here would cost every command a second).
-    from loratool.model import gguf_base
+    from loratool.model import gguf_base  # deferred: `loratool --help` loads no stage
 
     gguf_base.QUIET_READER = True
 

@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from loratool.cli.application import quiet_libraries, reports_errors
-from loratool.cli.options import MaxNewTokensOption, TargetArgument, ToolsOption, TopPOption
+from loratool.cli.options import (
+    AdapterOption,
+    MaxNewTokensOption,
+    SystemOption,
+    TargetArgument,
+    TemperatureOption,
+    ToolsOption,
+    TopPOption,
+)
 
 
 @reports_errors
@@ -23,23 +31,12 @@ def generate(
             show_default=False,
         ),
     ] = None,
-    adapter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--adapter",
-            metavar="[NAME=]DIR",
-            help="Another adapter to load on the same base (repeatable); NAME defaults to the directory "
-            "name. Its base must be the loaded one.",
-            show_default=False,
-        ),
-    ] = None,
+    adapter: AdapterOption = None,
     max_new_tokens: MaxNewTokensOption = 256,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy.", min=0.0)] = 0.0,
+    temperature: TemperatureOption = 0.0,
     top_p: TopPOption = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    system: Annotated[
-        str | None, typer.Option("--system", help="A system message.", show_default=False)
-    ] = None,
+    system: SystemOption = None,
     tools: ToolsOption = None,
 ) -> None:
     """Answer prompts with the fine-tuned model, through its chat template."""
@@ -63,21 +60,16 @@ def generate(
 @reports_errors
 def chat(
     target: TargetArgument,
-    adapter: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--adapter", metavar="[NAME=]DIR", help="Another adapter (repeatable).", show_default=False
-        ),
-    ] = None,
+    adapter: AdapterOption = None,
     max_new_tokens: MaxNewTokensOption = 512,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
+    temperature: TemperatureOption = 0.0,
     top_p: TopPOption = 1.0,
-    system: Annotated[str | None, typer.Option("--system", show_default=False)] = None,
+    system: SystemOption = None,
     tools: ToolsOption = None,
 ) -> None:
     """Talk to the model interactively, answers streamed as they are generated."""
     quiet_libraries()
-    from loratool.generate.run import run_chat
+    from loratool.generate.run import run_chat  # deferred: loads torch and transformers
 
     run_chat(
         target,

@@ -28,8 +28,20 @@ TargetArgument = Annotated[
         metavar="TARGET",
     ),
 ]
+AdapterOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--adapter",
+        metavar="[NAME=]DIR",
+        help="Another adapter to load on the same base (repeatable); NAME defaults to the directory "
+        "name. Its base must be the loaded one.",
+        show_default=False,
+    ),
+]
+SystemOption = Annotated[str | None, typer.Option("--system", help="A system message.", show_default=False)]
 # Sampling, shared by generate and chat; each command gives its own default (a chat answer may be longer).
 MaxNewTokensOption = Annotated[int, typer.Option("--max-new-tokens", min=1)]
+TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 is greedy.", min=0.0)]
 TopPOption = Annotated[float, typer.Option("--top-p")]
 ToolsOption = Annotated[
     Path | None,

@@ -47,6 +47,7 @@ from loratool.data.preference import (
     to_pair,
 )
 from loratool.data.tokenize import IGNORE, encode_many, render_conversation
+from loratool.model.load import local_model_dir
 
 if TYPE_CHECKING:
     from loratool.data.summary import DataSummary
@@ -384,7 +385,6 @@ def _eot_without_loss(rows: list[Any], context: _Context) -> Finding | None:
 def _generation_eos(rows: list[Any], context: _Context) -> Finding | None:
     """generation_config.json's eos_token_id (else config.json's) must include the end of turn, or
     `generate` runs on after the answer, into a made-up next turn."""
-    from loratool.model.load import local_model_dir
 
     recipe, tokenizer, eot_id = context.recipe, context.tokenizer, context.eot_id
     if eot_id is None:

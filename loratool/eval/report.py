@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from loratool.eval.lm_harness import metric_rows
+
 # (key in metrics.json, label, format, higher is better)
 ROWS = (
     ("loss", "loss (nats/token)", "{:.4f}", False),
@@ -64,7 +66,6 @@ def terminal_summary(record: dict[str, Any], generations: list[dict[str, Any]]) 
 
 def lm_eval_table(record: dict[str, Any]) -> list[list[str]]:
     """Header + one row per lm-eval task metric, one column per model; empty without lm-eval numbers."""
-    from loratool.eval.lm_harness import metric_rows
 
     names, rows = metric_rows(record)
     if not rows:

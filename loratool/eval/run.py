@@ -26,9 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from loratool import __version__
+from loratool.data import build_datasets
+from loratool.data.preference import build_preference_datasets, chosen_rows
 from loratool.errors import LoratoolError
+from loratool.eval import report as eval_report
 from loratool.eval.lm_harness import HarnessTasks, failure, prepare_tasks, run_tasks
 from loratool.eval.metrics import IGNORE, generation_metrics, heldout_loss
+from loratool.eval.report import report_markdown
 from loratool.generate.run import Sampling, answer_text, fit_to_context, generate_ids, stop_text_span
 from loratool.generate.target import (
     Loaded,
@@ -38,6 +42,11 @@ from loratool.generate.target import (
     merged_base_dir,
     resolve_target,
 )
+from loratool.model import hardware
+from loratool.model.bnb_cpu import four_bit_matmul
+from loratool.progress import Heartbeat
+from loratool.recipe import DataSection
+from loratool.rundir.model_card import write_model_card
 from loratool.rundir.outputs import Output, check_output, claim_output, library_versions
 
 EVAL_DIR = "eval"
@@ -82,8 +91,6 @@ def run_eval(
 ) -> Path:
     """Evaluate TARGET and write its report directory; returns that directory. When lm-evaluation-harness
     fails, the rest of the report is written (with lm-eval's error in it) and then the error is raised."""
-    from loratool.eval import report as eval_report
-    from loratool.model.bnb_cpu import four_bit_matmul
 
     started = time.time()
     resolved = resolve_target(target)
@@ -254,8 +261,6 @@ def build_eval_data(
     recipe (a base model, or a merged model whose run is gone), the schema's data defaults apply, with
     max_length capped at the model's context; `max_length` replaces either. A `--data` file keeps its
     order, so `max_samples` takes its first rows."""
-    from loratool.data import build_datasets
-    from loratool.recipe import DataSection
 
     recipe = target.recipe
     seed = recipe.training.seed if recipe else 0
@@ -267,8 +272,6 @@ def build_eval_data(
             section = section.model_copy(update={"max_length": max_length})
         try:
             if preference:  # a DPO run: its validation pairs, each prompt with its chosen answer
-                from loratool.data.preference import build_preference_datasets
-
                 built = build_preference_datasets(section, tokenizer, seed=seed)
             else:
                 built = build_datasets(section, tokenizer, seed=seed)
@@ -307,8 +310,6 @@ def build_eval_data(
         description = f"{data} (in file order)"
         details = {"source": "file", "path": str(data), "order": "file"}
     if preference:
-        from loratool.data.preference import chosen_rows
-
         rows = chosen_rows(dataset)
     else:
         rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
@@ -358,7 +359,6 @@ def _prompts_with_completion_masks(
 ) -> list[Prompt]:
     """With completion_only_loss off every token carries loss, so prompts cannot be told from answers in
     the loss rows: the same rows are built again with the answers masked, for generation only."""
-    from loratool.data import build_datasets
 
     masked = section.model_copy(update={"completion_only_loss": True})
     built = build_datasets(masked, tokenizer, seed=seed)
@@ -377,7 +377,6 @@ def evaluate_model(
     """Loss on the rows and metrics of the answers generated for their prompts."""
     started = time.perf_counter()
     pad = loaded.tokenizer.pad_token_id
-    from loratool.train.progress import Heartbeat
 
     rows_beat = Heartbeat(f"{label}: loss", len(data.rows), write=log)
     loss = heldout_loss(
@@ -445,7 +444,6 @@ def evaluate_base(
             if lm_eval is not None:
                 lm_eval.run(loaded.model, loaded.tokenizer, "base")
             return result
-    from loratool.model import hardware
 
     base_dir = merged_base_dir(target)
     log(f"loading the base {base_dir}")
@@ -481,7 +479,6 @@ def output_dir(target: Target, output: str | Path | None) -> Path:
 
 def _add_to_model_card(target: Target, record: dict[str, Any], out: Path) -> None:
     """The run's model card (its README.md) gets these numbers, so that a shared adapter says how it did."""
-    from loratool.rundir.model_card import write_model_card
 
     rows = (record["models"].get("tuned") or {}).get("rows")
     where = f"`loratool eval`, {rows} held-out rows" if rows else "`loratool eval`"
@@ -509,7 +506,6 @@ def write_outputs(
 ) -> None:
     """Write the three files into a partial directory, then rename it into place (an earlier report
     there is replaced, only what it wrote): a crash never leaves a report that looks complete."""
-    from loratool.eval.report import report_markdown
 
     partial = claimed.partial()
     try:

@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
-from loratool.model.checkpoint import CONFIG, read_config
+from loratool.export.tokenizer import add_vocab, read_vocab
+from loratool.model.checkpoint import CONFIG, open_checkpoint, read_config, read_tensor
 
 if TYPE_CHECKING:
     import numpy as np
@@ -115,9 +116,6 @@ def write_gguf(
     """
     import gguf
     import numpy as np
-
-    from loratool.export.tokenizer import add_vocab, read_vocab
-    from loratool.model.checkpoint import open_checkpoint
 
     model_dir, out_file = Path(model_dir), Path(out_file)
     config = exportable_config(model_dir)
@@ -454,8 +452,6 @@ def _converted(
     """Each planned tensor's bytes, read, permuted and converted one at a time."""
     import gguf
     import numpy as np
-
-    from loratool.model.checkpoint import read_tensor
 
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head

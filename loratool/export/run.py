@@ -35,13 +35,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool import __version__
+from loratool.adapter.files import ADAPTER_CONFIG, read_adapter
 from loratool.errors import LoratoolError
+from loratool.export.gguf import ARCHITECTURES, BYTES_PER_WEIGHT, file_type, write_gguf
+from loratool.export.ollama import default_system_prompt, write_modelfile
 from loratool.export.record import RECORD, ExportRecord, ExportSource
+from loratool.export.verify import verification_message, verify_gguf
+from loratool.merge import resolve_base, run_merge
 from loratool.merge.record import MergeRecord
-from loratool.model.checkpoint import read_config
+from loratool.model.checkpoint import DTYPES, open_checkpoint, read_config
 from loratool.model.fingerprint import file_sha256
 from loratool.rundir.outputs import Output, check_free_space, claim_output, library_versions
-from loratool.rundir.records import has_run_record, read_run
+from loratool.rundir.records import find_adapter, has_run_record, read_run, read_training_run
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe
@@ -64,15 +69,12 @@ def run_export(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Export `source`; return the output directory."""
-    from loratool.export.gguf import file_type
 
     started = time.time()
     source = find_source(Path(source))
     is_run = source_kind(source) == "run"
     check_options(format, ollama, base, force, is_run, source)
     if format == "hf":
-        from loratool.merge import run_merge
-
         return run_merge(
             source, base=base, output=output, verify=verify, force=force, overwrite=overwrite, log=log
         )
@@ -137,7 +139,6 @@ def find_source(path: Path) -> Path:
 
 def source_kind(path: Path) -> str:
     """`run` for a training run / adapter directory, `model` for an HF checkpoint; refuses anything else."""
-    from loratool.adapter.files import ADAPTER_CONFIG
 
     if (path / ADAPTER_CONFIG).is_file() or has_run_record(path):
         return "run"
@@ -205,13 +206,11 @@ def gguf_name(source: Path, outtype: str) -> str:
 
 def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str, is_run: bool) -> None:
     """Refuse early when the GGUF (and, for a run, the temporary merge) cannot fit."""
-    from loratool.model.checkpoint import open_checkpoint
 
     model_dir = _base_dir(source, base) if is_run else source
     tensors = [t for shard in open_checkpoint(model_dir).shards for t in shard.tensors]
     params = sum(t.nbytes // max(1, _element_bytes(t.dtype)) for t in tensors)
     stored = sum(t.nbytes for t in tensors)
-    from loratool.export.gguf import BYTES_PER_WEIGHT
 
     bytes_per_param = BYTES_PER_WEIGHT[outtype]
     needed = params * bytes_per_param + 2 * 2**20 * 16  # tokenizer metadata: a few MB even for 128K vocabs
@@ -229,7 +228,6 @@ def check_disk_space(folder: Path, source: Path, base: str | None, outtype: str,
 def check_gguf_architecture(source: Path, base: str | None, is_run: bool) -> None:
     """Refuse a model whose architecture the GGUF writer does not support (export/gguf.py ARCHITECTURES),
     reading config.json only: the source's, or for a run its base's."""
-    from loratool.export.gguf import ARCHITECTURES
 
     model_dir = _base_dir(source, base) if is_run else source
     try:
@@ -250,15 +248,11 @@ def check_gguf_architecture(source: Path, base: str | None, is_run: bool) -> Non
 
 
 def _element_bytes(dtype: str) -> int:
-    from loratool.model.checkpoint import DTYPES
 
     return DTYPES[dtype][1]
 
 
 def _base_dir(run_dir: Path, base: str | None) -> Path:
-    from loratool.adapter.files import read_adapter
-    from loratool.merge import resolve_base
-    from loratool.rundir.records import find_adapter, read_training_run
 
     adapter_dir = find_adapter(run_dir)
     return resolve_base(base, read_training_run(adapter_dir), read_adapter(adapter_dir))[1]
@@ -277,7 +271,6 @@ def merge_for_export(
     log: Callable[[str], None],
 ) -> tuple[Path, MergeRecord | None]:
     """Merge the run's adapter into `folder/merged` (removed after conversion); return it and merge.json."""
-    from loratool.merge import run_merge
 
     merged = run_merge(
         run_dir,
@@ -302,7 +295,6 @@ def export_gguf(
 ) -> ExportRecord:
     """Write the GGUF (+ Modelfile) into `folder`, verify it; return export.json's content (the merge
     behind it and the wall time are added by run_export)."""
-    from loratool.export.gguf import write_gguf
 
     name = gguf_name(source, outtype)
     log(f"converting {model_dir} to GGUF ({outtype})")
@@ -310,8 +302,6 @@ def export_gguf(
     recipe = _recipe_of(source, log)
     modelfile = None
     if ollama:
-        from loratool.export.ollama import default_system_prompt, write_modelfile
-
         tokenizer = _tokenizer_config(model_dir)
         system = _system_prompt(recipe) or default_system_prompt(tokenizer["chat_template"])
         modelfile = write_modelfile(
@@ -322,8 +312,6 @@ def export_gguf(
     versions = library_versions("gguf", "torch", "transformers", "peft", "safetensors")
     verification: dict[str, Any] = {"skipped": True}
     if verify:
-        from loratool.export.verify import verify_gguf
-
         log("verifying the GGUF against its source (transformers gguf_file= reload)")
         verification = verify_gguf(gguf_file, model_dir, outtype, recipe, log)
     return ExportRecord(
@@ -370,8 +358,6 @@ def finish(out: Output, partial: Path, record: ExportRecord, log: Callable[[str]
     """Write export.json and move the export into place — or keep a failed one under a name saying so."""
     verification = record.verification
     if not verification.get("skipped") and not verification["passed"]:
-        from loratool.export.verify import verification_message
-
         failed = dataclasses.replace(record, status="failed-verification")
         kept = out.keep_failed(partial, failed.to_dict())
         raise LoratoolError(

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loratool.merge.compare import Thresholds
+from loratool.merge.compare import Thresholds, build_probes, compare, probe_logits
+from loratool.model.gguf_base import quiet_gguf_reader
 
 # Per outtype. f32 stores the weights exactly: only identical arithmetic is compared (measured max
 # |Δlogit| 0 on the tiny models and SmolLM2-135M). f16/bf16 round each weight to 11/8 significant bits;
@@ -59,9 +60,6 @@ def verify_gguf(
     """Both checks; `passed` is true when both pass. Loads the source and the GGUF model in float32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loratool.merge.compare import build_probes, compare, probe_logits
-    from loratool.model.gguf_base import quiet_gguf_reader
 
     quiet_gguf_reader()
     tokenizer = AutoTokenizer.from_pretrained(source_dir)

@@ -29,9 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loratool.adapter.files import check_against_base, read_adapter
+from loratool.data.templates import renders_tools, stop_texts, with_bos
 from loratool.errors import LoratoolError
 from loratool.generate.target import Loaded, Target, load_target, resolve_target, stop_ids_of
+from loratool.model.fingerprint import weights_fingerprint
+from loratool.model.load import load_tokenizer, local_model_dir
 from loratool.rundir.outputs import read_json
+from loratool.rundir.records import find_adapter, read_run, read_training_run
 
 BASE = "base"  # the adapter name that means "no adapter"
 _PICK = re.compile(r"^@([A-Za-z0-9_.\-]+):\s*(.*)$", re.DOTALL)
@@ -171,7 +176,6 @@ def render_prompt(
     if not tokenizer.chat_template:
         # A base model without a template: the last message is sent as raw text.
         return tokenizer(messages[-1]["content"])["input_ids"]
-    from loratool.data.templates import with_bos
 
     options = {"tools": tools} if tools else {}
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options)
@@ -292,7 +296,6 @@ def _pad_id(tokenizer: Any, fallback: Any) -> int:
 
 def parse_adapter_options(options: list[str], target: Target) -> list[tuple[str, Path]]:
     """`[NAME=]DIR` options as (name, adapter directory); names are unique and never `base`."""
-    from loratool.rundir.records import find_adapter
 
     taken = {target.adapter_name} if target.kind == "run" else set()
     parsed = []
@@ -323,10 +326,6 @@ def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loa
 
     Weights fingerprints (run.json) decide when both sides have one; otherwise the adapter's tensors must
     fit the loaded model's shapes (an adapter for another size or architecture is caught either way)."""
-    from loratool.adapter.files import check_against_base, read_adapter
-    from loratool.model.fingerprint import weights_fingerprint
-    from loratool.model.load import local_model_dir
-    from loratool.rundir.records import read_training_run
 
     run = read_training_run(adapter_dir)
     config = read_json(adapter_dir / "adapter_config.json")
@@ -446,7 +445,6 @@ def _own_origin(target: Target) -> str:
 
 def _run_base_prompting(target: Target, loaded: Loaded, log: Callable[[str], None]) -> Prompting:
     """The base of a run target, prompted with the base's own tokenizer and template."""
-    from loratool.model.load import load_tokenizer
 
     assert target.recipe is not None
     tokenizer = load_tokenizer(target.recipe.base_model, target.recipe.model, log)
@@ -455,7 +453,6 @@ def _run_base_prompting(target: Target, loaded: Loaded, log: Callable[[str], Non
         if tokenizer.chat_template
         else "raw text (the base has no chat template)"
     )
-    from loratool.data.templates import stop_texts
 
     return Prompting(tokenizer, None, stop_ids_of(tokenizer, loaded.model), origin, stop_texts(tokenizer))
 
@@ -468,9 +465,6 @@ def _adapter_prompting_source(
 
     def build() -> Prompting:
         from transformers import AutoTokenizer
-
-        from loratool.data.templates import stop_texts
-        from loratool.rundir.records import read_run
 
         if not (adapter_dir / "tokenizer_config.json").is_file():
             fallback = base()
@@ -523,7 +517,6 @@ def render_for(
     tools: list[Any] | None,
 ) -> list[int]:
     """The prompt for adapter `name`, in the format it was trained on; tools refused by its template."""
-    from loratool.data.templates import renders_tools
 
     prompting = adapters.prompting_of(name)
     if tools and not (prompting.tokenizer.chat_template and renders_tools(prompting.tokenizer)):

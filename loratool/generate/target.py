@@ -22,10 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from loratool.adapter.files import check_adapter_files
+from loratool.data.templates import end_of_turn, stop_texts
 from loratool.errors import LoratoolError
 from loratool.merge.record import MergeRecord
+from loratool.model import hardware
+from loratool.model.fingerprint import fingerprint_matches, fingerprint_scheme, weights_fingerprint
 from loratool.model.gguf_base import is_gguf, resolve_base_model
-from loratool.rundir.records import RECIPE, RunRecord, has_run_record, read_run
+from loratool.model.hardware import model_dtype
+from loratool.model.load import load_model, load_tokenizer, local_dir_has_only_pickles, local_model_dir
+from loratool.recipe import ModelSection
+from loratool.rundir.records import ADAPTER_FILES, RECIPE, RunRecord, has_run_record, read_run
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe
@@ -62,7 +69,6 @@ class Target:
     @property
     def base_fingerprint(self) -> str | None:
         """Fingerprint of the weights extra adapters go on top of (the run's recorded base, or TARGET's)."""
-        from loratool.model.fingerprint import weights_fingerprint
 
         if self.kind == "run":
             assert self.run is not None
@@ -72,8 +78,6 @@ class Target:
     def base_matches(self, recorded: str) -> bool:
         """Whether the weights extra adapters go on top of are the ones `recorded` (another run's record)
         describes; records of one scheme compare as they are, others against the weights themselves."""
-        from loratool.model.fingerprint import fingerprint_matches, fingerprint_scheme
-        from loratool.model.load import local_model_dir
 
         own = self.base_fingerprint
         if own and fingerprint_scheme(own) == fingerprint_scheme(recorded):
@@ -136,8 +140,6 @@ def model_dir(target: Target, log: Callable[[str], None]) -> Path:
 
 
 def _run_target(path: Path) -> Target:
-    from loratool.adapter.files import check_adapter_files
-    from loratool.rundir.records import ADAPTER_FILES
 
     record = read_run(path)
     if record is None:
@@ -207,8 +209,6 @@ def merged_base_dir(target: Target) -> Path:
 
 def load_target(target: Target, log: Callable[[str], None]) -> Loaded:
     """The model (with its adapter, for a run) and the tokenizer that carries the chat template."""
-    from loratool.data.templates import stop_texts
-    from loratool.model import hardware
 
     started = time.perf_counter()
     hw = hardware.detect()
@@ -237,8 +237,6 @@ def _load_run(target: Target, hw: Any, log: Callable[[str], None]) -> tuple[Any,
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from loratool.model.load import load_model
-
     recipe = target.recipe
     assert recipe is not None
     check_run_base(target, log)
@@ -256,8 +254,6 @@ def _load_run(target: Target, hw: Any, log: Callable[[str], None]) -> tuple[Any,
 
 def check_run_base(target: Target, log: Callable[[str], None]) -> None:
     """Refuse a base whose weights changed since training: the adapter would be evaluated on another model."""
-    from loratool.model.fingerprint import fingerprint_matches, weights_fingerprint
-    from loratool.model.load import local_model_dir
 
     assert target.run is not None and target.recipe is not None
     recorded = target.run.base_model.fingerprint
@@ -278,9 +274,6 @@ def load_checkpoint(path: Path, hw: Any) -> Any:
     TARGET arrives here as its conversion, see model_dir)."""
     from transformers import AutoModelForCausalLM
 
-    from loratool.model.hardware import model_dtype
-    from loratool.model.load import local_dir_has_only_pickles
-
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=model_dtype("auto", hw), use_safetensors=True
@@ -300,8 +293,6 @@ def load_checkpoint(path: Path, hw: Any) -> Any:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    from loratool.model.load import load_tokenizer
-    from loratool.recipe import ModelSection
 
     return load_tokenizer(str(path), ModelSection())
 
@@ -319,7 +310,6 @@ def stop_ids_of(tokenizer: Any, model: Any) -> list[int]:
     """Where answers of a template end: the model's and the tokenizer's EOS, and the token the template
     closes an assistant turn with, when the vocabulary has it as one token (a chat fine-tune that stops only
     at EOS runs on; an end of turn in several tokens is a stop text: data.templates.stop_texts)."""
-    from loratool.data.templates import end_of_turn
 
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [] if eos is None else list(eos) if isinstance(eos, list | tuple) else [eos]

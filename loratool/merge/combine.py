@@ -33,7 +33,7 @@ from loratool.merge.run import (
     resolve_base,
     run_merge,
 )
-from loratool.model.fingerprint import fingerprint_scheme
+from loratool.model.fingerprint import file_sha256, fingerprint_scheme
 from loratool.rundir.outputs import check_output, claim_output
 from loratool.rundir.records import TrainingRun, find_adapter, read_training_run
 
@@ -305,7 +305,6 @@ def describe_combination(
     base_dir: Path,
 ) -> dict[str, Any]:
     """combine.json: which adapters (and their exact weights files), how, and on which base."""
-    from loratool.model.fingerprint import file_sha256
 
     return {
         "loratool_version": __version__,

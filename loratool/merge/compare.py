@@ -20,7 +20,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from loratool.data import build_datasets
+from loratool.data.preference import build_preference_datasets, chosen_sequences
 from loratool.errors import LoratoolError
+from loratool.progress import Heartbeat
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +55,6 @@ def build_probes(
 ) -> tuple[list[list[int]], str]:
     """Token ids of the probe rows, and where they came from (in words, for merge.json)."""
     if recipe is not None:
-        from loratool.data import build_datasets
-        from loratool.data.preference import build_preference_datasets, chosen_sequences
-
         build = build_preference_datasets if recipe.dpo is not None else build_datasets
         try:
             data = build(recipe.data, tokenizer, seed=recipe.training.seed)
@@ -119,8 +119,6 @@ def probe_logits(
     """The logits of each probe row. With `what`, a progress line (rate, ETA) at least every 15 s: a big
     model on a busy CPU can take minutes here."""
     import torch
-
-    from loratool.train.progress import Heartbeat
 
     heartbeat = Heartbeat(what, len(probes), write=log) if what else None
     device = next(model.parameters()).device

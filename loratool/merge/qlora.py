@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loratool.model.checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPE
+
 if TYPE_CHECKING:
     import torch
 
@@ -43,7 +45,6 @@ class QuantizedBase:
 
     def changes(self, name: str, stored_dtype: str) -> bool:
         """Whether `as_trained` changes this tensor (stored_dtype in safetensors spelling: F32, BF16...)."""
-        from loratool.model.checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPE
 
         if name in self.weights:
             return True

@@ -26,12 +26,34 @@ from loratool import __version__
 from loratool.adapter.files import (
     ADAPTER_CONFIG,
     Adapter,
+    check_against_base,
+    fold,
+    read_adapter,
 )
 from loratool.adapter.inits import refuse_unmergeable
+from loratool.data.templates import end_of_turn
 from loratool.errors import LoratoolError
+from loratool.merge.compare import build_probes
+from loratool.merge.qlora import QuantizedBase, as_trained, quantization_device, quantized_weight_names
 from loratool.merge.record import RECORD, MergedAdapter, MergedBase, MergeRecord
-from loratool.model.checkpoint import INDEX, SAFETENSORS_DTYPE, Checkpoint, TensorInfo, read_config
+from loratool.merge.verify import EXACT, QUANTIZATION_DRIFT, ROUNDED, Reference, verify
+from loratool.model.checkpoint import (
+    FLOAT_DTYPES,
+    INDEX,
+    SAFETENSORS_DTYPE,
+    Checkpoint,
+    ShardWriter,
+    TensorInfo,
+    checkpoint_dtype,
+    open_checkpoint,
+    read_config,
+    read_tensor,
+    shard_bytes,
+    torch_dtype,
+)
 from loratool.model.fingerprint import fingerprint_matches, weights_fingerprint
+from loratool.model.hardware import Hardware, model_dtype
+from loratool.model.load import local_model_dir
 from loratool.recipe import QuantizationSection
 from loratool.rundir.outputs import Output, check_free_space, claim_output, library_versions, read_json
 from loratool.rundir.records import TrainingRun, find_adapter, read_training_run
@@ -59,8 +81,6 @@ def run_merge(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Merge the LoRA adapter in `adapter_dir` into its base model; return the merged model directory."""
-    from loratool.adapter.files import check_against_base, read_adapter
-    from loratool.model.checkpoint import checkpoint_dtype, open_checkpoint
 
     started = time.time()
     if dtype not in DTYPES:
@@ -128,7 +148,6 @@ def run_merge(
 def resolve_base(given: str | None, run: TrainingRun, adapter: Adapter) -> tuple[str, Path]:
     """(what the user or the run calls the base, its local directory). --base wins; then run.json's
     resolved path, then its id; then adapter_config.json's base_model_name_or_path."""
-    from loratool.model.load import local_model_dir
 
     recorded_path = run.base.resolved_path
     if given:
@@ -263,7 +282,6 @@ def choose_qlora_policy(requested: str | None, run: TrainingRun) -> str | None:
 
 def quantized_base(run: TrainingRun, base_dir: Path, base_dtype: str) -> Any:
     """How the run quantized its base: the recipe's quantization section and the dtype it loaded in."""
-    from loratool.merge.qlora import QuantizedBase, quantization_device, quantized_weight_names
 
     q, _, trust_remote_code = trained_with(run)
     skip = q.llm_int8_skip_modules
@@ -301,8 +319,6 @@ def training_load_dtype(run: TrainingRun, base_dtype: str) -> str:
     for an adapter without a run, the base's own dtype."""
     from dataclasses import fields
 
-    from loratool.model.hardware import Hardware, model_dtype
-
     _, requested, _ = trained_with(run)
     hardware = run.hardware
     if requested != "auto":
@@ -331,7 +347,6 @@ def output_location(output: str | Path | None, adapter_dir: Path, base_dir: Path
 
 def plan_output(checkpoint: Checkpoint, adapter: Adapter, dtype: str) -> list[list[TensorInfo]]:
     """The tensors of each output shard: the base's names and shapes, in the output dtype."""
-    from loratool.model.checkpoint import FLOAT_DTYPES
 
     planned = []
     for shard in checkpoint.shards:
@@ -346,7 +361,6 @@ def plan_output(checkpoint: Checkpoint, adapter: Adapter, dtype: str) -> list[li
 
 
 def check_disk_space(output: Path, planned: list[list[TensorInfo]], tokenizer_dir: Path) -> None:
-    from loratool.model.checkpoint import shard_bytes
 
     needed = sum(shard_bytes(tensors) for tensors in planned)
     needed += sum((tokenizer_dir / f).stat().st_size for f in TOKENIZER_FILES if (tokenizer_dir / f).exists())
@@ -367,9 +381,6 @@ def write_weights(
     log: Callable[[str], None],
 ) -> dict[str, int]:
     """Stream every base shard into its output shard, merging the tensors the adapter changes."""
-    from loratool.adapter.files import fold
-    from loratool.merge.qlora import as_trained
-    from loratool.model.checkpoint import ShardWriter, read_tensor, torch_dtype
 
     counts = {"merged": 0, "from_base": 0}
     data_bytes = 0
@@ -450,8 +461,6 @@ def stop_token_ids(tokenizer_dir: Path) -> list[int]:
     token (an end of turn spelled in several tokens cannot be an id: generate stops on its text)."""
     from transformers import AutoTokenizer
 
-    from loratool.data.templates import end_of_turn
-
     if not _has_tokenizer(tokenizer_dir):
         return []
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -530,9 +539,6 @@ def verify_merge(
 ) -> dict[str, Any]:
     """Compare the merged model with base + adapter on probe rows (see merge/verify.py for thresholds)."""
     from transformers import AutoTokenizer
-
-    from loratool.merge.compare import build_probes
-    from loratool.merge.verify import EXACT, QUANTIZATION_DRIFT, ROUNDED, Reference, verify
 
     tight = EXACT if out_dtype == "float32" else ROUNDED
     full = Reference("full_precision_base", "full-precision base + adapter", tight, None)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.merge.compare import Thresholds, compare, probe_logits
+from loratool.model.bnb_cpu import four_bit_matmul, use_exact_4bit_matmul
 
 if TYPE_CHECKING:
     from loratool.merge.qlora import QuantizedBase
@@ -56,7 +57,6 @@ def verify(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Compare the merged model with each reference; one result per reference, keyed like merge.json."""
-    from loratool.model.bnb_cpu import four_bit_matmul
 
     merged = probe_logits(_load_merged(merged_dir), probes, "  verifying the merged model", log)
     results: dict[str, Any] = {}
@@ -96,8 +96,6 @@ def _load_reference(base_dir: Path, adapter_dir: Path, quantized: QuantizedBase 
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from loratool.model.bnb_cpu import use_exact_4bit_matmul
 
     if quantized is None:
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(_device())

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
+from loratool.model.attention import use_per_example_attention
 from loratool.model.bnb_cpu import use_exact_4bit_matmul
 from loratool.model.gguf_base import check_gguf_file, is_gguf, resolve_base_model
 from loratool.model.hardware import Hardware, compute_dtype, model_dtype, quant_storage
@@ -234,7 +235,6 @@ def load_model(
     if recipe.data.padding_free and recipe.dpo is None:  # DPO batches are padded (dpo.py)
         # Flattened batches: sdpa / eager attend within each example instead of over the whole row
         # (attention.py); flash attention keeps its own varlen kernels.
-        from loratool.model.attention import use_per_example_attention
 
         if (name := use_per_example_attention(model)) is not None:
             log(f"attention: {name} (padding-free batches: each example attends only to itself)")

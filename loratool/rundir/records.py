@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from loratool.adapter.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files, is_adapter_dir
 from loratool.errors import LoratoolError
 from loratool.recipe import Recipe, load_recipe
 from loratool.rundir.outputs import (
@@ -510,7 +511,6 @@ class TrainingRun:
 
 def find_adapter(path: Path) -> Path:
     """The adapter directory PATH names (a run directory or any PEFT adapter), or a clear error."""
-    from loratool.adapter.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files, is_adapter_dir
 
     path = path.expanduser().resolve()
     if not path.is_dir():

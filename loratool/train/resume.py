@@ -20,9 +20,9 @@ from typing import Any
 from loratool.errors import LoratoolError
 from loratool.model.fingerprint import fingerprint_matches
 from loratool.recipe import Recipe, recipe_to_dict
+from loratool.rundir.metrics import trim_metrics
 from loratool.rundir.outputs import remove_entry
 from loratool.rundir.records import ADAPTER_FILES, STAGING, RunDir, RunRecord, checkpoint_problem, read_run
-from loratool.train.progress import trim_metrics
 
 # Keys that may change on resume: how long to train (to extend a finished run) and how it is logged,
 # evaluated, checkpointed and reported. Everything else changes what the adapter learns.

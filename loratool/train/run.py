@@ -14,6 +14,7 @@ from loratool.adapter import inits
 from loratool.adapter.lora import attach_adapter
 from loratool.model.load import load_model
 from loratool.recipe import Recipe, recipe_to_dict
+from loratool.rundir.metrics import plot_loss_curve, read_metrics
 from loratool.rundir.model_card import finish_adapter_dir, mark_smoke_run
 from loratool.rundir.records import LOSS_CURVE, RunDir, RunRecord
 from loratool.train import memory
@@ -21,7 +22,6 @@ from loratool.train.divergence import check_finite_adapter
 from loratool.train.failures import as_training_error
 from loratool.train.preflight import Preflight, preflight_every_process
 from loratool.train.processes import main_holds_output, on_main_first, processes, quiet
-from loratool.train.progress import plot_loss_curve, read_metrics
 from loratool.train.record import finish_record, new_record
 from loratool.train.resume import continue_run, resume_point
 from loratool.train.runlog import RunLog

@@ -50,6 +50,7 @@ from loratool.recipe import (
     recipe_to_dict,
     unknown_key_problems,
 )
+from loratool.rundir.metrics import read_metrics
 from loratool.rundir.outputs import (
     MARKER,
     check_output,
@@ -558,7 +559,6 @@ def _str(value: Path | None) -> str | None:
 
 def row(cell: Cell, outcome: Outcome | None, with_eval: bool) -> dict[str, Any]:
     """One row of the table, read from the cell's run.json, metrics.jsonl and eval report."""
-    from loratool.train.progress import read_metrics  # deferred: progress.py loads transformers
 
     result: dict[str, Any] = {
         "cell": cell.name,
@@ -704,8 +704,6 @@ def plot_sweep(record: dict[str, Any], axes: list[Axis], sweep_dir: Path, output
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
-
-    from loratool.train.progress import read_metrics  # deferred: progress.py loads transformers
 
     cells = record["cells"]
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)

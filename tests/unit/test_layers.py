@@ -24,6 +24,7 @@ STAGES = [
     ("loratool.export",),
     ("loratool.generate",),
     ("loratool.eval",),
+    ("loratool.serve",),
     ("loratool.smoke",),
     ("loratool.cli", "loratool.__main__"),
 ]
@@ -121,3 +122,31 @@ def test_the_checker_sees_a_cycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(f"{__name__}.STAGES", [("loratool",)])
     with pytest.raises(AssertionError, match="loratool.a"):
         test_no_import_cycles()
+
+
+def test_imports_inside_functions_say_what_they_defer() -> None:
+    """An import of a loratool module inside a function exists only to keep a heavy library (torch,
+    transformers, ...) out of start-up, and says so in a `# deferred: ...` comment on its line or on the
+    block of imports it belongs to; one written to dodge a cycle would hide what test_no_import_cycles
+    looks for."""
+    unexplained = []
+    for path in PACKAGE.rglob("*.py"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            block: list[ast.stmt] = []  # the run of import statements the current one belongs to
+            imports = [n for n in ast.walk(node) if isinstance(n, ast.ImportFrom | ast.Import)]
+            for statement in sorted(imports, key=lambda n: n.lineno):
+                if not block or statement.lineno != block[-1].end_lineno + 1:
+                    block = []
+                block.append(statement)
+                if (statement.module if isinstance(statement, ast.ImportFrom) else "").startswith("loratool"):
+                    # the block, the comment line above it, or a "# deferred, here and below" earlier on
+                    text = " ".join(lines[max(block[0].lineno - 2, 0) : statement.end_lineno])
+                    earlier = lines[: statement.lineno]
+                    if "# deferred" not in text and not any(
+                        "# deferred, here and below" in x for x in earlier
+                    ):
+                        unexplained.append(f"{path.relative_to(PACKAGE.parent)}:{statement.lineno}")
+    assert unexplained == []
