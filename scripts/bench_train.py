@@ -22,6 +22,10 @@ loratool's default checkpoints every other decoder layer (`training.gradient_che
 baseline, with TRL's default, every layer. `--sides ...,checkpointing` adds loratool with every layer
 checkpointed (`true`), `--sides ...,no_checkpointing` with none (`false`); `--sides ...,baseline_malloc` adds the baseline with glibc's mmap threshold fixed at 128 KiB
 (MALLOC_MMAP_THRESHOLD_): what returning every freed activation to the system costs and saves.
+`baseline_no_checkpointing` is the baseline with `gradient_checkpointing=False`, as a user turns TRL's
+default off; `without_SAVER` (SAVER one of SAVERS) is loratool's default with that memory saver off and
+the others as loratool chooses them (loratool/train/memory/__init__.py). scripts/bench_arch.py runs these
+sides on every architecture.
 
     python scripts/bench_train.py [--shapes a,b,smollm2] [--rounds 3] [--sides baseline,default,packing]
                                   [--steps N] [--threads 2] [--json results.json]
@@ -46,7 +50,16 @@ SIDES = ("baseline", "default", "packing")
 # Optional: the baseline with glibc's mmap threshold fixed at 128 KiB (freed activations go back to the
 # system at once): what that setting does to peak RSS and speed; loratool with every decoder layer
 # checkpointed, and with none.
-EXTRA_SIDES = ("baseline_malloc", "checkpointing", "no_checkpointing")
+# The memory savers loratool chooses per model (the switches of loratool.train.memory.MemorySavers; not
+# imported here, so that the harness's own process stays light).
+SAVERS = ("mask_dropout", "loss_positions", "cpu_vocab_tiles", "cheap_recompute")
+EXTRA_SIDES = (
+    "baseline_malloc",
+    "baseline_no_checkpointing",
+    "checkpointing",
+    "no_checkpointing",
+    *(f"without_{saver}" for saver in SAVERS),
+)
 CHECKPOINTING = {"checkpointing": True, "no_checkpointing": False}  # the others: the recipe's default
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -198,8 +211,8 @@ def baseline_dataset(job: dict):
 # ------------------------------------------------------------------------------------------- the sides
 
 
-def run_baseline(job: dict, out: Path) -> None:
-    """The hand-written recipe."""
+def run_baseline(job: dict, out: Path, checkpointing: bool = True) -> None:
+    """The hand-written recipe (`checkpointing=False`: with TRL's default gradient checkpointing turned off)."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -230,6 +243,8 @@ def run_baseline(job: dict, out: Path) -> None:
         seed=0,
         disable_tqdm=True,
         bf16=False,  # SFTConfig defaults to bf16, which the trainer refuses on a machine without a GPU
+        # TRL's default is True; a user turning it off writes the name TRL documents.
+        **({} if checkpointing else {"gradient_checkpointing": False}),
     )
     trainer = SFTTrainer(
         model=model,
@@ -241,11 +256,28 @@ def run_baseline(job: dict, out: Path) -> None:
     trainer.train()
 
 
-def run_loratool(job: dict, out: Path, packing: bool, checkpointing: bool | None = None) -> None:
-    """The same job as a recipe, through `python -m loratool train` (run in this process)."""
+def run_loratool(
+    job: dict, out: Path, packing: bool, checkpointing: bool | None = None, without: str | None = None
+) -> dict:
+    """The same job as a recipe, through `python -m loratool train` (run in this process), with the memory
+    saver `without` off; returns the memory savers the run installed (MemorySavers.record())."""
     import runpy
 
     import yaml
+
+    from loratool.train import memory
+
+    installed: dict = {}
+    apply = memory.apply
+
+    def apply_and_note(model, hw, savers=None):
+        if without is not None:
+            savers = memory.choose(model.config, hw).without(without, "benchmark ablation")
+        chosen = apply(model, hw, savers)
+        installed.update(chosen.record())
+        return chosen
+
+    memory.apply = apply_and_note  # run.py calls memory.apply(model, hw) through the module
 
     source = {"path": job["data"], "format": "alpaca"}
     if job["format"] == "alpaca_prompt":  # the same prompt / completion text the baseline reads
@@ -285,6 +317,7 @@ def run_loratool(job: dict, out: Path, packing: bool, checkpointing: bool | None
     except SystemExit as exc:
         if exc.code:
             raise
+    return installed
 
 
 def measure(side: str, job: dict, out: Path) -> dict:
@@ -298,13 +331,22 @@ def measure(side: str, job: dict, out: Path) -> dict:
     original = Trainer.training_step
 
     def training_step(self, model, inputs, *args, **kwargs):
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         labels = inputs["labels"][..., 1:]
         mask = inputs.get("attention_mask")
         real = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
         loss = original(self, model, inputs, *args, **kwargs)
         steps.append(
-            {"start": start, "real": real, "loss_tokens": int((labels != -100).sum()), "loss": float(loss)}
+            {
+                "start": start,
+                "real": real,
+                "loss_tokens": int((labels != -100).sum()),
+                "loss": float(loss),
+                # forward + backward only (the optimizer step follows it); CPU seconds of every thread,
+                # steadier than wall time when other jobs share the cores
+                "wall_s": time.time() - start,
+                "cpu_s": time.process_time() - cpu,
+            }
         )
         # Decoder layers that recompute their activations (not imported from loratool: the baseline runs here too).
         checkpointing.append(
@@ -316,11 +358,26 @@ def measure(side: str, job: dict, out: Path) -> dict:
         return loss
 
     Trainer.training_step = training_step
-    if side.startswith("baseline"):
-        run_baseline(job, out)
-    else:
-        run_loratool(job, out, packing=side == "packing", checkpointing=CHECKPOINTING.get(side))
+    savers, failed_after_loop = None, None
+    try:
+        if side.startswith("baseline"):
+            run_baseline(job, out, checkpointing=side != "baseline_no_checkpointing")
+        else:
+            savers = run_loratool(
+                job,
+                out,
+                packing=side == "packing",
+                checkpointing=CHECKPOINTING.get(side),
+                without=side.removeprefix("without_") if side.startswith("without_") else None,
+            )
+    except SystemExit as exc:
+        # A failure after the last training step (writing the run directory) leaves the loop's figures
+        # valid; they are kept, and the harness says the run failed.
+        if len(steps) < job["steps"]:
+            raise
+        failed_after_loop = f"exit {exc.code} after the training loop"
     n = len(steps)
+    later = steps[1:] or steps  # the first step also pays for warm-up
     loop_s = (
         (steps[-1]["start"] - steps[0]["start"]) * n / (n - 1)
     )  # without what follows the last step (a save)
@@ -336,6 +393,10 @@ def measure(side: str, job: dict, out: Path) -> dict:
         "loss_per_token": sum(s["loss"] * s["loss_tokens"] for s in steps) / loss_tokens,
         "step_tokens": [s["real"] for s in steps],
         "step_losses": [s["loss"] for s in steps],
+        "step_wall_s": statistics.median(s["wall_s"] for s in later),
+        "step_cpu_s": statistics.median(s["cpu_s"] for s in later),
+        "savers": savers,
+        "failed_after_loop": failed_after_loop,
         "checkpointed_layers": checkpointing[0],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
@@ -365,6 +426,10 @@ def run_one(side: str, job: dict, work: Path, threads: int, round_: int) -> dict
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{job['shape']} {side} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     result = json.loads(line.removeprefix("RESULT "))
+    if result.get("failed_after_loop"):
+        print(
+            f"  WARNING: {job['shape']} {side} failed ({result['failed_after_loop']}):\n{proc.stderr[-1500:]}"
+        )
     result["launch_to_first_step_s"] = result.pop("first_step_at") - launched
     return result
 
@@ -433,7 +498,8 @@ def main() -> None:
         "--sides",
         default=",".join(SIDES),
         help="comma-separated: baseline, default, packing; also checkpointing / no_checkpointing (loratool with "
-        "every decoder layer checkpointed / none) and baseline_malloc (the baseline with glibc's mmap threshold fixed at 128 KiB)",
+        "every decoder layer checkpointed / none), baseline_malloc (the baseline with glibc's mmap threshold fixed at 128 KiB), "
+        "baseline_no_checkpointing, and without_SAVER for SAVER in " + ", ".join(SAVERS),
     )
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 30; 24 for smollm2)")
     parser.add_argument("--threads", type=int, default=2)

@@ -1,8 +1,11 @@
-"""Shared fixtures: offline mode, tiny models built once per session, recipe writing, CLI running."""
+"""Shared fixtures: offline mode, tiny models built once per session, recipe writing, CLI running; the test
+tiers (a marker per folder, the slow tier's timeout, the unit tier's guard against training)."""
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+# tests/*_helpers.py hold what tests split across tiers share, assertions included: pytest rewrites them
+# like test modules so that a failing assert there shows its values too.
+pytest.register_assert_rewrite(*sorted(p.stem for p in TESTS.glob("*_helpers.py")))
 # What makes a run.json loratool's own (outputs.py); fixtures that write a minimal run.json start from it.
 LORATOOL_RUN = {"loratool_output": {"kind": "run", "format": 1}, "files": ["run.json"]}
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -148,3 +155,77 @@ def any_cpu(request) -> str:
     if request.param == "AVX512-BF16 CPU":
         request.getfixturevalue("simulated_avx512bf16")
     return request.param
+
+
+# --- the tiers: tests/<tier>/... gets the marker <tier> -------------------------------------------------------
+
+TIERS = ("unit", "cli", "smoke", "slow", "gpu")
+# Per test, over the default `timeout` in pyproject.toml: the demo trains SmolLM2 for ~4 minutes on 2 CPU
+# cores, and the first llama.cpp test installs node-llama-cpp.
+SLOW_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = item.path.relative_to(TESTS).parts if item.path.is_relative_to(TESTS) else ()
+        tier = parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+        if tier:
+            item.add_marker(tier)
+        if (tier == "slow" or item.get_closest_marker("slow")) and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
+# --- the unit tier trains nothing ----------------------------------------------------------------------------
+# (here and not in tests/unit/conftest.py: a second conftest.py would take the module name `conftest` that
+# the tests import their shared helpers from)
+
+UNIT_TIER = TESTS / "unit"
+NO_TRAINING = "the unit tier trains nothing: move this test to tests/smoke/"
+TRAINER_MODULE = "transformers.trainer"
+
+
+def refuse_to_train(self, *args, **kwargs):
+    # a clean failure where nothing catches it; `loratool train` reports it as "training failed: Failed:
+    # the unit tier trains nothing: ...", which fails the test just as well
+    pytest.fail(NO_TRAINING, pytrace=False)
+
+
+class PatchTrainerOnImport(importlib.abc.MetaPathFinder):
+    """Patches Trainer.train the moment a test imports transformers.trainer: importing it takes seconds, so
+    the guard does not do it for the many unit tests that never need it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.monkeypatch = monkeypatch
+
+    def find_spec(self, name, path, target=None):
+        if name != TRAINER_MODULE:
+            return None
+        for finder in sys.meta_path:
+            find_spec = None if finder is self else getattr(finder, "find_spec", None)
+            spec = find_spec(name, path, target) if find_spec else None
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            self.monkeypatch.setattr(module.Trainer, "train", refuse_to_train)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+@pytest.fixture(autouse=True)
+def unit_tier_trains_nothing(request: pytest.FixtureRequest) -> None:
+    if not request.node.path.is_relative_to(UNIT_TIER):
+        return
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    module = sys.modules.get(TRAINER_MODULE)
+    if module is not None:
+        monkeypatch.setattr(module.Trainer, "train", refuse_to_train)
+        return
+    finder = PatchTrainerOnImport(monkeypatch)
+    sys.meta_path.insert(0, finder)
+    request.addfinalizer(lambda: sys.meta_path.remove(finder))

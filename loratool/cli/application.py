@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from loratool import __version__
 from loratool.errors import LoratoolError
 from loratool.model.bnb_cpu import silence_kernel_hub_warning
+
+if TYPE_CHECKING:
+    from loratool.recipe import Recipe
 
 # On AVX512-BF16 CPUs, importing bitsandbytes (peft does, on every command) logs that it cannot load a fused CPU
 # kernel that loratool turns off anyway (loratool/model/bnb_cpu.py), and offline the `kernels` package first
@@ -113,6 +117,36 @@ def quiet_libraries() -> None:
     from loratool.model import gguf_base  # deferred: `loratool --help` loads no stage
 
     gguf_base.QUIET_READER = True
+
+
+# The optimizers (training.optim) that are torch's own; every other name may be bitsandbytes' (adamw_8bit,
+# paged_*, lion*, ademamix*, rmsprop_bnb*) or a package built on it (galore_adamw_8bit).
+TORCH_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
+
+
+def uses_bitsandbytes(recipe: Recipe) -> bool:
+    """Whether training this recipe may use bitsandbytes: a 4- or 8-bit base, an optimizer that is not
+    torch's own, or LoftQ (PEFT quantizes with bitsandbytes when it can, and with other numbers without it)."""
+    init = recipe.lora.init_lora_weights
+    return (
+        recipe.is_quantized()
+        or (recipe.lora.method != "lorafa" and recipe.training.optim not in TORCH_OPTIMIZERS)
+        or (isinstance(init, str) and init.startswith("loftq"))
+    )
+
+
+def skip_bitsandbytes_unless_used(recipe: Recipe) -> bool:
+    """Make bitsandbytes unimportable in this process when training `recipe` cannot use it; call it after
+    the recipe loads and before the training stages are imported. Returns whether it did.
+
+    `import peft` imports bitsandbytes (peft/helpers.py), and bitsandbytes' import wraps its CPU kernels in
+    torch.compile, which imports torch._inductor: on the tiny smoke recipe, 0.8 of the 7.0 CPU seconds from
+    launch to the first training step (scripts/bench_startup.py --block-bitsandbytes). peft and transformers
+    treat a bitsandbytes that cannot be imported as not installed, which is all a plain LoRA run needs."""
+    if uses_bitsandbytes(recipe) or "bitsandbytes" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # `import bitsandbytes` now raises ImportError
+    return True
 
 
 def version_callback(value: bool) -> None:

@@ -1,0 +1,56 @@
+"""What the merge tests of several tiers share: the CLI call, the merged weights and their
+comparison, merge.json, a tiny GPT-2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from loratool.cli import app
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def merge_cli(*args: str | Path):
+    return CliRunner().invoke(app, ["merge", *map(str, args)])
+
+
+def merged_weights(folder: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(shard))
+    return weights
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0, msg=name)
+    # Tied weights (GPT-2's lm_head) are in the state dict but not in the checkpoint.
+    assert set(got) <= set(expected) and len(got) >= len(expected) - 1
+
+
+def record(folder: Path) -> dict:
+    return json.loads((folder / "merge.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """GPT-2 stores its projections as Conv1D (in, out): the fan_in_fan_out case."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from loratool.model.tiny import CHATML_TEMPLATE, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    tokenizer = build_tokenizer(512)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
