@@ -566,7 +566,8 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     A relative path that does not exist next to the recipe is left as written: it may be relative to the
     working directory, or a hub id (org/name). training.output_dir stays relative to the working directory.
     """
-    raw["base_model"] = _next_to_recipe(raw.get("base_model"), base)
+    if "base_model" in raw:  # a recipe that extends another may leave it to its base
+        raw["base_model"] = _next_to_recipe(raw["base_model"], base)
     if isinstance(raw.get("model"), dict) and "tokenizer" in raw["model"]:
         raw["model"]["tokenizer"] = _next_to_recipe(raw["model"]["tokenizer"], base)
     data = raw.get("data")

@@ -195,7 +195,9 @@ def test_tokenizer_difference_fails_verification(tmp_path, tiny_llama, monkeypat
         vocab.tokens[300], vocab.tokens[301] = vocab.tokens[301], vocab.tokens[300]
         return vocab
 
-    monkeypatch.setattr(loratool.export.tokenizer, "read_vocab", swapped)
+    import loratool.export.gguf
+
+    monkeypatch.setattr(loratool.export.gguf, "read_vocab", swapped)  # where the GGUF writer looks it up
     result = export_cli(tiny_llama, "--outtype", "f32", "--output", tmp_path / "o")
     assert result.exit_code == 1 and "the GGUF tokenizer encodes differently" in result.output
 

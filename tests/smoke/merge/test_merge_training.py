@@ -173,9 +173,11 @@ def test_qlora_verification_fails_on_the_bfloat16_kernel(
 ):
     """What the test above meets on an AVX512-BF16 CPU without loratool/model/bnb_cpu.py: the 4-bit reference
     computes in bfloat16 and the merge fails verification (measured 4.0e-2 here; 3.7e-2 on a real EPYC)."""
-    import loratool.model.bnb_cpu
+    import loratool.merge.verify
 
-    monkeypatch.setattr(loratool.model.bnb_cpu, "use_exact_4bit_matmul", lambda model: 0)
+    monkeypatch.setattr(
+        loratool.merge.verify, "use_exact_4bit_matmul", lambda model: 0
+    )  # where verify uses it
     result = merge_cli("--adapter", qlora_run, "--output", tmp_path / "m")
     assert result.exit_code == 1 and "error: verification failed" in result.output
     failed = record(tmp_path / "m.failed-verification")["verification"]["quantized_base"]

@@ -224,13 +224,15 @@ def test_merged_generation_config_carries_the_end_of_turn_token_only_when_it_is_
 
 def test_gguf_export_of_an_unsupported_architecture_fails_before_any_merge(gemma_dir, tmp_path, monkeypatch):
     import loratool.export.gguf
+    import loratool.export.run
     import loratool.merge
     from loratool.export import run_export
 
     supported = {k: v for k, v in loratool.export.gguf.ARCHITECTURES.items() if not k.startswith("gemma")}
-    monkeypatch.setattr(loratool.export.gguf, "ARCHITECTURES", supported)
+    for module in (loratool.export.gguf, loratool.export.run):  # each looks the table up in its own globals
+        monkeypatch.setattr(module, "ARCHITECTURES", supported)
     merges = []
-    monkeypatch.setattr(loratool.merge, "run_merge", lambda *a, **k: merges.append(a))
+    monkeypatch.setattr(loratool.export.run, "run_merge", lambda *a, **k: merges.append(a))
     adapter = random_adapter(gemma_dir, tmp_path / "runs" / "adapter", target_modules="all-linear")
     with pytest.raises(LoratoolError) as err:
         run_export(adapter, output=tmp_path / "runs" / "out", log=lambda _: None)

@@ -7,12 +7,17 @@ import json
 import pytest
 
 from loratool.errors import LoratoolError
-from loratool.rundir.records import CHECKPOINT_SEAL, RunDir, read_run
+from loratool.rundir.records import CHECKPOINT_SEAL, RunDir, RunRecord, read_run
+
+
+def record(path, **fields):
+    """The run record train would be writing (status set by RunDir)."""
+    return RunRecord(path=path, status="running", stage="sft", **fields)
 
 
 def finished_run(path):
     run = RunDir.prepare(path)
-    run.start({"a": 1}, {"x": 1})
+    run.start({"a": 1}, record(run.path, tokenizer_sha256="x1"))
 
     def outputs(folder):
         (folder / "adapter_config.json").write_text("{}")
@@ -20,7 +25,7 @@ def finished_run(path):
         (folder / "tokenizer.json").write_text("{}")
 
     seal(run.checkpoints / "checkpoint-4")
-    run.finish(outputs, {"x": 1})
+    run.finish(outputs, record(run.path, tokenizer_sha256="x1"))
     return run
 
 
@@ -36,7 +41,7 @@ def test_new_and_finished_states(tmp_path):
     finished_run(tmp_path / "out")
     assert run.state() == "finished"
     manifest = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert manifest["status"] == "complete" and manifest["x"] == 1
+    assert manifest["status"] == "complete" and manifest["tokenizer_sha256"] == "x1"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -69,15 +74,15 @@ def test_finished_run_is_refused_unless_overwrite_or_resume(tmp_path):
 
 def test_crash_while_writing_outputs_leaves_nothing_that_looks_finished(tmp_path):
     run = RunDir.prepare(tmp_path / "out")
-    run.start({}, {})
+    run.start({}, record(run.path))
 
     def crashing(folder):
         (folder / "adapter_model.safetensors").write_text("w")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        run.finish(crashing, {})
-    run.fail({}, RuntimeError("disk full"))
+        run.finish(crashing, record(run.path))
+    run.fail(record(run.path), RuntimeError("disk full"))
     assert not (run.path / "adapter_model.safetensors").exists()
     assert not (run.path / "adapter_config.json").exists()
     assert json.loads((run.path / "run.json").read_text())["status"] == "failed"
@@ -89,7 +94,7 @@ def test_crash_while_writing_outputs_leaves_nothing_that_looks_finished(tmp_path
 
 def test_unfinished_run_hint_names_the_checkpoint(tmp_path):
     run = RunDir.prepare(tmp_path / "out")
-    run.start({}, {})
+    run.start({}, record(run.path))
     seal(run.checkpoints / "checkpoint-2")
     seal(run.checkpoints / "checkpoint-10")
     (run.checkpoints / "checkpoint-12").mkdir(parents=True)  # incomplete: never offered

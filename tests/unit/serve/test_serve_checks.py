@@ -183,3 +183,16 @@ def test_runtime_loading_stays_inside_the_adapter_directory(tmp_path):
     assert refusal("new", "missing").param == "lora_path"
     served.adapter_dir = None
     assert refusal("new", "good").status == 403
+
+
+def test_an_adapter_that_fits_no_original_base_is_refused_by_both_engines(tmp_path):
+    from conftest import LORATOOL_RUN
+
+    folder = fake_adapter(tmp_path / "loftq")
+    init = {"method": "loftq", "mergeable": False, "reason": "its base was quantized and dequantized"}
+    (folder / "run.json").write_text(json.dumps({**LORATOOL_RUN, "status": "complete", "adapter_init": init}))
+    problems = builtin_problems(folder, max_rank=64)
+    assert problems == [
+        "it was trained with a loftq init and fits no original base: its base was quantized and dequantized"
+    ]
+    assert vllm_refusals({"loftq": folder}, "llama", None)["loftq"] == problems
