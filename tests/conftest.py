@@ -19,9 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
-# tests/*_helpers.py hold what tests split across tiers share, assertions included: pytest rewrites them
-# like test modules so that a failing assert there shows its values too.
-pytest.register_assert_rewrite(*sorted(p.stem for p in TESTS.glob("*_helpers.py")))
+# tests/helpers/ holds what tests split across tiers share, assertions included: pytest rewrites them like
+# test modules so that a failing assert there shows its values too.
+pytest.register_assert_rewrite("helpers", *sorted(p.stem for p in TESTS.glob("*_helpers.py")))
 # What makes a run.json loratool's own (outputs.py); fixtures that write a minimal run.json start from it.
 LORATOOL_RUN = {"loratool_output": {"kind": "run", "format": 1}, "files": ["run.json"]}
 SHARED_DATA = REPO.parent / "shared" / "data"

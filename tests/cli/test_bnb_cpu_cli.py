@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from bnb_cpu_helpers import SMOKE
+from helpers.bnb_cpu import SMOKE
 
 from conftest import REPO, smoke_recipe, write_recipe
 from loratool.model.bnb_cpu import KERNEL_HUB_MESSAGE

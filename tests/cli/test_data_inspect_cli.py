@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from data_helpers import write_jsonl
-from data_inspect_helpers import GOOD_ROWS
+from helpers.data import write_jsonl
+from helpers.data_inspect import GOOD_ROWS
 from typer.testing import CliRunner
 
 from conftest import write_recipe

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from eval_helpers import eval_cli
+from helpers.eval import eval_cli
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import copy_model, logits_of
+from helpers.export import copy_model, logits_of
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from inputs_helpers import recipe_in
+from helpers.inputs import recipe_in
 from typer.testing import CliRunner
 
 from loratool.cli import app

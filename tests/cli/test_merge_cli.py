@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 
-from merge_helpers import merge_cli, record
+from helpers.merge import merge_cli, record
 
 # a fixture, imported for pytest to find in this module
-from merge_helpers import tiny_gpt2 as tiny_gpt2
+from helpers.merge import tiny_gpt2 as tiny_gpt2
 
 from conftest import LORATOOL_RUN, REPO
 from conftest import random_adapter as peft_adapter

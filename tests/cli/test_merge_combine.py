@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import assert_same_weights, merged_weights
+from helpers.merge import assert_same_weights, merged_weights
 from typer.testing import CliRunner
 
 from conftest import LORATOOL_RUN

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from methods_helpers import SMOKE, cli
+from helpers.methods import SMOKE, cli
 
 from conftest import smoke_recipe, write_recipe
 

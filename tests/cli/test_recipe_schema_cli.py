@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import yaml
-from recipe_schema_helpers import MINIMAL, write
+from helpers.recipe_schema import MINIMAL, write
 from typer.testing import CliRunner
 
 from loratool.cli import app

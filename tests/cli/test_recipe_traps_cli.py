@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from recipe_traps_helpers import DAMAGES, damage
+from helpers.recipe_traps import DAMAGES, damage
 
 # a fixture, imported for pytest to find in this module
-from recipe_traps_helpers import pristine_adapter as pristine_adapter
+from helpers.recipe_traps import pristine_adapter as pristine_adapter
 
 
 @pytest.mark.parametrize("how", ["truncated", "not-json", "not-object", "no-peft-type"])

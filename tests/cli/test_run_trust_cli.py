@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from run_trust_helpers import make_recipe, train
+from helpers.run_trust import make_recipe, train
 from typer.testing import CliRunner
 
 from conftest import random_adapter, smoke_recipe, write_recipe

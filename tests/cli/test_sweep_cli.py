@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from sweep_helpers import sweep, tiny_recipe
+from helpers.sweep import sweep, tiny_recipe
 from typer.testing import CliRunner
 
 from loratool.cli import app

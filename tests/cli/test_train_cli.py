@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import trl
-from train_helpers import train_cli
+from helpers.train import train_cli
 
 from conftest import REPO, smoke_recipe, write_recipe
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from data_build_helpers import assert_rows_accounted_for, build
+from helpers.data import IGNORE, SHARED_DATA, source
+from helpers.data_build import assert_rows_accounted_for, build
 
 # a fixture, imported for pytest to find in this module
-from data_build_helpers import tok as tok
-from data_helpers import IGNORE, SHARED_DATA, source
+from helpers.data_build import tok as tok
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from demo_helpers import RECIPE
+from helpers.demo import RECIPE
 from typer.testing import CliRunner
 
 from conftest import REPO

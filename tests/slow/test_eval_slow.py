@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_helpers import SMOKE, eval_cli, metrics
+from helpers.eval import SMOKE, eval_cli, metrics
 from typer.testing import CliRunner
 
 from conftest import REPO, SHARED_DATA, smoke_recipe, write_recipe

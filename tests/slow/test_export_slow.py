@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import fields, gguf_tensors
+from helpers.export import fields, gguf_tensors
 
 from conftest import REPO
 from loratool.export.gguf import write_gguf

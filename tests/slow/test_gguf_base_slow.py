@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from gguf_base_helpers import _quiet
+from helpers.gguf_base import _quiet
 
 from conftest import REPO
 from loratool.model.gguf_base import SOURCE_RECORD, resolve_base_model

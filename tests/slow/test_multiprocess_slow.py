@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiprocess_helpers import CONFIGS
+from helpers.multiprocess import CONFIGS
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

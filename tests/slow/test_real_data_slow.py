@@ -16,10 +16,10 @@ import json
 import math
 
 import pytest
-from real_data_helpers import REAL_FILES
+from helpers.real_data import REAL_FILES
 
 # a fixture, imported for pytest to find in this module
-from real_data_helpers import shared as shared
+from helpers.real_data import shared as shared
 
 from conftest import smoke_recipe, write_recipe
 

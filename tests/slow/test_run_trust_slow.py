@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from run_trust_helpers import adapter_weights, metric_steps, train, whole_and_parts
+from helpers.run_trust import adapter_weights, metric_steps, train, whole_and_parts
 
 from conftest import REPO
 from loratool.rundir.records import CHECKPOINT_SEAL, read_run

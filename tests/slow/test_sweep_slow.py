@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from sweep_helpers import tiny_recipe
+from helpers.sweep import tiny_recipe
 
 from conftest import REPO
 from loratool.rundir.records import read_run

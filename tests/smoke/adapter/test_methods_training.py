@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from methods_helpers import METHODS, SMOKE, cli
+from helpers.methods import METHODS, SMOKE, cli
 from safetensors.torch import load_file
 
 from conftest import smoke_recipe, write_recipe

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from eval_helpers import SMOKE, eval_cli, metrics
+from helpers.eval import SMOKE, eval_cli, metrics
 from typer.testing import CliRunner
 
 from conftest import smoke_recipe, write_recipe

@@ -4,10 +4,10 @@ system prompt and a merged model's run name."""
 from __future__ import annotations
 
 import pytest
-from generate_helpers import PROMPT, cli
+from helpers.generate import PROMPT, cli
 
 # a fixture, imported for pytest to find in this module
-from generate_helpers import adapters as adapters
+from helpers.generate import adapters as adapters
 
 
 @pytest.mark.quick

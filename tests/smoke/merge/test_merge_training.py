@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import merge_cli, merged_weights, record
+from helpers.merge import merge_cli, merged_weights, record
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

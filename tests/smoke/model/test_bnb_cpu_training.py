@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_cpu_helpers import QLORA, SMOKE
+from helpers.bnb_cpu import QLORA, SMOKE
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

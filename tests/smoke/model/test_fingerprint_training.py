@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 # a fixture, imported for pytest to find in this module
-from fingerprint_helpers import legacy_windows as legacy_windows
-from fingerprint_helpers import negate_tensor, old_sampled_fingerprint, sampled_windows
+from helpers.fingerprint import legacy_windows as legacy_windows
+from helpers.fingerprint import negate_tensor, old_sampled_fingerprint, sampled_windows
 from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe

@@ -10,9 +10,9 @@ import json
 import shutil
 
 # fixtures, imported for pytest to find in this module
-from gguf_base_helpers import private_cache as private_cache
-from gguf_base_helpers import tiny_gguf as tiny_gguf
-from gguf_base_helpers import tiny_source as tiny_source
+from helpers.gguf_base import private_cache as private_cache
+from helpers.gguf_base import tiny_gguf as tiny_gguf
+from helpers.gguf_base import tiny_source as tiny_source
 from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe

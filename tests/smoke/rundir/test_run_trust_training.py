@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from run_trust_helpers import (
+from helpers.run_trust import (
     adapter_weights,
     hold_lock_in_another_process,
     make_recipe,

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 import yaml
-from dpo_helpers import HELD_OUT_WORDS, TRAIN_WORDS, data_section, fresh, pair, write_jsonl
+from helpers.dpo import HELD_OUT_WORDS, TRAIN_WORDS, data_section, fresh, pair, write_jsonl
 
 # a fixture, imported for pytest to find in this module
-from dpo_helpers import tokenizer as tokenizer
+from helpers.dpo import tokenizer as tokenizer
 
 from conftest import smoke_recipe
 from loratool.data.preference import build_preference_datasets

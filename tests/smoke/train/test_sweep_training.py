@@ -10,7 +10,7 @@ import csv
 import json
 
 import pytest
-from sweep_helpers import sweep, tiny_recipe
+from helpers.sweep import sweep, tiny_recipe
 from typer.testing import CliRunner
 
 from conftest import REPO

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import trl
+from helpers.train import train_cli
 from safetensors.torch import load_file
-from train_helpers import train_cli
 
 from conftest import smoke_recipe, write_recipe
 from loratool.model.fingerprint import weights_fingerprint

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from methods_helpers import METHODS, SMOKE
+from helpers.methods import METHODS, SMOKE
 
 from conftest import smoke_recipe, write_recipe
 from loratool.errors import LoratoolError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_helpers import source
+from helpers.data import source
 
 from loratool.data.formats import (
     Completion,

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from demo_helpers import RECIPE
+from helpers.demo import RECIPE
 
 from conftest import REPO
 from loratool.recipe import load_recipe

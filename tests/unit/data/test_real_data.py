@@ -17,11 +17,11 @@ import json
 from typing import Any
 
 import pytest
-from data_helpers import IGNORE, chatml_tokenizer, loss_ids, section, source, template_ids, write_jsonl
-from real_data_helpers import REAL_FILES
+from helpers.data import IGNORE, chatml_tokenizer, loss_ids, section, source, template_ids, write_jsonl
+from helpers.real_data import REAL_FILES
 
 # a fixture, imported for pytest to find in this module
-from real_data_helpers import shared as shared
+from helpers.real_data import shared as shared
 from test_data_formats import GLAIVE_ROW
 
 from loratool.data import build_datasets

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from export_helpers import copy_model, fields, gguf_tensors, logits_of
+from helpers.export import copy_model, fields, gguf_tensors, logits_of
 from safetensors.torch import load_file, save_file
 
 from loratool.export.gguf import unpermute_for_rope, write_gguf

@@ -3,10 +3,10 @@ batches equal prompts one by one, and seeded sampling repeats."""
 
 from __future__ import annotations
 
-from generate_helpers import PROMPT, reference_answer
+from helpers.generate import PROMPT, reference_answer
 
 # a fixture, imported for pytest to find in this module
-from generate_helpers import adapters as adapters
+from helpers.generate import adapters as adapters
 
 from loratool.generate.run import Sampling, generate_ids, run_generate
 

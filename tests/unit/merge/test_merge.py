@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from merge_helpers import assert_same_weights, merged_weights, record
+from helpers.merge import assert_same_weights, merged_weights, record
 
 # a fixture, imported for pytest to find in this module
-from merge_helpers import tiny_gpt2 as tiny_gpt2
+from helpers.merge import tiny_gpt2 as tiny_gpt2
 from safetensors.torch import load_file
 
 from conftest import random_adapter as peft_adapter

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_cpu_helpers import QLORA, SMOKE
+from helpers.bnb_cpu import QLORA, SMOKE
 
 from conftest import smoke_recipe
 from loratool.model.bnb_cpu import (

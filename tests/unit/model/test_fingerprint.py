@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 # fixtures, imported for pytest to find in this module
-from fingerprint_helpers import cache_dir as cache_dir
-from fingerprint_helpers import legacy_windows as legacy_windows
-from fingerprint_helpers import negate_tensor, old_sampled_fingerprint, sampled_windows, tensor_layout
+from helpers.fingerprint import cache_dir as cache_dir
+from helpers.fingerprint import legacy_windows as legacy_windows
+from helpers.fingerprint import negate_tensor, old_sampled_fingerprint, sampled_windows, tensor_layout
 
 from conftest import REPO
 from loratool.errors import LoratoolError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import IGNORE, loss_ids, write_jsonl
+from helpers.data import IGNORE, loss_ids, write_jsonl
 
 from conftest import random_adapter
 from loratool.data.formats import Conversation

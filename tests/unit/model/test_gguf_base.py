@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_base_helpers import _quiet
+from helpers.gguf_base import _quiet
 
 # fixtures, imported for pytest to find in this module
-from gguf_base_helpers import private_cache as private_cache
-from gguf_base_helpers import tiny_gguf as tiny_gguf
-from gguf_base_helpers import tiny_source as tiny_source
+from helpers.gguf_base import private_cache as private_cache
+from helpers.gguf_base import tiny_gguf as tiny_gguf
+from helpers.gguf_base import tiny_source as tiny_source
 
 from conftest import smoke_recipe, write_recipe
 from loratool.errors import LoratoolError

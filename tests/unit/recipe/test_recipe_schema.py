@@ -7,7 +7,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from recipe_schema_helpers import MINIMAL, write
+from helpers.recipe_schema import MINIMAL, write
 
 from conftest import REPO
 from loratool.errors import LoratoolError

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from run_trust_helpers import hold_lock_in_another_process
+from helpers.run_trust import hold_lock_in_another_process
 
 from loratool.errors import LoratoolError
 from loratool.rundir.outputs import lock_path, output_lock

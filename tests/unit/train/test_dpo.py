@@ -4,10 +4,10 @@ as for SFT, the dry run."""
 from __future__ import annotations
 
 import pytest
-from dpo_helpers import TRAIN_WORDS, data_section, fresh, pair, write_jsonl
+from helpers.dpo import TRAIN_WORDS, data_section, fresh, pair, write_jsonl
 
 # a fixture, imported for pytest to find in this module
-from dpo_helpers import tokenizer as tokenizer
+from helpers.dpo import tokenizer as tokenizer
 
 from conftest import SHARED_DATA, smoke_recipe
 from loratool.data.formats import Conversation

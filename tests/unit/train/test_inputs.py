@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from inputs_helpers import recipe_in
+from helpers.inputs import recipe_in
 
 from loratool.errors import LoratoolError
 from loratool.recipe import load_recipe

@@ -10,7 +10,7 @@ machines. A constant learning rate makes 6 steps + 2 resumed steps the same trai
 from __future__ import annotations
 
 import pytest
-from multiprocess_helpers import CONFIGS
+from helpers.multiprocess import CONFIGS
 
 from conftest import REPO, smoke_recipe, write_recipe
 
