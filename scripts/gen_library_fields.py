@@ -3,7 +3,7 @@
 The recipe accepts, in `lora` and `training`, any field of peft.LoraConfig and trl.SFTConfig (not only
 the ones loratool documents). Checking a key against those libraries at recipe-load time would import
 torch, which we avoid so that validation and `--help` stay instant; so the names are frozen into a
-module, and tests/test_recipe.py fails when the installed libraries drift from it.
+module, and tests/unit/recipe/test_recipe.py fails when the installed libraries drift from it.
 
     python scripts/gen_library_fields.py > loratool/recipe/library_fields.py
 """

@@ -10,7 +10,7 @@ makes the difference visible in one number. Rows are short (~94 tokens with the 
 keeps CPU steps fast.
 
 Deterministic: pure Python, seeded, no network. Train and validation rows never share an input sentence.
-The files are committed under recipes/data/ (tests/test_demo.py checks they equal this script's output);
+The files are committed under recipes/data/ (tests/unit/data/test_demo.py checks they equal this script's output);
 run `python scripts/make_demo_data.py` to write them again.
 """
 

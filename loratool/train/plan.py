@@ -53,7 +53,7 @@ GiB = 1024**3
 # LoRA-adapted decoder layer without checkpointing. CPU: fitted on scripts/bench_plan.py (fp32 through
 # and through). GPU: the Korthikanti et al. (2022) count for a 16-bit layer (~34 s h bytes per layer:
 # 17 elements of h) plus the SwiGLU MLP's three intermediate-sized tensors and the LoRA inputs; checked
-# against the published QLoRA 7B figure (tests/test_plan.py), not measured here. Both were fitted before
+# against the published QLoRA 7B figure (tests/unit/train/test_plan.py), not measured here. Both were fitted before
 # cheap_recompute.py, which rebuilds the norm and gated-MLP outputs instead of keeping them (~39% fewer bytes
 # on SmolLM2's shapes, scripts/bench_memory_savers.py): they now overestimate; a refit is due.
 CPU_A_H, CPU_A_I = 24.0, 6.5
