@@ -26,11 +26,11 @@ test: install
 	$(BIN)/python scripts/fetch_smollm2.py
 	$(BIN)/pytest -q
 
-# The unit and cli tiers plus the quickest training test of each stage: about a minute on 2 CPU cores.
+# The unit and cli tiers plus the training tests marked `quick` (one or two per stage).
 test-fast: install
 	$(BIN)/pytest -q -m "unit or cli or quick"
 
-# The unit tier alone (tests/unit): trains nothing, seconds.
+# The unit tier alone (tests/unit): trains nothing and drives no CLI.
 test-unit: install
 	$(BIN)/pytest -q tests/unit
 

@@ -19,7 +19,7 @@ def serve(
             help="Run directories on one base (each adapter is served under its run's name), or a directory "
             "of runs. The first may also be a merged model or a base model.",
             show_default=False,
-            metavar="RUN...",
+            metavar="RUN",
         ),
     ],
     adapter: AdapterOption = None,

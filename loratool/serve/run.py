@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoratoolError
 from loratool.generate.run import BASE, plain_name
+from loratool.generate.target import Target
 from loratool.serve.engine import Engine
 from loratool.serve.served import (
     DEFAULT_MAX_RANK,
@@ -32,6 +33,9 @@ from loratool.serve.served import (
     resolve_runs,
 )
 from loratool.serve.vllm import exec_vllm, pick_engine, vllm_plan
+
+if TYPE_CHECKING:
+    from loratool.serve.api import Limits
 
 ENGINES = ("auto", "builtin", "vllm")
 
@@ -115,18 +119,18 @@ def run_serve(
 
 
 def prepare_builtin(
-    target: Any,
+    target: Target,
     extra: list[tuple[str, Path]],
     *,
     adapter_dir: Path | None = None,
     max_rank: int = DEFAULT_MAX_RANK,
     max_batch: int = 8,
     max_queue: int = 64,
-    limits: Any = None,
+    limits: Limits | None = None,
     api_key: str | None = None,
     log: Callable[[str], None] = print,
     on_start: Callable[[], None] = lambda: None,
-) -> tuple[Served, Any, Any]:
+) -> tuple[Served, Engine, Any]:
     """Load the base and adapters once; the engine over them and the app over both (served by the caller)."""
     from loratool.serve.api import Limits, build_app  # deferred: FastAPI, only when serving
 

@@ -121,7 +121,19 @@ def builtin_problems(adapter_dir: Path, max_rank: int) -> list[str]:
     top = max((r for r in ranks if isinstance(r, int)), default=None)
     if top is not None and top > max_rank:
         problems.append(f"rank {top} is above this server's limit of {max_rank} (--max-lora-rank)")
-    return problems
+    return problems + init_problems(adapter_dir)
+
+
+def init_problems(adapter_dir: Path) -> list[str]:
+    """An adapter its run says fits no original base (a LoftQ init: it was trained on a quantized and
+    dequantized base), which any engine would answer wrongly with."""
+    record = read_run(adapter_dir)
+    init = record.adapter_init if record is not None else {}
+    if init.get("mergeable") is False:
+        return [
+            f"it was trained with a {init.get('method')} init and fits no original base: {init.get('reason')}"
+        ]
+    return []
 
 
 def refuse_unservable(name: str, adapter_dir: Path, max_rank: int) -> None:

@@ -33,6 +33,7 @@ from loratool.model.gguf_base import is_gguf
 from loratool.model.load import local_model_dir
 from loratool.rundir.model_card import VLLM_RANKS, vllm_problems
 from loratool.rundir.records import read_training_run
+from loratool.serve.served import init_problems
 
 # The layers vLLM puts LoRA on, by the Hugging Face module names adapters are saved with (vLLM packs q/k/v
 # and gate/up itself): the decoder projections of the families loratool trains, the embeddings and LM head.
@@ -81,7 +82,7 @@ def vllm_refusals(
     """Per adapter, why vLLM's LoRA loader would refuse it (adapters it takes are left out)."""
     refusals: dict[str, list[str]] = {}
     for name, folder in adapters.items():
-        problems = vllm_problems(folder)
+        problems = vllm_problems(folder) + init_problems(folder)
         modules = _lora_modules(folder)
         allowed = VLLM_LORA_MODULES.get(model_type or "")
         odd = sorted(modules - allowed) if allowed is not None else []

@@ -30,6 +30,7 @@ COMMANDS = [
     "eval",
     "generate",
     "chat",
+    "serve",
 ]
 
 
