@@ -10,9 +10,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers.bnb_cpu import SMOKE
-
 from conftest import REPO, smoke_recipe, write_recipe
+from helpers.bnb_cpu import SMOKE
 from loratool.model.bnb_cpu import KERNEL_HUB_MESSAGE
 
 # Run first in a fresh interpreter: bitsandbytes' native library says the CPU has AVX512-BF16, and the hub

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from helpers.data import write_jsonl
-from helpers.data_inspect import GOOD_ROWS
 from typer.testing import CliRunner
 
 from conftest import write_recipe
+from helpers.data import write_jsonl
+from helpers.data_inspect import GOOD_ROWS
 from loratool.cli import app
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.export import copy_model, logits_of
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import REPO
 from conftest import random_adapter as peft_adapter
+from helpers.export import copy_model, logits_of
 from loratool.cli import app
 
 # --- helpers -------------------------------------------------------------------------------------------

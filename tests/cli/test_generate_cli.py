@@ -8,11 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+
 from helpers.generate import PROMPT, cli, random_adapter, reference_answer
 
 # a fixture, imported for pytest to find in this module
 from helpers.generate import adapters as adapters
-
 from loratool.generate.run import fit_to_context, run_generate
 
 

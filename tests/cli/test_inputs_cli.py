@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from helpers.inputs import recipe_in
 from typer.testing import CliRunner
 
+from helpers.inputs import recipe_in
 from loratool.cli import app
 
 

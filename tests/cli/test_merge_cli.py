@@ -6,13 +6,12 @@ import json
 import subprocess
 import sys
 
+from conftest import LORATOOL_RUN, REPO
+from conftest import random_adapter as peft_adapter
 from helpers.merge import merge_cli, record
 
 # a fixture, imported for pytest to find in this module
 from helpers.merge import tiny_gpt2 as tiny_gpt2
-
-from conftest import LORATOOL_RUN, REPO
-from conftest import random_adapter as peft_adapter
 
 
 def test_base_from_adapter_config_when_there_is_no_run(tmp_path, tiny_llama):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.merge import assert_same_weights, merged_weights
 from typer.testing import CliRunner
 
 from conftest import LORATOOL_RUN
 from conftest import random_adapter as peft_adapter
+from helpers.merge import assert_same_weights, merged_weights
 from loratool.cli import app
 from loratool.model.fingerprint import file_sha256
 

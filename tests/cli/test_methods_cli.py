@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from helpers.methods import SMOKE, cli
-
 from conftest import smoke_recipe, write_recipe
+from helpers.methods import SMOKE, cli
 
 
 def test_adalora_run_cannot_be_resumed(tmp_path, tiny_llama):

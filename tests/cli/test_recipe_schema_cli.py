@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import yaml
-from helpers.recipe_schema import MINIMAL, write
 from typer.testing import CliRunner
 
+from helpers.recipe_schema import MINIMAL, write
 from loratool.cli import app
 
 

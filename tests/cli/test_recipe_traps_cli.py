@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from helpers.recipe_traps import DAMAGES, damage
 
 # a fixture, imported for pytest to find in this module

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from helpers.run_trust import make_recipe, train
 from typer.testing import CliRunner
 
 from conftest import random_adapter, smoke_recipe, write_recipe
+from helpers.run_trust import make_recipe, train
 from loratool.cli import app
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-from helpers.sweep import sweep, tiny_recipe
 from typer.testing import CliRunner
 
+from helpers.sweep import sweep, tiny_recipe
 from loratool.cli import app
 from loratool.train import sweep as sweep_module
 

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 import trl
-from helpers.train import train_cli
 
 from conftest import REPO, smoke_recipe, write_recipe
+from helpers.train import train_cli
 
 
 def test_dry_run_resolves_everything_and_writes_nothing(tmp_path, tiny_llama, smoke_data):

@@ -4,8 +4,8 @@ row accounting check."""
 from __future__ import annotations
 
 import pytest
-from helpers.data import chatml_tokenizer, section
 
+from helpers.data import chatml_tokenizer, section
 from loratool.data import DataSummary, PreparedData, build_datasets
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from helpers.data import IGNORE, SHARED_DATA, source
 from helpers.data_build import assert_rows_accounted_for, build
 

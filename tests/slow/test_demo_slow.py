@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers.demo import RECIPE
 from typer.testing import CliRunner
 
 from conftest import REPO
+from helpers.demo import RECIPE
 from loratool.cli import app
 
 

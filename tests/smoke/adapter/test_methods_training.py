@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.methods import METHODS, SMOKE, cli
 from safetensors.torch import load_file
 
 from conftest import smoke_recipe, write_recipe
+from helpers.methods import METHODS, SMOKE, cli
 from loratool.merge import run_merge
 
 QLORA = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.eval import SMOKE, eval_cli, metrics
 from typer.testing import CliRunner
 
 from conftest import smoke_recipe, write_recipe
+from helpers.eval import SMOKE, eval_cli, metrics
 from loratool.cli import app
 from loratool.eval.metrics import heldout_loss
 

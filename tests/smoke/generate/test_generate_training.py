@@ -4,6 +4,7 @@ system prompt and a merged model's run name."""
 from __future__ import annotations
 
 import pytest
+
 from helpers.generate import PROMPT, cli
 
 # a fixture, imported for pytest to find in this module

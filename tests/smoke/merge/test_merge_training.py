@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.merge import merge_cli, merged_weights, record
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe
+from helpers.merge import merge_cli, merged_weights, record
 from loratool.cli import app
 from loratool.model.fingerprint import weights_fingerprint
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.bnb_cpu import QLORA, SMOKE
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import simulate_avx512bf16, smoke_recipe, write_recipe
+from helpers.bnb_cpu import QLORA, SMOKE
 from loratool.cli import app
 
 

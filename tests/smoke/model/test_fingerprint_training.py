@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO, smoke_recipe, write_recipe
 
 # a fixture, imported for pytest to find in this module
 from helpers.fingerprint import legacy_windows as legacy_windows
 from helpers.fingerprint import negate_tensor, old_sampled_fingerprint, sampled_windows
-from typer.testing import CliRunner
-
-from conftest import REPO, smoke_recipe, write_recipe
 from loratool.cli import app
 from loratool.errors import LoratoolError
 from loratool.model import fingerprint

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 
+from typer.testing import CliRunner
+
+from conftest import REPO, smoke_recipe, write_recipe
+
 # fixtures, imported for pytest to find in this module
 from helpers.gguf_base import private_cache as private_cache
 from helpers.gguf_base import tiny_gguf as tiny_gguf
 from helpers.gguf_base import tiny_source as tiny_source
-from typer.testing import CliRunner
-
-from conftest import REPO, smoke_recipe, write_recipe
 from loratool.cli import app
 from loratool.model.fingerprint import file_sha256, weights_fingerprint
 from loratool.model.gguf_base import gguf_record

@@ -11,6 +11,9 @@ import time
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from conftest import REPO, smoke_recipe, write_recipe
 from helpers.run_trust import (
     adapter_weights,
     hold_lock_in_another_process,
@@ -19,9 +22,6 @@ from helpers.run_trust import (
     train,
     whole_and_parts,
 )
-from typer.testing import CliRunner
-
-from conftest import REPO, smoke_recipe, write_recipe
 from loratool.cli import app
 from loratool.rundir.records import CHECKPOINT_SEAL, read_run
 from loratool.train.progress import MetricsLog

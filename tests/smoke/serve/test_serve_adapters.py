@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import openai
 import pytest
-from serve_helpers import PROMPT, Server, ask, generate_answers, http
-from serve_helpers import adapter_dir as adapter_dir  # fixtures, for pytest to find here
-from serve_helpers import serve_runs as serve_runs
+
+from helpers.serve import PROMPT, Server, ask, generate_answers, http
+from helpers.serve import adapter_dir as adapter_dir  # fixtures, for pytest to find here
+from helpers.serve import serve_runs as serve_runs
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ import time
 
 import openai
 import pytest
-from serve_helpers import NEW, PROMPT, SYSTEM, TOOLS, Server, ask, generate_answers, http
-from serve_helpers import adapter_dir as adapter_dir  # fixtures, for pytest to find here
-from serve_helpers import serve_runs as serve_runs
-from serve_helpers import tools_file as tools_file
+
+from helpers.serve import NEW, PROMPT, SYSTEM, TOOLS, Server, ask, generate_answers, http
+from helpers.serve import adapter_dir as adapter_dir  # fixtures, for pytest to find here
+from helpers.serve import serve_runs as serve_runs
+from helpers.serve import tools_file as tools_file
 
 BASE_NAME = "tiny-llama"  # the base answers under its directory's name (and as "base")
 

@@ -12,8 +12,9 @@ import time
 
 import openai
 import pytest
-from serve_helpers import PROMPT, cli, http
-from serve_helpers import serve_runs as serve_runs  # a fixture, for pytest to find here
+
+from helpers.serve import PROMPT, cli, http
+from helpers.serve import serve_runs as serve_runs  # a fixture, for pytest to find here
 
 
 def test_a_server_beyond_this_machine_without_a_key_is_refused(serve_runs):

@@ -7,9 +7,10 @@ import time
 
 import openai
 import pytest
-from serve_helpers import PROMPT, Server, ask, http
-from serve_helpers import adapter_dir as adapter_dir  # fixtures, for pytest to find here
-from serve_helpers import serve_runs as serve_runs
+
+from helpers.serve import PROMPT, Server, ask, http
+from helpers.serve import adapter_dir as adapter_dir  # fixtures, for pytest to find here
+from helpers.serve import serve_runs as serve_runs
 
 LONG = {"max_tokens": 1500, "extra_body": {"ignore_eos": True}}  # runs until cancelled
 

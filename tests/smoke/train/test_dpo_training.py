@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 import yaml
+
+from conftest import smoke_recipe
 from helpers.dpo import HELD_OUT_WORDS, TRAIN_WORDS, data_section, fresh, pair, write_jsonl
 
 # a fixture, imported for pytest to find in this module
 from helpers.dpo import tokenizer as tokenizer
-
-from conftest import smoke_recipe
 from loratool.data.preference import build_preference_datasets
 from loratool.errors import LoratoolError
 from loratool.recipe import validate_recipe

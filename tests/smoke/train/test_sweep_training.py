@@ -10,10 +10,10 @@ import csv
 import json
 
 import pytest
-from helpers.sweep import sweep, tiny_recipe
 from typer.testing import CliRunner
 
 from conftest import REPO
+from helpers.sweep import sweep, tiny_recipe
 from loratool.cli import app
 from loratool.rundir.records import read_run
 from loratool.train import sweep as sweep_module

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import trl
-from helpers.train import train_cli
 from safetensors.torch import load_file
 
 from conftest import smoke_recipe, write_recipe
+from helpers.train import train_cli
 from loratool.model.fingerprint import weights_fingerprint
 from loratool.recipe import load_recipe
 

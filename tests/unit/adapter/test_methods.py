@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers.methods import METHODS, SMOKE
 
 from conftest import smoke_recipe, write_recipe
+from helpers.methods import METHODS, SMOKE
 from loratool.errors import LoratoolError
 from loratool.recipe import load_recipe, recipe_to_dict
 

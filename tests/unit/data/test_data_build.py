@@ -6,12 +6,12 @@ import json
 import time
 
 import pytest
+
 from helpers.data import ALPACA_ROWS, IGNORE, chatml_tokenizer, loss_ids, source, write_json, write_jsonl
 from helpers.data_build import assert_rows_accounted_for, build
 
 # a fixture, imported for pytest to find in this module
 from helpers.data_build import tok as tok
-
 from loratool.errors import LoratoolError
 
 

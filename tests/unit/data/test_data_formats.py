@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers.data import source
 
+from helpers.data import source
 from loratool.data.formats import (
     Completion,
     Conversation,

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from helpers.data import write_jsonl
 from helpers.data_inspect import GOOD_ROWS, chat
-
 from loratool.data import build_datasets
 from loratool.data.inspect import format_report, inspect_data, to_html, token_runs
 from loratool.model.load import load_tokenizer

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.data import source, write_json, write_jsonl
 
+from helpers.data import source, write_json, write_jsonl
 from loratool.data.sources import looks_like_hub_id, open_source, read_rows
 from loratool.errors import LoratoolError
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers.data import IGNORE, chatml_tokenizer, loss_ids, template_ids
 
+from helpers.data import IGNORE, chatml_tokenizer, loss_ids, template_ids
 from loratool.data.formats import Completion, Conversation, RowError
 from loratool.data.templates import BUILTIN_TEMPLATES, apply_chat_template_choice, builtin_template
 from loratool.data.tokenize import encode

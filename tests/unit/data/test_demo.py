@@ -11,9 +11,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers.demo import RECIPE
 
 from conftest import REPO
+from helpers.demo import RECIPE
 from loratool.recipe import load_recipe
 
 DATA = REPO / "recipes" / "data"

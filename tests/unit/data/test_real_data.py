@@ -17,13 +17,13 @@ import json
 from typing import Any
 
 import pytest
+from test_data_formats import GLAIVE_ROW
+
 from helpers.data import IGNORE, chatml_tokenizer, loss_ids, section, source, template_ids, write_jsonl
 from helpers.real_data import REAL_FILES
 
 # a fixture, imported for pytest to find in this module
 from helpers.real_data import shared as shared
-from test_data_formats import GLAIVE_ROW
-
 from loratool.data import build_datasets
 from loratool.data.formats import Conversation, to_example
 from loratool.data.sources import read_rows

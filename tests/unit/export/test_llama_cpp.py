@@ -23,9 +23,9 @@ first run installs node-llama-cpp (6-12 s).
 from __future__ import annotations
 
 import pytest
-from llama_cpp_runtime import install_runtime, runtime_required
 
 from conftest import REPO
+from llama_cpp_runtime import install_runtime, runtime_required
 
 # --- the runtime itself ----------------------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ from helpers.generate import PROMPT, reference_answer
 
 # a fixture, imported for pytest to find in this module
 from helpers.generate import adapters as adapters
-
 from loratool.generate.run import Sampling, generate_ids, run_generate
 
 

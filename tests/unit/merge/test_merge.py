@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from conftest import random_adapter as peft_adapter
 from helpers.merge import assert_same_weights, merged_weights, record
 
 # a fixture, imported for pytest to find in this module
 from helpers.merge import tiny_gpt2 as tiny_gpt2
-from safetensors.torch import load_file
-
-from conftest import random_adapter as peft_adapter
 from loratool.merge import run_merge
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.bnb_cpu import QLORA, SMOKE
 
 from conftest import smoke_recipe
+from helpers.bnb_cpu import QLORA, SMOKE
 from loratool.model.bnb_cpu import (
     KERNEL_HUB_LOGGER,
     four_bit_matmul,

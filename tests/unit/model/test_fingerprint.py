@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import REPO
+
 # fixtures, imported for pytest to find in this module
 from helpers.fingerprint import cache_dir as cache_dir
 from helpers.fingerprint import legacy_windows as legacy_windows
 from helpers.fingerprint import negate_tensor, old_sampled_fingerprint, sampled_windows, tensor_layout
-
-from conftest import REPO
 from loratool.errors import LoratoolError
 from loratool.model import fingerprint
 from loratool.model.fingerprint import fingerprint_matches, fingerprint_scheme, weights_fingerprint

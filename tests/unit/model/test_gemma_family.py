@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.data import IGNORE, loss_ids, write_jsonl
 
 from conftest import random_adapter
+from helpers.data import IGNORE, loss_ids, write_jsonl
 from loratool.data.formats import Conversation
 from loratool.data.templates import (
     adds_bos,

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import smoke_recipe, write_recipe
 from helpers.gguf_base import _quiet
 
 # fixtures, imported for pytest to find in this module
 from helpers.gguf_base import private_cache as private_cache
 from helpers.gguf_base import tiny_gguf as tiny_gguf
 from helpers.gguf_base import tiny_source as tiny_source
-
-from conftest import smoke_recipe, write_recipe
 from loratool.errors import LoratoolError
 from loratool.model import gguf_base
 from loratool.model.fingerprint import file_sha256, weights_fingerprint

@@ -7,9 +7,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from helpers.recipe_schema import MINIMAL, write
 
 from conftest import REPO
+from helpers.recipe_schema import MINIMAL, write
 from loratool.errors import LoratoolError
 from loratool.recipe import explain, load_recipe, load_recipe_with_origins
 from loratool.recipe.json_schema import SCHEMA_FILE, recipe_schema, schema_json

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from helpers.recipe_traps import DAMAGES, damage
 
 # a fixture, imported for pytest to find in this module
 from helpers.recipe_traps import pristine_adapter as pristine_adapter
-
 from loratool.errors import LoratoolError
 from loratool.recipe import MAX_ALIAS_NODES, load_recipe, parse_yaml, validate_recipe
 

@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-from helpers.run_trust import hold_lock_in_another_process
 
+from helpers.run_trust import hold_lock_in_another_process
 from loratool.errors import LoratoolError
 from loratool.rundir.outputs import lock_path, output_lock
 

@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-from helpers.generate import adapters as adapters  # a fixture, for pytest to find here
 
+from helpers.generate import adapters as adapters  # a fixture, for pytest to find here
 from loratool.generate.run import BASE, Sampling, load_adapters, render_for
 from loratool.generate.target import resolve_target
 from loratool.serve.engine import Engine, Job

@@ -4,12 +4,12 @@ as for SFT, the dry run."""
 from __future__ import annotations
 
 import pytest
+
+from conftest import SHARED_DATA, smoke_recipe
 from helpers.dpo import TRAIN_WORDS, data_section, fresh, pair, write_jsonl
 
 # a fixture, imported for pytest to find in this module
 from helpers.dpo import tokenizer as tokenizer
-
-from conftest import SHARED_DATA, smoke_recipe
 from loratool.data.formats import Conversation
 from loratool.data.preference import build_preference_datasets
 from loratool.data.templates import with_bos

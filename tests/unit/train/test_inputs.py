@@ -8,8 +8,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-from helpers.inputs import recipe_in
 
+from helpers.inputs import recipe_in
 from loratool.errors import LoratoolError
 from loratool.recipe import load_recipe
 from loratool.train import inputs

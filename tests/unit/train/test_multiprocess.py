@@ -10,9 +10,9 @@ machines. A constant learning rate makes 6 steps + 2 resumed steps the same trai
 from __future__ import annotations
 
 import pytest
-from helpers.multiprocess import CONFIGS
 
 from conftest import REPO, smoke_recipe, write_recipe
+from helpers.multiprocess import CONFIGS
 
 # --- what cannot work, refused before any weights load (hardware.check) --------------------------------
 

@@ -13,9 +13,9 @@ import time
 
 import pytest
 import torch
-from serve_helpers import Server, ask, http
 
 import conftest
+from helpers.serve import Server, ask, http
 
 pytestmark = [
     pytest.mark.gpu,

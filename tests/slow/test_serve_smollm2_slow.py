@@ -6,9 +6,9 @@ from __future__ import annotations
 import concurrent.futures
 
 import pytest
-from serve_helpers import Server, ask, generate_answers
 
 import conftest
+from helpers.serve import Server, ask, generate_answers
 
 SMOLLM2 = conftest.REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Spell the word backwards: falcon"]

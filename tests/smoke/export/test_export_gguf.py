@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.export import copy_model, fields, gguf_tensors, logits_of
 from safetensors.torch import load_file, save_file
 
+from helpers.export import copy_model, fields, gguf_tensors, logits_of
 from loratool.export.gguf import unpermute_for_rope, write_gguf
 
 
