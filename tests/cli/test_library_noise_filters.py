@@ -16,7 +16,7 @@ import pytest
 from loratool.cli import application
 from loratool.model.bnb_cpu import KERNEL_HUB_MESSAGE, KERNEL_TRUST_LOGGER, KERNEL_TRUST_MESSAGE
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 

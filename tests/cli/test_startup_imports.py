@@ -13,7 +13,7 @@ import pytest
 from loratool.cli.application import uses_bitsandbytes
 from loratool.recipe import validate_recipe
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def recipe(**sections):
