@@ -7,11 +7,13 @@ imported, importing nothing itself). Printed: the timeline of the first run, the
 to first step, median [min-max] over the runs; CPU seconds of the process until the first step as well,
 which another job on the same cores disturbs less than wall time.
 
-    python scripts/bench_startup.py [RECIPE] [--runs 3] [--importtime] [--skip-bitsandbytes]
+    python scripts/bench_startup.py [RECIPE] [--runs 3] [--importtime] [--skip-bitsandbytes] [--compare]
 
 RECIPE defaults to recipes/tiny-smoke.yaml (its tiny model: `python scripts/make_tiny_model.py
 .cache/tiny-llama --arch llama --hidden-size 256 --layers 4`). `--importtime` adds one run under
-`python -X importtime` and lists the slowest imports (cumulative). `--skip-bitsandbytes` runs the command
+`python -X importtime` and lists the slowest imports (cumulative). `--compare` interleaves the command as
+it is, the command skipping bitsandbytes (below) and the hand-written baseline of scripts/bench_train.py on
+the recipe's model and data, and prints launch to first step for each. `--skip-bitsandbytes` runs the command
 as if `loratool train` called `loratool.cli.application.skip_bitsandbytes_unless_used(recipe)` right after
 its quiet_libraries() (the recipe loaded, the training stages not yet imported): what bitsandbytes' import
 costs a run that cannot use it.
@@ -134,6 +136,28 @@ def summary(values: list[float]) -> str:
     return f"{med:.2f}" if len(values) == 1 else f"{med:.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
+def baseline_job(recipe_path: Path, work: Path) -> dict:
+    """bench_train's job for the hand-written baseline on the recipe's model and (alpaca) data, 2 steps."""
+    from loratool.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, [])
+    source = recipe.data.train[0]
+    if source.format != "alpaca":
+        raise SystemExit(f"--compare: the baseline reads alpaca rows; {recipe_path} has {source.format}")
+    return {
+        "shape": "startup",
+        "model": str(recipe.base_model),
+        "data": str(source.path),
+        "format": "alpaca_chat",  # rendered with the model's chat template, as loratool does
+        "max_length": recipe.data.max_length,
+        "batch_size": recipe.training.per_device_train_batch_size,
+        "steps": 2,
+        "learning_rate": recipe.training.learning_rate,
+        "warmup_steps": 0,
+        "lora_dropout": recipe.lora.lora_dropout,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", type=Path, default=DEFAULT_RECIPE)
@@ -144,11 +168,37 @@ def main() -> int:
         action="store_true",
         help="as if train called skip_bitsandbytes_unless_used (see above)",
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="interleave the command as it is, the command skipping bitsandbytes and the hand-written "
+        "baseline (scripts/bench_train.py's) on the recipe's model and data",
+    )
     args = parser.parse_args()
+    recipe = args.recipe.resolve()
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
-    runs = [
-        run_once(args.recipe.resolve(), work / f"run-{i}", args.skip_bitsandbytes) for i in range(args.runs)
-    ]
+    if args.compare:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_train
+
+        job = baseline_job(recipe, work)
+        figures: dict[str, list[float]] = {
+            "loratool": [],
+            "loratool skipping bitsandbytes": [],
+            "baseline": [],
+        }
+        for i in range(args.runs):
+            figures["loratool"].append(run_once(recipe, work / f"as-is-{i}", False)["first_step_s"])
+            figures["loratool skipping bitsandbytes"].append(
+                run_once(recipe, work / f"skip-{i}", True)["first_step_s"]
+            )
+            result = bench_train.run_one("baseline", job, work, threads=os.cpu_count() or 2, round_=i)
+            figures["baseline"].append(result["launch_to_first_step_s"])
+        print(f"launch to first training step, {args.runs} interleaved runs each, {args.recipe}:")
+        for name, values in figures.items():
+            print(f"  {name:32} {summary(values)} s")
+        return 0
+    runs = [run_once(recipe, work / f"run-{i}", args.skip_bitsandbytes) for i in range(args.runs)]
     print(f"timeline of the first run (seconds since launch), {args.recipe}:")
     for at, text in runs[0]["timeline"]:
         print(f"  {at:6.2f}  {text[:150]}")
@@ -159,7 +209,7 @@ def main() -> int:
     print(f"  CPU time to first step: {summary([r['cpu_to_first_step_s'] for r in runs])} s")
     print(f"  bitsandbytes imported: {', '.join(str(r['bitsandbytes']) for r in runs)}")
     if args.importtime:
-        traced = run_once(args.recipe.resolve(), work / "importtime", args.skip_bitsandbytes, importtime=True)
+        traced = run_once(recipe, work / "importtime", args.skip_bitsandbytes, importtime=True)
         print("\nslowest imports (one run under -X importtime, which slows it):")
         for line in slowest_imports(traced["imports"]):
             print("  " + line)

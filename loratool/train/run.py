@@ -132,29 +132,20 @@ def start_run(
 ) -> tuple[RunDir, RunRecord]:
     """The run directory, started afresh (run.json "running", recipe.yaml) or continued at the resume
     point, by the main process; train.log from here on lands in it. The others only learn where it is."""
-    started = on_main_first(
-        state, lambda: _start_run(recipe, record, resumed, overwrite, resume, run_log, log)
-    )
+
+    def on_main() -> tuple[RunDir, RunRecord]:
+        run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, log=log)
+        if resumed is not None:
+            continued = continue_run(run, record, resumed, log)
+            run.write_recipe(recipe_to_dict(recipe))
+        else:
+            continued = record
+            run.start(recipe_to_dict(recipe), record)
+        run_log.attach(run.log_file, resumed=resumed is not None)
+        return run, continued
+
+    started = on_main_first(state, on_main)
     return started if started is not None else (RunDir(output_path(recipe)), record)
-
-
-def _start_run(
-    recipe: Recipe,
-    record: RunRecord,
-    resumed: dict[str, Any] | None,
-    overwrite: bool,
-    resume: bool,
-    run_log: RunLog,
-    log: Callable[[str], None],
-) -> tuple[RunDir, RunRecord]:
-    run = RunDir.prepare(recipe.training.output_dir, overwrite=overwrite, resume=resume, log=log)
-    if resumed is not None:
-        record = continue_run(run, record, resumed, log)
-        run.write_recipe(recipe_to_dict(recipe))
-    else:
-        run.start(recipe_to_dict(recipe), record)
-    run_log.attach(run.log_file, resumed=resumed is not None)
-    return run, record
 
 
 def write_adapter_dir(

@@ -64,6 +64,14 @@ def test_llama_like_models_get_every_saver_on_a_cpu(arch):
     assert memory.choose(config(arch), CPU) == MemorySavers()
 
 
+def test_gemma3_gets_every_saver_too_as_measured():
+    # The Gemma-3-270m-shaped model (262,144-token tied head, gelu_pytorch_tanh, sliding window) was profiled
+    # with each switch off (memory/__init__.py `choose`): none made a step slower or bigger, so none is off.
+    gemma = config("gemma3_text")
+    assert (gemma.vocab_size, gemma.tie_word_embeddings, gemma.sliding_window) == (262144, True, 512)
+    assert memory.choose(gemma, CPU) == MemorySavers()
+
+
 def test_a_gpu_keeps_trl_s_own_vocabulary_tiles():
     savers = memory.choose(config("llama"), GPU)
     assert not savers.cpu_vocab_tiles
