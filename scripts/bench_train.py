@@ -342,8 +342,8 @@ def measure(side: str, job: dict, out: Path) -> dict:
                 "real": real,
                 "loss_tokens": int((labels != -100).sum()),
                 "loss": float(loss),
-                # forward + backward only (the optimizer step follows it); CPU seconds of every thread,
-                # steadier than wall time when other jobs share the cores
+                # forward + backward only (the optimizer step follows it); CPU seconds of every thread: with one
+                # thread (--threads 1) steadier than wall time when other jobs share the cores
                 "wall_s": time.time() - start,
                 "cpu_s": time.process_time() - cpu,
             }

@@ -66,11 +66,12 @@ def choose(model_config: Any, hw: Hardware) -> MemorySavers:
     Gemma-3-270m's widths (scripts/bench_arch.py --only gemma3_text --real-shape --layers 2 --threads 1,
     2 rounds of 3 steps). With every switch on a step took 22.0 CPU s and peaked at 1,695 MiB; each switch
     off alone: mask_dropout 21.7 s / 1,850 MiB, loss_positions 33.3 s / 2,058 MiB, cpu_vocab_tiles
-    26.6-27.8 s / 2,888-2,942 MiB, cheap_recompute 19.8-20.8 s / 1,823-1,827 MiB (interleaved in one
-    process, with it against without: 0.95x the CPU time). On the head alone (scripts/bench_lm_head.py's
-    job, one thread, interleaved), 4,096-column tiles took 4.4-5.0 s against 6.4-6.9 s for TRL's 32,768 on
-    256 positions. (With two threads on cores other jobs share, small tiles look slower: every tile is a
-    parallel region whose barrier waits for a descheduled thread. Measure on a quiet machine.)"""
+    26.6-27.8 s / 2,888-2,942 MiB, cheap_recompute 19.8-20.8 s / 1,823-1,827 MiB (within the noise: four
+    forward+backward passes interleaved in one process gave it 0.95x the CPU time of the same model without
+    it). On the head alone (scripts/bench_lm_head.py, one thread, 256 positions), 4,096-column tiles took
+    3.5-3.8 s and added 75-89 MiB, TRL's 32,768 columns 5.1-6.0 s and 302-303 MiB. (With two threads on
+    cores other jobs share, small tiles look slower: every tile is a parallel region whose barrier waits for
+    a descheduled thread. Measure on a quiet machine.)"""
     savers = MemorySavers()
     if hw.device != "cpu":
         # The tiles exist for CPU caches; on a GPU, TRL's own 32,768 columns are what its kernel is tuned for.
