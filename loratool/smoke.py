@@ -91,6 +91,14 @@ def smoke_recipe(recipe: Recipe, base_dir: Path) -> tuple[Recipe, list[str]]:
         change(training, "eval_steps", SMOKE_STEPS // 2, "training")
     if training.get("save_steps") is not None:
         change(training, "save_steps", SMOKE_STEPS // 2, "training")
+    for method in ("grpo", "rloo"):  # online RL: a batch holds whole groups of completions
+        if isinstance(raw.get(method), dict):
+            online = raw[method]
+            change(online, "num_generations", 2, method)
+            change(
+                online, "max_completion_length", min(online.get("max_completion_length") or 16, 16), method
+            )
+            change(training, "per_device_train_batch_size", 2, "training")
     change(training, "early_stopping_patience", None, "training")
     change(training, "report_to", "none", "training")  # no tracker entry for a throwaway run
     return validate_recipe(raw, source="the smoke recipe"), changes
@@ -212,7 +220,9 @@ def run_smoke(recipe: Recipe, *, log: Callable[[str], None] = print) -> dict[str
     merged = run_merge(run_dir, output=Path(f"{run_dir}-merged"), overwrite=True, log=log)
     model_type = read_config(base_dir)["model_type"]
     exported = None
-    if model_type in ARCHITECTURES:
+    if recipe.reward is not None:  # llama.cpp runs language models; a score head has no GGUF equivalent
+        log("export: skipped (a reward model: GGUF holds language models)")
+    elif model_type in ARCHITECTURES:
         # From the merged checkpoint: exporting the run directory would merge the adapter a second time.
         exported = run_export(merged, output=Path(f"{run_dir}-gguf"), outtype="f32", overwrite=True, log=log)
     else:

@@ -280,7 +280,9 @@ def main() -> int:
     parser.add_argument("--sides", help=f"comma-separated (default: all): {', '.join(SIDES)}")
     parser.add_argument("--rounds", type=int, help="rounds of every side (default: 3; --quick: 1)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 10; smollm2's demo: 24)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads per run (default: 2; --quick: 1, as the recorded table)"
+    )
     parser.add_argument("--real-shape", action="store_true", help="the structure models at their real widths")
     parser.add_argument("--layers", type=int, help="decoder layers of the structure models")
     parser.add_argument("--quick", action="store_true", help="the guard: see the module docstring")
@@ -291,6 +293,7 @@ def main() -> int:
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.steps = args.steps or (3 if args.quick else None)
+    args.threads = args.threads or (1 if args.quick else 2)
     # gemma3 converts a GGUF file on its first run; b is a (slow) wider a: neither is quick.
     skipped = ("gemma3", "b") if args.quick else ("gemma3",)
     names = args.only.split(",") if args.only else [m for m in MODELS if m not in skipped]

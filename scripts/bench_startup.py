@@ -7,16 +7,16 @@ imported, importing nothing itself). Printed: the timeline of the first run, the
 to first step, median [min-max] over the runs; CPU seconds of the process until the first step as well,
 which another job on the same cores disturbs less than wall time.
 
-    python scripts/bench_startup.py [RECIPE] [--runs 3] [--importtime] [--skip-bitsandbytes] [--compare]
+    python scripts/bench_startup.py [RECIPE] [--runs 3] [--importtime] [--keep-bitsandbytes] [--compare]
 
 RECIPE defaults to recipes/tiny-smoke.yaml (its tiny model: `python scripts/make_tiny_model.py
 .cache/tiny-llama --arch llama --hidden-size 256 --layers 4`). `--importtime` adds one run under
 `python -X importtime` and lists the slowest imports (cumulative). `--compare` interleaves the command as
-it is, the command skipping bitsandbytes (below) and the hand-written baseline of scripts/bench_train.py on
-the recipe's model and data, and prints launch to first step for each. `--skip-bitsandbytes` runs the command
-as if `loratool train` called `loratool.cli.application.skip_bitsandbytes_unless_used(recipe)` right after
-its quiet_libraries() (the recipe loaded, the training stages not yet imported): what bitsandbytes' import
-costs a run that cannot use it.
+it is, the command keeping bitsandbytes (below) and the hand-written baseline of scripts/bench_train.py on
+the recipe's model and data, and prints launch to first step for each. `--keep-bitsandbytes` imports
+bitsandbytes before the command starts, as every run did before `loratool train` learned to skip it when
+the recipe cannot use it (`skip_bitsandbytes_unless_used`, loratool/cli/application.py): what its import
+costs a run that does not need it.
 """
 
 from __future__ import annotations
@@ -63,30 +63,16 @@ class _StampFirstStep(importlib.abc.MetaPathFinder):
         return spec
 
 sys.meta_path.insert(0, _StampFirstStep())
-if sys.argv[1] == "skip-bitsandbytes":
-    import loratool.cli.train as train_command
-    import loratool.recipe
-    from loratool.cli.application import skip_bitsandbytes_unless_used
-
-    load, quiet, loaded = loratool.recipe.load_recipe, train_command.quiet_libraries, []
-
-    def load_recipe(*args, **kwargs):
-        loaded.append(load(*args, **kwargs))
-        return loaded[-1]
-
-    def quiet_libraries():
-        quiet()
-        skip_bitsandbytes_unless_used(loaded[-1])
-
-    loratool.recipe.load_recipe, train_command.quiet_libraries = load_recipe, quiet_libraries
+if sys.argv[1] == "keep-bitsandbytes":
+    import bitsandbytes  # noqa: F401  (imported: `loratool train` then leaves it, as before it skipped it)
 sys.argv = ["loratool", *sys.argv[2:]]
 runpy.run_module("loratool", run_name="__main__")
 """
 
 
-def run_once(recipe: Path, out: Path, skip: bool, importtime: bool = False) -> dict:
+def run_once(recipe: Path, out: Path, keep: bool, importtime: bool = False) -> dict:
     command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", WRAPPER]
-    command += ["skip-bitsandbytes" if skip else "-", "train", str(recipe), "--overwrite"]
+    command += ["keep-bitsandbytes" if keep else "-", "train", str(recipe), "--overwrite"]
     command += ["--set", f"training.output_dir={out}", "--set", "training.max_steps=2"]
     command += ["--set", "training.eval_on_start=false", "--set", "training.save_steps=1000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -164,14 +150,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--importtime", action="store_true", help="one more run under -X importtime")
     parser.add_argument(
-        "--skip-bitsandbytes",
+        "--keep-bitsandbytes",
         action="store_true",
-        help="as if train called skip_bitsandbytes_unless_used (see above)",
+        help="import bitsandbytes first, as runs did before train skipped it (see above)",
     )
     parser.add_argument(
         "--compare",
         action="store_true",
-        help="interleave the command as it is, the command skipping bitsandbytes and the hand-written "
+        help="interleave the command as it is, the command keeping bitsandbytes and the hand-written "
         "baseline (scripts/bench_train.py's) on the recipe's model and data",
     )
     args = parser.parse_args()
@@ -184,13 +170,13 @@ def main() -> int:
         job = baseline_job(recipe, work)
         figures: dict[str, list[float]] = {
             "loratool": [],
-            "loratool skipping bitsandbytes": [],
+            "loratool keeping bitsandbytes": [],
             "baseline": [],
         }
         for i in range(args.runs):
             figures["loratool"].append(run_once(recipe, work / f"as-is-{i}", False)["first_step_s"])
-            figures["loratool skipping bitsandbytes"].append(
-                run_once(recipe, work / f"skip-{i}", True)["first_step_s"]
+            figures["loratool keeping bitsandbytes"].append(
+                run_once(recipe, work / f"keep-{i}", True)["first_step_s"]
             )
             result = bench_train.run_one("baseline", job, work, threads=os.cpu_count() or 2, round_=i)
             figures["baseline"].append(result["launch_to_first_step_s"])
@@ -198,18 +184,18 @@ def main() -> int:
         for name, values in figures.items():
             print(f"  {name:32} {summary(values)} s")
         return 0
-    runs = [run_once(recipe, work / f"run-{i}", args.skip_bitsandbytes) for i in range(args.runs)]
+    runs = [run_once(recipe, work / f"run-{i}", args.keep_bitsandbytes) for i in range(args.runs)]
     print(f"timeline of the first run (seconds since launch), {args.recipe}:")
     for at, text in runs[0]["timeline"]:
         print(f"  {at:6.2f}  {text[:150]}")
     print(f"  {runs[0]['first_step_s']:6.2f}  <first training step starts>")
-    print(f"\n{len(runs)} runs{' skipping bitsandbytes' if args.skip_bitsandbytes else ''}:")
+    print(f"\n{len(runs)} runs{' keeping bitsandbytes' if args.keep_bitsandbytes else ''}:")
     print(f"  launch to first line: {summary([r['first_line_s'] for r in runs])} s")
     print(f"  launch to first step: {summary([r['first_step_s'] for r in runs])} s")
     print(f"  CPU time to first step: {summary([r['cpu_to_first_step_s'] for r in runs])} s")
     print(f"  bitsandbytes imported: {', '.join(str(r['bitsandbytes']) for r in runs)}")
     if args.importtime:
-        traced = run_once(recipe, work / "importtime", args.skip_bitsandbytes, importtime=True)
+        traced = run_once(recipe, work / "importtime", args.keep_bitsandbytes, importtime=True)
         print("\nslowest imports (one run under -X importtime, which slows it):")
         for line in slowest_imports(traced["imports"]):
             print("  " + line)

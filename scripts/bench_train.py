@@ -60,6 +60,7 @@ EXTRA_SIDES = (
     "no_checkpointing",
     *(f"without_{saver}" for saver in SAVERS),
 )
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
 CHECKPOINTING = {"checkpointing": True, "no_checkpointing": False}  # the others: the recipe's default
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 SMOLLM2_GGUF = REPO / ".cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -323,6 +324,7 @@ def run_loratool(
 def measure(side: str, job: dict, out: Path) -> dict:
     """Run one side with the trainer's training_step wrapped: when the first step starts, each step's real
     tokens, loss tokens and loss. Importing the trainer here costs nothing extra: every side needs it."""
+    import torch
     from transformers import Trainer
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -399,17 +401,21 @@ def measure(side: str, job: dict, out: Path) -> dict:
         "failed_after_loop": failed_after_loop,
         "checkpointed_layers": checkpointing[0],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "threads": torch.get_num_threads(),
+        "wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default"),
     }
 
 
 # ----------------------------------------------------------------------------------------- the harness
 
 
-def run_one(side: str, job: dict, work: Path, threads: int, round_: int) -> dict:
+def run_one(side: str, job: dict, work: Path, threads: int | None, round_: int) -> dict:
+    """One side in a process of its own. `threads` None: no thread setting in its environment (torch's
+    default for the baseline; loratool's own choice, loratool/model/threads.py, for loratool's sides)."""
+    inherited = {k: v for k, v in os.environ.items() if threads is not None or k not in THREAD_SETTINGS}
     env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
+        **inherited,
+        **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads is not None else {}),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
@@ -510,6 +516,12 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.role:  # one side of the comparison, in its own process
+        if not args.role.startswith("baseline") and not any(os.environ.get(k) for k in THREAD_SETTINGS):
+            # What `loratool train` does before torch loads (cli/application.py start_libraries); here, since
+            # this process imports torch before it runs the command.
+            from loratool.model import threads
+
+            threads.apply(threads.choose())
         result = measure(args.role, json.loads(args.job.read_text()), args.out)
         print("RESULT " + json.dumps(result))
         return

@@ -28,9 +28,12 @@ _NOT_LORA_CONFIG = {
 }
 
 
-def build_lora_config(lora: LoraSection, total_steps: int | None = None) -> PeftConfig:
+def build_lora_config(
+    lora: LoraSection, total_steps: int | None = None, *, task_type: str = "CAUSAL_LM"
+) -> PeftConfig:
     """The PEFT config of `lora.method`. AdaLoRA needs the run's number of optimizer steps: `total_steps`,
-    or a provisional count that the trainer's own replaces before the first step (adalora.py)."""
+    or a provisional count that the trainer's own replaces before the first step (adalora.py).
+    `task_type` SEQ_CLS (a reward model): PEFT then trains and saves the score head with the adapter."""
     from peft import AdaLoraConfig, LoraConfig, TaskType, VeraConfig
 
     own = {f: getattr(lora, f) for f in OWN_FIELDS.get(lora.method, ()) if getattr(lora, f) is not None}
@@ -60,7 +63,7 @@ def build_lora_config(lora: LoraSection, total_steps: int | None = None) -> Peft
             config_class = AdaLoraConfig
             fields.update(own, total_step=total_steps or provisional_total_steps(lora))
     try:
-        return config_class(task_type=TaskType.CAUSAL_LM, **fields)
+        return config_class(task_type=TaskType(task_type), **fields)
     except (TypeError, ValueError) as exc:
         raise LoratoolError(
             f"lora: peft rejected the {lora.method} settings: {exc}", hint="check the lora section"
@@ -123,7 +126,7 @@ def attach_adapter(
         )
     elif gradient_checkpointing:
         model.enable_input_require_grads()
-    config = calibrate_base(model, build_lora_config(lora), calibration, log)
+    config = calibrate_base(model, build_lora_config(lora, task_type=task_type_of(model)), calibration, log)
     try:
         adapted = get_peft_model(model, config)
     except ValueError as exc:
@@ -132,6 +135,11 @@ def attach_adapter(
         ) from None
     calibrate_adapter(adapted, calibration, log)
     return adapted
+
+
+def task_type_of(model: PreTrainedModel) -> str:
+    """SEQ_CLS for a base with a score head (a reward model, model/load.py), else CAUSAL_LM."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
 
 
 def build_optimizer(

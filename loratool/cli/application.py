@@ -16,6 +16,7 @@ import typer
 
 from loratool import __version__
 from loratool.errors import LoratoolError
+from loratool.model import threads
 from loratool.model.bnb_cpu import silence_kernel_hub_warning
 
 if TYPE_CHECKING:
@@ -92,6 +93,17 @@ KNOWN_NOISE: tuple[tuple[type[Warning], str], ...] = (
 )
 
 
+def start_libraries() -> None:
+    """What a command that computes does before torch loads: the CPU threads for how busy the cores are
+    (model/threads.py; said when it departs from torch's default), then the library noise silenced."""
+    if OWNS_PROCESS and "torch" not in sys.modules:  # a process that lives on keeps its own threads
+        choice = threads.choose()
+        threads.apply(choice)
+        if choice.threads is not None:
+            typer.echo(choice.describe(), err=True)  # stderr: `plan --json` and `data --json` print JSON
+    quiet_libraries()
+
+
 def quiet_libraries() -> None:
     """Known library noise and info logs drown the few lines that matter; LORATOOL_DEBUG=1 brings them
     back. Only the warnings named here are hidden: any other library warning is printed (and lands in a
@@ -164,5 +176,12 @@ def main_options(
     """Fine-tune causal language models with LoRA and QLoRA from YAML recipes."""
 
 
+# True in a `loratool` process (the console script, `python -m loratool`), False where the app is called in
+# a process that lives on (a test's CliRunner): only the first may change what the process can import.
+OWNS_PROCESS = False
+
+
 def main() -> None:
+    global OWNS_PROCESS
+    OWNS_PROCESS = True
     app(prog_name="loratool")

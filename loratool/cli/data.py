@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from loratool.cli.application import quiet_libraries, reports_errors
+from loratool.cli.application import reports_errors, start_libraries
 from loratool.cli.options import RecipeArgument, SetOption
 
 
@@ -33,7 +33,7 @@ def data_(
     from loratool.recipe import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
-    quiet_libraries()
+    start_libraries()
     from loratool.data.inspect import format_report, inspect_data, length_histogram_png, to_html
     from loratool.model.load import load_tokenizer
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from loratool.cli.application import quiet_libraries, reports_errors
+from loratool.cli.application import reports_errors, start_libraries
 
 
 @reports_errors
@@ -98,7 +98,7 @@ def eval_(
     ] = None,
 ) -> None:
     """Held-out loss, perplexity and generation metrics of a fine-tune (and of its base, side by side)."""
-    quiet_libraries()
+    start_libraries()
     from loratool.eval import run_eval  # deferred: evaluating loads torch and transformers
 
     run_eval(

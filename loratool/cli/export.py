@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from loratool.cli.application import quiet_libraries, reports_errors
+from loratool.cli.application import reports_errors, start_libraries
+from loratool.rundir.signals import terminate_as_interrupt
 
 
 @reports_errors
@@ -66,18 +67,19 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous export.")] = False,
 ) -> None:
     """Write a model where it runs: a GGUF file (llama.cpp, Ollama) or a merged HF checkpoint."""
-    quiet_libraries()
+    start_libraries()
     from loratool.export import run_export  # deferred: exporting loads torch and transformers
 
-    run_export(
-        source,
-        format=format_,
-        outtype=outtype,
-        output=output,
-        ollama=ollama,
-        base=base,
-        verify=verify,
-        force=force,
-        overwrite=overwrite,
-        log=typer.echo,
-    )
+    with terminate_as_interrupt():  # SIGTERM stops it like Ctrl-C: partial output removed, lock released
+        run_export(
+            source,
+            format=format_,
+            outtype=outtype,
+            output=output,
+            ollama=ollama,
+            base=base,
+            verify=verify,
+            force=force,
+            overwrite=overwrite,
+            log=typer.echo,
+        )

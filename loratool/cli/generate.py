@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from loratool.cli.application import quiet_libraries, reports_errors
+from loratool.cli.application import reports_errors, start_libraries
 from loratool.cli.options import (
     AdapterOption,
     MaxNewTokensOption,
@@ -40,7 +40,7 @@ def generate(
     tools: ToolsOption = None,
 ) -> None:
     """Answer prompts with the fine-tuned model, through its chat template."""
-    quiet_libraries()
+    start_libraries()
     from loratool.generate.run import run_generate  # deferred: generating loads torch and transformers
 
     run_generate(
@@ -68,7 +68,7 @@ def chat(
     tools: ToolsOption = None,
 ) -> None:
     """Talk to the model interactively, answers streamed as they are generated."""
-    quiet_libraries()
+    start_libraries()
     from loratool.generate.run import run_chat  # deferred: loads torch and transformers
 
     run_chat(

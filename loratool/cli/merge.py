@@ -7,8 +7,9 @@ from typing import Annotated, Literal
 
 import typer
 
-from loratool.cli.application import quiet_libraries, reports_errors
+from loratool.cli.application import reports_errors, start_libraries
 from loratool.errors import LoratoolError
+from loratool.rundir.signals import terminate_as_interrupt
 
 
 @reports_errors
@@ -113,8 +114,8 @@ def merge(
         bool,
         typer.Option(
             "--force",
-            help="Merge even if --base is not the model run.json says was trained on (or combine adapters "
-            "trained on different bases).",
+            help="Merge even if --base is not the model run.json says was trained on, or a checkpoint that "
+            "is not sealed complete (or combine adapters trained on different bases).",
         ),
     ] = False,
     overwrite: Annotated[
@@ -124,7 +125,7 @@ def merge(
 ) -> None:
     """Fold a LoRA adapter (or a combination of several) into its base model and write a standard Hugging
     Face checkpoint."""
-    quiet_libraries()
+    start_libraries()
     if len(adapter) > 1:
         if qlora_base is not None:
             raise LoratoolError(
@@ -134,21 +135,22 @@ def merge(
         # deferred, here and below: merging loads torch, transformers and peft
         from loratool.merge.combine import run_combine
 
-        run_combine(
-            adapter,
-            weights=_parse_weights(weights),
-            method=method or "linear",
-            density=density,
-            base=base,
-            adapter_output=adapter_output,
-            adapter_only=adapter_only,
-            output=output,
-            dtype=dtype,
-            verify=verify,
-            force=force,
-            overwrite=overwrite,
-            log=typer.echo,
-        )
+        with terminate_as_interrupt():  # SIGTERM stops it like Ctrl-C: partial output removed, lock released
+            run_combine(
+                adapter,
+                weights=_parse_weights(weights),
+                method=method or "linear",
+                density=density,
+                base=base,
+                adapter_output=adapter_output,
+                adapter_only=adapter_only,
+                output=output,
+                dtype=dtype,
+                verify=verify,
+                force=force,
+                overwrite=overwrite,
+                log=typer.echo,
+            )
         return
     combining = {
         "--weights": weights is not None,
@@ -165,17 +167,18 @@ def merge(
         )
     from loratool.merge import run_merge
 
-    run_merge(
-        adapter[0],
-        base=base,
-        output=output,
-        dtype=dtype,
-        qlora_base=qlora_base,
-        verify=verify,
-        force=force,
-        overwrite=overwrite,
-        log=typer.echo,
-    )
+    with terminate_as_interrupt():
+        run_merge(
+            adapter[0],
+            base=base,
+            output=output,
+            dtype=dtype,
+            qlora_base=qlora_base,
+            verify=verify,
+            force=force,
+            overwrite=overwrite,
+            log=typer.echo,
+        )
 
 
 def _parse_weights(text: str | None) -> list[float] | None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from loratool.cli.application import quiet_libraries, reports_errors
+from loratool.cli.application import reports_errors, start_libraries
 from loratool.cli.options import AdapterOption
 
 
@@ -89,7 +89,7 @@ def serve(
     ] = False,
 ) -> None:
     """Serve the base and every adapter behind an OpenAI-compatible API (/v1/chat/completions, ...)."""
-    quiet_libraries()
+    start_libraries()
     from loratool.serve.run import run_serve  # deferred: serving loads torch, transformers and FastAPI
 
     run_serve(

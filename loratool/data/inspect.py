@@ -15,9 +15,10 @@ after a run has been paid for:
 - a system prompt the chat template drops;
 - preference pairs without signal (the rejected answer empty, or the same as the chosen one).
 
-Each kind of row has its own small inspector: `inspect_rows` (supervised examples) and `inspect_pairs`
-(preference pairs, for a recipe with a dpo section). An inspected row lists the token `sequences`
-training feeds for it (one for an example; prompt + chosen and prompt + rejected for a pair) and the
+Each kind of row has its own small inspector: `inspect_rows` (supervised examples), `inspect_pairs`
+(preference pairs, for a recipe with a dpo or reward section), `inspect_unpaired` (judged completions,
+for a kto section) and `inspect_prompts` (what the model is prompted with, for grpo and rloo). An inspected
+row lists the token `sequences` training feeds for it (one for an example; prompt + chosen and prompt + rejected for a pair) and the
 `parts` it is shown in; the checks and the rendering work on those, so another kind of row (prompt-only
 rows, unpaired KTO rows) is one more inspector and row class, not a branch in these.
 """
@@ -36,7 +37,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from loratool.data.build import build_datasets, read_source
-from loratool.data.formats import Conversation, RowError, check_columns, resolve_format, to_example
+from loratool.data.formats import (
+    Completion,
+    Conversation,
+    RowError,
+    check_columns,
+    resolve_format,
+    to_example,
+)
 from loratool.data.preference import (
     PreferencePair,
     build_preference_datasets,
@@ -46,7 +54,21 @@ from loratool.data.preference import (
     split_pair,
     to_pair,
 )
+from loratool.data.prompts import (
+    build_prompt_datasets,
+    check_prompt_columns,
+    prompt_ids,
+    resolve_prompt_format,
+    to_prompt,
+)
 from loratool.data.tokenize import IGNORE, encode_many, render_conversation
+from loratool.data.unpaired import (
+    build_unpaired_datasets,
+    check_unpaired_columns,
+    resolve_unpaired_format,
+    to_judged,
+)
+from loratool.errors import LoratoolError
 from loratool.model.load import local_model_dir
 
 if TYPE_CHECKING:
@@ -184,7 +206,51 @@ class InspectedPair:
         return text
 
 
-Inspected = InspectedRow | InspectedPair
+@dataclass
+class InspectedPrompt:
+    """One prompt of an online RL run (grpo, rloo) as the model is prompted with it: the rendered prompt,
+    ending where the model's completion starts, and the columns the rewards read. No token carries loss:
+    the completions the model generates during training are what it learns from."""
+
+    location: str
+    split: str
+    raw: dict[str, Any]
+    example: Any  # a Conversation (chat prompt), or a Completion with no completion (raw text)
+    prompt_ids: list[int]
+    columns: dict[str, Any]
+    max_length: int
+
+    LENGTH: ClassVar[str] = "prompt tokens"
+
+    @cached_property
+    def prompt(self) -> InspectedRow:
+        ids = self.prompt_ids
+        labels = [IGNORE] * len(ids)  # no max_length cut to show: an over-long prompt is dropped whole
+        return InspectedRow(self.location, self.split, self.raw, self.example, ids, labels, 10**9)
+
+    @property
+    def sequences(self) -> list[InspectedRow]:
+        return [self.prompt]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def truncated(self) -> bool:
+        return False  # a prompt is never cut: one over max_length is dropped (the summary counts it)
+
+    def parts(self) -> list[Part]:
+        return [Part("prompt", self.prompt, 0, len(self.prompt_ids))]
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{k}: {json.dumps(v, ensure_ascii=False)[:80]}" for k, v in self.columns.items())
+        return f"{len(self.prompt_ids):,} prompt tokens; the completion starts at the end" + (
+            f" · {shown}" if shown else ""
+        )
+
+
+Inspected = InspectedRow | InspectedPair | InspectedPrompt
 
 
 @dataclass(frozen=True)
@@ -238,8 +304,14 @@ Check = Callable[[list[Any], _Context], "Finding | None"]
 def inspect_data(recipe: Recipe, tokenizer: Any) -> DataReport:
     """Build the data as `train` does (summary included) and check every row, with the inspector of the
     recipe's kind of row."""
-    inspect = inspect_pairs if recipe.dpo is not None else inspect_rows
-    return inspect(recipe, tokenizer)
+    inspectors = {"sft": inspect_rows, "dpo": inspect_pairs, "reward": inspect_pairs, "kto": inspect_unpaired,
+                  "grpo": inspect_prompts, "rloo": inspect_prompts}  # fmt: skip
+    if recipe.stage not in inspectors:
+        raise LoratoolError(
+            f"{recipe.stage}: `loratool data` cannot show this method's rows yet",
+            hint="`loratool train RECIPE --dry-run` reads and checks every row as training will",
+        )
+    return inspectors[recipe.stage](recipe, tokenizer)
 
 
 def inspect_rows(recipe: Recipe, tokenizer: Any) -> DataReport:
@@ -257,6 +329,45 @@ def inspect_pairs(recipe: Recipe, tokenizer: Any) -> DataReport:
         pair for source, split in _sources(recipe) for pair in _pairs_of(source, split, recipe, tokenizer)
     ]
     return _report(recipe, tokenizer, summary, pairs, InspectedPair.LENGTH, (*COMMON_CHECKS, _no_signal))
+
+
+def inspect_unpaired(recipe: Recipe, tokenizer: Any) -> DataReport:
+    """KTO rows: each judged completion (both halves of a pair) as one sequence, loss on the completion,
+    as data/unpaired.py encodes them."""
+    summary = build_unpaired_datasets(recipe.data, tokenizer, seed=recipe.training.seed).summary
+    rows = [row for source, split in _sources(recipe) for row in _judged_of(source, split, recipe, tokenizer)]
+    return _report(recipe, tokenizer, summary, rows, InspectedRow.LENGTH, COMMON_CHECKS)
+
+
+def inspect_prompts(recipe: Recipe, tokenizer: Any) -> DataReport:
+    """Online RL prompts (grpo, rloo): each prompt as the trainer renders it, with the columns the rewards
+    read; the checks that concern generation (where it stops, duplicates, roles, the system prompt)."""
+    rl = getattr(recipe, recipe.stage)
+    data = build_prompt_datasets(recipe.data, tokenizer, seed=recipe.training.seed, rewards=rl.rewards,
+                                 section=recipe.stage)  # fmt: skip
+    prompts = [p for source, split in _sources(recipe) for p in _prompts_of(source, split, recipe, tokenizer)]
+    checks = (_generation_eos, _duplicates, _roles_out_of_order, _system_dropped)
+    return _report(recipe, tokenizer, data.summary, prompts, InspectedPrompt.LENGTH, checks)
+
+
+def _prompts_of(source: DataSource, split: str, recipe: Recipe, tokenizer: Any) -> list[InspectedPrompt]:
+    """The prompts of one source, rendered as for training; rows training leaves out are left to the
+    summary."""
+    read = read_source(
+        source, recipe.data, resolve_prompt_format, check_prompt_columns, to_prompt, "prompt format"
+    )
+    out = []
+    for location, raw, row in zip(read.locations, read.rows, read.parsed, strict=True):
+        try:
+            ids = prompt_ids(row, tokenizer)
+        except RowError:
+            continue
+        if len(ids) <= recipe.data.max_length:
+            example = Conversation(row.prompt) if row.conversational else Completion(row.prompt, "")
+            out.append(
+                InspectedPrompt(location, split, raw, example, ids, row.columns, recipe.data.max_length)
+            )
+    return out
 
 
 def _sources(recipe: Recipe) -> list[tuple[DataSource, str]]:
@@ -300,6 +411,25 @@ def _pairs_of(source: DataSource, split: str, recipe: Recipe, tokenizer: Any) ->
         parts = split_pair(chosen, rejected)
         if parts is not None:
             out.append(InspectedPair(location, split, raw, pair, *parts, recipe.data.max_length))
+    return out
+
+
+def _judged_of(source: DataSource, split: str, recipe: Recipe, tokenizer: Any) -> list[InspectedRow]:
+    """The judged completions of one source, encoded as for training, each named with its label. A pair's
+    two halves carry the label KTO gives each (and so are not duplicates of each other)."""
+    read = read_source(source, recipe.data, resolve_unpaired_format, check_unpaired_columns, to_judged)
+    judged = [
+        (location, raw if len(row) == 1 else {**raw, "label": j.desirable}, j)
+        for location, raw, row in zip(read.locations, read.rows, read.parsed, strict=True)
+        for j in row
+    ]
+    encoded = encode_many([j.example for _, _, j in judged], tokenizer, completion_only_loss=True)
+    out = []
+    for (location, raw, j), result in zip(judged, encoded, strict=True):
+        if not isinstance(result, RowError):
+            ids, labels = result
+            named = f"{location} ({'desirable' if j.desirable else 'undesirable'})"
+            out.append(InspectedRow(named, split, raw, j.example, ids, labels, recipe.data.max_length))
     return out
 
 
@@ -669,7 +799,12 @@ def format_report(report: DataReport, *, rows: int, color: bool) -> str:
     )
     shown = report.rows[:rows]
     if shown:
-        lines.append(f"first {len(shown)} rows as training tokenizes them ({legend}):")
+        if report.length_meaning == InspectedPrompt.LENGTH:  # online RL: nothing of a prompt carries loss
+            lines.append(
+                f"first {len(shown)} prompts as the model is prompted with them (it answers after each):"
+            )
+        else:
+            lines.append(f"first {len(shown)} rows as training tokenizes them ({legend}):")
         for row in shown:
             lines += [format_row(row, report.tokenizer, color=color), ""]
     if report.end_of_turn:

@@ -190,12 +190,16 @@ _COUNTS = {
     "rows": "{mean} per row on average, longest {longest}",
     "pairs": "{mean} per pair on average (prompt twice + chosen + rejected) · longest sequence "
     "(prompt + one answer) {longest}",
+    # online RL: the completions are generated during training, up to max_completion_length each
+    "prompts": "{mean} per prompt on average, longest {longest} (plus the completions generated for each)",
 }
 
 
 def _tokens_line(split: SplitSummary) -> str:
     mean = split.tokens / split.rows if split.rows else 0
     counts = _COUNTS[split.kind].format(mean=f"{mean:,.0f}", longest=f"{split.longest:,}")
+    if split.kind == "prompts":  # no token of a prompt carries loss: the completions learn
+        return f"{split.name}: {split.tokens:,} prompt tokens · {counts}"
     return f"{split.name}: {split.tokens:,} tokens · loss on {100 * split.loss_fraction:.1f}% · {counts}"
 
 

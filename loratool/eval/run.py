@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,19 @@ from typing import Any
 from loratool import __version__
 from loratool.data import build_datasets
 from loratool.data.preference import build_preference_datasets, chosen_rows
+from loratool.data.unpaired import build_unpaired_datasets, desirable_rows
 from loratool.errors import LoratoolError
 from loratool.eval import report as eval_report
 from loratool.eval.lm_harness import HarnessTasks, failure, prepare_tasks, run_tasks
 from loratool.eval.metrics import IGNORE, generation_metrics, heldout_loss
 from loratool.eval.report import report_markdown
+from loratool.eval.reward import run_reward_eval
+from loratool.generate.fold import folded
 from loratool.generate.run import Sampling, answer_text, fit_to_context, generate_ids, stop_text_span
 from loratool.generate.target import (
     Loaded,
     Target,
+    is_reward_model,
     load_checkpoint,
     load_target,
     merged_base_dir,
@@ -94,6 +99,23 @@ def run_eval(
 
     started = time.time()
     resolved = resolve_target(target)
+    if resolved.kind == "run" and resolved.recipe is not None and resolved.recipe.reward is not None:
+        return _reward_eval(resolved, data, output, max_samples, max_length, bool(lm_eval_tasks), log)
+    if resolved.kind != "run" and is_reward_model(resolved):
+        raise LoratoolError(
+            f"{resolved.path} is a sequence-classification model (a merged reward model): it scores answers "
+            "and writes none, so there is nothing to generate or compute a loss with",
+            hint="evaluate the run directory it was merged from (`loratool eval RUN_DIR`): that reports its "
+            "pairwise accuracy on held-out pairs",
+        )
+    online_rl = resolved.recipe.stage if resolved.recipe is not None else None
+    if data is None and online_rl in ("grpo", "rloo"):
+        raise LoratoolError(
+            f"{resolved.path} is a {online_rl} run: its validation rows are prompts without answers, so there is "
+            "no held-out loss or reference to compare generations with",
+            hint="pass --data FILE with prompts and their answers (alpaca, prompt_completion or messages rows), "
+            "e.g. `loratool eval RUN --data held-out.jsonl --compare-base`",
+        )
     if compare_base and resolved.kind == "base":
         raise LoratoolError(
             f"--compare-base: {resolved.path} is a base model already; there is no adapter to compare with",
@@ -133,7 +155,9 @@ def run_eval(
         name = "base" if resolved.kind == "base" else "tuned"
         models: dict[str, dict[str, Any]] = {}
         answers: dict[str, list[str]] = {}
-        models[name], answers[name] = evaluate_model(loaded, eval_data, sampling, batch, log, label=name)
+        models[name], answers[name] = evaluate_model(
+            loaded, eval_data, sampling, batch, log, label=name, fold=resolved.kind == "run"
+        )
         lm_eval = LmEvalRuns(harness, batch, log)
         lm_eval.run(loaded.model, loaded.tokenizer, name)
         if compare_base:
@@ -186,6 +210,33 @@ def run_eval(
             hint="rerun with LORATOOL_DEBUG=1 for lm-eval's own output; check the task's YAML and dataset",
         )
     return out
+
+
+def _reward_eval(
+    target: Target,
+    data: str | Path | None,
+    output: str | Path | None,
+    max_samples: int | None,
+    max_length: int | None,
+    lm_eval: bool,
+    log: Callable[[str], None],
+) -> Path:
+    """A reward model scores answers instead of writing them: its own evaluation (eval/reward.py), which
+    always puts the starting point beside the trained model."""
+    if lm_eval:
+        raise LoratoolError(
+            f"--lm-eval-tasks: {target.path} is a reward model (a score head), which lm-eval's generation "
+            "and log-likelihood tasks cannot run",
+            hint="drop --lm-eval-tasks; `loratool eval` reports the reward model's pairwise accuracy",
+        )
+    return run_reward_eval(
+        target,
+        output_dir(target, output),
+        data=_check_data_path(data),
+        max_samples=max_samples,
+        max_length=max_length,
+        log=log,
+    )
 
 
 class LmEvalRuns:
@@ -265,6 +316,7 @@ def build_eval_data(
     recipe = target.recipe
     seed = recipe.training.seed if recipe else 0
     preference = data is None and recipe is not None and recipe.dpo is not None
+    unpaired = data is None and recipe is not None and recipe.kto is not None
     if data is None:
         assert recipe is not None and recipe.data.validation is not None
         section = recipe.data
@@ -273,6 +325,8 @@ def build_eval_data(
         try:
             if preference:  # a DPO run: its validation pairs, each prompt with its chosen answer
                 built = build_preference_datasets(section, tokenizer, seed=seed)
+            elif unpaired:  # a KTO run: its desirable validation completions
+                built = build_unpaired_datasets(section, tokenizer, seed=seed)
             else:
                 built = build_datasets(section, tokenizer, seed=seed)
         except LoratoolError as exc:
@@ -311,6 +365,8 @@ def build_eval_data(
         details = {"source": "file", "path": str(data), "order": "file"}
     if preference:
         rows = chosen_rows(dataset)
+    elif unpaired:
+        rows = desirable_rows(dataset)
     else:
         rows = list(zip(dataset["input_ids"], dataset["labels"], strict=True))
     if max_samples is not None:
@@ -372,9 +428,18 @@ def _prompts_with_completion_masks(
 
 
 def evaluate_model(
-    loaded: Loaded, data: EvalData, sampling: Sampling, batch: int, log: Callable[[str], None], *, label: str
+    loaded: Loaded,
+    data: EvalData,
+    sampling: Sampling,
+    batch: int,
+    log: Callable[[str], None],
+    *,
+    label: str,
+    fold: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Loss on the rows and metrics of the answers generated for their prompts."""
+    """Loss on the rows and metrics of the answers generated for their prompts. `fold`: the active adapter
+    is folded into the base weights while generating (loratool.generate.fold; the loss is computed
+    unfolded), and unfolded again after."""
     started = time.perf_counter()
     pad = loaded.tokenizer.pad_token_id
 
@@ -394,10 +459,12 @@ def evaluate_model(
         )
     answers_beat = Heartbeat(f"{label}: generating", len(prompts), write=log)
     texts = loaded.stop_texts
-    new_ids = generate_ids(
-        loaded.model, prompts, sampling, pad_id=pad, stop_ids=loaded.stop_ids, batch_size=batch,
-        progress=lambda n: answers_beat.tick(n, unit="answers"), stop_texts=texts, tokenizer=loaded.tokenizer,
-    )  # fmt: skip
+    with folded(loaded.model, quantized=loaded.quantized, log=log) if fold else nullcontext():
+        new_ids = generate_ids(
+            loaded.model, prompts, sampling, pad_id=pad, stop_ids=loaded.stop_ids, batch_size=batch,
+            progress=lambda n: answers_beat.tick(n, unit="answers"), stop_texts=texts,
+            tokenizer=loaded.tokenizer,
+        )  # fmt: skip
     answers = [answer_text(loaded.tokenizer, ids, texts) for ids in new_ids]
     references = [answer_text(loaded.tokenizer, p.reference_ids, texts) for p in data.prompts]
     lengths = [_answer_length(loaded.tokenizer, ids, loaded.stop_ids, texts) for ids in new_ids]

@@ -14,6 +14,11 @@ Generation stops at EOS or the template's end-of-turn token — or its end-of-tu
 spells it in several tokens (ChatML on Gemma); that text is cut from the answer. A merged model answers
 under the name of its run.
 
+`generate` and `chat` (and `eval`, around its generation) fold the active adapter into the base weights while
+it answers (PEFT's `merge_adapter`; loratool.generate.fold says what folds and why): the tuned model then
+generates about as fast as the base instead of paying PEFT's LoRA layers on every decoding step. A switch
+unfolds it first. `serve` does not fold (a batch there mixes adapters).
+
 The first generate call on a freshly loaded model is slower (kernel selection, allocator and KV-cache
 warm-up): a one-token warm-up right after loading takes that cost, and its time is printed. A prompt that would not leave
 `max_new_tokens` of room in the model's context is cut from the left, with a warning.
@@ -32,6 +37,7 @@ from typing import Any
 from loratool.adapter.files import check_against_base, read_adapter
 from loratool.data.templates import renders_tools, stop_texts, with_bos
 from loratool.errors import LoratoolError
+from loratool.generate.fold import Folding
 from loratool.generate.target import Loaded, Target, load_target, resolve_target, stop_ids_of
 from loratool.model.fingerprint import weights_fingerprint
 from loratool.model.load import load_tokenizer, local_model_dir
@@ -222,6 +228,7 @@ class Adapters:
     prompting: dict[str, Prompting] = field(default_factory=dict)
     sources: dict[str, Callable[[], Prompting]] = field(default_factory=dict)  # built on first use
     log: Callable[[str], None] = print
+    folding: Folding | None = None  # folds the active adapter into the base weights; None: never (serve)
 
     @property
     def model(self) -> Any:
@@ -232,12 +239,17 @@ class Adapters:
         return self.plain if name == BASE else name
 
     def use(self, name: str) -> float:
-        """Activate adapter `name` (or BASE: none). Returns the wall time of the switch, in ms."""
+        """Activate adapter `name` (or BASE: none), folded in when folding. Returns the wall time of the
+        switch (unfolding and folding included), in ms."""
         if name == self.active:
             return 0.0
         started = time.perf_counter()
+        if self.folding is not None:
+            self.folding.unfold()  # before set_adapter, which would unmerge it anyway (with a warning)
         if name != BASE:
             self.model.set_adapter(name)
+            if self.folding is not None:
+                self.folding.fold(name, self.label(name))
         self.active = name
         return 1000 * (time.perf_counter() - started)
 
@@ -366,9 +378,15 @@ def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loa
 
 
 def load_adapters(
-    target: Target, options: list[str], log: Callable[[str], None], *, warm_up: bool = True
+    target: Target,
+    options: list[str],
+    log: Callable[[str], None],
+    *,
+    warm_up: bool = True,
+    fold: bool = False,
 ) -> Adapters:
-    """Load TARGET and put every `--adapter` on its base; each adapter's base is checked first."""
+    """Load TARGET and put every `--adapter` on its base; each adapter's base is checked first. `fold`:
+    the active adapter is folded into the base weights (loratool.generate.fold)."""
     extra = parse_adapter_options(options, target)
     loaded = load_target(target, log)
     names = [target.adapter_name] if target.kind == "run" else []
@@ -404,6 +422,8 @@ def load_adapters(
         sources[name] = _adapter_prompting_source(adapter_dir, loaded, sources[BASE])
         log(f"adapter {name} loaded from {adapter_dir} in {load_ms[name]:.0f} ms")
     adapters = Adapters(loaded, names, load_ms, plain=plain_name(target), sources=sources, log=log)
+    if fold and names:
+        adapters.folding = Folding(loaded.model, loaded.quantized, log)
     adapters.use(names[0] if names else BASE)
     adapters.prompting_of(adapters.active or BASE)
     if warm_up:
@@ -574,7 +594,7 @@ def run_generate(
     known += [name for name, _ in parse_adapter_options(adapters, resolved)]
     plain = plain_name(resolved)
     picked = [pick_adapter(p, known, plain) for p in prompts]  # refuse an unknown name before loading
-    loaded = load_adapters(resolved, adapters, log, warm_up=warm_up)
+    loaded = load_adapters(resolved, adapters, log, warm_up=warm_up, fold=True)
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     records = []
     if not loaded.loaded.tokenizer.chat_template:
@@ -614,7 +634,9 @@ def run_generate(
     if switches:
         log(
             f"adapter switches: {len(switches)}, mean {sum(switches) / len(switches):.2f} ms, "
-            f"max {max(switches):.2f} ms (set_adapter; the base stays loaded)"
+            f"max {max(switches):.2f} ms (set_adapter"
+            + (", unfold and fold" if loaded.folding is not None else "")
+            + "; the base stays loaded)"
         )
     return records
 
@@ -642,7 +664,7 @@ def run_chat(
     write = write or (lambda text: print(text, end="", flush=True))
     tool_list = read_tools(tools)
     resolved = resolve_target(target)
-    loaded = load_adapters(resolved, adapters, log)
+    loaded = load_adapters(resolved, adapters, log, fold=True)
     if not loaded.prompting_of(loaded.active or BASE).tokenizer.chat_template:
         raise LoratoolError(
             f"{resolved.path} has no chat template, so there is no conversation format to chat in",

@@ -11,11 +11,15 @@ A TARGET is one of three things, told apart by the file that describes it:
     base     any Hugging Face model directory (config.json + safetensors), or a local .gguf file (loaded
              from its cached conversion, loratool.model.gguf_base).
 
+A TARGET that is no local path but reads as a hub id (`org/name`) is its snapshot in the local Hugging
+Face cache; nothing is downloaded here.
+
 Loading never unpickles (safetensors only) and runs remote code only when the run's recipe asked for it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,9 +34,23 @@ from loratool.model import hardware
 from loratool.model.fingerprint import fingerprint_matches, fingerprint_scheme, weights_fingerprint
 from loratool.model.gguf_base import is_gguf, resolve_base_model
 from loratool.model.hardware import model_dtype
-from loratool.model.load import load_model, load_tokenizer, local_dir_has_only_pickles, local_model_dir
+from loratool.model.load import (
+    load_model,
+    load_tokenizer,
+    local_dir_has_only_pickles,
+    local_model_dir,
+    looks_like_local_path,
+)
 from loratool.recipe import ModelSection
-from loratool.rundir.records import ADAPTER_FILES, RECIPE, RunRecord, has_run_record, read_run
+from loratool.rundir.records import (
+    ADAPTER_FILES,
+    RECIPE,
+    RunRecord,
+    has_run_record,
+    read_run,
+    run_of_checkpoint,
+)
+from loratool.train.inputs import hub_cache, offline_mode
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe
@@ -105,8 +123,12 @@ class Loaded:
 
 
 def resolve_target(path: str | Path) -> Target:
-    """Tell a run directory, a merged checkpoint and a base model directory apart; refuse anything else."""
+    """Tell a run directory, a merged checkpoint and a base model directory apart; refuse anything else.
+    A name that is no local path but reads as a hub id (`org/name`) is looked up in the Hugging Face cache."""
+    given = str(path)
     path = Path(path).expanduser().resolve()
+    if not path.exists() and not looks_like_local_path(given):
+        return _cached_hub_target(given)
     if not path.exists():
         raise LoratoolError(
             f"TARGET not found: {path}",
@@ -126,11 +148,38 @@ def resolve_target(path: str | Path) -> Target:
         "pass a run directory (run.json), a merged checkpoint (merge.json) or a model directory (config.json)"
     )
     if (path / "adapter_config.json").is_file():
-        hint = "this is a bare PEFT adapter: pass its base model as TARGET and the adapter with --adapter"
+        hint = _bare_adapter_hint(path)
     raise LoratoolError(
         f"TARGET {path} is not a run directory, a merged checkpoint or a model directory"
         + (f" (it has: {', '.join(present[:12])})" if present else ""),
         hint=hint,
+    )
+
+
+def _cached_hub_target(name: str) -> Target:
+    """TARGET given as a hub id: its snapshot in the local Hugging Face cache (never downloaded here)."""
+    found = local_model_dir(name, None, log=lambda _: None)
+    if found is not None:
+        return resolve_target(found)
+    offline = "; HF_HUB_OFFLINE is set" if offline_mode() else ""
+    raise LoratoolError(
+        f"TARGET {name!r} is not a local path, and as a hub id it is not in the local Hugging Face cache "
+        f"({hub_cache()}{offline})",
+        hint=f"download it once with network (`hf download {name}`; a gated model needs `hf auth login` "
+        "first), or pass a local directory (a run, a merged model or a model directory)",
+    )
+
+
+def _bare_adapter_hint(path: Path) -> str:
+    """How to use an adapter directory that is not a run: generate takes it with --adapter, eval merged."""
+    run_dir = run_of_checkpoint(path)
+    run = read_run(run_dir) if run_dir is not None else None
+    base = (run.base_model.id if run is not None else None) or "BASE"
+    merge_base = "" if run is not None else " --base BASE"
+    return (
+        f"an adapter alone is not a TARGET: `loratool generate {base} --adapter NAME={path}` puts it on its "
+        f"base; to evaluate it, merge it first (`loratool merge --adapter {path}{merge_base}`) and evaluate "
+        f"the merged model (`loratool eval {path / 'merged'} --data FILE`)"
     )
 
 
@@ -145,7 +194,7 @@ def _run_target(path: Path) -> Target:
     if record is None:
         raise LoratoolError(
             f"{path} holds a run.json that loratool did not write (or an older loratool, without its marker)",
-            hint="evaluate its adapter through its base model: TARGET = the base, --adapter NAME=DIR",
+            hint=_bare_adapter_hint(path),
         )
     status = record.status
     if status != "complete":
@@ -207,9 +256,28 @@ def merged_base_dir(target: Target) -> Path:
 # --- loading ------------------------------------------------------------------------------------------
 
 
+def is_reward_model(target: Target) -> bool:
+    """A reward model: a `reward` run, or a checkpoint of a ForSequenceClassification class (a merged
+    one). It scores answers and writes none."""
+    if target.recipe is not None and target.recipe.reward is not None:
+        return True
+    config = target.path / "config.json"
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(name).endswith("ForSequenceClassification") for name in architectures)
+
+
 def load_target(target: Target, log: Callable[[str], None]) -> Loaded:
     """The model (with its adapter, for a run) and the tokenizer that carries the chat template."""
 
+    if is_reward_model(target):
+        raise LoratoolError(
+            f"{target.path} is a reward model (a score head): it scores answers and writes none",
+            hint="`loratool eval RUN_DIR` ranks held-out pairs with it; to score your own answers, load it "
+            "with transformers' AutoModelForSequenceClassification (its README.md shows how)",
+        )
     started = time.perf_counter()
     hw = hardware.detect()
     if target.kind == "run":

@@ -27,6 +27,7 @@ from loratool.merge.record import RECORD as MERGE_RECORD
 from loratool.merge.run import (
     _has_tokenizer,
     check_base_identity,
+    check_checkpoint,
     copy_tokenizer,
     output_location,
     refuse_quantized_checkpoint,
@@ -79,6 +80,8 @@ def run_combine(
     weights = check_weights(weights, len(dirs))
     density = check_method(method, density)
     runs = [read_training_run(d) for d in dirs]
+    for run in runs:
+        check_checkpoint(run, force=force, log=log)
     configs = [_read_config(d) for d in dirs]
     refuse_unsupported(dirs, runs, configs)
     check_same_base(dirs, runs, configs, force=force, log=log)

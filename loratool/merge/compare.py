@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.data import build_datasets
 from loratool.data.preference import build_preference_datasets, chosen_sequences
+from loratool.data.unpaired import build_unpaired_datasets
 from loratool.errors import LoratoolError
 from loratool.progress import Heartbeat
 
@@ -50,12 +51,23 @@ _BUILTIN_CONVERSATIONS = [
 ]
 
 
+def _sequences(split: Any) -> list[list[int]]:
+    """The token ids the model reads for each row: the row, a pair's prompt + chosen answer, or a KTO
+    row's prompt + completion."""
+    if "chosen_ids" in split.column_names:
+        return chosen_sequences(split)
+    if "completion_ids" in split.column_names:
+        return [p + c for p, c in zip(split["prompt_ids"], split["completion_ids"], strict=True)]
+    return split["input_ids"]
+
+
 def build_probes(
     tokenizer: Any, recipe: Recipe | None, log: Callable[[str], None]
 ) -> tuple[list[list[int]], str]:
     """Token ids of the probe rows, and where they came from (in words, for merge.json)."""
     if recipe is not None:
-        build = build_preference_datasets if recipe.dpo is not None else build_datasets
+        builders = {"dpo": build_preference_datasets, "reward": build_preference_datasets}
+        build = {**builders, "kto": build_unpaired_datasets}.get(recipe.stage, build_datasets)
         try:
             data = build(recipe.data, tokenizer, seed=recipe.training.seed)
         except LoratoolError as exc:
@@ -63,7 +75,7 @@ def build_probes(
         else:
             held_out = data.validation is not None and len(data.validation) > 0
             split = data.validation if held_out else data.train
-            rows = (chosen_sequences(split) if recipe.dpo is not None else split["input_ids"])[:MAX_PROBES]
+            rows = _sequences(split)[:MAX_PROBES]
             source = "held-out validation rows" if held_out else "training rows (the run had no validation)"
             return [row[:MAX_PROBE_TOKENS] for row in rows], f"{len(rows)} {source} of the run's data"
     probes = []

@@ -33,6 +33,7 @@ from loratool.adapter.files import (
 from loratool.adapter.inits import refuse_unmergeable
 from loratool.data.templates import end_of_turn
 from loratool.errors import LoratoolError
+from loratool.merge import reward as reward_model
 from loratool.merge.compare import build_probes
 from loratool.merge.qlora import QuantizedBase, as_trained, quantization_device, quantized_weight_names
 from loratool.merge.record import RECORD, MergedAdapter, MergedBase, MergeRecord
@@ -56,7 +57,7 @@ from loratool.model.hardware import Hardware, model_dtype
 from loratool.model.load import local_model_dir
 from loratool.recipe import QuantizationSection
 from loratool.rundir.outputs import Output, check_free_space, claim_output, library_versions, read_json
-from loratool.rundir.records import TrainingRun, find_adapter, read_training_run
+from loratool.rundir.records import RunDir, TrainingRun, find_adapter, read_training_run
 
 MERGE_RECORD = RECORD  # merge.json, by the name loratool.merge has always exported
 QLORA_POLICIES = ("dequantized", "original")
@@ -87,9 +88,18 @@ def run_merge(
         raise LoratoolError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     adapter_dir = find_adapter(Path(adapter_dir))
     run = read_training_run(adapter_dir, log)
+    check_checkpoint(run, force=force, log=log)
     if run.record is not None:
         refuse_unmergeable(run.record.adapter_init, adapter_dir)  # LoftQ (lora_init.py)
+    reward = run.record is not None and run.record.stage == "reward"  # a score head: merge/reward.py
+    if reward and run.quantization:
+        raise LoratoolError(
+            f"{adapter_dir} is a reward model trained on a quantized base: merging it is not built yet",
+            hint="load it with peft: PeftModel.from_pretrained(AutoModelForSequenceClassification"
+            ".from_pretrained(BASE, num_labels=1), RUN_DIR)",
+        )
     adapter = read_adapter(adapter_dir)
+    adapter, head = reward_model.split_score_head(adapter) if reward else (adapter, None)
     base_id, base_dir = resolve_base(base, run, adapter)
     identity = check_base_identity(run, base_id, base_dir, force=force, log=log)
     policy = choose_qlora_policy(qlora_base, run)
@@ -108,6 +118,8 @@ def run_merge(
             quantized_base(run, base_dir, base_dtype) if policy and run.quantization != "8bit" else None
         )
         planned = plan_output(checkpoint, adapter, dtype)
+        if head is not None:
+            planned = reward_model.with_score_head(planned, head, out_dtype)
         check_disk_space(output_path, planned, tokenizer_dir)
 
         log(
@@ -117,17 +129,22 @@ def run_merge(
         partial = out.partial()
         try:
             fold_into = quantized if policy == "dequantized" else None
-            counts = write_weights(checkpoint, adapter, planned, fold_into, partial, log)
+            counts = write_weights(checkpoint, adapter, planned, fold_into, partial, log, head)
             write_config(base_dir, partial, out_dtype)
             copy_tokenizer(tokenizer_dir, partial)
-            write_generation_config(base_dir, partial)
+            if head is not None:
+                reward_model.write_score_config(partial, tokenizer_dir)  # a score model generates nothing
+            else:
+                write_generation_config(base_dir, partial)
             record = describe_merge(
                 adapter, run, base_id, base_dir, identity, out_dtype, policy, quantized, counts
             )
             record = dataclasses.replace(
                 record,
                 verification=(
-                    verify_merge(partial, base_dir, adapter_dir, run, policy, quantized, out_dtype, log)
+                    verify_merge(
+                        partial, base_dir, adapter_dir, run, policy, quantized, out_dtype, log, reward
+                    )
                     if verify
                     else {"skipped": True}
                 ),
@@ -196,9 +213,9 @@ def check_base_identity(
     if matches:
         return {**info, "fingerprint_check": "match"}
     message = (
-        f"the base model is not the one this adapter was trained on: run.json records "
-        f"{run.base.id} (fingerprint {_short(recorded)}), and {base_id} ({base_dir}) has fingerprint "
-        f"{_short(actual)}"
+        f"the base model is not the one this adapter was trained on: {run.fingerprint_source} records "
+        f"{run.base.id or 'its base'} (fingerprint {_short(recorded)}), and {base_id} ({base_dir}) has "
+        f"fingerprint {_short(actual)}"
     )
     if not force:
         raise LoratoolError(
@@ -208,6 +225,21 @@ def check_base_identity(
         )
     log(f"warning: {message}; merging anyway (--force)")
     return {**info, "fingerprint_check": "mismatch, merged with --force"}
+
+
+def check_checkpoint(run: TrainingRun, *, force: bool, log: Callable[[str], None]) -> None:
+    """Refuse (unless --force) a checkpoint of a run that is not sealed or was changed since it was saved:
+    its adapter may be half written, or not the one the run saved."""
+    if run.checkpoint is None or run.checkpoint_problem is None:
+        return
+    message = f"the checkpoint {run.checkpoint} is {run.checkpoint_problem}"
+    if force:
+        log(f"warning: {message}; merging it anyway (--force)")
+        return
+    run_dir = run.record.path if run.record is not None else None
+    usable, _ = RunDir(run_dir).latest_checkpoint() if run_dir is not None else (None, [])
+    instead = f"merge {usable} (the newest complete checkpoint)" if usable else "merge a complete checkpoint"
+    raise LoratoolError(message, hint=f"{instead}, or pass --force to merge this one anyway")
 
 
 def _short(fingerprint: str | None) -> str:
@@ -379,15 +411,23 @@ def write_weights(
     quantized: Any,
     folder: Path,
     log: Callable[[str], None],
+    head: Any = None,
 ) -> dict[str, int]:
-    """Stream every base shard into its output shard, merging the tensors the adapter changes."""
+    """Stream every base shard into its output shard, merging the tensors the adapter changes; a reward
+    model's trained score head (`head`) is written where `planned` puts it (merge/reward.py)."""
 
     counts = {"merged": 0, "from_base": 0}
     data_bytes = 0
     for number, (shard, tensors) in enumerate(zip(checkpoint.shards, planned, strict=True), 1):
         writer = ShardWriter(folder / shard.path.name, tensors, {**shard.metadata, "format": "pt"})
         merged_here = 0
-        for info, out in zip(shard.tensors, tensors, strict=True):
+        base = {info.name: info for info in shard.tensors}
+        for out in tensors:
+            if out.name not in base:  # the score head: not in the base checkpoint
+                writer.write(out.name, head.to(torch_dtype(out.dtype)))
+                merged_here += 1
+                continue
+            info = base[out.name]
             update = adapter.updates.get(info.name)
             as_trained_differs = quantized is not None and quantized.changes(info.name, info.dtype)
             if update is None and not as_trained_differs and out.dtype == info.dtype:
@@ -412,6 +452,12 @@ def write_weights(
         index = {
             **checkpoint.index,
             "metadata": {**checkpoint.index.get("metadata", {}), "total_size": data_bytes},
+            # The tensors each output shard holds (a reward model's differ from the base's by its heads).
+            "weight_map": {
+                t.name: shard.path.name
+                for shard, ts in zip(checkpoint.shards, planned, strict=True)
+                for t in ts
+            },
         }
         (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return counts
@@ -536,8 +582,10 @@ def verify_merge(
     quantized: Any,
     out_dtype: str,
     log: Callable[[str], None],
+    reward: bool = False,
 ) -> dict[str, Any]:
-    """Compare the merged model with base + adapter on probe rows (see merge/verify.py for thresholds)."""
+    """Compare the merged model with base + adapter on probe rows (see merge/verify.py for thresholds;
+    a reward model's scores: merge/reward.py)."""
     from transformers import AutoTokenizer
 
     tight = EXACT if out_dtype == "float32" else ROUNDED
@@ -557,14 +605,19 @@ def verify_merge(
         )
     probes, source = build_probes(AutoTokenizer.from_pretrained(merged_dir), run.recipe, log)
     log(f"verifying on {source}")
-    checks = verify(merged_dir, base_dir, adapter_dir, references, probes, log)
+    if reward:
+        checks = reward_model.verify_scores(merged_dir, base_dir, adapter_dir, probes, out_dtype, log)
+    else:
+        checks = verify(merged_dir, base_dir, adapter_dir, references, probes, log)
     return {"probes": source, **checks, "passed": all(c["passed"] for c in checks.values())}
 
 
 def verification_error(verification: dict[str, Any], kept: Path) -> LoratoolError:
     failed = [(k, v) for k, v in verification.items() if isinstance(v, dict) and not v.get("passed", True)]
     details = "; ".join(
-        f"vs {v['reference']}: max |Δlogit| {v['max_abs_logit_diff']:.3g}, mean KL {v['mean_kl']:.3g}, "
+        f"vs {v['reference']}: max |Δscore| {v['max_abs_score_diff']:.3g} (allowed: <= {v['allowed']:g})"
+        if "max_abs_score_diff" in v  # a reward model (merge/reward.py)
+        else f"vs {v['reference']}: max |Δlogit| {v['max_abs_logit_diff']:.3g}, mean KL {v['mean_kl']:.3g}, "
         f"greedy agreement {100 * v['greedy_agreement']:.1f}% (allowed: {_allowed(v['thresholds'])})"
         for _, v in failed
     )

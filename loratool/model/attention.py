@@ -9,9 +9,11 @@ block-diagonal mask over the whole row, so attention costs (sum of lengths)^2 â€
 `sdpa_per_example` and `eager_per_example` (registered with transformers' AttentionInterface) run
 attention on each example's slice of the row, causally, with the stock sdpa / the model's own eager
 function: the cost is sum(length^2), and no token can see another example. Their mask functions skip
-building the dense mask for such rows. Anything else (padded batches, a KV cache, left padding in
-generation, sliding windows shorter than the row) gets the stock mask and the stock function, so
-evaluation and generation are unchanged.
+building the dense mask for such rows. A sliding window shorter than the row (Gemma 3's local layers,
+Mistral, Qwen) is applied inside each example that is longer than the window, for the model families whose
+attention passes its window to the attention function (WINDOW_PASSED). Anything else (padded batches, a
+KV cache, left padding in generation, other models' windows) gets the stock mask and the stock function,
+so evaluation and generation are unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ if TYPE_CHECKING:
 
 # What each stock implementation becomes when batches are flattened.
 PER_EXAMPLE = {"sdpa": "sdpa_per_example", "eager": "eager_per_example"}
+
+# Model types whose attention layers call the attention function with `sliding_window=` (None on a layer
+# without one): for these the window can be applied per example instead of through a dense mask of the row.
+# Checked in each family's modeling file (transformers 5): Gemma 3 skips the dense mask on 5 of every 6
+# layers with it, which made padding-free batches of long rows cost the square of the whole row there.
+WINDOW_PASSED = ("gemma3_text", "gemma3", "mistral", "qwen2", "qwen3", "phi3")
 
 _registered = False
 # The example boundaries of the row being computed: every layer gets the same `cu_seq_lens_q` tensor, so it
@@ -85,7 +93,7 @@ def _mask_or_none(stock: Any) -> Any:
             and q_offset == 0
             and kv_offset == 0
             and not use_vmap
-            and (local_size is None or local_size >= q_length)
+            and (local_size is None or local_size >= q_length or _window_passed(kwargs.get("config")))
             and (attention_mask is None or bool(attention_mask.all()))
         )
         if whole_row:
@@ -103,6 +111,39 @@ def _mask_or_none(stock: Any) -> Any:
         )
 
     return mask
+
+
+def _window_passed(config: Any) -> bool:
+    """Whether the attention function of this model is told each layer's sliding window (WINDOW_PASSED)."""
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "model_type", None) in WINDOW_PASSED
+
+
+def _within(n: int, window: int | None) -> bool:
+    """A causal example of n tokens that the sliding window does not cut: plain causal attention."""
+    return window is None or n <= window
+
+
+def _band(n: int, window: int, device: Any) -> torch.Tensor:
+    """Causal attention over the last `window` tokens (the query's own included), as transformers'
+    sliding_window_causal_mask_function: True where a query may attend."""
+    import torch
+
+    q = torch.arange(n, device=device)[:, None]
+    kv = torch.arange(n, device=device)[None, :]
+    return (kv <= q) & (kv > q - window)
+
+
+def _window_if_skipped(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: Any, kwargs: dict[str, Any]
+) -> Any:
+    """The mask for the stock path: as given, except where `_mask_or_none` skipped a sliding window that
+    cuts the row (a whole row the per-example path does not take, e.g. with output_attentions)."""
+    window = kwargs.get("sliding_window")
+    length = query.shape[2]
+    if attention_mask is not None or length != key.shape[2] or _within(length, window):
+        return attention_mask
+    return _band(length, window, query.device)[None, None]
 
 
 def _example_bounds(length: int, kwargs: dict[str, Any]) -> list[int]:
@@ -151,23 +192,28 @@ def _sdpa_per_example(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not _flattened_row(query, key, attention_mask, kwargs) or not getattr(module, "is_causal", True):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, _window_if_skipped(query, key, attention_mask, kwargs), **kwargs
+        )
     bounds = _example_bounds(query.shape[2], kwargs)
-    if len(bounds) == 2:  # one sequence: sdpa's own causal kernel
+    if len(bounds) == 2 and _within(bounds[1], kwargs.get("sliding_window")):  # sdpa's own causal kernel
         return sdpa_attention_forward(module, query, key, value, None, **kwargs)
     import torch
 
     kwargs.pop("is_causal", None)
     bias = kwargs.pop("position_bias", None)
+    window = kwargs.get("sliding_window")
     outputs = []
     for start, end in pairwise(bounds):
+        n = end - start
+        within = _within(n, window)
         out, _ = sdpa_attention_forward(
             module,
             query[:, :, start:end],
             key[:, :, start:end],
             value[:, :, start:end],
-            None,
-            is_causal=True,
+            None if within else _band(n, window, query.device)[None, None],
+            is_causal=within,
             position_bias=None if bias is None else bias[..., start:end, start:end],
             **kwargs,
         )
@@ -183,21 +229,31 @@ def _eager_per_example(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    import torch
+
     eager = _model_eager_function(type(module))
     if eager is None:
         raise RuntimeError(f"eager_per_example: {type(module).__module__} has no eager_attention_forward")
     if not _flattened_row(query, key, attention_mask, kwargs) or not getattr(module, "is_causal", True):
-        return eager(module, query, key, value, attention_mask, **kwargs)
-    import torch
+        mask = _window_if_skipped(query, key, attention_mask, kwargs)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        return eager(module, query, key, value, mask, **kwargs)
 
     # The model's eager function applies causality through the mask only: give each example its own.
     bounds = _example_bounds(query.shape[2], kwargs)
+    window = kwargs.get("sliding_window")
     outputs = []
     masks: dict[int, torch.Tensor] = {}
     for start, end in pairwise(bounds):
         n = end - start
         if n not in masks:
-            blocked = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
+            if _within(n, window):
+                blocked = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
+            else:
+                blocked = ~_band(n, window, query.device)
             masks[n] = torch.zeros(n, n, dtype=query.dtype, device=query.device).masked_fill(
                 blocked, torch.finfo(query.dtype).min
             )[None, None]

@@ -23,6 +23,7 @@ class Hardware:
     device_count: int
     bf16: bool  # bfloat16 matmuls run natively (Ampere+ GPUs; CPUs with AVX512-BF16/AMX)
     cpu_count: int
+    cpu_threads: int = 0  # the threads torch computes with (model/threads.py chooses them under contention)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,9 +40,15 @@ def detect() -> Hardware:
             device_count=torch.cuda.device_count(),
             bf16=torch.cuda.is_bf16_supported(),
             cpu_count=cpus,
+            cpu_threads=torch.get_num_threads(),
         )
     return Hardware(
-        device="cpu", name=platform.machine(), device_count=1, bf16=_cpu_has_bf16(), cpu_count=cpus
+        device="cpu",
+        name=platform.machine(),
+        device_count=1,
+        bf16=_cpu_has_bf16(),
+        cpu_count=cpus,
+        cpu_threads=torch.get_num_threads(),
     )
 
 

@@ -217,7 +217,10 @@ def load_model(
             {"": PartialState().local_process_index} if hw.device == "cuda" else {"": "cpu"}
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        if recipe.reward is not None:
+            model = load_score_model(base_model, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as exc:
         if local_dir_has_only_pickles(base_model):
             raise LoratoolError(
@@ -232,13 +235,49 @@ def load_model(
         # layers through a bfloat16 kernel on AVX512-BF16 CPUs (loratool/model/bnb_cpu.py).
         use_exact_4bit_matmul(model)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    if recipe.data.padding_free and recipe.dpo is None:  # DPO batches are padded (dpo.py)
+    if recipe.data.padding_free and recipe.stage == "sft":  # preference batches are padded (dpo.py, ...)
         # Flattened batches: sdpa / eager attend within each example instead of over the whole row
         # (attention.py); flash attention keeps its own varlen kernels.
 
         if (name := use_per_example_attention(model)) is not None:
             log(f"attention: {name} (padding-free batches: each example attends only to itself)")
     return model
+
+
+def load_score_model(source: str, pad_token_id: int | None = None, **kwargs: Any) -> PreTrainedModel:
+    """The base with a one-number score head (a reward model: transformers' ForSequenceClassification
+    class of the architecture, num_labels=1; the head starts random and is trained with the adapter). The
+    head reads the last token that is not padding, so the config must know the pad id: `pad_token_id`
+    (the tokenizer's), else the config's own, else its eos (what load_tokenizer pads with then)."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    # transformers reports the new head as missing and the language-model head as unused: both expected.
+    with suppress_seqcls_warning():
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
+    config = model.config.get_text_config()
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    elif config.pad_token_id is None:
+        eos = config.eos_token_id
+        config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    model.config.pad_token_id = config.pad_token_id
+    return model
+
+
+def model_from_config(recipe: Recipe, config: Any) -> PreTrainedModel:
+    """The recipe's model built from `config` with fresh weights, on the current default device (the
+    meta device for `train --dry-run` and `plan`): with the one-label score head of a reward model."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    trust = recipe.model.trust_remote_code
+    if recipe.reward is None:
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    config = copy.deepcopy(config)
+    config.num_labels = 1
+    return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust)
 
 
 def local_dir_has_only_pickles(base_model: str) -> bool:

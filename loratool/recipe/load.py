@@ -570,6 +570,11 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
         raw["base_model"] = _next_to_recipe(raw["base_model"], base)
     if isinstance(raw.get("model"), dict) and "tokenizer" in raw["model"]:
         raw["model"]["tokenizer"] = _next_to_recipe(raw["model"]["tokenizer"], base)
+    for method in ("grpo", "rloo"):  # a reward's Python file or reward-model run, next to the recipe
+        rewards = raw[method].get("rewards") if isinstance(raw.get(method), dict) else None
+        for reward in rewards if isinstance(rewards, list) else ():
+            if isinstance(reward, dict):
+                _resolve_reward_paths(reward, base)
     data = raw.get("data")
     if not isinstance(data, dict):
         return
@@ -583,6 +588,16 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     template = data.get("chat_template")
     if isinstance(template, str) and template.endswith((".jinja", ".j2")) and (base / template).exists():
         data["chat_template"] = str(base / template)
+
+
+def _resolve_reward_paths(reward: dict[str, Any], base: Path) -> None:
+    """`function: file.py:name` and `model: RUN_DIR` of one reward, relative to the recipe file."""
+    function = reward.get("function")
+    if isinstance(function, str) and ":" in function:
+        file, _, name = function.rpartition(":")
+        reward["function"] = f"{_next_to_recipe(file, base)}:{name}"
+    if "model" in reward:
+        reward["model"] = _next_to_recipe(reward["model"], base)
 
 
 def _next_to_recipe(value: Any, base: Path, *, absolute: bool = True) -> Any:

@@ -52,7 +52,7 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
                 "training.save_steps: with early stopping it must be a multiple of training.eval_steps, so "
                 "that the best evaluated step has a checkpoint"
             )
-    problems += _preference_problems(recipe)
+    problems += _method_problems(recipe)
     init = recipe.lora.init_lora_weights
     if isinstance(init, str):
         if init not in KNOWN_INITS and not init.startswith("pissa_niter_"):
@@ -70,33 +70,136 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _preference_problems(recipe: Recipe) -> list[str]:
-    """The data settings that only one of SFT and DPO can use."""
-    data = recipe.data
+def _method_problems(recipe: Recipe) -> list[str]:
+    """One method section at most, and the data settings each method can use."""
+    present = recipe.method_sections()
+    if len(present) > 1:
+        return [
+            f"{' and '.join(present)}: each section chooses the training method, and a run has one — keep "
+            f"one of {', '.join(present)}"
+        ]
+    if recipe.stage == "sft":
+        return _supervised_data_problems(recipe.data)
+    if recipe.stage in PAIRED_FORMATS:
+        return _preference_problems(recipe)
+    if recipe.stage in ("grpo", "rloo"):
+        return _online_rl_problems(recipe)
+    return []
+
+
+def _supervised_data_problems(data: DataSection) -> list[str]:
+    """Preference and unpaired rows only mean something to the methods that learn from them."""
     problems = []
-    if recipe.dpo is None:
-        for path, source in _indexed(data):
-            if source.format == "preference":
-                problems.append(
-                    f"data.{path}.format: preference pairs are for preference tuning — add a dpo section "
-                    "(dpo: {} for its defaults), or use a supervised format"
-                )
-        return problems
     for path, source in _indexed(data):
-        if source.format not in ("auto", "preference", "sharegpt"):
+        if source.format == "preference":
             problems.append(
-                f"data.{path}.format: {source.format} rows have no rejected answer to learn from with dpo — "
-                "use preference (prompt / chosen / rejected), sharegpt (conversations + chosen / rejected) "
-                "or auto"
+                f"data.{path}.format: preference pairs are for preference tuning — add a dpo section "
+                "(dpo: {} for its defaults; or kto: {}, or reward: {} for a reward model), or use a "
+                "supervised format"
             )
-    if recipe.dpo.loss_type == "exo_pair" and recipe.dpo.label_smoothing == 0:
-        problems.append("dpo.label_smoothing: loss_type exo_pair needs it above 0 (its paper uses 1e-3)")
+        if source.format == "unpaired":
+            problems.append(
+                f"data.{path}.format: unpaired rows (prompt / completion / label) are for KTO — add a kto "
+                "section (kto: {} for its defaults), or use a supervised format"
+            )
+        if source.format == "prompt":
+            problems.append(
+                f"data.{path}.format: prompt rows (a prompt, no answer) are for online RL — add a grpo or "
+                "rloo section with its rewards, or use a supervised format"
+            )
+    return problems
+
+
+def _online_rl_problems(recipe: Recipe) -> list[str]:
+    """What GRPO and RLOO (`grpo`, `rloo`) need from the data and training sections."""
+    data, training, stage = recipe.data, recipe.training, recipe.stage
+    rl = getattr(recipe, stage)
+    problems = []
+    for path, source in _indexed(data):
+        if source.format not in ("auto", "prompt"):
+            problems.append(
+                f"data.{path}.format: {stage} reads prompt rows (a prompt to answer, and the columns the "
+                f"rewards read) — use format: prompt or auto, not {source.format}"
+            )
     if data.packing:
-        problems.append("data.packing: DPO batches are padded pairs — set data.packing: false")
+        problems.append(
+            f"data.packing: {stage} generates its completions; there is nothing to pack — remove it"
+        )
+    # The completions of one prompt must land in the same step: trl counts completions, not prompts.
+    per_step = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    if per_step % rl.num_generations:
+        problems.append(
+            f"training.per_device_train_batch_size x gradient_accumulation_steps ({per_step}) must be a "
+            f"multiple of {stage}.num_generations ({rl.num_generations}): they count completions, and each "
+            "prompt's completions are scored together"
+        )
+    if data.validation is not None and training.per_device_eval_batch_size % rl.num_generations:
+        problems.append(
+            f"training.per_device_eval_batch_size ({training.per_device_eval_batch_size}) must be a multiple "
+            f"of {stage}.num_generations ({rl.num_generations}): each validation prompt is answered that "
+            "many times"
+        )
+    if training.early_stopping_patience is not None:
+        problems.append(
+            f"training.early_stopping_patience: {stage}'s validation loss says little about the rewards — "
+            "remove it (the validation rewards are in metrics.jsonl: eval_reward)"
+        )
+    return problems
+
+
+# The row formats each preference method reads (`auto` tells them apart by the first row's keys).
+PAIRED_FORMATS = {
+    "dpo": ("auto", "preference", "sharegpt"),
+    "reward": ("auto", "preference", "sharegpt"),
+    "kto": ("auto", "unpaired", "preference", "sharegpt"),
+}
+_WHAT_ROWS = {
+    "dpo": "use preference (prompt / chosen / rejected), sharegpt (conversations + chosen / rejected) or auto",
+    "reward": "use preference (prompt / chosen / rejected), sharegpt (conversations + chosen / rejected) "
+    "or auto",
+    "kto": "use unpaired (prompt / completion / label), preference or sharegpt pairs, or auto",
+}
+# How each method's batches are made ("... batches are padded pairs") and what the rows lack otherwise.
+_BATCHES = {"dpo": "DPO batches are padded pairs", "kto": "KTO batches are padded rows",
+            "reward": "reward-model batches are padded pairs"}  # fmt: skip
+_LACKS = {"dpo": "rejected answer", "kto": "label or rejected answer", "reward": "rejected answer"}
+_NAMES = {"dpo": "DPO", "kto": "KTO", "reward": "a reward model"}
+
+
+def _preference_problems(recipe: Recipe) -> list[str]:
+    """The data settings of the methods that learn from judged answers (dpo, kto, reward)."""
+    data, stage = recipe.data, recipe.stage
+    problems = []
+    for path, source in _indexed(data):
+        if source.format not in PAIRED_FORMATS[stage]:
+            problems.append(
+                f"data.{path}.format: {source.format} rows have no {_LACKS[stage]} to learn from with {stage} — "
+                + _WHAT_ROWS[stage]
+            )
+    if recipe.dpo is not None and recipe.dpo.loss_type == "exo_pair" and recipe.dpo.label_smoothing == 0:
+        problems.append("dpo.label_smoothing: loss_type exo_pair needs it above 0 (its paper uses 1e-3)")
+    kto = recipe.kto
+    if kto is not None and kto.loss_type == "kto" and recipe.training.per_device_train_batch_size < 2:
+        problems.append(
+            "training.per_device_train_batch_size: KTO estimates its KL term from the other rows of a "
+            "micro-batch, so it needs 2 or more (or kto.loss_type: apo_zero_unpaired)"
+        )
+    if init_method(recipe.lora) in ("eva", "corda"):
+        problems.append(
+            f"lora.init_lora_weights: {init_method(recipe.lora)} calibrates on supervised rows, and {stage} "
+            "data has none — use true (or pissa, olora, gaussian, orthogonal)"
+        )
+    if stage == "reward" and converts(recipe.lora):
+        problems.append(
+            f"lora.init_lora_weights: {init_method(recipe.lora)} is converted to plain LoRA at save time, "
+            "which cannot carry the reward model's score head — use true (or gaussian, orthogonal)"
+        )
+    if data.packing:
+        problems.append(f"data.packing: {_BATCHES[stage]} — set data.packing: false")
     if not data.completion_only_loss:
         problems.append(
-            "data.completion_only_loss: DPO compares the chosen and rejected answers and never trains the "
-            "prompt — remove the key (or set it to true)"
+            f"data.completion_only_loss: {_NAMES[stage]} learns from the answers only and never trains the prompt — "
+            "remove the key (or set it to true)"
         )
     return problems
 

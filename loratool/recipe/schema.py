@@ -17,7 +17,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -289,14 +297,17 @@ class DataSource(Section):
     """A .json, .jsonl, .csv, .parquet or .txt file, a directory of them, or a hub dataset id. Relative
     paths are resolved against the recipe file's directory."""
 
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference"] = (
-        "auto"
-    )
+    format: Literal[
+        "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "preference", "unpaired",
+        "prompt",
+    ] = "auto"  # fmt: skip
     """Row layout. `auto` detects it from the first row: messages -> messages, conversations -> sharegpt,
-    instruction + output -> alpaca, prompt + completion -> prompt_completion, text -> text. With a `dpo`
-    section the rows are preference pairs: `preference` (prompt / chosen / rejected, each a string or a
-    list of chat messages) or `sharegpt` (conversations + chosen / rejected messages); `auto` tells them
-    apart."""
+    instruction + output -> alpaca, prompt + completion -> prompt_completion, text -> text. With a `dpo` or
+    `reward` section the rows are preference pairs: `preference` (prompt / chosen / rejected, each a string
+    or a list of chat messages) or `sharegpt` (conversations + chosen / rejected messages); `auto` tells
+    them apart. With a `kto` section also `unpaired` (prompt / completion / label: true or false). With a
+    `grpo` or `rloo` section the rows are `prompt` rows: a prompt to answer (a string, or a list of chat
+    messages) and the columns the rewards read."""
 
     columns: dict[str, str] = {}
     """Rename the fields the format reads to the names in your file, e.g. {instruction: question,
@@ -416,7 +427,8 @@ class TrainingSection(Section):
     the most memory. Layers not checkpointed still rebuild their norm and gated-MLP outputs in the
     backward pass rather than keep them (~39% fewer bytes on a Llama layer, same gradients). Preference
     tuning (`dpo:`) checkpoints every layer whenever this is not `false`: trl's DPO trainer turns
-    checkpointing back on for all layers after each reference pass."""
+    checkpointing back on for all layers after each reference pass; online RL (`grpo:`, `rloo:`) too,
+    after each generation."""
 
     bf16: bool | None = None
     """Mixed precision in bfloat16. None = on when the model computes in bf16 (GPUs that support it)."""
@@ -481,6 +493,214 @@ class DpoSection(Section):
     the run's. A relative path is resolved against the current directory."""
 
 
+class KtoSection(Section):
+    """Preference tuning from unpaired judgements with trl's KTOTrainer."""
+
+    beta: float = Field(0.1, gt=0)
+    """How far the tuned model may move from the reference: higher keeps it closer (the KTO paper's 0.1 is
+    typical)."""
+
+    desirable_weight: float = Field(1.0, gt=0)
+    """Weight of the loss on desirable (label: true) completions. With unequal counts, the KTO paper
+    recommends desirable_weight * desirable rows / (undesirable_weight * undesirable rows) in [1, 4/3];
+    the data summary warns, with the range for your counts, when it is not."""
+
+    undesirable_weight: float = Field(1.0, gt=0)
+    """Weight of the loss on undesirable (label: false) completions; see desirable_weight."""
+
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    """`kto` (the KTO paper: needs training.per_device_train_batch_size of 2 or more, since each row's KL
+    term is estimated from another row's completion in the same micro-batch) or `apo_zero_unpaired`
+    (APO-zero, no KL term)."""
+
+    init_adapter: PathText | None = None
+    """Start from the adapter of a finished loratool run on the same base (usually an SFT run) instead of a
+    fresh one; that adapter is also the reference. As for dpo.init_adapter."""
+
+
+class RewardSection(Section):
+    """A reward model: the base with a one-number score head, trained on preference pairs with trl's
+    RewardTrainer (loss -log sigmoid(score(chosen) - score(rejected)))."""
+
+    center_rewards_coefficient: float | None = Field(None, gt=0)
+    """Adds this times the mean squared score to the loss, which keeps scores centred on zero (trl's
+    RewardConfig; 0.01 is the recommended value). None: no centring term."""
+
+
+# The kinds of reward a `rewards:` item can be; exactly one of these keys is set in each.
+REWARD_KINDS = ("exact_match", "number", "regex", "valid_json", "length", "function", "model")
+
+
+class RewardFunction(Section):
+    """One reward of an online RL run (`grpo`, `rloo`): set exactly one of exact_match, number, regex,
+    valid_json, length, function and model. Each completion is scored by every reward; the run maximizes
+    their weighted sum."""
+
+    exact_match: str | None = None
+    """1 when the completion, stripped of surrounding whitespace, equals this column of its row (the
+    reference answer, e.g. `answer`), else 0."""
+
+    number: str | None = None
+    """1 when the last number in the completion equals the number in this column of its row (within
+    `tolerance`), else 0: for answers worked out in prose ("... so the total is 42")."""
+
+    tolerance: float = Field(0.0, ge=0)
+    """`number` only: the largest difference still counted as equal (0: exactly equal)."""
+
+    regex: str | None = None
+    """1 when the whole completion (stripped) matches this regular expression, else 0: a format check,
+    e.g. `name=.+; qty=\\d+`. `.` matches newlines too; wrap it in `.*` to look for it anywhere."""
+
+    valid_json: bool = False
+    """1 when the completion (stripped) parses as JSON, else 0."""
+
+    length: PositiveInt | None = None
+    """A target completion length in tokens: the reward is 0 at the target and falls linearly to -1 at no
+    tokens and at twice the target: max(-1, -|tokens - length| / length). Keeps answers short."""
+
+    function: PathText | None = None
+    """Your own reward, `file.py:function`, loaded from that file only (a relative path is resolved against
+    the recipe's directory). Called as function(completions=[str, ...], prompts=[...], completion_ids=[[int,
+    ...], ...], **columns), with each other column of the data as a list of the same length (`answer=[...]`);
+    it returns one number per completion (None: this reward does not apply to that completion)."""
+
+    model: PathText | None = None
+    """A reward model: the run directory of a finished `loratool train` run with a `reward` section. It
+    scores each prompt + completion."""
+
+    weight: float = 1.0
+    """How much this reward counts in the sum the run maximizes (negative: a penalty). Each reward is also
+    logged on its own, unweighted: rewards/NAME/mean and rewards/NAME/std in metrics.jsonl."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """The name it is logged under (rewards/NAME/mean). Default: its kind (exact_match, number, regex,
+    valid_json, length), the function's name, or the reward model directory's name."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardFunction:
+        kinds = self.kinds()
+        if len(kinds) != 1:
+            given = f"{' and '.join(kinds)} are both set" if kinds else "none is set"
+            raise ValueError(f"a reward sets exactly one of {', '.join(REWARD_KINDS)}; {given}")
+        if self.tolerance and self.number is None:
+            raise ValueError("tolerance: only used by a `number` reward")
+        if self.regex is not None:
+            _check_regex(self.regex, self.regex, "the completion must match it whole")
+        if self.function is not None:
+            file, _, function = self.function.rpartition(":")
+            if not file.endswith(".py") or not function.isidentifier():
+                raise ValueError(
+                    f"function: {self.function!r} must be `file.py:function` (a Python file and the name of "
+                    "a function in it)"
+                )
+        return self
+
+    def kinds(self) -> list[str]:
+        """The kind keys set (exactly one in a valid reward)."""
+        return [k for k in REWARD_KINDS if getattr(self, k) not in (None, False)]
+
+    @property
+    def kind(self) -> str:
+        return self.kinds()[0]
+
+    def reference_column(self) -> str | None:
+        """The data column each row must hold for this reward (exact_match, number), or None."""
+        return self.exact_match or self.number
+
+    def logged_name(self) -> str:
+        """The name trl logs it under: `name`, else the kind, the function's name or the model's folder."""
+        if self.name:
+            return self.name
+        if self.function is not None:
+            return self.function.rpartition(":")[2]
+        if self.model is not None:
+            return Path(self.model).name or "reward_model"
+        return self.kind
+
+
+class OnlineRlSection(Section):
+    """What GRPO and RLOO share: the model answers each prompt `num_generations` times, every completion is
+    scored by the rewards, and the adapter learns to make the better-scored completions of a prompt more
+    likely. Both trl trainers take these fields under the same names (GRPOConfig, RLOOConfig)."""
+
+    rewards: list[RewardFunction] = Field(min_length=1)
+    """The rewards, each with its weight: built-in checks against the row's columns (exact_match, number),
+    format checks (regex, valid_json), a length target, your own Python function, or a reward model run."""
+
+    num_generations: Annotated[int, Field(ge=2)] = 8
+    """Completions sampled per prompt; each is scored against the others of its prompt. More gives a better
+    baseline at proportionally more generation time. training.per_device_train_batch_size counts
+    completions, not prompts: it x gradient_accumulation_steps x processes must be a multiple of this."""
+
+    max_completion_length: PositiveInt = 256
+    """Longest completion generated, in tokens (generation stops earlier at the end-of-turn token). Prompts
+    are not cut: a prompt longer than data.max_length is dropped and counted."""
+
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the completions. Lower makes the completions of a prompt more alike (less to
+    compare); 0.7-1.0 is typical."""
+
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: sample only from the most likely tokens that make up this probability (1: all)."""
+
+    epsilon: float = Field(0.2, gt=0)
+    """Clipping of the policy ratio (as in PPO): how far one update may move a completion's probability."""
+
+    num_iterations: PositiveInt = 1
+    """Updates made on each batch of completions before new ones are generated (1: always fresh ones)."""
+
+    mask_truncated_completions: bool = False
+    """Leave completions cut at max_completion_length out of the loss (the DAPO paper's advice when many
+    are): an unfinished answer is then not punished for being unfinished."""
+
+    use_vllm: bool = False
+    """Generate with vLLM (much faster). Needs vllm installed and a CUDA GPU; otherwise the run is refused.
+    Off: transformers' generate, on any device."""
+
+    init_adapter: PathText | None = None
+    """Start from the adapter of a finished loratool run on the same base (usually an SFT run that taught
+    the format) instead of a fresh one; the reference of the KL term (`beta`) is then that adapter. The
+    `lora` section must match the run's. A relative path is resolved against the current directory."""
+
+    @field_validator("rewards")
+    @classmethod
+    def _distinct_names(cls, rewards: list[RewardFunction]) -> list[RewardFunction]:
+        names = [reward.logged_name() for reward in rewards]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"two rewards are logged as {', '.join(twice)} — give each a `name:` of its own")
+        return rewards
+
+
+class GrpoSection(OnlineRlSection):
+    """Online RL with trl's GRPOTrainer (Group Relative Policy Optimization): a completion's advantage is
+    its reward minus the mean of its prompt's group, divided by the group's spread (`scale_rewards`)."""
+
+    beta: float = Field(0.0, ge=0)
+    """Weight of the KL penalty that keeps the model near the reference (the base, or init_adapter). 0
+    (trl's default): no KL term and no reference pass, faster; the DeepSeek-R1 paper used 0.001."""
+
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    """trl's GRPO loss: `dapo` (trl's default: token-level, no length bias), `grpo` (the paper: per sequence,
+    favours short correct answers), `dr_grpo` (Dr. GRPO), ... see trl's GRPOConfig."""
+
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide the advantages by the reward spread of the prompt's group (`group`, the paper), of the whole
+    batch (`batch`), or not at all (`none`, Dr. GRPO's advice: no bias towards easy or hard prompts)."""
+
+
+class RlooSection(OnlineRlSection):
+    """Online RL with trl's RLOOTrainer (REINFORCE Leave-One-Out): a completion's advantage is its reward
+    minus the mean reward of the other completions of its prompt."""
+
+    beta: float = Field(0.05, ge=0)
+    """Weight of the KL penalty that keeps the model near the reference (the base, or init_adapter); trl's
+    RLOO default 0.05. 0: no KL term and no reference pass."""
+
+    normalize_advantages: bool = False
+    """Divide the advantages by their standard deviation over the batch."""
+
+
 class Recipe(Section):
     """A fine-tuning recipe: the base model, how it is loaded, the adapter, the data and the run."""
 
@@ -514,6 +734,32 @@ class Recipe(Section):
     (data.padding_free does not apply; data.packing must stay off). DPO wants a far lower learning rate
     than SFT: 5e-6 to 5e-5 for LoRA on a real model (training.learning_rate)."""
 
+    kto: KtoSection | None = None
+    """Preference tuning from unpaired judgements (KTO). Present (`kto: {}` for the defaults): each row is
+    a prompt, one completion and a `label` (true: desirable, false: undesirable), trained with trl's
+    KTOTrainer; preference pairs may be given too, each split into one desirable and one undesirable
+    row (as trl does). The reference model is handled as for dpo. Batches are padded (data.packing must
+    stay off). Like DPO it wants a far lower learning rate than SFT (5e-6 to 5e-5 for LoRA)."""
+
+    reward: RewardSection | None = None
+    """A reward model. Present (`reward: {}` for the defaults): the base is loaded with a score head
+    (transformers' AutoModelForSequenceClassification, one label), the adapter (task_type SEQ_CLS) and the
+    head are trained on preference pairs (the formats dpo takes) to score the chosen answer above the
+    rejected one. The run directory is a PEFT adapter whose head is saved with it (modules_to_save);
+    `loratool eval RUN` reports its pairwise accuracy. Longer pairs: data.max_length and data.truncation
+    (`drop` is what trl's RewardTrainer does)."""
+
+    grpo: GrpoSection | None = None
+    """Online RL with GRPO. Present: each row is a prompt (with the columns the rewards read, e.g. an
+    `answer`); the model answers it grpo.num_generations times, the rewards score each completion and the
+    adapter learns from how each scored against its group, with trl's GRPOTrainer. No answer is imitated:
+    what is learned comes from the rewards. Usually after an SFT run (grpo.init_adapter) that taught the
+    format. Wants a low learning rate: 1e-6 to 1e-5 for LoRA on a real model."""
+
+    rloo: RlooSection | None = None
+    """Online RL with RLOO (REINFORCE Leave-One-Out): as grpo, with trl's RLOOTrainer; each completion is
+    compared with the mean of the other completions of its prompt."""
+
     # Not a recipe key: where the recipe file was (set by load_recipe), so that an input that cannot be
     # found can name every place a relative path was looked for (inputs.py).
     _directory: Path | None = PrivateAttr(default=None)
@@ -528,9 +774,19 @@ class Recipe(Section):
         return q is not None and (q.load_in_4bit or q.load_in_8bit)
 
     @property
-    def stage(self) -> Literal["sft", "dpo"]:
-        """What the adapter learns from: `sft` (answers to imitate) or `dpo` (preference pairs)."""
-        return "dpo" if self.dpo is not None else "sft"
+    def stage(self) -> str:
+        """The training method: the one method section present (dpo, kto, reward, grpo, rloo), else `sft`
+        (answers to imitate). Two sections at once are refused when the recipe loads (rules.py)."""
+        present = self.method_sections()
+        return present[0] if present else "sft"
+
+    def method_sections(self) -> list[str]:
+        """The method sections present, in METHOD_SECTIONS order (more than one is a recipe error)."""
+        return [name for name in METHOD_SECTIONS if getattr(self, name, None) is not None]
+
+
+# The sections that each choose a training method other than supervised fine-tuning; at most one is set.
+METHOD_SECTIONS = ("dpo", "kto", "reward", "grpo", "rloo")
 
 
 # Keys that SFTConfig has but that belong to another section of the recipe (or that loratool sets itself).

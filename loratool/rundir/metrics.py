@@ -59,8 +59,14 @@ def plot_loss_curve(rows: list[dict[str, Any]], output: Path, title: str) -> Non
     ax.set_ylabel("loss (nats per loss token)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    rewards = [(r["step"], r["reward"]) for r in rows if _finite(r.get("reward"))]
+    if rewards:  # online RL (grpo, rloo): the mean weighted reward of the completions, on its own axis
+        right = ax.twinx()
+        right.plot(*zip(*rewards, strict=True), label="mean reward", color="tab:green")
+        right.set_ylabel("mean reward (weighted sum)")
+        right.legend(loc="upper right")
     if train or evals:
-        ax.legend()
+        ax.legend(loc="upper left" if rewards else "best")
     else:
         ax.text(0.5, 0.5, "no loss was logged (raise max_steps or lower logging_steps)", ha="center")
     fig.tight_layout()

@@ -89,7 +89,10 @@ def model_card(
     if run.adalora is not None:
         lines += _adalora_ranks(run.adalora)
     lines += _results_section(run.train, evaluation)
-    lines += _use_section(folder, name, hub_base or base_ref, gguf, lora, config)
+    if run.stage == "reward":
+        lines += _reward_use_section(name, hub_base or base_ref)
+    else:
+        lines += _use_section(folder, name, hub_base or base_ref, gguf, lora, config)
     return "\n".join(lines)
 
 
@@ -114,6 +117,19 @@ def _introduction(name: str, base_ref: str, hub_base: str | None, run: RunRecord
         lines.append(
             f"Preference-tuned with DPO (loss {dpo.get('loss_type')}, beta {dpo.get('beta')}; reference: "
             f"{dpo.get('reference')}) on chosen / rejected answer pairs."
+        )
+    kto = run.kto if run.stage == "kto" else None
+    if kto is not None:
+        lines.append(
+            f"Preference-tuned with KTO (loss {kto.get('loss_type')}, beta {kto.get('beta')}, weights "
+            f"{kto.get('desirable_weight')} desirable / {kto.get('undesirable_weight')} undesirable; "
+            f"reference: {kto.get('reference')}) on completions judged desirable or undesirable."
+        )
+    if run.stage == "reward":
+        lines.append(
+            "A **reward model**: the base with a one-number score head, trained with this adapter on "
+            "chosen / rejected answer pairs to score the chosen answer higher. The head is saved with the "
+            "adapter (`modules_to_save`)."
         )
     lines.append("")
     if is_smoke(run) and not run.smoke:  # a --smoke run gets its own banner (mark_smoke_run)
@@ -236,6 +252,32 @@ def _use_section(
         "",
     ]
     return lines
+
+
+def _reward_use_section(name: str, load_base: str) -> list[str]:
+    """How to load a reward model with PEFT and score an answer."""
+    return [
+        "## Use",
+        "",
+        "With PEFT (the score head is read from the last token that is not padding):",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # the chat template it was trained with',
+        f'base = AutoModelForSequenceClassification.from_pretrained("{load_base}", num_labels=1)',
+        "base.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id",
+        f'model = PeftModel.from_pretrained(base, "{name}")  # the adapter and the trained head',
+        'score = model(**tokenizer("prompt and answer", return_tensors="pt")).logits[0, 0]',
+        "```",
+        "",
+        "`loratool eval` reports its pairwise accuracy on held-out pairs; `loratool merge` writes a checkpoint",
+        "that loads with `AutoModelForSequenceClassification.from_pretrained(DIR)`. Everything needed to train",
+        "it again is in `recipe.yaml` (`loratool train recipe.yaml`); `run.json` records the versions, the",
+        "base's fingerprint and the data's.",
+        "",
+    ]
 
 
 def _adalora_ranks(record: dict[str, Any]) -> list[str]:

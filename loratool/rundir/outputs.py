@@ -9,6 +9,9 @@
 - One writer. A command holds an exclusive lock on its output for its whole life (`.NAME.lock` beside it,
   an flock that the kernel releases when the process dies, even under kill -9). A second writer is refused
   with the holder's pid, host, command and start time; a lock whose holder died is taken over.
+  The lock file also lists the partial directories its holder made (`Output.partial`): the command that
+  takes over a dead holder's lock removes those, and only those, so a killed command leaves nothing behind
+  for good.
 - Never looks complete early. merge, combine, export and eval write into `<output>.partial-XXXX` beside the
   output and rename it into place as the last step; a result that fails verification is renamed
   `<output>.failed-verification`. An output that appeared while we worked is not replaced.
@@ -27,6 +30,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -219,6 +223,10 @@ def _is_lock_file(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".lock") and path.is_file()
 
 
+# What `tempfile.mkdtemp` appends to `<output>.partial-` (`Output.partial`): 8 of [a-z0-9_].
+PARTIAL_SUFFIX = r"\.partial-[a-z0-9_]{8}"
+
+
 def lock_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.lock")
 
@@ -254,23 +262,82 @@ def output_lock(output: Path, command: str, log: Callable[[str], None] = print) 
         log(
             f"note: took over the lock on {output} left by {_holder_text(previous)}, which is no longer running"
         )
+        removed = _remove_partials(output, previous)
+        if removed:
+            log(f"note: removed what that command left unfinished: {', '.join(removed)}")
+    _note_unrecorded_partials(output, log)
     holder = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "command": command,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    _write_holder(fd, holder)
     try:
         yield
     finally:
-        # Unlink while still holding the lock, so that nobody can lock this inode after we let go.
+        # What the command did not rename into place or clean up itself (an interrupt between creating a
+        # partial directory and the `try` that removes it), then the lock file. Unlink while still holding
+        # the lock, so that nobody can lock this inode after we let go.
+        _remove_partials(output, _read_holder(fd))
         try:
             path.unlink()
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _write_holder(fd: int, holder: dict[str, Any]) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+
+def _is_partial_name(output: Path, name: Any) -> bool:
+    """Whether `name` is one `Output.partial` gives the partial directories of `output`."""
+    return isinstance(name, str) and re.fullmatch(re.escape(output.name) + PARTIAL_SUFFIX, name) is not None
+
+
+def _record_partial(output: Path, partial: Path) -> None:
+    """Add `partial` to the partial directories the lock on `output` lists, when this process holds it
+    (an Output checked without its lock, `check_output` on its own, records nothing)."""
+    try:
+        fd = os.open(lock_path(output), os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        holder = _read_holder(fd)
+        if holder.get("pid") == os.getpid():
+            partials = [n for n in holder.get("partials", []) if isinstance(n, str)]
+            _write_holder(fd, {**holder, "partials": [*partials, partial.name]})
+    finally:
+        os.close(fd)
+
+
+def _remove_partials(output: Path, holder: dict[str, Any]) -> list[str]:
+    """Remove the partial directories of `output` that the lock `holder` lists: only names of the form
+    `Output.partial` gives, beside `output`, that are directories (never a link or a file); returns them."""
+    removed = []
+    listed = holder.get("partials")
+    for name in listed if isinstance(listed, list) else []:
+        path = output.with_name(name) if _is_partial_name(output, name) else None
+        if path is not None and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(f"{name}/")
+    return removed
+
+
+def _note_unrecorded_partials(output: Path, log: Callable[[str], None]) -> None:
+    """Partial directories of `output` that no lock lists (left by an older loratool, or with a lock file
+    deleted by hand): nothing writes them now, since we hold the lock, but they are only named like ours,
+    so they are pointed out and kept."""
+    if not output.parent.is_dir():
+        return
+    found = sorted(p.name for p in output.parent.iterdir() if _is_partial_name(output, p.name))
+    if found:
+        log(
+            f"note: {', '.join(found)} beside {output} look left by an interrupted loratool command; they are "
+            "not recorded as loratool's, so they are kept: delete them if nothing of yours is in them"
+        )
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
@@ -324,6 +391,7 @@ class Output:
         """A new, empty `<output>.partial-XXXX` directory beside the output."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f"{self.path.name}.partial-", dir=self.path.parent))
+        _record_partial(self.path, partial)  # at once: a command killed from here on leaves it listed
         umask = os.umask(0)  # mkdtemp makes the directory private (0700); the output should not be
         os.umask(umask)
         partial.chmod(0o777 & ~umask)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 import traceback
 from collections.abc import Callable
@@ -121,10 +122,15 @@ class RunRecord:
     started_at: str | None = None
     finished_at: str | None = None
     hardware: dict[str, Any] = field(default_factory=dict)  # model/hardware.py Hardware, and the platform
-    stage: str | None = None  # sft or dpo
+    stage: str | None = None  # sft, dpo, kto, reward, ... (the recipe's method section)
     dpo: dict[str, Any] | None = None  # a DPO run: beta, loss_type, reference, init_adapter
+    kto: dict[str, Any] | None = None  # a KTO run: beta, loss_type, weights, reference, init_adapter
+    reward: dict[str, Any] | None = None  # a reward model: center_rewards_coefficient, head
+    grpo: dict[str, Any] | None = None  # an online RL run (GRPO): its settings, rewards, reference
+    rloo: dict[str, Any] | None = None  # the same for RLOO
     smoke: dict[str, Any] | None = None  # a `train --smoke` run: the base it stands in for, what changed
     adalora: dict[str, Any] | None = None  # an AdaLoRA run: its rank budget and final ranks
+    memory_savers: dict[str, Any] = field(default_factory=dict)  # train/memory: each switch, why one is off
     files: list[str] = field(default_factory=list)  # the top-level names the run wrote
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -155,8 +161,13 @@ class RunRecord:
             hardware=_dict(record.get("hardware")),
             stage=record.get("stage"),
             dpo=_dict_or_none(record.get("dpo")),
+            kto=_dict_or_none(record.get("kto")),
+            reward=_dict_or_none(record.get("reward")),
+            grpo=_dict_or_none(record.get("grpo")),
+            rloo=_dict_or_none(record.get("rloo")),
             smoke=_dict_or_none(record.get("smoke")),
             adalora=_dict_or_none(record.get("adalora")),
+            memory_savers=_dict(record.get("memory_savers")),
             files=list(record.get("files") or []),
             raw=record,
         )
@@ -178,8 +189,13 @@ class RunRecord:
             "data": self.data,
             "stage": self.stage,
             "dpo": self.dpo,
+            "kto": self.kto,
+            "reward": self.reward,
+            "grpo": self.grpo,
+            "rloo": self.rloo,
             "smoke": self.smoke,
             "adapter_init": self.adapter_init,
+            "memory_savers": self.memory_savers,
             "resumes": self.resumes,
             "train": self.train,
             "adalora": self.adalora,
@@ -189,7 +205,7 @@ class RunRecord:
             "status": self.status,
             "error": self.error,
         }
-        optional = {"dpo", "smoke", "adapter_init", "resumes", "train", "adalora", "peak_memory_bytes",
+        optional = {"dpo", "kto", "reward", "grpo", "rloo", "smoke", "adapter_init", "memory_savers", "resumes", "train", "adalora", "peak_memory_bytes",
                     "wall_time_s", "finished_at", "error"}  # fmt: skip
         return {k: v for k, v in value.items() if k not in optional or v not in (None, {}, [])}
 
@@ -490,14 +506,28 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 @dataclass(frozen=True)
 class TrainingRun:
-    """What a loratool run directory says about the adapter; empty for an adapter from another tool."""
+    """What a loratool run directory says about the adapter; empty for an adapter from another tool. For a
+    checkpoint of a run (RUN/checkpoints/checkpoint-N, or a sealed one copied elsewhere) it is the run's
+    record, with the base fingerprint the checkpoint's seal carries."""
 
-    record: RunRecord | None  # run.json, read by read_run
+    record: RunRecord | None  # run.json, read by read_run (a checkpoint: its run's, when it is still there)
     recipe: Recipe | None  # recipe.yaml, validated (None: no run, no recipe.yaml, or it no longer validates)
+    checkpoint: Path | None = None  # the adapter is this checkpoint of a loratool run
+    checkpoint_problem: str | None = None  # why it is not to be trusted (unsealed, damaged)
+    sealed_fingerprint: str | None = None  # the base fingerprint its seal carries
 
     @property
     def base(self) -> BaseModelRecord:
-        return self.record.base_model if self.record is not None else BaseModelRecord()
+        base = self.record.base_model if self.record is not None else BaseModelRecord()
+        # The seal names the weights this checkpoint was trained on (run.json may describe a later resume).
+        return replace(base, fingerprint=self.sealed_fingerprint) if self.sealed_fingerprint else base
+
+    @property
+    def fingerprint_source(self) -> str:
+        """Which record the base fingerprint comes from, as messages name it."""
+        if self.checkpoint is not None and self.sealed_fingerprint:
+            return f"{self.checkpoint.name}'s seal ({CHECKPOINT_SEAL})"
+        return MANIFEST
 
     @property
     def quantization(self) -> str | None:
@@ -544,4 +574,25 @@ def read_training_run(adapter_dir: Path, log: Callable[[str], None] | None = Non
     """What the run directory around an adapter says (empty for an adapter from another tool); `log` gets
     a note when its recipe.yaml no longer validates."""
     record = read_run(adapter_dir)
-    return TrainingRun(record, record.recipe(log) if record is not None else None)
+    if record is not None:
+        return TrainingRun(record, record.recipe(log))
+    run_dir = run_of_checkpoint(adapter_dir)
+    if run_dir is None and not (adapter_dir / CHECKPOINT_SEAL).is_file():
+        return TrainingRun(None, None)  # an adapter from another tool (or a trainer checkpoint of one)
+    record = read_run(run_dir) if run_dir is not None else None
+    sealed = read_checkpoint_seal(adapter_dir).get("base_fingerprint")
+    return TrainingRun(
+        record,
+        record.recipe(log) if record is not None else None,
+        checkpoint=adapter_dir,
+        checkpoint_problem=checkpoint_problem(adapter_dir),
+        sealed_fingerprint=sealed if isinstance(sealed, str) and sealed else None,
+    )
+
+
+def run_of_checkpoint(path: Path) -> Path | None:
+    """The loratool run directory `path` is a checkpoint of (RUN/checkpoints/checkpoint-N), or None."""
+    if not re.fullmatch(r"checkpoint-\d+", path.name) or path.parent.name != CHECKPOINTS:
+        return None
+    run_dir = path.parent.parent
+    return run_dir if read_run(run_dir) is not None else None

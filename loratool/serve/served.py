@@ -126,8 +126,11 @@ def builtin_problems(adapter_dir: Path, max_rank: int) -> list[str]:
 
 def init_problems(adapter_dir: Path) -> list[str]:
     """An adapter its run says fits no original base (a LoftQ init: it was trained on a quantized and
-    dequantized base), which any engine would answer wrongly with."""
+    dequantized base), which any engine would answer wrongly with; or a reward model's, which answers
+    nothing."""
     record = read_run(adapter_dir)
+    if record is not None and record.stage == "reward":
+        return ["it is a reward model (a score head): it scores answers and writes none"]
     init = record.adapter_init if record is not None else {}
     if init.get("mergeable") is False:
         return [

@@ -188,13 +188,18 @@ def build_dpo_trainer(
         raise LoratoolError(
             f"trl's DPOTrainer refused this setup: {exc}", hint="check the dpo and training sections"
         ) from None
-    if recipe.dpo is not None and recipe.dpo.init_adapter is None and recipe.lora.init_lora_weights is True:
-        # trl copies a PeftModel's adapter into a frozen "ref" adapter to compute the reference with. A
-        # fresh adapter (B = 0) adds nothing to the base, so the base with the adapter disabled is the same
-        # reference for one adapter less. Non-zero inits (pissa, olora, gaussian...) keep the copy: their
-        # starting model is base + initial adapter, which disabling the adapter would not give.
-        drop_reference_adapter(trainer.model)
+    drop_unneeded_reference(trainer.model, recipe)
     return trainer
+
+
+def drop_unneeded_reference(model: PeftModel, recipe: Recipe) -> None:
+    """trl's DPO and KTO trainers copy a PeftModel's adapter into a frozen "ref" adapter to compute the
+    reference with. A fresh adapter (B = 0) adds nothing to the base, so the base with the adapter disabled
+    is the same reference for one adapter less. Non-zero inits (pissa, olora, gaussian...) and an
+    init_adapter keep the copy: their starting model is base + initial adapter, which disabling the
+    adapter would not give."""
+    if init_adapter_setting(recipe)[1] is None and recipe.lora.init_lora_weights is True:
+        drop_reference_adapter(model)
 
 
 def drop_reference_adapter(model: PeftModel) -> None:
@@ -206,8 +211,7 @@ def drop_reference_adapter(model: PeftModel) -> None:
 
 def reference_description(recipe: Recipe) -> str:
     """What the run used as its reference model, for run.json."""
-    assert recipe.dpo is not None
-    if recipe.dpo.init_adapter is not None:
+    if init_adapter_setting(recipe)[1] is not None:
         return "base + init_adapter (a frozen copy)"
     if recipe.lora.init_lora_weights is True:
         return "base (adapter disabled)"
@@ -219,14 +223,21 @@ def reference_description(recipe: Recipe) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def check_init_adapter(recipe: Recipe, base_fingerprint: str | None = None) -> Path | None:
-    """The run directory `dpo.init_adapter` names, checked to be a finished loratool run on the same base
-    (and, given `base_fingerprint`, the same weights) with the same `lora` section; None when unset."""
+def init_adapter_setting(recipe: Recipe) -> tuple[str, str | None]:
+    """The key and value of the method section's `init_adapter` (dpo or kto): ("kto.init_adapter", None)."""
+    section = getattr(recipe, recipe.stage, None)
+    return f"{recipe.stage}.init_adapter", getattr(section, "init_adapter", None)
 
-    if recipe.dpo is None or recipe.dpo.init_adapter is None:
+
+def check_init_adapter(recipe: Recipe, base_fingerprint: str | None = None) -> Path | None:
+    """The run directory `dpo.init_adapter` (or `kto.init_adapter`) names, checked to be a finished
+    loratool run on the same base (and, given `base_fingerprint`, the same weights) with the same `lora`
+    section; None when unset."""
+
+    key, value = init_adapter_setting(recipe)
+    if value is None:
         return None
-    path = Path(recipe.dpo.init_adapter).expanduser().resolve()
-    key = "dpo.init_adapter"
+    path = Path(value).expanduser().resolve()
     record = read_run(path) if path.is_dir() else None
     if record is None:
         raise LoratoolError(
@@ -268,7 +279,7 @@ def check_init_adapter(recipe: Recipe, base_fingerprint: str | None = None) -> P
 def load_init_adapter(
     model: PeftModel, recipe: Recipe, base_fingerprint: str | None, log: Callable[[str], None]
 ) -> None:
-    """Put the weights of `dpo.init_adapter` into the freshly attached adapter (same lora section)."""
+    """Put the weights of `dpo.init_adapter` (or `kto.init_adapter`) into the freshly attached adapter."""
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
     path = check_init_adapter(recipe, base_fingerprint)
@@ -279,7 +290,7 @@ def load_init_adapter(
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
         raise LoratoolError(
-            f"dpo.init_adapter: the adapter in {path} does not fit this model's adapter "
+            f"{init_adapter_setting(recipe)[0]}: the adapter in {path} does not fit this model's adapter "
             f"({len(missing)} weights missing, {len(result.unexpected_keys)} unexpected, e.g. "
             f"{(missing or result.unexpected_keys)[0]})",
             hint="use a run trained on the same base with the same lora section",

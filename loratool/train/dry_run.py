@@ -8,6 +8,7 @@ from collections.abc import Callable
 from loratool.adapter.inits import shapes_only
 from loratool.adapter.lora import attach_adapter
 from loratool.model import hardware
+from loratool.model.load import model_from_config
 from loratool.recipe import Recipe
 from loratool.train.plan import dry_run_line
 from loratool.train.preflight import preflight
@@ -25,7 +26,7 @@ def dry_run(
     of the model. The exception: a .gguf base is converted to its cached checkpoint (as training would),
     since that is what is checked."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     state = processes()
     if not state.is_main_process:
@@ -41,7 +42,7 @@ def dry_run(
         trust_remote_code=recipe.model.trust_remote_code,
     )
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        model = model_from_config(recipe, config)  # a reward model: with its score head
     model = attach_adapter(model, shapes_only(recipe.lora), quantized=False, gradient_checkpointing=False)
     trainable, total = model.get_nb_trainable_parameters()
     bf16, fp16 = hardware.mixed_precision(recipe, hw)

@@ -33,12 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.adapter.inits import shapes_only
 from loratool.adapter.lora import attach_adapter
-from loratool.data import build_datasets
-from loratool.data.preference import build_preference_datasets, padded_pair_lengths
+from loratool.data.preference import padded_pair_lengths
 from loratool.errors import LoratoolError
-from loratool.model import hardware
+from loratool.model import hardware, threads
 from loratool.model.gguf_base import resolve_base_model
-from loratool.model.load import load_tokenizer
+from loratool.model.load import load_tokenizer, model_from_config
 from loratool.recipe import recipe_to_dict, validate_recipe
 from loratool.rundir.records import read_run
 from loratool.train.arguments import checkpoint_every_n_layers
@@ -84,6 +83,8 @@ GPUS: dict[str, tuple[int, float]] = {
 GPU_EFFICIENCY = 0.35  # LoRA steps reach ~30-40% of the dense peak (small matmuls, dequantization)
 CPU_FLOPS_PER_CORE = 2.5e10  # fp32, measured order of magnitude for recent x86 cores in PyTorch matmuls
 CPU_EFFICIENCY = 0.5
+# Decoding one token at a time reads every weight per token step: memory-bound, a small share of the peak.
+GENERATION_EFFICIENCY = 0.05
 
 
 @dataclass
@@ -169,10 +170,9 @@ class ModelShape:
 def model_shape(recipe: Recipe, config: Any) -> ModelShape:
     """Count parameters and adapter size on a meta-device model: no weights are read."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        model = model_from_config(recipe, config)  # a reward model: with its score head
     skip = set(recipe.quantization.llm_int8_skip_modules or []) if recipe.quantization else set()
     output = model.get_output_embeddings()
     quantizable = rows = 0
@@ -231,6 +231,10 @@ def make_plan(
     act_bytes = w_bytes
     batch = t.per_device_train_batch_size
     max_len = data.max_length
+    rl = online_rl_section(recipe)
+    if rl is not None:  # a row is a prompt; each completion trains with its prompt (batch counts completions)
+        max_len += rl.max_completion_length
+        lengths = [n + rl.max_completion_length for n in lengths] if lengths else lengths
     if lengths:
         longest = sorted((min(n, max_len) for n in lengths), reverse=True)
         if data.packing:  # the micro-batch is a number of packed rows, sized from the data
@@ -309,6 +313,21 @@ def make_plan(
         steps = math.ceil(rows / per_step * t.num_train_epochs)
     total = steps * tokens_per_step if steps else None
     wall = total / rate if total else None
+    if rl is not None:
+        kv_cache, generating = generation_cost(
+            recipe, shape, prompt_tokens=mean - rl.max_completion_length, act_bytes=act_bytes,
+            peak_flops=(GPUS.get(device, (0, 312e12))[1] if on_gpu else CPU_FLOPS_PER_CORE * cpu_count),
+            efficiency=GPU_EFFICIENCY if on_gpu else CPU_EFFICIENCY,
+        )  # fmt: skip
+        components["generation KV cache"] = kv_cache
+        peak += kv_cache
+        wall = wall + generating * steps if wall is not None and steps else wall
+        completions = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        assumptions.append(
+            f"generation: ~{generating:.1f} s per optimizer step ({completions} completions of up to "
+            f"{rl.max_completion_length} tokens, decoding at {GENERATION_EFFICIENCY:.0%} of the peak); the KV "
+            "cache as if every head kept its own keys and values (less with grouped-query attention)"
+        )
 
     plan = Plan(
         device=device,
@@ -330,6 +349,34 @@ def make_plan(
             recipe, shape, plan, device=device, cpu_count=cpu_count, lengths=lengths
         )
     return plan
+
+
+def online_rl_section(recipe: Recipe) -> Any:
+    """The recipe's grpo / rloo section, or None for the methods that train on given rows."""
+    return getattr(recipe, recipe.stage) if recipe.stage in ("grpo", "rloo") else None
+
+
+def generation_cost(
+    recipe: Recipe,
+    shape: ModelShape,
+    *,
+    prompt_tokens: float,
+    act_bytes: int,
+    peak_flops: float,
+    efficiency: float,
+) -> tuple[int, float]:
+    """Online RL (grpo / rloo): the KV cache of one generation batch, in bytes, and the seconds spent
+    generating per optimizer step. One batch of completions is generated per optimizer step (trl's
+    steps_per_generation = gradient_accumulation_steps), reused num_iterations times; each completion
+    token costs a forward pass (2N FLOPs), and with beta > 0 the reference scores every token once more."""
+    rl, t = online_rl_section(recipe), recipe.training
+    completions = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    sequence = prompt_tokens + rl.max_completion_length
+    kv_cache = int(2 * shape.layers * shape.hidden * sequence * completions * act_bytes)  # keys + values
+    flops = 2 * shape.parameters * completions * rl.max_completion_length / GENERATION_EFFICIENCY
+    if rl.beta:
+        flops += 2 * shape.parameters * completions * sequence / efficiency  # a training-like forward
+    return kv_cache, flops / rl.num_iterations / peak_flops
 
 
 def suggestions(
@@ -513,11 +560,23 @@ def plan_recipe(
             lengths, rows = _row_lengths(recipe, log)
         except LoratoolError as exc:
             log(f"note: data not read ({exc.message}); assuming rows of max_length")
+    cores = hw.cpu_threads or hw.cpu_count  # the threads training will compute with (model/threads.py)
     plan = make_plan(
-        recipe, shape, device=device, budget_bytes=budget, cpu_count=hw.cpu_count, lengths=lengths, rows=rows
+        recipe, shape, device=device, budget_bytes=budget, cpu_count=cores, lengths=lengths, rows=rows
     )
+    if device == "cpu":
+        plan.assumptions.append(cpu_assumption(hw.cpu_threads, hw.cpu_count, threads.busy_cores()))
     plan.conflicts = conflicts(recipe, device)
     return plan
+
+
+def cpu_assumption(used: int, cores: int, busy: float | None) -> str:
+    """What the CPU time estimate takes for granted: the threads, and the cores as free as they are now."""
+    now = "" if busy is None else f", {busy:.1f} of them busy with other processes now"
+    return (
+        f"{used} CPU thread{'s' if used != 1 else ''} on {cores} core{'s' if cores != 1 else ''}{now}: "
+        "other work on these cores during training slows it in proportion"
+    )
 
 
 def dry_run_line(recipe: Recipe, config: Any, hw: Any, data: Any) -> str:
@@ -540,23 +599,34 @@ def dry_run_line(recipe: Recipe, config: Any, hw: Any, data: Any) -> str:
 
 
 def _row_lengths(recipe: Recipe, log: Any) -> tuple[list[int], int]:
-    """Token lengths of the training rows, read and tokenized as training does (build_datasets)."""
+    """Token lengths of the training rows, read and tokenized as training does (the method's build_data)."""
+    from loratool.train.preflight import method_of  # deferred: the method modules load trl
 
     tokenizer = load_tokenizer(recipe.base_model, recipe.model, log)
-    if recipe.dpo is not None:
-        data = build_preference_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
-    else:
-        data = build_datasets(recipe.data, tokenizer, seed=recipe.training.seed)
+    data = method_of(recipe).build_data(recipe, tokenizer)
     lengths = _lengths(data.train)
     return lengths, len(lengths)
 
 
 def _lengths(train: Any) -> list[int]:
     """Tokens per training row. A preference pair is two sequences (prompt + chosen, prompt + rejected)
-    padded to the longer one: counted as one row of twice that length. The plan does not add the DPO
-    reference pass, which runs without gradients (no activations kept)."""
-    if "prompt_ids" in train.column_names:
+    padded to the longer one: counted as one row of twice that length (a reward model's pairs too). A KTO
+    row is its prompt with its completion, and again with another row's completion (the KL term):
+    counted as twice the row. The plan does not add the DPO / KTO reference pass, which runs without
+    gradients (no activations kept)."""
+    columns = train.column_names
+    if "rejected_ids" in columns and "prompt_ids" in columns:
         return padded_pair_lengths(train)
+    if "rejected_ids" in columns:  # a reward model's whole sequences
+        return [
+            2 * max(len(c), len(r)) for c, r in zip(train["chosen_ids"], train["rejected_ids"], strict=True)
+        ]
+    if "prompt_tokens" in columns:  # online RL: make_plan adds the completions it generates
+        return list(train["prompt_tokens"])
+    if "completion_ids" in columns:
+        return [
+            2 * (len(p) + len(c)) for p, c in zip(train["prompt_ids"], train["completion_ids"], strict=True)
+        ]
     return [len(ids) for ids in train["input_ids"]]
 
 

@@ -1,7 +1,8 @@
 """What `train` and `train --dry-run` check and load before any weights: every input, the hardware and
 launch rules, the values only the libraries know, the output directory, the tokenizer and every data row.
 
-It also picks the method's trainer builder (sft.py or dpo.py): the one place where the methods part ways."""
+It also picks the method's trainer builder (sft.py, dpo.py, kto.py, reward.py, ...): the one place where the
+methods part ways."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from loratool.model import hardware
 from loratool.model.load import Base, load_tokenizer, resolve_base
 from loratool.recipe import Recipe
 from loratool.rundir.records import CHECKPOINTS, RunDir
-from loratool.train import dpo, sft
+from loratool.train import dpo, grpo, kto, reward, sft
 from loratool.train.arguments import check_enum_values, check_report_to
 from loratool.train.inputs import check_inputs
 from loratool.train.processes import on_main_first
@@ -31,12 +32,13 @@ class Preflight:
     run: RunDir
     tokenizer: Any
     data: Any  # PreparedData: the training and validation rows, tokenized and masked, with their summary
-    method: ModuleType  # the trainer builder: train/sft.py or train/dpo.py
+    method: ModuleType  # the trainer builder: train/sft.py, dpo.py, kto.py, reward.py, ...
 
 
 def method_of(recipe: Recipe) -> ModuleType:
-    """The trainer builder of the recipe's method: preference pairs (a `dpo` section) or supervised rows."""
-    return dpo if recipe.dpo is not None else sft
+    """The trainer builder of the recipe's method (`recipe.stage`: its one method section, or sft)."""
+    methods = {"sft": sft, "dpo": dpo, "kto": kto, "reward": reward, "grpo": grpo, "rloo": grpo}
+    return methods[recipe.stage]
 
 
 def preflight_every_process(

@@ -94,7 +94,7 @@ class ConciseProgress(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        parts = [f"{k} {_fmt(logs[k])}" for k in self.SHOWN if k in logs]
+        parts = [f"{k} {_fmt(logs[k])}" for k in self.SHOWN if k in logs] + online_rl_parts(logs)
         if not parts:
             return
         line = f"step {state.global_step}/{state.max_steps} · " + " · ".join(parts)
@@ -102,6 +102,27 @@ class ConciseProgress(ProgressCallback):
             self.training_bar.write(line)
         else:
             print(line, flush=True)
+
+
+def online_rl_parts(logs: dict[str, Any]) -> list[str]:
+    """What a GRPO / RLOO log adds to the line: the weighted reward with each reward's mean (trl logs
+    rewards/<name>/mean; an evaluation, eval_rewards/...), the KL to the reference and the mean completion
+    length in tokens."""
+    prefix = "eval_" if "eval_reward" in logs else ""
+    if f"{prefix}reward" not in logs:
+        return []
+    start, end = f"{prefix}rewards/", "/mean"
+    means = [
+        f"{key.removeprefix(start).removesuffix(end)} {_fmt(value)}"
+        for key, value in logs.items()
+        if key.startswith(start) and key.endswith(end) and value is not None
+    ]
+    parts = [f"{prefix}reward {_fmt(logs[f'{prefix}reward'])}" + (f" ({', '.join(means)})" if means else "")]
+    if logs.get(f"{prefix}kl") is not None:
+        parts.append(f"kl {_fmt(logs[f'{prefix}kl'])}")
+    if logs.get(f"{prefix}completions/mean_length") is not None:
+        parts.append(f"completion {logs[f'{prefix}completions/mean_length']:.1f} tokens")
+    return parts
 
 
 def _fmt(value: Any) -> str:

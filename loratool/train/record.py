@@ -39,6 +39,10 @@ def new_record(
         data=checks.data.summary.to_dict(),
         stage=method["stage"],
         dpo=method.get("dpo"),
+        kto=method.get("kto"),
+        reward=method.get("reward"),
+        grpo=method.get("grpo"),
+        rloo=method.get("rloo"),
         smoke=smoke,
     )
 

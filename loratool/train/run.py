@@ -111,7 +111,9 @@ def load_with_adapter(
         ),
         log=log,
     )
-    memory.apply(model, checks.hw)
+    savers = memory.apply(model, checks.hw)
+    record = replace(record, memory_savers=savers.record())
+    log(f"memory savers: {savers.describe()}")
     checks.method.prepare_model(model, recipe, record.base_model.fingerprint, log)  # DPO: init_adapter
     trainable, total = model.get_nb_trainable_parameters()
     log(f"adapter: {trainable:,} trainable parameters ({100 * trainable / total:.3f}% of {total:,})")

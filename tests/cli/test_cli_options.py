@@ -23,6 +23,7 @@ COMMANDS = [
     "data",
     "plan",
     "sweep",
+    "launch",
     "recipe-reference",
     "recipe-schema",
     "merge",

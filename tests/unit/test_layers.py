@@ -20,6 +20,7 @@ STAGES = [
     ("loratool.data",),
     ("loratool.rundir",),
     ("loratool.train",),
+    ("loratool.launch",),
     ("loratool.merge",),
     ("loratool.export",),
     ("loratool.generate",),

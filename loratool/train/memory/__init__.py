@@ -47,10 +47,19 @@ class MemorySavers:
             return self
         return dataclasses.replace(self, **{switch: False}, off=(*self.off, (switch, why)))
 
+    def describe(self) -> str:
+        """One line for the log: what is on, and each switch that is off with why."""
+        on = [name for name in SWITCHES if getattr(self, name)]
+        off = [f"{name} off ({why})" for name, why in self.off]
+        return ", ".join([*on, *off]) if on or off else "none"
+
     def record(self) -> dict[str, Any]:
         """For run.json: every switch, and why those that are off are off."""
         return {**{name: getattr(self, name) for name in SWITCHES}, "off": dict(self.off)}
 
+
+# Below this hidden size the mask-keeping dropout measured slower than PEFT's (see `choose`).
+NARROW = 256
 
 SWITCHES = tuple(f.name for f in dataclasses.fields(MemorySavers) if f.type in (bool, "bool"))
 
@@ -58,9 +67,10 @@ SWITCHES = tuple(f.name for f in dataclasses.fields(MemorySavers) if f.type in (
 def choose(model_config: Any, hw: Hardware) -> MemorySavers:
     """The memory savers for a model with this config (a transformers PretrainedConfig) on this hardware.
 
-    Every switch is on unless a measurement says it hurts; each exception below names the evidence.
+    Every switch is on unless a measurement says it hurts; each exception below names the evidence: the
+    mask-keeping dropout is off on models narrower than NARROW, the vocabulary tiles off on a GPU.
 
-    Checked without finding one (2026-12-06, a shared 2-core CPU, so medians of few runs): Gemma 3, the
+    At real widths, checked without finding one (2026-12-06, a shared 2-core CPU, so medians of few runs): Gemma 3, the
     shipped architecture least like the Llama shapes the savers were measured on (gemma3_text: a tied
     262,144-token head, gelu_pytorch_tanh MLP, four norms per layer, sliding window), as a random model at
     Gemma-3-270m's widths (scripts/bench_arch.py --only gemma3_text --real-shape --layers 2 --threads 1,
@@ -73,6 +83,17 @@ def choose(model_config: Any, hw: Hardware) -> MemorySavers:
     cores other jobs share, small tiles look slower: every tile is a parallel region whose barrier waits for
     a descheduled thread. Measure on a quiet machine.)"""
     savers = MemorySavers()
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    width = getattr(text, "hidden_size", None)
+    if width is not None and width < NARROW:
+        # scripts/bench_arch.py (2026-12-07, docs/benchmarks.md "Per-architecture training throughput"): on
+        # the 2-layer, 64-wide models with the real structure of Gemma 3, Qwen3, Qwen2, Mistral, Phi-3 and
+        # Llama, a run trained 1.50x, 1.21x, 1.04x, 1.07x, 1.07x and 1.08x the tokens/s (medians of 3 rounds)
+        # with PEFT's own dropout, for 0.97-1.08x the memory; at widths of 256 and more (shapes a and b,
+        # SmolLM2, Gemma-3-270m's) it saves memory at no measurable cost in time.
+        savers = savers.without(
+            "mask_dropout", f"hidden size {width} < {NARROW}: PEFT's dropout measured faster"
+        )
     if hw.device != "cpu":
         # The tiles exist for CPU caches; on a GPU, TRL's own 32,768 columns are what its kernel is tuned for.
         savers = savers.without("cpu_vocab_tiles", "not on a CPU")

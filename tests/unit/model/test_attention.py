@@ -172,3 +172,62 @@ def test_packed_rows_per_batch_hold_at_least_a_batch_of_examples():
     assert rows(8, [94] * 480, 128) == 8
     # Short examples share rows: 5 of 100 per row of 512.
     assert rows(8, [100] * 50, 512) == 2
+
+
+WINDOW = 8
+LONG_LENGTHS = [5, 19, 8, 1, 23]  # two examples longer than the window, one exactly at it
+
+
+def windowed_model(model_type: str, attn: str):
+    """A random model whose layers attend within a sliding window of WINDOW tokens (Gemma 3: 5 of its 6
+    layers, the 6th attends to the whole example; Mistral: every layer)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig
+
+    shape = dict(vocab_size=500, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, sliding_window=WINDOW)  # fmt: skip
+    if model_type == "gemma3_text":
+        config = Gemma3TextConfig(num_hidden_layers=6, head_dim=8, query_pre_attn_scalar=8, **shape)
+    else:
+        config = MistralConfig(num_hidden_layers=2, **shape)
+    torch.manual_seed(0)
+    stock = attn.removesuffix("_per_example")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=stock, dtype=torch.float32).eval()
+    if attn != stock:
+        assert use_per_example_attention(model) == attn
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "mistral"])
+@pytest.mark.parametrize("attn", ["sdpa_per_example", "eager_per_example"])
+def test_sliding_windows_apply_within_each_example_without_the_dense_mask(model_type, attn, monkeypatch):
+    """Each example of a flattened row gets the logits it gets alone (the window cuts the long ones),
+    and the per-example path builds no dense mask over the row for it."""
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model = windowed_model(model_type, attn)
+    batch = flattened(LONG_LENGTHS)
+    built = []
+    stock_mask = AttentionMaskInterface()[attn]
+
+    def spy(*args, **kwargs):
+        mask = stock_mask(*args, **kwargs)
+        built.append(mask)
+        return mask
+
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, attn, spy)
+    with torch.no_grad():
+        row = model(**batch, use_cache=False).logits[0]
+        assert built and all(mask is None for mask in built)  # no (sum of lengths)^2 mask for any layer
+        start = 0
+        for n in LONG_LENGTHS:
+            alone = model(input_ids=batch["input_ids"][:, start : start + n], use_cache=False).logits[0]
+            torch.testing.assert_close(row[start : start + n], alone, atol=1e-5, rtol=1e-5)
+            start += n
+    # and the window really cuts: the same long example without the window gives other logits
+    model.config.sliding_window = 1000
+    for layer in model.model.layers:
+        if getattr(layer.self_attn, "sliding_window", None) is not None:
+            layer.self_attn.sliding_window = None
+    with torch.no_grad():
+        wide = model(input_ids=batch["input_ids"][:, 5:24], use_cache=False).logits[0]
+    assert not torch.allclose(wide[-1], row[23], atol=1e-4)

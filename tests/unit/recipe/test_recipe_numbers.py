@@ -41,7 +41,10 @@ def numeric_fields() -> list[tuple[str, Any]]:
     def walk(model: Any, prefix: str) -> None:
         for name, field in model.model_fields.items():
             for sub in section_models(field.annotation):
-                walk(sub, f"{prefix}{name}.0." if sub is DataSource else f"{prefix}{name}.")
+                listed = sub is DataSource or any(
+                    get_origin(t) is list and sub in get_args(t) for t in _types(field.annotation)
+                )  # a list of sections (data sources, rewards): the first item's fields
+                walk(sub, f"{prefix}{name}.0." if listed else f"{prefix}{name}.")
             if {int, float} & _types(field.annotation):  # data.validation is sources or a fraction
                 found.append((f"{prefix}{name}", field.annotation))
 
@@ -49,12 +52,25 @@ def numeric_fields() -> list[tuple[str, Any]]:
     return found
 
 
+# The required keys of sections that have some, so that the number under test is the only problem.
+REQUIRED = {
+    "grpo": {"rewards": [{"exact_match": "answer"}]},
+    "rloo": {"rewards": [{"exact_match": "answer"}]},
+}
+
+
 def recipe_with(path: str, value: Any) -> dict[str, Any]:
     raw = yaml.safe_load(yaml.safe_dump(WITH_SOURCES))
+    section = path.split(".")[0]
+    if section in REQUIRED:
+        raw[section] = yaml.safe_load(yaml.safe_dump(REQUIRED[section]))
     node: Any = raw
     keys = path.split(".")
-    for key in keys[:-1]:
-        node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+    for key, after in zip(keys[:-1], keys[1:], strict=True):
+        if key.isdigit():
+            node = node[int(key)]
+        else:  # a list where the next key is an index (grpo.rewards.0.weight), else a section
+            node = node.setdefault(key, [{}] if after.isdigit() else {})
     node[keys[-1]] = value
     return raw
 

@@ -9,7 +9,8 @@ from loratool.model import hardware
 from loratool.recipe import load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-BIG = [p for p in RECIPES if p.stem not in ("tiny-smoke", "tiny-dpo", "smollm2-demo")]  # the CPU demos
+CPU_DEMOS = ("tiny-smoke", "tiny-dpo", "tiny-kto", "tiny-reward", "tiny-grpo", "smollm2-demo")
+BIG = [p for p in RECIPES if p.stem not in CPU_DEMOS]
 
 
 def test_the_expected_recipes_are_shipped():
