@@ -65,6 +65,9 @@ def build_probes(
     tokenizer: Any, recipe: Recipe | None, log: Callable[[str], None]
 ) -> tuple[list[list[int]], str]:
     """Token ids of the probe rows, and where they came from (in words, for merge.json)."""
+    if recipe is not None and recipe.stage in ("grpo", "rloo"):
+        # An online-RL run's rows are prompts without answers: the built-in conversations are the probes.
+        recipe = None
     if recipe is not None:
         builders = {"dpo": build_preference_datasets, "reward": build_preference_datasets}
         build = {**builders, "kto": build_unpaired_datasets}.get(recipe.stage, build_datasets)
