@@ -5,7 +5,6 @@ looks finished — through the real CLI in a subprocess, on tiny models."""
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -22,14 +21,14 @@ from helpers.export import copy_model
 # written its part into the partial directory, until the signal comes: the signal then always lands
 # mid-command, however fast the tiny model is.
 STOPPED_MIDWAY = """
-import importlib, runpy, sys, time
+import importlib, os, runpy, sys, time
 module, function = sys.argv.pop(1).rsplit(".", 1)
 module = importlib.import_module(module)
 step = getattr(module, function)
 
 def step_then_wait(*args, **kwargs):
     step(*args, **kwargs)
-    print("STEP DONE", flush=True)
+    open(os.environ["STEP_DONE_FILE"], "w").close()  # a file, not a line: progress output has no newlines
     time.sleep(600)
 
 setattr(module, function, step_then_wait)
@@ -41,33 +40,32 @@ WAIT_S = 240  # at most, for the command to reach the step (it loads torch and t
 
 def stop_midway(step: str, signum: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run `loratool ARGS`, send `signum` once `step` has run, and return the finished process."""
+    marker = cwd / "step-done.marker"
     proc = subprocess.Popen(
         [sys.executable, "-c", STOPPED_MIDWAY, step, *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "STEP_DONE_FILE": str(marker)},
     )
-    assert proc.stdout is not None
-    seen: list[str] = []
     deadline = time.monotonic() + WAIT_S
     try:
-        while "STEP DONE" not in seen:
-            ready, _, _ = select.select([proc.stdout], [], [], max(deadline - time.monotonic(), 0))
-            line = proc.stdout.readline() if ready else ""
-            if not line:
-                pytest.fail(
-                    f"{step} was not reached; the command printed:\n{''.join(seen)}{proc.stderr.read()}"
-                )
-            seen.append(line.strip())
+        while not marker.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                stdout, stderr = proc.communicate()
+                pytest.fail(f"{step} was not reached; the command printed:\n{stdout}{stderr}")
+            time.sleep(0.1)
+        marker.unlink()
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=WAIT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, "\n".join(seen) + stdout, stderr)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def assert_stopped_cleanly(stopped: subprocess.CompletedProcess, folder: Path, kept: list[str]) -> None:
