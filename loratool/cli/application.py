@@ -99,8 +99,10 @@ def start_libraries() -> None:
     if OWNS_PROCESS and "torch" not in sys.modules:  # a process that lives on keeps its own threads
         choice = threads.choose()
         threads.apply(choice)
-        if choice.threads is not None:
-            typer.echo(choice.describe(), err=True)  # stderr: `plan --json` and `data --json` print JSON
+        # Said when loratool departs from the default (a user's OMP_NUM_THREADS is theirs to know), by one
+        # process of a launch; on stderr, since `plan --json` and `data --json` print JSON.
+        if choice.contended and os.environ.get("RANK", "0") == "0":
+            typer.echo(choice.describe(), err=True)
     quiet_libraries()
 
 

@@ -21,7 +21,9 @@ from helpers.export import copy_model
 # written its part into the partial directory, until the signal comes: the signal then always lands
 # mid-command, however fast the tiny model is.
 STOPPED_MIDWAY = """
-import importlib, os, runpy, sys, time
+import importlib, os, runpy, signal, sys, time
+# Ctrl-C as in a terminal, even when the test runs where SIGINT is ignored (a shell's background job)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 module, function = sys.argv.pop(1).rsplit(".", 1)
 module = importlib.import_module(module)
 step = getattr(module, function)
