@@ -186,7 +186,12 @@ def main() -> None:
         "--smollm2", action="store_true", help="SmolLM2-135M-Instruct instead of a tiny model"
     )
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--requests", type=int, default=16, help="requests per client count")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=48,
+        help="requests per client count (each client sends its share in turn)",
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()

@@ -140,6 +140,7 @@ def run_greedy(
     ids: list[int] | None = None,
     n: int = 16,
     context_size: int = 512,
+    lora: Path | None = None,
 ) -> LlamaCppResult:
     """Greedy-decode ``n`` tokens of ``gguf`` in llama.cpp from a prompt text or from token ids.
 
@@ -155,6 +156,7 @@ def run_greedy(
     tmp.replace(script)
     args = ["node", str(script), str(gguf), "--n", str(n), "--context-size", str(context_size)]
     args += ["--prompt", prompt] if prompt is not None else ["--ids", ",".join(map(str, ids or []))]
+    args += ["--lora", str(lora)] if lora is not None else []  # a GGUF LoRA adapter, applied at scale 1
     try:
         done = subprocess.run(
             args,

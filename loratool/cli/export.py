@@ -23,8 +23,12 @@ def export(
         ),
     ],
     format_: Annotated[
-        Literal["gguf", "hf"],
-        typer.Option("--format", help="gguf: one file for llama.cpp / Ollama; hf: a merged HF checkpoint."),
+        Literal["gguf", "gguf-lora", "hf"],
+        typer.Option(
+            "--format",
+            help="gguf: one file for llama.cpp / Ollama; gguf-lora: a run's adapter alone, for llama.cpp "
+            "--lora / Ollama ADAPTER on the base's GGUF (f16 or f32); hf: a merged HF checkpoint.",
+        ),
     ] = "gguf",
     outtype: Annotated[
         str,
@@ -39,7 +43,8 @@ def export(
         typer.Option(
             "--output",
             help="Output directory. gguf: holds <name>.<outtype>.gguf, export.json and the Modelfile; default "
-            "SOURCE-gguf next to SOURCE. hf: the merged checkpoint; default SOURCE/merged.",
+            "SOURCE-gguf next to SOURCE. gguf-lora: <name>.lora.<outtype>.gguf, export.json, Modelfile; "
+            "default SOURCE-gguf-lora. hf: the merged checkpoint; default SOURCE/merged.",
             show_default=False,
         ),
     ] = None,
@@ -54,7 +59,8 @@ def export(
         typer.Option(
             "--base",
             metavar="DIR_OR_HUB_ID",
-            help="Run directories only: the base to merge into (default: the one run.json recorded).",
+            help="Run directories only: the base to merge into (default: the one run.json recorded); "
+            "gguf-lora: the base whose architecture the adapter is written for, and the Modelfile's FROM.",
             show_default=False,
         ),
     ] = None,

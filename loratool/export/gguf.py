@@ -151,7 +151,7 @@ def write_gguf(
         for data in _converted(plan, sources, config, arch):
             writer.write_tensor_data(data)
         writer.close()
-        _make_readable(partial)
+        make_readable(partial)
         os.replace(partial, out_file)
     finally:
         writer.close()
@@ -532,7 +532,7 @@ def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
     return factors.astype(np.float32)
 
 
-def _make_readable(path: Path) -> None:
+def make_readable(path: Path) -> None:
     """mkstemp creates the file private (0600); the export should get the usual permissions."""
     umask = os.umask(0)
     os.umask(umask)

@@ -1,4 +1,5 @@
-"""An Ollama Modelfile for an exported GGUF: FROM, a Go-template TEMPLATE, stop tokens, SYSTEM.
+"""An Ollama Modelfile for an exported GGUF: FROM, a Go-template TEMPLATE, stop tokens, SYSTEM; or, for a
+GGUF LoRA adapter, FROM the base and ADAPTER the file.
 
 Ollama does not run a model's Jinja chat template; it needs the same format rewritten as a Go template
 over `.Messages`. We recognise the four chat formats fine-tunes use (by the marker tokens in the Jinja
@@ -152,4 +153,21 @@ def write_modelfile(
     partial = folder / f".{MODELFILE}.partial"
     partial.write_text(modelfile_text(gguf_name, chat_template, system, eos))
     partial.replace(path)
+    return path
+
+
+def adapter_modelfile_text(base: str, adapter_file: str) -> str:
+    """The Modelfile for a GGUF LoRA adapter `adapter_file` (in the same directory) on `base`. The template
+    and stops come from the base model Ollama builds FROM."""
+    return (
+        "# FROM must be the base model in GGUF form, with the weights the adapter was trained on: the file\n"
+        "# `loratool export BASE --format gguf` writes (FROM ./BASE.f16.gguf) or an Ollama model of it.\n"
+        f"FROM {base}\n"
+        f"ADAPTER ./{adapter_file}\n"
+    )
+
+
+def write_adapter_modelfile(folder: Path, base: str, adapter_file: str) -> Path:
+    path = folder / MODELFILE
+    path.write_text(adapter_modelfile_text(base, adapter_file))
     return path

@@ -12,6 +12,10 @@ Reads top to bottom like the export:
   merge`, in float32 for `--outtype f32`, else in the base's dtype), converted, and the temporary merge is
   deleted: what is kept is the GGUF; export.json records the merge (its merge.json). Run `--format hf`
   to keep the merged checkpoint as well.
+- `--format gguf-lora` (a run directory only) writes the adapter alone as a GGUF LoRA file
+  (export/gguf_lora.py), `<name>.lora.<f16|f32>.gguf`, with export.json and a Modelfile (FROM the base,
+  ADAPTER the file) into `SOURCE-gguf-lora/`; nothing is merged, and the base's config.json gives the
+  architecture and the tensor layout.
 - The architecture is checked first, on the base's config.json for a run (merging a 7B takes minutes):
   an architecture the GGUF writer does not support is refused before any merge work. Errors from the
   conversion of a temporary merge name the run, never that folder (it is deleted by then).
@@ -38,7 +42,8 @@ from loratool import __version__
 from loratool.adapter.files import ADAPTER_CONFIG, read_adapter
 from loratool.errors import LoratoolError
 from loratool.export.gguf import ARCHITECTURES, BYTES_PER_WEIGHT, file_type, write_gguf
-from loratool.export.ollama import default_system_prompt, write_modelfile
+from loratool.export.gguf_lora import check_outtype, write_gguf_lora
+from loratool.export.ollama import default_system_prompt, write_adapter_modelfile, write_modelfile
 from loratool.export.record import RECORD, ExportRecord, ExportSource
 from loratool.export.verify import verification_message, verify_gguf
 from loratool.merge import resolve_base, run_merge
@@ -52,7 +57,7 @@ if TYPE_CHECKING:
     from loratool.recipe import Recipe
 
 EXPORT_RECORD = RECORD  # the name the package exported it by
-FORMATS = ("gguf", "hf")
+FORMATS = ("gguf", "gguf-lora", "hf")
 
 
 def run_export(
@@ -78,6 +83,8 @@ def run_export(
         return run_merge(
             source, base=base, output=output, verify=verify, force=force, overwrite=overwrite, log=log
         )
+    if format == "gguf-lora":
+        return export_gguf_lora(source, base, outtype, output, overwrite, started, log)
 
     file_type(outtype)  # refuse an unknown outtype before any work
     check_gguf_architecture(source, base, is_run)  # before the merge, which takes minutes on a 7B
@@ -157,7 +164,7 @@ def check_options(
 ) -> None:
     if format not in FORMATS:
         raise LoratoolError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
-    if ollama and format != "gguf":
+    if ollama and format not in ("gguf", "gguf-lora"):
         raise LoratoolError("--ollama needs --format gguf", hint="Ollama runs GGUF files")
     if not is_run and (base or force):
         raise LoratoolError(
@@ -169,15 +176,21 @@ def check_options(
             f"{source} already is a Hugging Face checkpoint; --format hf merges a training run into one",
             hint="pass a `loratool train` run directory, or use --format gguf",
         )
+    if format == "gguf-lora" and not is_run:
+        raise LoratoolError(
+            f"{source} is a model directory; --format gguf-lora writes a training run's LoRA adapter",
+            hint="pass the `loratool train` run directory (the adapter), not its merged checkpoint; or "
+            "export a merged model with --format gguf",
+        )
 
 
 # --- the output ----------------------------------------------------------------------------------------
 
 
-def output_location(output: str | Path | None, source: Path) -> Path:
-    """The output directory (default SOURCE-gguf next to SOURCE), never inside or over the source. What may
-    already be there is checked by outputs.check_output."""
-    path = Path(output).expanduser().absolute() if output else source.with_name(f"{source.name}-gguf")
+def output_location(output: str | Path | None, source: Path, suffix: str = "gguf") -> Path:
+    """The output directory (default SOURCE-gguf, or SOURCE-gguf-lora, next to SOURCE), never inside or over
+    the source. What may already be there is checked by outputs.check_output."""
+    path = Path(output).expanduser().absolute() if output else source.with_name(f"{source.name}-{suffix}")
     if path.suffix == ".gguf":
         raise LoratoolError(
             f"--output {path}: give a directory; the GGUF file is named <name>.<outtype>.gguf inside it, next "
@@ -328,6 +341,56 @@ def export_gguf(
         versions=versions,
         verification=verification,
     )
+
+
+def export_gguf_lora(
+    run_dir: Path,
+    base: str | None,
+    outtype: str,
+    output: str | Path | None,
+    overwrite: bool,
+    started: float,
+    log: Callable[[str], None],
+) -> Path:
+    """`--format gguf-lora`: the run's adapter as `<name>.lora.<outtype>.gguf` + a Modelfile (FROM the base,
+    ADAPTER the file) + export.json. Nothing is merged; the base's config.json names the architecture."""
+
+    check_outtype(outtype)
+    check_gguf_architecture(run_dir, base, is_run=True)
+    adapter_dir = find_adapter(run_dir)
+    base_name, base_dir = resolve_base(base, read_training_run(adapter_dir), read_adapter(adapter_dir))
+    output = output_location(output, run_dir, "gguf-lora")
+    name = f"{model_name(run_dir)}.lora.{outtype}.gguf"
+    with claim_output(output, kind="export", record_name=RECORD, overwrite=overwrite, log=log) as out:
+        partial = out.partial()
+        try:
+            log(f"converting the adapter {adapter_dir} to a GGUF LoRA ({outtype}) for {base_name}")
+            gguf_file = write_gguf_lora(
+                adapter_dir, base_dir, partial / name, outtype, log, name=model_name(run_dir)
+            )
+            modelfile = write_adapter_modelfile(partial, base_name, name)
+            record = ExportRecord(
+                status="complete",
+                loratool_version=__version__,
+                created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                source=ExportSource(path=str(run_dir), kind="run"),
+                format="gguf-lora",
+                outtype=outtype,
+                file=name,
+                bytes=gguf_file.stat().st_size,
+                sha256=file_sha256(gguf_file),
+                modelfile=modelfile.name,
+                versions=library_versions("gguf", "torch", "peft", "safetensors"),
+                # No transformers reload exists for a GGUF LoRA file: llama.cpp applies it to the base at load.
+                verification={"skipped": True, "reason": "no transformers reload of a GGUF LoRA file"},
+                wall_time_s=round(time.time() - started, 2),
+            )
+            finish(out, partial, record, log)
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
+    log(f"exported to {output / name} ({record.wall_time_s:.0f}s)")
+    return output
 
 
 def _tokenizer_config(model_dir: Path) -> dict[str, Any]:

@@ -287,6 +287,39 @@ class Adapters:
                 tokenizer=prompting.tokenizer,
             )
 
+    def add(self, name: str, adapter_dir: Path) -> float:
+        """Put one more adapter on the model, prompted as `--adapter NAME=DIR` is (its own tokenizer and system
+        prompt); the load time in ms. A plain model becomes a PEFT model with its first adapter."""
+        started = time.perf_counter()
+        loaded = self.loaded
+        if hasattr(loaded.model, "peft_config"):
+            loaded.model.load_adapter(adapter_dir, adapter_name=name)
+        else:
+            from peft import PeftModel  # deferred: peft loads torch
+
+            loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=name)
+        loaded.model.eval()
+        self.names.append(name)
+        self.sources[name] = _adapter_prompting_source(adapter_dir, loaded, self.sources[BASE])
+        self.prompting_of(name)  # built now, not on the first answer
+        return 1000 * (time.perf_counter() - started)
+
+    def remove(self, name: str) -> None:
+        """Take adapter `name` off the model; the last one leaves the plain base (no LoRA layers)."""
+        if self.folding is not None:
+            self.folding.unfold()
+        loaded = self.loaded
+        if len(self.names) == 1:
+            loaded.model = loaded.model.unload()
+        else:
+            loaded.model.delete_adapter(name)
+        loaded.model.eval()
+        self.names.remove(name)
+        self.sources.pop(name, None)
+        self.prompting.pop(name, None)
+        if self.active == name:
+            self.active = None
+
     def warm_up(self) -> float:
         """One short generate: the first call on a fresh model pays for kernel selection and memory
         set-up (several times a later prompt's time on CPU); paid here, and said, not on the first answer."""
@@ -778,14 +811,14 @@ def _streamer(tokenizer: Any, write: Callable[[str], None], stop_texts: list[str
             hits = [self.pending.find(stop) for stop in stops if stop in self.pending]
             if hits:
                 self.pending, self.stopped = self.pending[: min(hits)].rstrip(), True
-            keep = 0 if self.stopped or stream_end else _held_back(self.pending, stops)
+            keep = 0 if self.stopped or stream_end else held_back(self.pending, stops)
             write(self.pending[: len(self.pending) - keep] + ("\n" if stream_end else ""))
             self.pending = self.pending[len(self.pending) - keep :]
 
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def held_back(text: str, stops: list[str]) -> int:
     """How many characters at the end of `text` could be the start of a stop text."""
     return max(
         (n for stop in stops for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])),

@@ -18,8 +18,7 @@ import re
 import uuid
 from typing import Any
 
-# _held_back: the streaming hold-back of `loratool chat`, private in generate/run.py until it has a public name
-from loratool.generate.run import _held_back, answer_text
+from loratool.generate.run import answer_text, held_back
 
 TOOL_CALL_START = "<tool_call>"
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
@@ -88,7 +87,7 @@ class Pieces:
         if hits:
             text = text[: min(hits)]
         else:
-            text = text[: len(text) - _held_back(text, self.held)]
+            text = text[: len(text) - held_back(text, self.held)]
         text = text.rstrip("\ufffd")  # half a character: its other bytes are still to come
         if self.chat:
             text = text.lstrip()

@@ -12,8 +12,9 @@ Tokens are chosen as transformers' generate chooses them: greedy is the argmax o
 goes through transformers' temperature and top-p warpers with a generator per request, seeded by its `seed`,
 so that a seeded answer does not depend on what else shares its batch.
 
-A batch whose rows all use one adapter (or none) runs PEFT's plain path instead (`set_adapter`,
-`disable_adapter`), which skips the per-layer gather and scatter of the mixed one.
+Rows on plain LoRA adapters, mixed or not, run `mixed.py`'s concatenated path (two matmuls per layer for
+every mix); a batch with an adapter it does not handle (DoRA, modules_to_save...) runs PEFT's: `adapter_names=`
+when mixed, `set_adapter` / `disable_adapter` when not.
 
 A model whose cache is not plain key/value tensors per layer (a hybrid or a quantized cache) cannot have rows
 spliced in: it is batched without joining (requests that arrive while a batch runs wait for it to end).
@@ -36,6 +37,7 @@ from typing import Any
 
 from loratool.generate.run import BASE
 from loratool.serve.http_errors import ApiError
+from loratool.serve.mixed import MixedLora
 
 PEFT_BASE = "__base__"  # PEFT's name, in adapter_names, for a row with no adapter
 Listener = Callable[[list[int], "str | None"], None]
@@ -120,6 +122,7 @@ class Engine:
         self._mask: Any = None  # (rows, cache length) 1 = a real token
         self._positions: list[int] = []  # each row's next position id
         self._pending: list[int] = []  # each row's last chosen token, fed at the next step
+        self._mixed = MixedLora()
         self._thread = threading.Thread(target=self._run, name="loratool-engine", daemon=True)
 
     # --- what the HTTP side calls (any thread) ---------------------------------------------------------------
@@ -220,6 +223,7 @@ class Engine:
                     self._finish(job, "error")
                 self._waiting.clear()
         self._clear_batch()
+        self._mixed.reset()  # the model as PEFT left it, for whoever uses it next
 
     def _loop(self) -> None:
         while True:
@@ -277,6 +281,7 @@ class Engine:
 
     def _do_chore(self, chore: _Chore) -> None:
         try:
+            self._mixed.reset()  # PEFT's own state while the chore changes its adapters
             chore.future.set_result(chore.run())
         except BaseException as exc:  # handed to the caller, who reports it
             chore.future.set_exception(exc)
@@ -294,7 +299,7 @@ class Engine:
         )
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as transformers' generate numbers them
         cache = _new_cache()
-        logits = _forward(model, ids, mask, positions, cache, [j.adapter for j in jobs])
+        logits = _forward(model, ids, mask, positions, cache, [j.adapter for j in jobs], self._mixed)
         tokens = self._choose(logits, jobs)
         staying = [
             i
@@ -327,7 +332,8 @@ class Engine:
         ids = torch.tensor(self._pending, device=device)[:, None]
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
         positions = torch.tensor(self._positions, device=device)[:, None]
-        logits = _forward(model, ids, self._mask, positions, self._cache, [j.adapter for j in self._rows])
+        adapters = [job.adapter for job in self._rows]
+        logits = _forward(model, ids, self._mask, positions, self._cache, adapters, self._mixed)
         self.steps += 1
         tokens = self._choose(logits, self._rows)
         self._positions = [p + 1 for p in self._positions]
@@ -449,7 +455,9 @@ def _spliceable(cache: Any) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
-def _forward(model: Any, ids: Any, mask: Any, positions: Any, cache: Any, adapters: list[str]) -> Any:
+def _forward(
+    model: Any, ids: Any, mask: Any, positions: Any, cache: Any, adapters: list[str], mixed: MixedLora
+) -> Any:
     """The last position's logits (float32) for each row, each row with its adapter."""
     plain = model.get_base_model() if hasattr(model, "get_base_model") else model
     options: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, "use_cache": True}
@@ -458,6 +466,10 @@ def _forward(model: Any, ids: Any, mask: Any, positions: Any, cache: Any, adapte
     if "logits_to_keep" in names:  # what generate sets: the LM head runs on the last position only
         options["logits_to_keep"] = 1
     if hasattr(model, "peft_config"):
+        if mixed.handles(model, adapters):
+            with mixed.rows(model, adapters):
+                return mixed.last_logits(model, ids, options)
+        mixed.peft_path()
         distinct = set(adapters)
         if len(distinct) > 1:  # PEFT's mixed-adapter batch: each row through its own adapter
             options["adapter_names"] = [PEFT_BASE if name == BASE else name for name in adapters]

@@ -25,14 +25,10 @@ from typing import Any
 
 from loratool.adapter.files import check_adapter_files
 from loratool.errors import LoratoolError
-
-# _adapter_prompting_source: how `loratool generate --adapter` prompts a bare adapter (private in
-# generate/run.py until it has a public name)
 from loratool.generate.run import (
     BASE,
     Adapters,
     Prompting,
-    _adapter_prompting_source,
     check_adapter_base,
     load_adapters,
     parse_adapter_options,
@@ -237,41 +233,17 @@ class Served:
 
     def add(self, name: str, adapter_dir: Path) -> float:
         """Put the adapter on the model (on the engine's thread, between two steps); its load time in ms."""
-        # The prompting of a bare adapter, exactly as `loratool generate --adapter` builds it (a private
-        # helper of generate/run.py, used here until it has a public name).
-
-        loaded = self.adapters.loaded
-        started = time.perf_counter()
-        if hasattr(loaded.model, "peft_config"):
-            loaded.model.load_adapter(adapter_dir, adapter_name=name)
-        else:
-            from peft import PeftModel
-
-            loaded.model = PeftModel.from_pretrained(loaded.model, adapter_dir, adapter_name=name)
-        loaded.model.eval()
-        self.adapters.names.append(name)
-        self.adapters.sources[name] = _adapter_prompting_source(
-            adapter_dir, loaded, self.adapters.sources[BASE]
-        )
-        self.adapters.prompting_of(name)  # built now, not on the first request
+        took = self.adapters.add(name, adapter_dir)  # prompted as `loratool generate --adapter` prompts it
         self.dirs[name] = adapter_dir
         self.created[name] = int(time.time())
-        return 1000 * (time.perf_counter() - started)
+        return took
 
     def remove(self, name: str) -> None:
         """Take the adapter off the model (on the engine's thread, once no request uses it)."""
-        loaded = self.adapters.loaded
-        if len(self.adapters.names) == 1:
-            loaded.model = loaded.model.unload()  # the last one: back to the plain base, no LoRA layers left
-        else:
-            loaded.model.delete_adapter(name)
-        loaded.model.eval()
-        self.adapters.names.remove(name)
-        for table in (self.adapters.sources, self.adapters.prompting, self.dirs, self.created):
+        self.adapters.remove(name)
+        for table in (self.dirs, self.created):
             table.pop(name, None)
         self.retiring.discard(name)
-        if self.adapters.active == name:
-            self.adapters.active = None
 
 
 def load_served(

@@ -8,6 +8,7 @@
 // Usage:
 //   node greedy.mjs MODEL.gguf --n 16 --prompt "<|im_start|>user\nHi<|im_end|>\n"   (tokenized by llama.cpp)
 //   node greedy.mjs MODEL.gguf --n 16 --ids 1,42,7                                  (token ids as given)
+//   node greedy.mjs MODEL.gguf --lora ADAPTER.gguf --n 16 --ids 1,42,7       (a GGUF LoRA applied at scale 1)
 // Output (stdout, one JSON object): prompt_ids (what was evaluated), generated (token ids, stops early
 // only at an end-of-generation token, which is then included), add_bos (the GGUF's tokenizer.ggml.add_bos_token
 // as llama.cpp reads it), bos, eos, vocabulary_type, n_ctx, log (llama.cpp's warnings and errors).
@@ -25,6 +26,7 @@ const {values, positionals} = parseArgs({
         prompt: {type: "string"},
         ids: {type: "string"},
         "context-size": {type: "string", default: "512"},
+        lora: {type: "string"},
         threads: {type: "string", default: "2"}
     }
 });
@@ -75,7 +77,15 @@ if (values.ids != null) {
 if (promptIds.length + n > contextSize)
     fail(`prompt (${promptIds.length} tokens) + n (${n}) does not fit in a context of ${contextSize} tokens`);
 
-const context = await model.createContext({contextSize, batchSize: contextSize, sequences: 1});
+let context;
+try {
+    // llama.cpp's --lora: the adapter is applied to the model's weights in this context, at scale 1.
+    const lora = values.lora == null ? undefined : {adapters: [{filePath: values.lora, scale: 1}]};
+    context = await model.createContext({contextSize, batchSize: contextSize, sequences: 1, lora});
+} catch (err) {
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    fail(`llama.cpp could not create the context${values.lora == null ? "" : " with the LoRA"}: ${err?.message ?? err}`);
+}
 const sequence = context.getSequence();
 const generated = [];
 // yieldEogToken: an end-of-turn token is part of what we compare (transformers' argmax yields it too).
