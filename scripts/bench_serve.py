@@ -13,7 +13,8 @@ Printed per client count: tokens/s of each side and the ratio, p50/p95 latency i
 engine answer is the one generate gives. The one-at-a-time loop runs before and after the engine's rows and
 the faster of the two counts (on a shared machine the slower one is the one other work disturbed). The load
 average is printed too: torch's threads wait on each other when other processes hold the cores, which makes
-every number noisy; `--threads 1` takes that out (both sides then compute on one core).
+every number noisy. Both sides compute with the thread count `loratool serve` picks (one per core but one)
+unless `--threads N` says otherwise.
 
     python scripts/bench_serve.py [--smollm2] [--clients 1 4 8 16] [--requests 16] [--max-tokens 32] [--threads N]
 
@@ -160,9 +161,8 @@ def start_server(served: Path, extra: list[tuple[str, Path]], args: argparse.Nam
                "--max-batch", str(max(args.clients)), "--max-tokens", str(args.max_tokens)]  # fmt: skip
     for name, path in extra:
         command += ["--adapter", f"{name}={path}"]
+    command += ["--threads", str(args.threads)]  # torch's intra-op threads in the server
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads in the server
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True).start()
@@ -193,15 +193,24 @@ def main() -> None:
         help="requests per client count (each client sends its share in turn)",
     )
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of both sides (default: what `loratool serve` picks, one per core but one)",
+    )
     args = parser.parse_args()
 
     import os
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from loratool.serve.run import leave_a_core
+
+    # Both sides compute with the same count: the server's default unless told (on 2 cores the loop over
+    # generate was faster with 1 thread than with 2 as well, so this is not a handicap for it).
+    args.threads = args.threads or leave_a_core(torch.get_num_threads())[0]
+    torch.set_num_threads(args.threads)
 
     from loratool.generate.run import load_adapters
     from loratool.generate.target import resolve_target

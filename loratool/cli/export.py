@@ -68,7 +68,11 @@ def export(
         bool, typer.Option("--verify/--no-verify", help="Load the export back and compare its logits.")
     ] = True,
     force: Annotated[
-        bool, typer.Option("--force", help="Run directories only: merge even into a base that differs.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Run directories only: export even onto a base that differs, or from an unsealed checkpoint.",
+        ),
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous export.")] = False,
 ) -> None:

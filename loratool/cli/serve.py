@@ -81,6 +81,16 @@ def serve(
             "--shutdown-timeout", min=0.0, help="Seconds in-flight requests get to finish on SIGTERM."
         ),
     ] = 30.0,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads the built-in engine computes with (default on a CPU: one per core but one, "
+            "which is left to the HTTP side).",
+            show_default=False,
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -107,6 +117,7 @@ def serve(
         max_tokens=max_tokens,
         max_body_bytes=max_body,
         shutdown_timeout=shutdown_timeout,
+        threads=threads,
         dry_run=dry_run,
         log=typer.echo,
     )

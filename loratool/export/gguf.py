@@ -43,6 +43,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,22 +141,15 @@ def write_gguf(
     for t in plan:
         writer.add_tensor_info(t.gguf_name, _byte_shape(t), np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)
 
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial_name = tempfile.mkstemp(prefix=f".{out_file.name}.partial-", dir=out_file.parent)
-    os.close(fd)
-    partial = Path(partial_name)
-    try:
-        writer.write_header_to_file(partial)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for data in _converted(plan, sources, config, arch):
-            writer.write_tensor_data(data)
-        writer.close()
-        make_readable(partial)
-        os.replace(partial, out_file)
-    finally:
-        writer.close()
-        partial.unlink(missing_ok=True)
+    with partial_file(out_file) as partial:
+        try:
+            writer.write_header_to_file(partial)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for data in _converted(plan, sources, config, arch):
+                writer.write_tensor_data(data)
+        finally:
+            writer.close()
     counts: dict[str, int] = {}
     for t in plan:
         counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
@@ -530,6 +524,22 @@ def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
         wavelength < old_context / high, 1.0, np.where(wavelength > old_context / low, factor, between)
     )
     return factors.astype(np.float32)
+
+
+@contextmanager
+def partial_file(out_file: Path) -> Iterator[Path]:
+    """A `.<name>.partial-*` file next to `out_file` for the block to write: made readable and renamed onto
+    `out_file` when the block ends, removed when it raises, so no half-written GGUF ever has the real name."""
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial_name = tempfile.mkstemp(prefix=f".{out_file.name}.partial-", dir=out_file.parent)
+    os.close(fd)
+    partial = Path(partial_name)
+    try:
+        yield partial
+        make_readable(partial)
+        os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def make_readable(path: Path) -> None:

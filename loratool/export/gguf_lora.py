@@ -24,8 +24,6 @@ PEFT methods other than LoRA, and base architectures the GGUF writer does not su
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +39,7 @@ from loratool.errors import LoratoolError
 from loratool.export.gguf import (  # the base GGUF's names and layout, which the adapter must follow
     exportable_config,
     gguf_architecture,
-    make_readable,
+    partial_file,
     permute_for_rope,
     text_config,
     text_name,
@@ -79,27 +77,20 @@ def write_gguf_lora(
     config = text_config(config)
     tensors = lora_tensors(adapter_dir, config, arch, outtype)
 
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial_name = tempfile.mkstemp(prefix=f".{out_file.name}.partial-", dir=out_file.parent)
-    os.close(fd)
-    partial = Path(partial_name)
-    writer = gguf.GGUFWriter(path=partial, arch=arch)
-    try:
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_name(name or adapter_dir.name)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # PEFT's scaling is in lora_b: module docstring
-        for tensor_name, data in tensors.items():
-            writer.add_tensor(tensor_name, data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        make_readable(partial)
-        os.replace(partial, out_file)
-    finally:
-        writer.close()
-        partial.unlink(missing_ok=True)
+    with partial_file(out_file) as partial:
+        writer = gguf.GGUFWriter(path=partial, arch=arch)
+        try:
+            writer.add_type(gguf.GGUFType.ADAPTER)
+            writer.add_name(name or adapter_dir.name)
+            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)  # PEFT's scaling is in lora_b: docstring
+            for tensor_name, data in tensors.items():
+                writer.add_tensor(tensor_name, data)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     log(f"  wrote {out_file} ({len(tensors) // 2} LoRA pairs, {outtype})")
     return out_file
 

@@ -27,11 +27,13 @@ class ExportSource:
     path: str | None = None  # SOURCE as given: a run directory, an adapter or a model directory
     kind: str | None = None  # run or model
     merge: MergeRecord | None = None  # merge.json of the model that was converted (None: a plain model)
+    # gguf-lora: the base the adapter applies to: its name and the fingerprint check (as merge.json's base)
+    base: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         # merge.json as it was read (marker and files included), so that the chain is what merge wrote.
         merge = None if self.merge is None else self.merge.raw or self.merge.to_dict()
-        return {"path": self.path, "kind": self.kind, "merge": merge}
+        return {"path": self.path, "kind": self.kind, "merge": merge, "base": self.base}
 
 
 @dataclass(frozen=True)

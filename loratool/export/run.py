@@ -15,7 +15,9 @@ Reads top to bottom like the export:
 - `--format gguf-lora` (a run directory only) writes the adapter alone as a GGUF LoRA file
   (export/gguf_lora.py), `<name>.lora.<f16|f32>.gguf`, with export.json and a Modelfile (FROM the base,
   ADAPTER the file) into `SOURCE-gguf-lora/`; nothing is merged, and the base's config.json gives the
-  architecture and the tensor layout.
+  architecture and the tensor layout. As for a merge, the base must have the weights the run trained on
+  (run.json's fingerprint) and a checkpoint must be sealed, unless --force; export.json's source.base
+  records the check.
 - The architecture is checked first, on the base's config.json for a run (merging a 7B takes minutes):
   an architecture the GGUF writer does not support is refused before any merge work. Errors from the
   conversion of a temporary merge name the run, never that folder (it is deleted by then).
@@ -46,7 +48,7 @@ from loratool.export.gguf_lora import check_outtype, write_gguf_lora
 from loratool.export.ollama import default_system_prompt, write_adapter_modelfile, write_modelfile
 from loratool.export.record import RECORD, ExportRecord, ExportSource
 from loratool.export.verify import verification_message, verify_gguf
-from loratool.merge import resolve_base, run_merge
+from loratool.merge import check_base_identity, check_checkpoint, resolve_base, run_merge
 from loratool.merge.record import MergeRecord
 from loratool.model.checkpoint import DTYPES, open_checkpoint, read_config
 from loratool.model.fingerprint import file_sha256
@@ -84,42 +86,19 @@ def run_export(
             source, base=base, output=output, verify=verify, force=force, overwrite=overwrite, log=log
         )
     if format == "gguf-lora":
-        return export_gguf_lora(source, base, outtype, output, overwrite, started, log)
+        return export_gguf_lora(source, base, outtype, output, force, overwrite, started, log)
 
     file_type(outtype)  # refuse an unknown outtype before any work
     check_gguf_architecture(source, base, is_run)  # before the merge, which takes minutes on a 7B
     output = output_location(output, source)
-    with claim_output(output, kind="export", record_name=RECORD, overwrite=overwrite, log=log) as out:
-        partial = out.partial()
-        try:
-            check_disk_space(partial, source, base, outtype, is_run)
-            if is_run:
-                model_dir, merge_record = merge_for_export(source, partial, base, outtype, verify, force, log)
-            else:
-                # A `loratool merge` output: its merge.json is the chain back to the run (adapter, base).
-                model_dir, merge_record = source, MergeRecord.read(source)
-            try:
-                record = export_gguf(model_dir, partial, source, outtype, ollama, verify, log)
-            except LoratoolError as exc:
-                if not is_run:
-                    raise
-                # The temporary merge is deleted on the way out: name the run it came from instead.
-                merged = f"the merge of {source}"
-                raise LoratoolError(
-                    exc.message.replace(str(model_dir), merged),
-                    None if exc.hint is None else exc.hint.replace(str(model_dir), merged),
-                ) from None
-            if is_run:
-                shutil.rmtree(model_dir)  # the temporary merge: see the module docstring
-            record = dataclasses.replace(
-                record,
-                source=dataclasses.replace(record.source, merge=merge_record),
-                wall_time_s=round(time.time() - started, 2),
-            )
-            finish(out, partial, record, log)
-        finally:
-            if partial.exists():
-                shutil.rmtree(partial, ignore_errors=True)
+    record = write_export(
+        output,
+        overwrite,
+        log,
+        lambda partial: gguf_export(
+            partial, source, base, outtype, ollama, verify, force, is_run, started, log
+        ),
+    )
     log(f"exported to {output / str(record.file)} ({record.wall_time_s:.0f}s)")
     return output
 
@@ -297,6 +276,45 @@ def merge_for_export(
     return merged, MergeRecord.read(merged)
 
 
+def gguf_export(
+    partial: Path,
+    source: Path,
+    base: str | None,
+    outtype: str,
+    ollama: bool,
+    verify: bool,
+    force: bool,
+    is_run: bool,
+    started: float,
+    log: Callable[[str], None],
+) -> ExportRecord:
+    """`--format gguf` into `partial`: a run is merged there first (deleted after the conversion)."""
+    check_disk_space(partial, source, base, outtype, is_run)
+    if is_run:
+        model_dir, merge_record = merge_for_export(source, partial, base, outtype, verify, force, log)
+    else:
+        # A `loratool merge` output: its merge.json is the chain back to the run (adapter, base).
+        model_dir, merge_record = source, MergeRecord.read(source)
+    try:
+        record = export_gguf(model_dir, partial, source, outtype, ollama, verify, log)
+    except LoratoolError as exc:
+        if not is_run:
+            raise
+        # The temporary merge is deleted on the way out: name the run it came from instead.
+        merged = f"the merge of {source}"
+        raise LoratoolError(
+            exc.message.replace(str(model_dir), merged),
+            None if exc.hint is None else exc.hint.replace(str(model_dir), merged),
+        ) from None
+    if is_run:
+        shutil.rmtree(model_dir)  # the temporary merge: see the module docstring
+    return dataclasses.replace(
+        record,
+        source=dataclasses.replace(record.source, merge=merge_record),
+        wall_time_s=round(time.time() - started, 2),
+    )
+
+
 def export_gguf(
     model_dir: Path,
     folder: Path,
@@ -348,6 +366,7 @@ def export_gguf_lora(
     base: str | None,
     outtype: str,
     output: str | Path | None,
+    force: bool,
     overwrite: bool,
     started: float,
     log: Callable[[str], None],
@@ -358,37 +377,39 @@ def export_gguf_lora(
     check_outtype(outtype)
     check_gguf_architecture(run_dir, base, is_run=True)
     adapter_dir = find_adapter(run_dir)
-    base_name, base_dir = resolve_base(base, read_training_run(adapter_dir), read_adapter(adapter_dir))
+    run = read_training_run(adapter_dir)
+    base_name, base_dir = resolve_base(base, run, read_adapter(adapter_dir))
+    # As merge does: a checkpoint must be sealed, and the base must be the weights the run trained on
+    # (llama.cpp would apply the adapter to any base of the same shape without a word).
+    check_checkpoint(run, force=force, log=log)
+    identity = check_base_identity(run, base_name, base_dir, force=force, log=log)
     output = output_location(output, run_dir, "gguf-lora")
     name = f"{model_name(run_dir)}.lora.{outtype}.gguf"
-    with claim_output(output, kind="export", record_name=RECORD, overwrite=overwrite, log=log) as out:
-        partial = out.partial()
-        try:
-            log(f"converting the adapter {adapter_dir} to a GGUF LoRA ({outtype}) for {base_name}")
-            gguf_file = write_gguf_lora(
-                adapter_dir, base_dir, partial / name, outtype, log, name=model_name(run_dir)
-            )
-            modelfile = write_adapter_modelfile(partial, base_name, name)
-            record = ExportRecord(
-                status="complete",
-                loratool_version=__version__,
-                created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                source=ExportSource(path=str(run_dir), kind="run"),
-                format="gguf-lora",
-                outtype=outtype,
-                file=name,
-                bytes=gguf_file.stat().st_size,
-                sha256=file_sha256(gguf_file),
-                modelfile=modelfile.name,
-                versions=library_versions("gguf", "torch", "peft", "safetensors"),
-                # No transformers reload exists for a GGUF LoRA file: llama.cpp applies it to the base at load.
-                verification={"skipped": True, "reason": "no transformers reload of a GGUF LoRA file"},
-                wall_time_s=round(time.time() - started, 2),
-            )
-            finish(out, partial, record, log)
-        finally:
-            if partial.exists():
-                shutil.rmtree(partial, ignore_errors=True)
+
+    def write(partial: Path) -> ExportRecord:
+        log(f"converting the adapter {adapter_dir} to a GGUF LoRA ({outtype}) for {base_name}")
+        gguf_file = write_gguf_lora(
+            adapter_dir, base_dir, partial / name, outtype, log, name=model_name(run_dir)
+        )
+        modelfile = write_adapter_modelfile(partial, base_name, name)
+        return ExportRecord(
+            status="complete",
+            loratool_version=__version__,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            source=ExportSource(path=str(run_dir), kind="run", base={"name": base_name, **identity}),
+            format="gguf-lora",
+            outtype=outtype,
+            file=name,
+            bytes=gguf_file.stat().st_size,
+            sha256=file_sha256(gguf_file),
+            modelfile=modelfile.name,
+            versions=library_versions("gguf", "torch", "peft", "safetensors"),
+            # No transformers reload exists for a GGUF LoRA file: llama.cpp applies it to the base at load.
+            verification={"skipped": True, "reason": "no transformers reload of a GGUF LoRA file"},
+            wall_time_s=round(time.time() - started, 2),
+        )
+
+    record = write_export(output, overwrite, log, write)
     log(f"exported to {output / name} ({record.wall_time_s:.0f}s)")
     return output
 
@@ -415,6 +436,22 @@ def _system_prompt(recipe: Recipe | None) -> str | None:
     """The recipe's system prompt when its training sources agree on one (Modelfile SYSTEM)."""
     prompts = {s.system_prompt for s in recipe.data.train} if recipe is not None else set()
     return prompts.pop() if len(prompts) == 1 else None
+
+
+def write_export(
+    output: Path, overwrite: bool, log: Callable[[str], None], write: Callable[[Path], ExportRecord]
+) -> ExportRecord:
+    """Claim `output`, let `write` fill its partial directory and return export.json's content, then move
+    it into place (`finish`); whatever is left of the partial directory on the way out is removed."""
+    with claim_output(output, kind="export", record_name=RECORD, overwrite=overwrite, log=log) as out:
+        partial = out.partial()
+        try:
+            record = write(partial)
+            finish(out, partial, record, log)
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
+    return record
 
 
 def finish(out: Output, partial: Path, record: ExportRecord, log: Callable[[str], None]) -> None:

@@ -12,6 +12,7 @@ from loratool.merge.record import MergeRecord
 from loratool.merge.run import (
     MERGE_RECORD,
     check_base_identity,
+    check_checkpoint,
     copy_tokenizer,
     output_location,
     quantized_base,
@@ -27,6 +28,7 @@ __all__ = [
     "MergeRecord",
     "TrainingRun",
     "check_base_identity",
+    "check_checkpoint",
     "copy_tokenizer",
     "find_adapter",
     "output_location",

@@ -56,6 +56,7 @@ def run_serve(
     max_tokens: int = 1024,
     max_body_bytes: int = 1 << 20,
     shutdown_timeout: float = 30.0,
+    threads: int | None = None,
     dry_run: bool = False,
     log: Callable[[str], None] = print,
 ) -> None:
@@ -112,8 +113,10 @@ def run_serve(
         limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes),
         api_key=api_key,
         log=log,
-        on_start=lambda: _banner(served, engine_, url, why, api_key, log),
+        on_start=lambda: _banner(served, engine_, url, why, cpu, api_key, log),
     )
+    # Before the engine thread's first operation: torch gives a new thread the count set last.
+    cpu = engine_threads(threads, served.adapters.loaded.device)
     _serve_until_stopped(app, sock, engine_, shutdown_timeout)
     log("stopped")
 
@@ -144,6 +147,44 @@ def prepare_builtin(
                     max_batch=max_batch, max_queue=max_queue, log=log)  # fmt: skip
     app = build_app(served, engine, limits=limits or Limits(), api_key=api_key, log=log, on_start=on_start)
     return served, engine, app
+
+
+# --- CPU threads ---------------------------------------------------------------------------------------------
+
+
+def engine_threads(requested: int | None, device: str) -> str:
+    """Set the intra-op threads the built-in engine computes with on a CPU; return what the banner says.
+
+    On the CPU the process does two jobs at once: the engine's forward passes, and the HTTP side
+    (uvicorn's event loop, tokenizing, streaming). With a thread per core the engine's threads spin at every
+    small operation's barrier while the HTTP side waits for a core: on 2 cores, 8 clients over 3 adapters got
+    33.7 tokens/s with 2 threads and 43.9 with 1 (docs/benchmarks.md, "Serving"); one request at a time was
+    faster with 1 as well. So the engine leaves one core to the HTTP side. A user's --threads or
+    OMP_NUM_THREADS is kept; on a GPU the count is left alone."""
+    import os
+
+    import torch
+
+    if requested is not None:
+        torch.set_num_threads(requested)
+        return f"{requested} CPU thread{'s' if requested > 1 else ''} (--threads)"
+    if device != "cpu":
+        return ""
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return f"{torch.get_num_threads()} CPU threads (OMP_NUM_THREADS)"
+    chosen, why = leave_a_core(torch.get_num_threads())
+    torch.set_num_threads(chosen)
+    return why
+
+
+def leave_a_core(threads: int) -> tuple[int, str]:
+    """One thread fewer than torch would use (its default is a thread per core, fewer on busy cores)."""
+    chosen = max(1, threads - 1)
+    left = "one core left to the HTTP side" if threads > 1 else "the only core"
+    return (
+        chosen,
+        f"{chosen} CPU thread{'s' if chosen > 1 else ''} of {threads} ({left}; --threads N to change)",
+    )
 
 
 # --- safety --------------------------------------------------------------------------------------------------
@@ -247,12 +288,13 @@ def serving_in_thread(
 
 
 def _banner(
-    served: Served, engine: Any, url: str, why: str, api_key: str | None, log: Callable[[str], None]
+    served: Served, engine: Any, url: str, why: str, cpu: str, api_key: str | None, log: Callable[[str], None]
 ) -> None:
     loaded = served.adapters.loaded
     log(f"serving on {url}/v1 (OpenAI-compatible; {url}/health)")
-    log(f"engine: builtin ({why}) on {loaded.device}, {loaded.dtype}; up to {engine.max_batch} requests per batch, "
-        f"{engine.max_queue} waiting")  # fmt: skip
+    threads = f", {cpu}" if cpu else ""
+    log(f"engine: builtin ({why}) on {loaded.device}, {loaded.dtype}{threads}; up to {engine.max_batch} requests "
+        f"per batch, {engine.max_queue} waiting")  # fmt: skip
     models = [f"{served.base_name} (the base)"]
     models += [
         f"{name} ({served.dirs.get(name, served.target.path)})"

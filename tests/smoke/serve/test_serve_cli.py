@@ -73,6 +73,8 @@ def test_the_process_prints_what_it_serves_requires_its_key_and_stops_cleanly_on
             time.sleep(0.1)
         url = next(line for line in lines if line.startswith("serving on ")).split()[2].removesuffix("/v1")
         assert any(line.startswith("engine: builtin (auto: vLLM is not installed)") for line in lines)
+        engine_line = next(line for line in lines if line.startswith("engine: builtin"))
+        assert " CPU thread" in engine_line and "--threads N to change" in engine_line, engine_line
         assert any(
             line.startswith("models: tiny-llama (the base), calm (") and "plain (" in line for line in lines
         )

@@ -12,10 +12,12 @@ import torch
 
 from conftest import random_adapter
 from helpers.export import copy_model, fields, gguf_tensors
+from helpers.merge import run_with_checkpoints
 from loratool.errors import LoratoolError
 from loratool.export import run_export
 from loratool.export.gguf import permute_for_rope
 from loratool.export.gguf_lora import write_gguf_lora
+from loratool.rundir.records import CHECKPOINT_SEAL
 
 quiet = lambda _: None  # noqa: E731
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -193,3 +195,37 @@ def test_f16_rounds_after_the_scaling_fold(tiny_llama, tmp_path):
     f16 = gguf_tensors(write_gguf_lora(adapter, tiny_llama, tmp_path / "a16.gguf", "f16", log=quiet))
     for name, value in f32.items():
         np.testing.assert_array_equal(f16[name], torch.tensor(value).half().float().numpy())
+
+
+# --- the base it applies to --------------------------------------------------------------------------------
+
+
+def test_the_base_must_be_the_weights_the_run_trained_on(tiny_llama, tiny_model_factory, tmp_path):
+    checkpoint = run_with_checkpoints(tmp_path / "run", tiny_llama) / "checkpoints" / "checkpoint-12"
+    other = tiny_model_factory("llama", seed=7)  # same shapes, other weights: llama.cpp would take it
+    with pytest.raises(LoratoolError) as refused:
+        run_export(checkpoint, format="gguf-lora", base=str(other), log=quiet)
+    assert refused.value.message.startswith("the base model is not the one this adapter was trained on")
+    assert "--force" in refused.value.hint
+    assert not (tmp_path / "run" / "checkpoints" / "checkpoint-12-gguf-lora").exists()
+
+    warned: list[str] = []
+    forced = run_export(checkpoint, format="gguf-lora", base=str(other), force=True, log=warned.append)
+    assert any(line.startswith("warning: the base model is not the one") for line in warned)
+    base = json.loads((forced / "export.json").read_text())["source"]["base"]
+    assert base["name"] == str(other) and base["fingerprint_check"] == "mismatch, merged with --force"
+
+
+def test_the_run_s_own_base_is_checked_and_recorded(tiny_llama, tmp_path):
+    checkpoint = run_with_checkpoints(tmp_path / "run", tiny_llama) / "checkpoints" / "checkpoint-12"
+    out = run_export(checkpoint, format="gguf-lora", log=quiet)
+    base = json.loads((out / "export.json").read_text())["source"]["base"]
+    assert base["fingerprint_check"] == "match" and base["fingerprint"] == base["recorded_fingerprint"]
+
+
+def test_an_unsealed_checkpoint_is_refused_unless_forced(tiny_llama, tmp_path):
+    checkpoint = run_with_checkpoints(tmp_path / "run", tiny_llama) / "checkpoints" / "checkpoint-12"
+    (checkpoint / CHECKPOINT_SEAL).unlink()  # killed while saving: the seal is written last
+    with pytest.raises(LoratoolError, match="is incomplete"):
+        run_export(checkpoint, format="gguf-lora", log=quiet)
+    assert run_export(checkpoint, format="gguf-lora", force=True, log=quiet).is_dir()

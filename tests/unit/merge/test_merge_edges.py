@@ -9,49 +9,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from conftest import LORATOOL_RUN
 from conftest import random_adapter as peft_adapter
-from helpers.merge import record
+from helpers.merge import record, run_with_checkpoints
 from loratool.errors import LoratoolError
 from loratool.merge import run_merge
 from loratool.model.fingerprint import weights_fingerprint
 from loratool.rundir.outputs import lock_path
 from loratool.rundir.records import CHECKPOINT_SEAL, read_training_run
-
-
-def seal(checkpoint: Path, base_fingerprint: str | None) -> None:
-    """Seal `checkpoint` the way training does: the trainer callback's on_save, after the trainer saved."""
-    from loratool.train.checkpoints import CheckpointSeal
-
-    step = int(checkpoint.name.split("-")[-1])
-    args = SimpleNamespace(output_dir=str(checkpoint.parent))
-    state = SimpleNamespace(global_step=step, is_world_process_zero=True, num_input_tokens_seen=0)
-    CheckpointSeal(base_fingerprint=base_fingerprint).on_save(args, state, control=None)
-
-
-def run_with_checkpoints(folder: Path, base: Path) -> Path:
-    """A run stopped after two checkpoints (run.json "failed"), trained on `base`; its adapter_config names a
-    base this machine does not have, so only the fingerprints tell bases apart."""
-    fingerprint = weights_fingerprint(base)
-    folder.mkdir()
-    base_model = {"id": str(base), "resolved_path": str(base), "fingerprint": fingerprint}
-    (folder / "run.json").write_text(
-        json.dumps({**LORATOOL_RUN, "status": "failed", "base_model": base_model})
-    )
-    for step, seed in ((6, 1), (12, 2)):
-        checkpoint = peft_adapter(
-            base, folder / "checkpoints" / f"checkpoint-{step}", seed, target_modules=["q_proj"]
-        )
-        config = json.loads((checkpoint / "adapter_config.json").read_text())
-        (checkpoint / "adapter_config.json").write_text(
-            json.dumps({**config, "base_model_name_or_path": "some-org/some-model"})
-        )
-        seal(checkpoint, fingerprint)
-    return folder
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ import pytest
 from loratool.errors import LoratoolError
 from loratool.generate.target import Target
 from loratool.serve.http_errors import ApiError
-from loratool.serve.run import check_exposure, is_loopback
+from loratool.serve.run import check_exposure, engine_threads, is_loopback, leave_a_core
 from loratool.serve.served import Served, builtin_problems
 from loratool.serve.vllm import pick_engine, vllm_plan, vllm_refusals
 
@@ -196,3 +196,24 @@ def test_an_adapter_that_fits_no_original_base_is_refused_by_both_engines(tmp_pa
         "it was trained with a loftq init and fits no original base: its base was quantized and dequantized"
     ]
     assert vllm_refusals({"loftq": folder}, "llama", None)["loftq"] == problems
+
+
+def test_on_a_cpu_the_engine_leaves_a_core_to_the_http_side(monkeypatch):
+    assert leave_a_core(2)[0] == 1 and leave_a_core(16)[0] == 15 and leave_a_core(1)[0] == 1
+    assert "one core left to the HTTP side" in leave_a_core(2)[1]
+    assert "the only core" in leave_a_core(1)[1]
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(4)
+        assert engine_threads(None, "cuda:0") == "" and torch.get_num_threads() == 4  # a GPU computes
+        assert engine_threads(None, "cpu").startswith("3 CPU threads of 4") and torch.get_num_threads() == 3
+        assert engine_threads(2, "cpu") == "2 CPU threads (--threads)" and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert engine_threads(None, "cpu") == "2 CPU threads (OMP_NUM_THREADS)"  # the user's, kept
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
