@@ -10,7 +10,17 @@ from typing import Annotated, Literal
 import typer
 
 from loratool.cli.application import reports_errors, start_libraries
-from loratool.cli.options import RecipeArgument
+from loratool.cli.options import (
+    BucketOption,
+    CpusPerTaskOption,
+    GpuOption,
+    GpusPerNodeOption,
+    InstallOption,
+    NodesOption,
+    PartitionOption,
+    RecipeArgument,
+    SlurmTimeOption,
+)
 
 
 @reports_errors
@@ -25,26 +35,9 @@ def launch(
             show_default=False,
         ),
     ],
-    nodes: Annotated[int, typer.Option("--nodes", help="Machines to train on.", min=1)] = 1,
-    gpus_per_node: Annotated[
-        int | None,
-        typer.Option(
-            "--gpus-per-node",
-            help="GPUs (training processes) per machine. Default: 1 when `loratool plan` predicts that one "
-            "--gpu holds the run; the file says how it was chosen.",
-            min=1,
-            show_default=False,
-        ),
-    ] = None,
-    gpu: Annotated[
-        str | None,
-        typer.Option(
-            "--gpu",
-            help="The GPU model, as `loratool plan --gpu` names it (H100, A100-80GB, L4, ...): SkyPilot's "
-            "accelerator, and what --gpus-per-node is sized for. Default: A100-80GB.",
-            show_default=False,
-        ),
-    ] = None,
+    nodes: NodesOption = 1,
+    gpus_per_node: GpusPerNodeOption = None,
+    gpu: GpuOption = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -52,43 +45,11 @@ def launch(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --output file.")] = False,
-    time: Annotated[
-        str | None,
-        typer.Option(
-            "--time", help="slurm: the job's time limit (sbatch --time, e.g. 12:00:00).", show_default=False
-        ),
-    ] = None,
-    partition: Annotated[
-        str | None,
-        typer.Option("--partition", help="slurm: the partition (sbatch --partition).", show_default=False),
-    ] = None,
-    cpus_per_task: Annotated[
-        int | None,
-        typer.Option(
-            "--cpus-per-task",
-            help="slurm: CPU cores per node. Default: 8 per GPU.",
-            min=1,
-            show_default=False,
-        ),
-    ] = None,
-    bucket: Annotated[
-        str | None,
-        typer.Option(
-            "--bucket",
-            help="skypilot: a bucket (a name SkyPilot creates, or s3://..., gs://..., r2://...) mounted on "
-            "every node at /outputs; the run directory is written there.",
-            show_default=False,
-        ),
-    ] = None,
-    install: Annotated[
-        str | None,
-        typer.Option(
-            "--install",
-            metavar="SPEC",
-            help="skypilot: what setup pip-installs on every node. Default: loratool at this version.",
-            show_default=False,
-        ),
-    ] = None,
+    time: SlurmTimeOption = None,
+    partition: PartitionOption = None,
+    cpus_per_task: CpusPerTaskOption = None,
+    bucket: BucketOption = None,
+    install: InstallOption = None,
     image: Annotated[
         str | None,
         typer.Option(

@@ -52,3 +52,60 @@ ToolsOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+# Where a launched job trains: launch (one run) and sweep --launch (one job per cell).
+NodesOption = Annotated[int, typer.Option("--nodes", help="Machines to train on.", min=1)]
+GpusPerNodeOption = Annotated[
+    int | None,
+    typer.Option(
+        "--gpus-per-node",
+        help="GPUs (training processes) per machine. Default: 1 when `loratool plan` predicts that one "
+        "--gpu holds the run; the file says how it was chosen.",
+        min=1,
+        show_default=False,
+    ),
+]
+GpuOption = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu",
+        help="The GPU model, as `loratool plan --gpu` names it (H100, A100-80GB, L4, ...): SkyPilot's "
+        "accelerator, and what --gpus-per-node is sized for. Default: A100-80GB.",
+        show_default=False,
+    ),
+]
+SlurmTimeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--time", help="slurm: the job's time limit (sbatch --time, e.g. 12:00:00).", show_default=False
+    ),
+]
+PartitionOption = Annotated[
+    str | None,
+    typer.Option("--partition", help="slurm: the partition (sbatch --partition).", show_default=False),
+]
+CpusPerTaskOption = Annotated[
+    int | None,
+    typer.Option(
+        "--cpus-per-task", help="slurm: CPU cores per node. Default: 8 per GPU.", min=1, show_default=False
+    ),
+]
+BucketOption = Annotated[
+    str | None,
+    typer.Option(
+        "--bucket",
+        help="skypilot: a bucket (a name SkyPilot creates, or s3://..., gs://..., r2://...) mounted on "
+        "every node at /outputs; the run directory is written there.",
+        show_default=False,
+    ),
+]
+InstallOption = Annotated[
+    str | None,
+    typer.Option(
+        "--install",
+        metavar="SPEC",
+        help="skypilot: what setup pip-installs on every node. Default: loratool at this version.",
+        show_default=False,
+    ),
+]

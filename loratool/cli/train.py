@@ -3,6 +3,7 @@ of its variants."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,18 @@ import typer
 
 from loratool.cli import application
 from loratool.cli.application import reports_errors, skip_bitsandbytes_unless_used, start_libraries
-from loratool.cli.options import RecipeArgument, SetOption
+from loratool.cli.options import (
+    BucketOption,
+    CpusPerTaskOption,
+    GpuOption,
+    GpusPerNodeOption,
+    InstallOption,
+    NodesOption,
+    PartitionOption,
+    RecipeArgument,
+    SetOption,
+    SlurmTimeOption,
+)
 from loratool.errors import LoratoolError
 
 
@@ -133,9 +145,14 @@ def plan_(
 
 @reports_errors
 def sweep(
-    recipe: RecipeArgument,
+    recipe: Annotated[
+        Path | None,
+        typer.Argument(
+            help="YAML recipe file (see recipes/); not with --collect.", show_default=False, metavar="RECIPE"
+        ),
+    ] = None,
     vary: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--vary",
             metavar="KEY=V1,V2,...",
@@ -143,7 +160,7 @@ def sweep(
             "stays whole: [q_proj,v_proj]). Repeat it for a grid: every combination is one cell.",
             show_default=False,
         ),
-    ],
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key in every cell, as for train."),
@@ -199,11 +216,73 @@ def sweep(
             "and exit; nothing is written.",
         ),
     ] = False,
+    launch: Annotated[
+        str | None,
+        typer.Option(
+            "--launch",
+            metavar="slurm|skypilot",
+            help="Train the cells on a cluster instead of in turn here: write a SLURM job array (task N "
+            "trains cell N) or one SkyPilot task per cell into the sweep directory; then --collect.",
+            show_default=False,
+        ),
+    ] = None,
+    collect: Annotated[
+        Path | None,
+        typer.Option(
+            "--collect",
+            metavar="DIR",
+            help="Build the table of the sweep in DIR from its cells' run directories as they are now "
+            "(cells that failed, still run or have not started are marked).",
+            show_default=False,
+        ),
+    ] = None,
+    nodes: NodesOption = 1,
+    gpus_per_node: GpusPerNodeOption = None,
+    gpu: GpuOption = None,
+    time: SlurmTimeOption = None,
+    partition: PartitionOption = None,
+    cpus_per_task: CpusPerTaskOption = None,
+    bucket: BucketOption = None,
+    install: InstallOption = None,
 ) -> None:
     """Train a grid of recipe variants, one run per cell, and compare them in one table and plot."""
-    from loratool.train.sweep import EvalOptions, run_sweep
+    from loratool.train.sweep import EvalOptions, collect_sweep, run_sweep
 
     asked = evaluate or any(v is not None for v in (eval_data, eval_max_samples, eval_max_new_tokens))
+    if collect is not None:
+        if recipe is not None or vary or launch or dry_run or asked:
+            raise LoratoolError(
+                "--collect reads a sweep that is already there: it takes no RECIPE, --vary, --launch, "
+                "--dry-run or --eval",
+                hint=f"loratool sweep --collect {collect}",
+            )
+        collect_sweep(collect, log=typer.echo)
+        return
+    if recipe is None or not vary:
+        raise LoratoolError(
+            "sweep needs a RECIPE and at least one --vary KEY=V1,V2,...",
+            hint="e.g. loratool sweep recipes/tiny-sft.yaml --vary lora.r=8,16; or --collect DIR for the "
+            "table of a launched sweep",
+        )
+    if launch is not None:
+        if asked or resume or dry_run:
+            raise LoratoolError(
+                "--launch writes the cells' jobs; --eval, --resume and --dry-run apply to a sweep that trains "
+                "here",
+                hint="drop them; evaluate a finished cell with `loratool eval CELL_DIR`, and continue a "
+                "stopped one by adding --resume to its train line",
+            )
+        from loratool.launch.sweep import Cluster, launch_sweep  # deferred: pydantic, yaml, the planner
+
+        if gpus_per_node is None:
+            start_libraries()  # the planner sizes each cell, as `loratool launch` does
+        cluster = Cluster(nodes, gpus_per_node, gpu, time, partition, cpus_per_task, bucket, install)
+        words = ["loratool", "sweep", str(recipe), *(w for v in vary for w in ("--vary", v))]
+        words += [w for item in set_ or [] for w in ("--set", item)] + ["--launch", launch]
+        words += [w for flag, value in cluster.given().items() for w in (flag, str(value))]
+        launch_sweep(recipe, vary, launch, cluster, sets=set_ or [], output=output, overwrite=overwrite,
+                     command=shlex.join(words), log=typer.echo)  # fmt: skip
+        return
     if dry_run:
         start_libraries()
     run_sweep(

@@ -28,11 +28,14 @@ SKYPILOT_GPU_NAMES = {"A100-40GB": "A100"}
 BUCKET_SCHEMES = ("s3://", "gs://", "r2://", "https://", "cos://", "oci://", "nebius://", "cw://")
 
 
-def task_yaml(job: Job, *, bucket: str | None = None, install: str | None = None) -> str:
+def task_yaml(
+    job: Job, *, bucket: str | None = None, install: str | None = None, bucket_dir: str | None = None
+) -> str:
     """The SkyPilot task for `job`. `bucket`: a bucket name or URL mounted on every node at /outputs,
-    where the run directory goes; `install`: what `setup` pip-installs (default loratool==VERSION)."""
+    where the run directory goes (at `bucket_dir`, default the job's name); `install`: what `setup`
+    pip-installs (default loratool==VERSION)."""
     check_recipe_path(job.recipe)
-    output_dir = None if bucket is None else f"{OUTPUTS_MOUNT}/{job.name}"
+    output_dir = None if bucket is None else f"{OUTPUTS_MOUNT}/{bucket_dir or job.name}"
     command = torchrun(
         Expand("$SKYPILOT_NUM_NODES"),
         Expand("$SKYPILOT_NUM_GPUS_PER_NODE"),

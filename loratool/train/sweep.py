@@ -316,6 +316,39 @@ class SweepLog:
         self.lines = []
 
 
+def plan_sweep(
+    recipe_path: Path, vary: list[str], sets: list[str], output: str | Path | None, log: Callable[[str], None]
+) -> tuple[list[Axis], list[Cell], Path]:
+    """The grid's axes, every cell (each recipe validated now) and the sweep directory; says what it found."""
+    axes = parse_vary(vary)
+    base = load_recipe(recipe_path, sets)
+    check_keys(axes, base, sets)
+    sweep_dir = Path(output).expanduser() if output is not None else default_output(base)
+    sweep_dir = sweep_dir.absolute()
+    cells = plan_cells(recipe_path, axes, sets, sweep_dir)
+    grid = " x ".join(f"{axis.key} ({len(axis.values)})" for axis in axes)
+    log(f"sweep: {len(cells)} cells ({grid}) of {recipe_path} -> {sweep_dir}")
+    return axes, cells, sweep_dir
+
+
+def new_record(
+    recipe_path: Path, axes: list[Axis], sets: list[str], evaluate: EvalOptions | None, *, status: str
+) -> dict[str, Any]:
+    """sweep.json's content at the start (its rows come as the cells run, or are collected)."""
+    return {
+        "status": status,
+        "loratool_version": __version__,
+        "recipe": str(recipe_path.absolute()),
+        "command": sys.argv,
+        "command_line": command_line(),
+        "vary": {axis.key: list(axis.values) for axis in axes},
+        "set": sets,
+        "eval": None if evaluate is None else {**evaluate.__dict__, "data": _str(evaluate.data)},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cells": [],
+    }
+
+
 def run_sweep(
     recipe_path: str | Path,
     vary: list[str],
@@ -332,16 +365,9 @@ def run_sweep(
     LoratoolError (exit 1) after writing the table when any cell failed."""
     recipe_path = Path(recipe_path)
     sets = list(sets or [])
-    axes = parse_vary(vary)
-    base = load_recipe(recipe_path, sets)
-    check_keys(axes, base, sets)
-    sweep_dir = Path(output).expanduser() if output is not None else default_output(base)
-    sweep_dir = sweep_dir.absolute()
     if resume and overwrite:
         raise LoratoolError("--resume and --overwrite contradict each other", hint="pass one of them")
-    cells = plan_cells(recipe_path, axes, sets, sweep_dir)
-    grid = " x ".join(f"{axis.key} ({len(axis.values)})" for axis in axes)
-    log(f"sweep: {len(cells)} cells ({grid}) of {recipe_path} -> {sweep_dir}")
+    axes, cells, sweep_dir = plan_sweep(recipe_path, vary, sets, output, log)
     if dry_run:
         _check_sweep_dir(sweep_dir, overwrite=overwrite, resume=resume)
         _dry_run(cells, log)
@@ -349,34 +375,22 @@ def run_sweep(
 
     sweep_log = SweepLog(log)
     with output_lock(sweep_dir, command_line(), log), terminate_as_interrupt():
-        _claim(sweep_dir, overwrite=overwrite, resume=resume, log=sweep_log)
+        claim_sweep_dir(sweep_dir, overwrite=overwrite, resume=resume, log=sweep_log)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep_log.path = sweep_dir / LOG
         files = {RECORD, LOG}
-        record: dict[str, Any] = {
-            "status": "running",
-            "loratool_version": __version__,
-            "recipe": str(recipe_path.absolute()),
-            "command": sys.argv,
-            "command_line": command_line(),
-            "vary": {axis.key: list(axis.values) for axis in axes},
-            "set": sets,
-            "eval": None if evaluate is None else {**evaluate.__dict__, "data": _str(evaluate.data)},
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "cells": [],
-        }
+        record = new_record(recipe_path, axes, sets, evaluate, status="running")
         outcomes: dict[str, Outcome] = {}
 
         def write_results(status: str) -> None:
             record["status"] = status
-            record["cells"] = [row(cell, outcomes.get(cell.name), evaluate is not None) for cell in cells]
-            (sweep_dir / TABLE_MD).write_text(table_markdown(record, axes), encoding="utf-8")
-            (sweep_dir / TABLE_CSV).write_text(table_csv(record, axes), encoding="utf-8")
-            plot_sweep(record, axes, sweep_dir, sweep_dir / PLOT)
-            files.update({TABLE_MD, TABLE_CSV, PLOT})
-            _write_record(sweep_dir, record, files)
+            record["cells"] = [
+                row(cell.name, cell.run_dir, cell.values(), outcomes.get(cell.name), evaluate is not None)
+                for cell in cells
+            ]
+            write_tables(sweep_dir, record, axes, files)
 
-        _write_record(sweep_dir, record, files)  # first: it marks the directory as a loratool sweep
+        write_record(sweep_dir, record, files)  # first: it marks the directory as a loratool sweep
         try:
             for number, cell in enumerate(cells, 1):
                 sweep_log(f"--- cell {number}/{len(cells)}: {cell.name}")
@@ -523,14 +537,23 @@ def _check_sweep_dir(sweep_dir: Path, *, overwrite: bool, resume: bool) -> bool:
     return claimed.replaces
 
 
-def _claim(sweep_dir: Path, *, overwrite: bool, resume: bool, log: Callable[[str], None]) -> None:
+def claim_sweep_dir(sweep_dir: Path, *, overwrite: bool, resume: bool, log: Callable[[str], None]) -> None:
     """Make the sweep directory ready: new, the earlier sweep kept for --resume, or (--overwrite) what the
     earlier sweep wrote removed, each cell's run by its own record; nothing loratool did not write."""
     if _check_sweep_dir(sweep_dir, overwrite=overwrite, resume=resume) and overwrite:
         remove_owned(sweep_dir, RECORD, KIND, log)
 
 
-def _write_record(sweep_dir: Path, record: dict[str, Any], files: set[str]) -> None:
+def write_tables(sweep_dir: Path, record: dict[str, Any], axes: list[Axis], files: set[str]) -> None:
+    """results.md, results.csv and sweep.png from the record's rows, then sweep.json itself."""
+    (sweep_dir / TABLE_MD).write_text(table_markdown(record, axes), encoding="utf-8")
+    (sweep_dir / TABLE_CSV).write_text(table_csv(record, axes), encoding="utf-8")
+    plot_sweep(record, axes, sweep_dir, sweep_dir / PLOT)
+    files.update({TABLE_MD, TABLE_CSV, PLOT})
+    write_record(sweep_dir, record, files)
+
+
+def write_record(sweep_dir: Path, record: dict[str, Any], files: set[str]) -> None:
     write_json_atomic(sweep_dir / RECORD, {MARKER: marker(KIND), **record, "files": sorted(files)})
 
 
@@ -554,20 +577,88 @@ def _str(value: Path | None) -> str | None:
     return None if value is None else str(value)
 
 
+# --- collecting what ran elsewhere -----------------------------------------------------------------------
+
+
+def collect_sweep(sweep_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """`loratool sweep --collect DIR`: the table of a sweep whose cells ran as jobs of their own (`sweep
+    --launch`), or of any sweep, read from each cell's run directory as it is now: complete, failed (with
+    its reason), running (its run.json says so: whether its job is still alive only the scheduler
+    knows), or not started (no run directory yet). Raises a LoratoolError after writing the table when
+    a cell failed, as a sweep does."""
+    sweep_dir = Path(sweep_dir).expanduser().absolute()
+    record = read_sweep(sweep_dir)
+    if (
+        record is None
+        or not isinstance(record.get("cells"), list)
+        or not isinstance(record.get("vary"), dict)
+    ):
+        raise LoratoolError(
+            f"--collect {sweep_dir}: no loratool sweep there (no readable {RECORD})",
+            hint="pass the directory `loratool sweep --launch` (or `loratool sweep`) wrote",
+        )
+    axes = [Axis(key, tuple(values)) for key, values in record["vary"].items()]
+    with output_lock(sweep_dir, command_line(), log):
+        files = set(record.pop("files", None) or [])
+        record.pop(MARKER, None)
+        with_eval = record.get("eval") is not None
+        record["cells"] = [
+            _collected(row(c["cell"], sweep_dir / c["run_dir"], c["values"], None, with_eval))
+            for c in record["cells"]
+        ]
+        counts = {status: 0 for status in ("complete", "failed", "running", "not started")}
+        for cell in record["cells"]:
+            counts[cell["status"]] = counts.get(cell["status"], 0) + 1
+        unfinished = len(record["cells"]) - counts["complete"] - counts["failed"]
+        record["status"] = "running" if unfinished else ("failed" if counts["failed"] else "complete")
+        record["collected_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_tables(sweep_dir, record, axes, files)
+    for line in table_markdown(record, axes, terminal=True).splitlines():
+        log(line)
+    log(f"collected {len(record['cells'])} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    log(f"table written to {sweep_dir / TABLE_MD} (and {TABLE_CSV}, {RECORD}); plot: {PLOT}")
+    if counts["running"]:
+        log("a cell whose run.json says running may also have been killed without a word (out of time, a "
+            "lost node): its job's state is the scheduler's to tell (squeue, sky jobs queue)")  # fmt: skip
+    failed = [cell for cell in record["cells"] if cell["status"] == "failed"]
+    if failed:
+        reasons = "\n".join(f"  - {cell['cell']}: {cell['error']}" for cell in failed)
+        raise LoratoolError(
+            f"sweep: {len(failed)} of {len(record['cells'])} cells failed (the table is written):\n{reasons}",
+            hint=f"see each cell's run.json and train.log under {sweep_dir}; a cell's job continues from its "
+            "last checkpoint with `--resume` added to its train line",
+        )
+    return sweep_dir
+
+
+def _collected(cell: dict[str, Any]) -> dict[str, Any]:
+    """A row as collected: no run directory yet is `not started`; a run stopped by a signal (interrupted)
+    counts as failed, since nothing will continue it on its own."""
+    status = cell["status"]
+    if status == "pending":
+        cell["status"] = "not started"
+    elif status not in ("complete", "running", "failed"):
+        cell["status"], cell["error"] = "failed", cell.get("error") or f"its run.json says {status}"
+    return cell
+
+
 # --- the table -------------------------------------------------------------------------------------------
 
 
-def row(cell: Cell, outcome: Outcome | None, with_eval: bool) -> dict[str, Any]:
-    """One row of the table, read from the cell's run.json, metrics.jsonl and eval report."""
+def row(
+    name: str, run_dir: Path, values: dict[str, Any], outcome: Outcome | None, with_eval: bool
+) -> dict[str, Any]:
+    """One row of the table, read from the cell's run.json, metrics.jsonl and eval report; without an
+    outcome (a cell not run by this process), its status is what its run.json says."""
 
     result: dict[str, Any] = {
-        "cell": cell.name,
-        "run_dir": cell.name,
-        "values": cell.values(),
+        "cell": name,
+        "run_dir": name,
+        "values": values,
         "status": "pending" if outcome is None else outcome.status,
         "error": None if outcome is None else outcome.error or outcome.eval_error,
     }
-    record = read_run(cell.run_dir)
+    record = read_run(run_dir)
     if outcome is not None and outcome.status == "skipped" and record is not None:
         result["status"] = "complete (kept)"
     if outcome is None and record is not None and record.status:
@@ -580,7 +671,7 @@ def row(cell: Cell, outcome: Outcome | None, with_eval: bool) -> dict[str, Any]:
     kind = "cuda_allocated" if "cuda_allocated" in peak else "process_rss"
     seconds = train.get("train_seconds")
     tokens = train.get("tokens_trained")
-    losses = [r["loss"] for r in read_metrics(cell.run_dir / "metrics.jsonl") if _finite(r.get("loss"))]
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if _finite(r.get("loss"))]
     result.update(
         {
             "trainable_parameters": train.get("trainable_parameters"),
@@ -596,7 +687,7 @@ def row(cell: Cell, outcome: Outcome | None, with_eval: bool) -> dict[str, Any]:
         }
     )
     if with_eval:
-        report = read_record(cell.run_dir / "eval", "eval")
+        report = read_record(run_dir / "eval", "eval")
         tuned = ((report or {}).get("models") or {}).get("tuned") or {}
         result["eval"] = {key: tuned.get(key) for key in EVAL_METRICS} if tuned else None
     return result
