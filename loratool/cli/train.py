@@ -125,6 +125,32 @@ def plan_(
         bool, typer.Option("--json", help="Print the plan as JSON (peak_memory_bytes, ...).")
     ] = False,
     set_: SetOption = None,
+    nodes: Annotated[
+        int | None,
+        typer.Option(
+            "--nodes",
+            min=1,
+            help="Also plan the run on this many machines (DDP, ZeRO-2, ZeRO-3/FSDP).",
+            show_default=False,
+        ),
+    ] = None,
+    gpus_per_node: Annotated[
+        int | None,
+        typer.Option(
+            "--gpus-per-node",
+            min=1,
+            help="Also plan the run on this many GPUs per machine.",
+            show_default=False,
+        ),
+    ] = None,
+    interconnect: Annotated[
+        str,
+        typer.Option(
+            "--interconnect",
+            help="The link between machines: infiniband (400 Gb/s per GPU) or "
+            "ethernet (100 Gb/s per machine).",
+        ),
+    ] = "infiniband",
 ) -> None:
     """Predict peak memory by component, speed and wall time, and list conflicts, without weights."""
     from loratool.recipe import load_recipe
@@ -137,7 +163,8 @@ def plan_(
     from loratool.train.plan import plan_json, plan_recipe
 
     log = (lambda _: None) if json_ else typer.echo
-    plan = plan_recipe(loaded, gpu=gpu, memory=memory, log=log)
+    plan = plan_recipe(loaded, gpu=gpu, memory=memory, nodes=nodes, gpus_per_node=gpus_per_node,
+                       interconnect=interconnect, log=log)  # fmt: skip
     if calibrate:
         plan.calibration = measure(loaded, plan, log=log)
     typer.echo(plan_json(plan) if json_ else plan.format())

@@ -41,6 +41,7 @@ from loratool.model.load import load_tokenizer, model_from_config
 from loratool.recipe import recipe_to_dict, validate_recipe
 from loratool.rundir.records import read_run
 from loratool.train.arguments import checkpoint_every_n_layers
+from loratool.train.plan_devices import DevicesPlan, OneDevice, spread
 from loratool.train.sft import packed_rows_per_batch
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ class Plan:
     suggestions: list[str] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None  # --calibrate: measured vs predicted
+    devices: DevicesPlan | None = None  # --nodes / --gpus-per-node: the plan spread over them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +143,8 @@ class Plan:
         lines += [f"  assumption: {a}" for a in self.assumptions]
         lines += [f"  conflict: {c}" for c in self.conflicts]
         lines += [f"  suggestion: {s}" for s in self.suggestions]
+        if self.devices is not None:
+            lines.append(self.devices.format())
         if self.calibration:
             c = self.calibration
             lines.append(
@@ -522,6 +526,9 @@ def plan_recipe(
     gpu: str | None = None,
     memory: str | None = None,
     read_data: bool = True,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    interconnect: str = "infiniband",
     log: Any = print,
 ) -> Plan:
     """Plan `recipe` for this machine, a named GPU or a memory budget, from its config (and data when
@@ -566,7 +573,13 @@ def plan_recipe(
     )
     if device == "cpu":
         plan.assumptions.append(cpu_assumption(hw.cpu_threads, hw.cpu_count, threads.busy_cores()))
-    plan.conflicts = conflicts(recipe, device)
+    plan.conflicts = conflicts(recipe, device, world_size=(nodes or 1) * (gpus_per_node or 1))
+    if nodes is not None or gpus_per_node is not None:
+        one = OneDevice(plan.device, plan.budget_bytes, plan.components, plan.tokens_per_step,
+                        plan.tokens_per_second, plan.steps, shape.parameters, shape.layers, shape.hidden,
+                        shape.vocab)  # fmt: skip
+        plan.devices = spread(recipe, one, nodes=nodes or 1, gpus_per_node=gpus_per_node or 1,
+                              between_nodes=interconnect, rows=rows)  # fmt: skip
     return plan
 
 

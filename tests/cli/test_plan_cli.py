@@ -28,3 +28,20 @@ def test_dry_run_shows_the_plan_line(tmp_path, tiny_llama, smoke_data):
     result = CliRunner().invoke(app, ["train", str(recipe), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "plan: peak memory ~" in result.output and "loratool plan RECIPE" in result.output
+
+
+def test_plan_for_several_machines(tmp_path, tiny_llama, smoke_data):
+    recipe = write_recipe(tmp_path / "r.yaml", smoke_recipe(tiny_llama, smoke_data, tmp_path / "out"))
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["plan", str(recipe), "--gpu", "H100", "--nodes", "2", "--gpus-per-node", "8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "on 2 node(s) x 8 H100 = 16 devices (NVLink within a node, InfiniBand between nodes" in result.output
+    )
+    assert "ZeRO-3 / FSDP" in result.output and "fits on fewer devices: DDP on 1" in result.output
+    as_json = runner.invoke(app, ["plan", str(recipe), "--gpu", "H100", "--gpus-per-node", "4", "--json"])
+    devices = json.loads(as_json.stdout)["devices"]
+    assert [s["strategy"] for s in devices["spreads"]] == ["DDP", "ZeRO-2", "ZeRO-3 / FSDP"]
+    assert devices["between_nodes"] is None and devices["nodes"] == 1

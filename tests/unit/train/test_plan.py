@@ -10,7 +10,7 @@ import pytest
 
 from loratool.errors import LoratoolError
 from loratool.recipe import validate_recipe
-from loratool.train.plan import GiB, conflicts, make_plan, model_shape, parse_memory
+from loratool.train.plan import GPUS, GiB, conflicts, make_plan, model_shape, parse_memory
 
 # Llama 2 7B's published config (meta-llama/Llama-2-7b-hf config.json): 6.74B parameters.
 LLAMA2_7B = {
@@ -139,3 +139,68 @@ def test_packing_plans_the_packed_rows_a_micro_batch_takes(llama2_7b_config):
     packed = plan(True, [1000] * 400)
     assert packed == plan(False, [1024] * 400)  # 4 x 2,048 tokens = 8 rows of 1,024, padding-free
     assert packed < 0.6 * plan(False, [2048] * 400)  # what 8 packed rows of max_length would be
+
+
+# --- several devices ---------------------------------------------------------------------------------
+
+
+def one_device(recipe, config_dir, device):
+    from transformers import AutoConfig
+
+    from loratool.train.plan_devices import OneDevice
+
+    shape = model_shape(recipe, AutoConfig.from_pretrained(config_dir))
+    plan = make_plan(recipe, shape, device=device, budget_bytes=GPUS[device][0])
+    return plan, OneDevice(plan.device, plan.budget_bytes, plan.components, plan.tokens_per_step,
+                           plan.tokens_per_second, plan.steps, shape.parameters, shape.layers, shape.hidden,
+                           shape.vocab)  # fmt: skip
+
+
+def test_sharding_divides_what_is_shared_and_not_the_micro_batch(llama2_7b_config):
+    from loratool.train.plan_devices import per_device_memory, spread
+
+    recipe = qlora_7b(llama2_7b_config)
+    plan, one = one_device(recipe, llama2_7b_config, "H100")
+    ddp = per_device_memory("DDP", one, 16)
+    assert ddp == plan.peak_memory_bytes + plan.components["gradients"]  # + DDP's gradient buckets
+    fsdp2, fsdp16 = per_device_memory("ZeRO-3 / FSDP", one, 2), per_device_memory("ZeRO-3 / FSDP", one, 16)
+    assert fsdp16 < fsdp2 < ddp
+    micro_batch = plan.components["activations"] + plan.components["logits and loss"]
+    assert fsdp16 > micro_batch  # no strategy divides a device's own micro-batch
+    spread_plan = spread(recipe, one, nodes=2, gpus_per_node=8)
+    by = {s.strategy: s for s in spread_plan.spreads}
+    assert by["DDP"].peak_memory_bytes == int(ddp) and by["DDP"].fits
+    # LoRA's gradients are small; sharding moves the whole 4-bit base per micro-batch, several times.
+    assert by["ZeRO-3 / FSDP"].communication_seconds > 20 * by["DDP"].communication_seconds
+    assert spread_plan.bandwidth_bytes_per_second == 45e9  # InfiniBand per GPU, slower than NVLink
+    one_node = spread(recipe, one, nodes=1, gpus_per_node=8)
+    assert one_node.bandwidth_bytes_per_second > spread_plan.bandwidth_bytes_per_second
+    ethernet = spread(recipe, one, nodes=2, gpus_per_node=8, between_nodes="ethernet")
+    assert ethernet.spreads[2].communication_seconds > by["ZeRO-3 / FSDP"].communication_seconds
+    text = spread_plan.format()
+    assert "2 node(s) x 8 H100 = 16 devices" in text and "InfiniBand between nodes" in text
+    assert "fits on fewer devices: DDP on 1, ZeRO-2 on 1, ZeRO-3 / FSDP on 1 H100" in text
+
+
+def test_it_says_which_strategy_fits_on_how_few_devices(llama2_7b_config):
+    from loratool.train.plan_devices import spread
+
+    batch4 = qlora_7b(llama2_7b_config, per_device_train_batch_size=4).model_dump(mode="json")
+    plain = validate_recipe({**batch4, "quantization": None})
+    _, one = one_device(plain, llama2_7b_config, "T4")  # 16-bit 7B weights (~12.6 GiB) on 16 GiB T4s
+    by = {s.strategy: s for s in spread(plain, one, nodes=1, gpus_per_node=4).spreads}
+    assert not by["DDP"].fits and by["DDP"].fewest_devices is None  # each device holds the whole model
+    assert by["ZeRO-3 / FSDP"].fits and by["ZeRO-3 / FSDP"].fewest_devices == 2
+
+
+def test_several_devices_need_a_gpu_and_a_known_link(llama2_7b_config):
+    from loratool.train.plan_devices import spread
+
+    recipe = qlora_7b(llama2_7b_config)
+    _, one = one_device(recipe, llama2_7b_config, "H100")
+    with pytest.raises(LoratoolError, match="--interconnect 'carrier-pigeon'"):
+        spread(recipe, one, nodes=2, gpus_per_node=8, between_nodes="carrier-pigeon")
+    from dataclasses import replace
+
+    with pytest.raises(LoratoolError, match="plan GPUs, and this plan is for the CPU"):
+        spread(recipe, replace(one, device="cpu"), nodes=2, gpus_per_node=1)
