@@ -98,10 +98,12 @@ def gpus_from_plan(recipe: Recipe, recipe_path: str, gpu: str) -> tuple[int, str
         raise LoratoolError(
             f"the recipe does not fit one {gpu}: `loratool plan` predicts a peak of ~{peak:.1f} GiB per GPU, "
             f"over its {budget:.0f} GiB (each data-parallel process holds the whole model, so more GPUs "
-            "per node do not help)",
+            "per node do not help under DDP)",
             hint=f"`loratool plan {recipe_path} --gpu {gpu}` lists what would fit"
             + (f" ({what_fits})" if what_fits else "")
-            + "; or name a larger GPU with --gpu, or pass --gpus-per-node N to launch it as it is",
+            + f"; `loratool plan {recipe_path} --gpu {gpu} --gpus-per-node N` says on how many GPUs FSDP or "
+            "ZeRO-3 (which shard the model) fit it; or name a larger GPU with --gpu, or pass --gpus-per-node N "
+            "to launch it as it is",
         )
     return 1, (
         f"GPUs per node: 1, from `loratool plan --gpu {gpu}`: a peak of ~{peak:.1f} GiB per GPU fits one "
