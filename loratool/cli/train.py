@@ -3,6 +3,7 @@ of its variants."""
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Annotated
@@ -102,6 +103,17 @@ def train(
         typer.echo("resolved recipe:  # after each value: default, the file and line that set it, or --set")
         typer.echo(explained(loaded, origins))
         return
+    from loratool.train.elastic import elastic_restart
+
+    # torchrun --max-restarts starts the same command again after a failure: that attempt continues the
+    # run its launch left (never another launch's), whatever --overwrite or --resume the command had.
+    restarted = elastic_restart(Path(loaded.training.output_dir).expanduser().resolve())
+    if restarted is not None:
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"torchrun restarted this launch (attempt {int(os.environ['TORCHELASTIC_RESTART_COUNT']) + 1}): "
+                       + ("continuing its run from the last complete checkpoint" if restarted == "resume"
+                          else "its run stopped before its first checkpoint: starting it again"))  # fmt: skip
+        overwrite, resume = restarted == "overwrite", restarted == "resume"
     run_train(loaded, overwrite=overwrite, resume=resume, log=typer.echo)
 
 

@@ -110,6 +110,8 @@ class RunRecord:
     train: dict[str, Any] = field(default_factory=dict)  # the figures: steps, losses, tokens, seconds
     world_size: int | None = None
     effective_batch_size: int | None = None
+    # torchrun's launch: run_id (its --rdzv-id), restart (attempts after a failure), max_restarts
+    launch: dict[str, Any] | None = None
     tokenizer_sha256: str | None = None
     resumes: list[dict[str, Any]] = field(default_factory=list)
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)  # process_rss, cuda_allocated (GPU)
@@ -147,6 +149,7 @@ class RunRecord:
             train=_dict(record.get("train")),
             world_size=record.get("world_size"),
             effective_batch_size=record.get("effective_batch_size"),
+            launch=_dict_or_none(record.get("launch")),
             tokenizer_sha256=record.get("tokenizer_sha256"),
             resumes=list(record.get("resumes") or []),
             peak_memory_bytes=_dict(record.get("peak_memory_bytes")),
@@ -185,6 +188,7 @@ class RunRecord:
             "hardware": self.hardware,
             "world_size": self.world_size,
             "effective_batch_size": self.effective_batch_size,
+            "launch": self.launch,
             "tokenizer_sha256": self.tokenizer_sha256,
             "data": self.data,
             "stage": self.stage,
@@ -205,7 +209,7 @@ class RunRecord:
             "status": self.status,
             "error": self.error,
         }
-        optional = {"dpo", "kto", "reward", "grpo", "rloo", "smoke", "adapter_init", "memory_savers", "resumes", "train", "adalora", "peak_memory_bytes",
+        optional = {"launch", "dpo", "kto", "reward", "grpo", "rloo", "smoke", "adapter_init", "memory_savers", "resumes", "train", "adalora", "peak_memory_bytes",
                     "wall_time_s", "finished_at", "error"}  # fmt: skip
         return {k: v for k, v in value.items() if k not in optional or v not in (None, {}, [])}
 

@@ -17,6 +17,7 @@ from loratool.model.hardware import Hardware
 from loratool.model.load import Base
 from loratool.recipe import Recipe
 from loratool.rundir.records import BaseModelRecord, RunRecord
+from loratool.train.elastic import elastic_launch
 from loratool.train.preflight import Preflight
 from loratool.train.resume import tokenizer_sha256
 from loratool.train.trainer import Training
@@ -35,6 +36,7 @@ def new_record(
         world_size=world_size,
         # How many rows one optimizer step sees across all processes.
         effective_batch_size=t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size,
+        launch=elastic_launch(),
         tokenizer_sha256=tokenizer_sha256(checks.tokenizer),
         data=checks.data.summary.to_dict(),
         stage=method["stage"],

@@ -23,6 +23,7 @@ from loratool.recipe import Recipe, recipe_to_dict
 from loratool.rundir.metrics import trim_metrics
 from loratool.rundir.outputs import remove_entry
 from loratool.rundir.records import ADAPTER_FILES, STAGING, RunDir, RunRecord, checkpoint_problem, read_run
+from loratool.train.elastic import elastic_launch
 
 # Keys that may change on resume: how long to train (to extend a finished run) and how it is logged,
 # evaluated, checkpointed and reported. Everything else changes what the adapter learns.
@@ -216,6 +217,9 @@ def resume_point(
         "skipped_incomplete_checkpoints": [p.name for p in skipped],
         "command": sys.argv,
     }
+    launch = elastic_launch()
+    if launch is not None and launch["restart"]:
+        entry["elastic_restart"] = launch["restart"]  # torchrun restarted the group after a failure
     return checkpoint, entry
 
 
