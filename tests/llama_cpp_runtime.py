@@ -96,10 +96,9 @@ def install_runtime() -> Path:
     staging = Path(tempfile.mkdtemp(prefix="installing-", dir=CACHE_DIR))
     for name in ("package.json", "package-lock.json"):
         shutil.copy2(HARNESS_DIR / name, staging / name)
-    # `npm install` with the lock file present installs the locked versions; `--no-save` keeps the lock as
-    # it is. Not `npm ci`: it refuses a lock that lacks node-llama-cpp's other-platform binaries (optional
-    # dependencies), and a lock made where the registry does not serve those (this machine's) lacks them.
-    command = [npm, "install", "--no-save", "--omit=optional", "--ignore-scripts", "--no-audit", "--no-fund"]
+    # `npm ci`: exactly the lock file's versions. Optional dependencies are left out: they are node-llama-cpp's
+    # binaries for other platforms and for CUDA/Vulkan, which these CPU tests never load.
+    command = [npm, "ci", "--omit=optional", "--ignore-scripts", "--no-audit", "--no-fund"]
     try:
         done = subprocess.run(
             command,
