@@ -44,7 +44,9 @@ def export(
             "--output",
             help="Output directory. gguf: holds <name>.<outtype>.gguf, export.json and the Modelfile; default "
             "SOURCE-gguf next to SOURCE. gguf-lora: <name>.lora.<outtype>.gguf, export.json, Modelfile; "
-            "default SOURCE-gguf-lora. hf: the merged checkpoint; default SOURCE/merged.",
+            "default SOURCE-gguf-lora. hf: the merged checkpoint; default SOURCE/merged. For a checkpoint "
+            "RUN/checkpoints/checkpoint-N the defaults sit outside the checkpoints (save_total_limit may delete "
+            "them): RUN-checkpoint-N-gguf (-gguf-lora) next to RUN, and RUN/merged-checkpoint-N.",
             show_default=False,
         ),
     ] = None,

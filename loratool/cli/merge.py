@@ -39,7 +39,8 @@ def merge(
         typer.Option(
             "--output",
             help="Where to write the merged model. Default: ADAPTER/merged (the combined adapter's, when "
-            "combining).",
+            "combining); for a checkpoint RUN/checkpoints/checkpoint-N, RUN/merged-checkpoint-N (outside the "
+            "checkpoint, which save_total_limit may delete).",
             show_default=False,
         ),
     ] = None,

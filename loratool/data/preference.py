@@ -377,18 +377,29 @@ def _pair(
         if data.truncation == "drop":
             summary.drop("too_long", location, f"{longest} tokens, over data.max_length={data.max_length}")
             return None
+        if data.prompt_truncation == "keep_end":
+            kept = prompt_kept(len(prompt), longest - len(prompt), data.max_length)
+            summary.prompts_cut += kept < len(prompt)
+            prompt = prompt[len(prompt) - kept :]
         room = data.max_length - len(prompt)
         if room <= 0:
             summary.drop(
-                "no_loss",
+                "prompt_too_long",
                 location,
-                f"the prompt alone is {len(prompt)} tokens, data.max_length={data.max_length}",
+                f"the prompt alone is {len(prompt)} tokens, data.max_length={data.max_length} "
+                "(data.prompt_truncation: keep_end cuts it from its start instead)",
             )
             return None
         answers = [answer[:room] for answer in answers]
     summary.truncated += truncated
     no_signal = signal_problem(example, (chosen_ids, rejected_ids), (answers[0], answers[1]))
     return _Pair(prompt, answers[0], answers[1], summary, location, no_signal)
+
+
+def prompt_kept(prompt: int, answer: int, max_length: int) -> int:
+    """How many of a prompt's last tokens `keep_end` keeps: the answer (the longer one) whole when it fits
+    in half of max_length, else half of max_length goes to the answers; never more than the prompt has."""
+    return min(prompt, max(max_length - answer, max_length - max_length // 2))
 
 
 def _answer_span(labels: list[int]) -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ DROP_REASONS = {
     "malformed": "malformed",  # bad JSON, missing field, wrong type... (data.on_bad_row: skip)
     "too_long": "too long",  # longer than data.max_length with truncation: drop
     "no_loss": "no loss tokens",  # nothing left to learn: no assistant turn, or all of it past max_length
+    "prompt_too_long": "prompt too long",  # a pair's prompt alone fills max_length (prompt_truncation)
     "empty": "empty",  # an empty output / completion / text
 }
 SHOWN_BAD_ROWS = 5
@@ -39,6 +40,7 @@ class SourceSummary:
     bad_rows: list[dict[str, str]] = field(default_factory=list)  # first few {location, reason}
     # Preference pairs used that teach nothing (rejected empty, or the same as chosen); None: not pairs.
     without_signal: int | None = None
+    prompts_cut: int = 0  # pairs whose prompt lost its start (data.prompt_truncation: keep_end)
 
     def drop(self, reason: str, location: str | None = None, why: str | None = None) -> None:
         self.dropped[reason] += 1
@@ -46,7 +48,11 @@ class SourceSummary:
             self.bad_rows.append({"location": location, "reason": why or DROP_REASONS[reason]})
 
     def to_dict(self) -> dict[str, Any]:
-        pairs = {} if self.without_signal is None else {"pairs_without_signal": self.without_signal}
+        pairs = (
+            {}
+            if self.without_signal is None
+            else {"pairs_without_signal": self.without_signal, "pairs_with_prompt_cut": self.prompts_cut}
+        )
         return {
             "path": self.path,
             "format": self.format,
@@ -162,7 +168,8 @@ def _source_cells(s: SourceSummary) -> list[str]:
         f"{s.read:,} read",
         f"{s.used:,} used",
         f"{s.held_out:,} to validation" if s.held_out else "",
-        f"{s.truncated:,} truncated",
+        f"{s.truncated:,} truncated"
+        + (f" ({s.prompts_cut:,} from the prompt's start)" if s.prompts_cut else ""),
         f"{s.without_signal:,} without signal" if s.without_signal else "",
         f"{sum(s.dropped.values()):,} dropped" + (f" ({reasons})" if reasons else ""),
     ]

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from loratool.errors import LoratoolError
 from loratool.export.tokenizer import add_vocab, read_vocab
 from loratool.model.checkpoint import CONFIG, open_checkpoint, read_config, read_tensor
+from loratool.progress import Heartbeat
 
 if TYPE_CHECKING:
     import numpy as np
@@ -146,7 +147,9 @@ def write_gguf(
             writer.write_header_to_file(partial)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for data in _converted(plan, sources, config, arch):
+            beat = Heartbeat(f"  writing {out_file.name}", len(plan), write=log)
+            for done, data in enumerate(_converted(plan, sources, config, arch)):
+                beat.tick(done, "tensors")
                 writer.write_tensor_data(data)
         finally:
             writer.close()

@@ -52,8 +52,14 @@ from loratool.merge import check_base_identity, check_checkpoint, resolve_base, 
 from loratool.merge.record import MergeRecord
 from loratool.model.checkpoint import DTYPES, open_checkpoint, read_config
 from loratool.model.fingerprint import file_sha256
-from loratool.rundir.outputs import Output, check_free_space, claim_output, library_versions
-from loratool.rundir.records import find_adapter, has_run_record, read_run, read_training_run
+from loratool.rundir.outputs import Output, check_free_space, claim_output, library_versions, read_json
+from loratool.rundir.records import (
+    find_adapter,
+    has_run_record,
+    read_run,
+    read_training_run,
+    run_of_checkpoint,
+)
 
 if TYPE_CHECKING:
     from loratool.recipe import Recipe
@@ -81,6 +87,8 @@ def run_export(
     source = find_source(Path(source))
     is_run = source_kind(source) == "run"
     check_options(format, ollama, base, force, is_run, source)
+    if format != "hf":
+        refuse_reward_model(source, is_run)
     if format == "hf":
         return run_merge(
             source, base=base, output=output, verify=verify, force=force, overwrite=overwrite, log=log
@@ -163,13 +171,34 @@ def check_options(
         )
 
 
+def refuse_reward_model(source: Path, is_run: bool) -> None:
+    """A reward model scores text with a classification head; GGUF holds language models that generate, so
+    llama.cpp has nothing to run it with. Refused before any merge work."""
+    if is_run:
+        adapter_config = find_adapter(source) / ADAPTER_CONFIG
+        scores = read_json(adapter_config).get("task_type") == "SEQ_CLS"
+    else:
+        architectures = read_json(source / "config.json").get("architectures") or []
+        scores = any(str(a).endswith("ForSequenceClassification") for a in architectures)
+    if scores:
+        raise LoratoolError(
+            f"{source} is a reward model (a score head on the base, sequence classification); GGUF holds "
+            "language models that generate, and llama.cpp cannot run a score head",
+            hint="`loratool export SOURCE --format hf` (or `loratool merge`) writes the scoring checkpoint, "
+            "which loads with transformers' AutoModelForSequenceClassification",
+        )
+
+
 # --- the output ----------------------------------------------------------------------------------------
 
 
 def output_location(output: str | Path | None, source: Path, suffix: str = "gguf") -> Path:
-    """The output directory (default SOURCE-gguf, or SOURCE-gguf-lora, next to SOURCE), never inside or over
-    the source. What may already be there is checked by outputs.check_output."""
-    path = Path(output).expanduser().absolute() if output else source.with_name(f"{source.name}-{suffix}")
+    """The output directory (default SOURCE-gguf, or SOURCE-gguf-lora, next to SOURCE; for a checkpoint
+    RUN-checkpoint-N-gguf next to RUN, outside the checkpoints save_total_limit rotates away), never inside
+    or over the source. What may already be there is checked by outputs.check_output."""
+    run_dir = run_of_checkpoint(source)  # RUN/checkpoints/checkpoint-N
+    beside = run_dir.with_name(f"{run_dir.name}-{source.name}") if run_dir is not None else source
+    path = Path(output).expanduser().absolute() if output else beside.with_name(f"{beside.name}-{suffix}")
     if path.suffix == ".gguf":
         raise LoratoolError(
             f"--output {path}: give a directory; the GGUF file is named <name>.<outtype>.gguf inside it, next "

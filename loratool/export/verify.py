@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loratool.merge.compare import Thresholds, build_probes, compare, probe_logits
-from loratool.model.gguf_base import quiet_gguf_reader
+from loratool.model.gguf_base import gguf_reader_progress
 
 # Per outtype. f32 stores the weights exactly: only identical arithmetic is compared (measured max
 # |Δlogit| 0 on the tiny models and SmolLM2-135M). f16/bf16 round each weight to 11/8 significant bits;
@@ -61,9 +61,9 @@ def verify_gguf(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_gguf_reader()
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    with gguf_reader_progress(f"  reading the tokenizer of {gguf_file.name}", log):
+        gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     tokens = compare_tokenizers(
         tokenizer, gguf_tokenizer, sentencepiece=_tokenizer_model(gguf_file) == "llama"
     )
@@ -83,9 +83,10 @@ def verify_gguf(
         "  verifying: the source checkpoint",
         log,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
-    )
+    with gguf_reader_progress(f"  verifying: reading {gguf_file.name} back", log):
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+        )
     logits = compare(
         reference, probe_logits(model.eval(), probes, "  verifying: the GGUF file", log), THRESHOLDS[outtype]
     )

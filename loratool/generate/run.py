@@ -22,6 +22,9 @@ unfolds it first. `serve` does not fold (a batch there mixes adapters).
 The first generate call on a freshly loaded model is slower (kernel selection, allocator and KV-cache
 warm-up): a one-token warm-up right after loading takes that cost, and its time is printed. A prompt that would not leave
 `max_new_tokens` of room in the model's context is cut from the left, with a warning.
+
+An `--adapter` that is an unsealed or damaged checkpoint of a run is loaded with a warning naming the newest
+complete one (`warn_of_checkpoint`); merge refuses it unless --force.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from loratool.generate.target import Loaded, Target, load_target, resolve_target
 from loratool.model.fingerprint import weights_fingerprint
 from loratool.model.load import load_tokenizer, local_model_dir
 from loratool.rundir.outputs import read_json
-from loratool.rundir.records import find_adapter, read_run, read_training_run
+from loratool.rundir.records import RunDir, find_adapter, read_run, read_training_run
 
 BASE = "base"  # the adapter name that means "no adapter"
 _PICK = re.compile(r"^@([A-Za-z0-9_.\-]+):\s*(.*)$", re.DOTALL)
@@ -290,6 +293,7 @@ class Adapters:
     def add(self, name: str, adapter_dir: Path) -> float:
         """Put one more adapter on the model, prompted as `--adapter NAME=DIR` is (its own tokenizer and system
         prompt); the load time in ms. A plain model becomes a PEFT model with its first adapter."""
+        warn_of_checkpoint(name, adapter_dir, self.log)
         started = time.perf_counter()
         loaded = self.loaded
         if hasattr(loaded.model, "peft_config"):
@@ -366,6 +370,25 @@ def parse_adapter_options(options: list[str], target: Target) -> list[tuple[str,
     return parsed
 
 
+def warn_of_checkpoint(name: str, adapter_dir: Path, log: Callable[[str], None]) -> None:
+    """Warn when adapter `name` is a checkpoint that is unsealed (interrupted mid-save) or damaged since.
+
+    A warning, where merge refuses unless --force: a merge writes a model that outlives the check and is
+    shared as the run's, while an answer here is read at once, next to the warning; a half-written
+    safetensors file still fails to load. Loading a checkpoint to look at it mid-run stays one step."""
+    run = read_training_run(adapter_dir)
+    if run.checkpoint is None or run.checkpoint_problem is None:
+        return
+    usable, _ = RunDir(run.record.path).latest_checkpoint() if run.record is not None else (None, [])
+    instead = (
+        f"the newest complete checkpoint is {usable}" if usable else "the run has no complete checkpoint"
+    )
+    log(
+        f"warning: adapter {name}: the checkpoint {adapter_dir} is {run.checkpoint_problem}, so its weights "
+        f"may be half written or not the ones the run saved; {instead}"
+    )
+
+
 def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loaded) -> None:
     """Refuse an adapter trained on another base than the loaded one, naming both.
 
@@ -377,7 +400,12 @@ def check_adapter_base(name: str, adapter_dir: Path, target: Target, loaded: Loa
     adapter_base = run.base.id or config.get("base_model_name_or_path") or "an unrecorded base"
     recorded = run.base.fingerprint
     if not recorded and config.get("base_model_name_or_path"):
-        found = local_model_dir(config["base_model_name_or_path"], config.get("revision"), log=lambda _: None)
+        try:
+            found = local_model_dir(
+                config["base_model_name_or_path"], config.get("revision"), log=lambda _: None
+            )
+        except LoratoolError:  # a .gguf base named by its file name, not here: the shapes decide below
+            found = None
         recorded = weights_fingerprint(found) if found is not None else None
     loaded_print = target.base_fingerprint
     mismatch = (
@@ -435,6 +463,7 @@ def load_adapters(
     else:
         sources[BASE] = lambda: own
     for name, adapter_dir in extra:
+        warn_of_checkpoint(name, adapter_dir, log)
         check_adapter_base(name, adapter_dir, target, loaded)
         started = time.perf_counter()
         try:

@@ -12,13 +12,15 @@ A TARGET is one of three things, told apart by the file that describes it:
              from its cached conversion, loratool.model.gguf_base).
 
 A TARGET that is no local path but reads as a hub id (`org/name`) is its snapshot in the local Hugging
-Face cache; nothing is downloaded here.
+Face cache; nothing is downloaded here. It keeps the hub id as its name (`Target.name`): the snapshot's
+directory is named after a commit hash, which says nothing to the user.
 
 Loading never unpickles (safetensors only) and runs remote code only when the run's recipe asked for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from loratool.adapter.files import check_adapter_files
 from loratool.data.templates import end_of_turn, stop_texts
 from loratool.errors import LoratoolError
 from loratool.merge.record import MergeRecord
+from loratool.merge.run import default_output as merged_location
 from loratool.model import hardware
 from loratool.model.fingerprint import fingerprint_matches, fingerprint_scheme, weights_fingerprint
 from loratool.model.gguf_base import is_gguf, resolve_base_model
@@ -68,6 +71,14 @@ class Target:
     run: RunRecord | None = None  # run.json of the run (merged: of its run, when its recipe is there too)
     merge: MergeRecord | None = None  # merge.json of a merged target
     run_dir: Path | None = None  # the training run behind a run or merged target, when known
+    hub_id: str | None = None  # the hub id TARGET was given as (`path` is then its cache snapshot)
+
+    @property
+    def name(self) -> str:
+        """What the user calls TARGET: the hub id it was given as, else its directory's (a file's) name."""
+        if self.hub_id:
+            return self.hub_id
+        return self.path.stem if self.path.is_file() else self.path.name
 
     @property
     def adapter_name(self) -> str:
@@ -82,7 +93,7 @@ class Target:
             return str(self.run.base_model.id or self.recipe.base_model)
         if self.kind == "merged":
             return str((self.merge.base_model.id if self.merge is not None else None) or "?")
-        return str(self.path)
+        return self.hub_id or str(self.path)
 
     @property
     def base_fingerprint(self) -> str | None:
@@ -160,7 +171,7 @@ def _cached_hub_target(name: str) -> Target:
     """TARGET given as a hub id: its snapshot in the local Hugging Face cache (never downloaded here)."""
     found = local_model_dir(name, None, log=lambda _: None)
     if found is not None:
-        return resolve_target(found)
+        return dataclasses.replace(resolve_target(found), hub_id=name)
     offline = "; HF_HUB_OFFLINE is set" if offline_mode() else ""
     raise LoratoolError(
         f"TARGET {name!r} is not a local path, and as a hub id it is not in the local Hugging Face cache "
@@ -179,7 +190,7 @@ def _bare_adapter_hint(path: Path) -> str:
     return (
         f"an adapter alone is not a TARGET: `loratool generate {base} --adapter NAME={path}` puts it on its "
         f"base; to evaluate it, merge it first (`loratool merge --adapter {path}{merge_base}`) and evaluate "
-        f"the merged model (`loratool eval {path / 'merged'} --data FILE`)"
+        f"the merged model (`loratool eval {merged_location(path)} --data FILE`)"
     )
 
 

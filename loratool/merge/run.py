@@ -57,7 +57,13 @@ from loratool.model.hardware import Hardware, model_dtype
 from loratool.model.load import local_model_dir
 from loratool.recipe import QuantizationSection
 from loratool.rundir.outputs import Output, check_free_space, claim_output, library_versions, read_json
-from loratool.rundir.records import RunDir, TrainingRun, find_adapter, read_training_run
+from loratool.rundir.records import (
+    RunDir,
+    TrainingRun,
+    find_adapter,
+    read_training_run,
+    run_of_checkpoint,
+)
 
 MERGE_RECORD = RECORD  # merge.json, by the name loratool.merge has always exported
 QLORA_POLICIES = ("dequantized", "original")
@@ -365,9 +371,10 @@ def training_load_dtype(run: TrainingRun, base_dtype: str) -> str:
 
 
 def output_location(output: str | Path | None, adapter_dir: Path, base_dir: Path) -> Path:
-    """Where the merged model goes (default ADAPTER/merged); never over the adapter or the base. What may
-    already be there is checked by outputs.check_output."""
-    path = Path(output).expanduser().absolute() if output else adapter_dir / "merged"
+    """Where the merged model goes (default ADAPTER/merged; for a checkpoint RUN/merged-checkpoint-N, since
+    save_total_limit rotation deletes a checkpoint with whatever is inside it); never over the adapter or
+    the base. What may already be there is checked by outputs.check_output."""
+    path = Path(output).expanduser().absolute() if output else default_output(adapter_dir)
     resolved = path.resolve()
     if resolved in (adapter_dir, base_dir) or resolved in adapter_dir.parents or resolved in base_dir.parents:
         raise LoratoolError(
@@ -375,6 +382,12 @@ def output_location(output: str | Path | None, adapter_dir: Path, base_dir: Path
             hint="choose a new directory, e.g. --output out/merged",
         )
     return path
+
+
+def default_output(adapter_dir: Path) -> Path:
+    """ADAPTER/merged, or RUN/merged-checkpoint-N beside the checkpoints of RUN (outside the rotation)."""
+    run_dir = run_of_checkpoint(adapter_dir)
+    return run_dir / f"merged-{adapter_dir.name}" if run_dir is not None else adapter_dir / "merged"
 
 
 def plan_output(checkpoint: Checkpoint, adapter: Adapter, dtype: str) -> list[list[TensorInfo]]:

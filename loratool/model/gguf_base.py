@@ -22,6 +22,13 @@ Saved dtype: the GGUF file does not say what precision the model was trained in,
 (exact; 540 MB for a 135M model); larger ones in bfloat16, which halves the disk and RAM of a 7B model
 (14 GB instead of 28 GB) at a rounding error far below the quantization error already in the file.
 `model.dtype` still decides the precision training loads it in.
+
+Where the file came from: llama.cpp's converter (gguf-py `metadata.py`) writes the source model's hub page
+as general.source.repo_url / general.source.url (older versions: general.source.huggingface.repository),
+and general.repo_url / general.url when the converter was told the model's own. `gguf_hub_id` reads those
+(run.json's `gguf.hub_id`), so that a shared adapter names a base someone else can download; the name
+keys (general.name, general.basename, general.organization) are titles and fragments, not ids, and
+general.base_model.N.* names the model this one was fine-tuned from, not the one converted.
 """
 
 from __future__ import annotations
@@ -29,34 +36,61 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from loratool.errors import LoratoolError
 from loratool.model.cache import cache_root
 from loratool.model.fingerprint import file_sha256
+from loratool.progress import Heartbeat
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_RECORD = "gguf_source.json"  # written last inside the conversion: its presence means complete
 FLOAT32_LIMIT = 2_000_000_000  # parameters; above this the conversion is saved in bfloat16
 _DISK_MARGIN = 256 * 2**20  # bytes kept free beyond the estimate (tokenizer, config, file-system slack)
+# The keys that may name the hub repository a GGUF file was converted from, the source's own first.
+HUB_KEYS = (
+    "general.source.repo_url",
+    "general.source.url",
+    "general.source.huggingface.repository",
+    "general.repo_url",
+    "general.url",
+)
+_HUB_REPO = re.compile(r"([A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*)")
+_HUB_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/" + _HUB_REPO.pattern + "/?")
 QUIET_READER = False  # set by the CLI (not under LORATOOL_DEBUG): no tqdm bar from transformers' GGUF reader
 
 
-def quiet_gguf_reader() -> None:
-    """Turn off the progress bar transformers' GGUF reader draws, when the CLI asked for quiet libraries."""
+@contextmanager
+def gguf_reader_progress(what: str, log: Callable[[str], None], every: float = 15.0) -> Iterator[None]:
+    """While transformers' GGUF reader dequantizes a file, report through `log` (progress.py's Heartbeat: a
+    line with the rate and the time left every 15 s), instead of its tqdm bar, which a log file shows as
+    one line at the end, or not at all once the CLI quiets the libraries: a 1B model's conversion took
+    20 minutes in silence. Under LORATOOL_DEBUG the library's own bar is left."""
     if not QUIET_READER:
+        yield
         return
-    import functools
-
     import transformers.modeling_gguf_pytorch_utils as gguf_reader
 
-    if not isinstance(gguf_reader.tqdm, functools.partial):
-        gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)
+    def reported(iterable: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        items = list(iterable)
+        beat = Heartbeat(what, len(items), every=every, write=log)
+        for done, item in enumerate(items):
+            beat.tick(done, "tensors")
+            yield item
+
+    library_bar = gguf_reader.tqdm
+    gguf_reader.tqdm = reported
+    try:
+        yield
+    finally:
+        gguf_reader.tqdm = library_bar
 
 
 def is_gguf(name_or_path: str | Path) -> bool:
@@ -73,10 +107,37 @@ def resolve_base_model(name_or_path: str, log: Callable[[str], None] = print) ->
 
 
 def gguf_record(gguf_file: str | Path) -> dict[str, Any]:
-    """What run.json keeps about a GGUF base: the file, its sha256 and its conversion."""
+    """What run.json keeps about a GGUF base: the file, its sha256, its conversion, and the hub id it was
+    converted from when its metadata says (None otherwise)."""
     path = check_gguf_file(Path(gguf_file))
     sha = file_sha256_cached(path)
-    return {"file": str(path), "sha256": sha, "converted_dir": str(_conversion_dir(sha))}
+    return {
+        "file": str(path),
+        "sha256": sha,
+        "converted_dir": str(_conversion_dir(sha)),
+        "hub_id": gguf_hub_id(path),
+    }
+
+
+def gguf_hub_id(gguf_file: Path) -> str | None:
+    """The hub id (org/name) of the model `gguf_file` was converted from, when its metadata names one (see
+    the module docstring); a repository of GGUF files is no base PEFT or vLLM can load, so it is skipped."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf_file)  # memory-mapped: only the header is read
+    except (ValueError, OSError):
+        return None
+    for key in HUB_KEYS:
+        field = reader.get_field(key)
+        value = field.contents() if field is not None else None
+        # A URL must be a hub page (not a paper or a git host); only the huggingface.repository key
+        # holds a bare org/name.
+        pattern = _HUB_REPO if key.endswith(".huggingface.repository") else _HUB_URL
+        match = pattern.fullmatch(value.strip()) if isinstance(value, str) else None
+        if match and not match.group(1).lower().endswith("gguf"):
+            return match.group(1)
+    return None
 
 
 def converted_checkpoint(gguf_file: Path, log: Callable[[str], None] = print) -> Path:
@@ -102,7 +163,7 @@ def converted_checkpoint(gguf_file: Path, log: Callable[[str], None] = print) ->
         log(f"converting {path.name} to a Hugging Face checkpoint (once; cached in {target})")
         partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
-            dtype = convert_gguf(path, partial)
+            dtype = convert_gguf(path, partial, log)
             _write_json(
                 partial / SOURCE_RECORD,
                 {
@@ -162,20 +223,22 @@ def file_sha256_cached(path: Path) -> str:
     return sha
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path) -> str:
+def convert_gguf(gguf_file: Path, out_dir: Path, log: Callable[[str], None] = print) -> str:
     """Dequantize `gguf_file` into `out_dir` as config + safetensors + tokenizer; return the saved dtype."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf_file.parent), gguf_file.name
-    quiet_gguf_reader()
     parameters = _parameter_count(gguf_file)
     dtype = torch.float32 if parameters <= FLOAT32_LIMIT else torch.bfloat16
     _check_disk_space(out_dir, parameters * dtype.itemsize, gguf_file)
     try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        # The reader dequantizes every tensor of the file for each of these three.
+        with gguf_reader_progress(f"  reading the config and tokenizer of {name}", log):
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with gguf_reader_progress(f"  dequantizing {name}", log):
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except (ValueError, KeyError, NotImplementedError, OSError) as exc:
         raise _cannot_dequantize(gguf_file, exc) from None
     # A fresh model from the same config, without the GGUF quantization_config that blocks saving.
@@ -187,6 +250,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> str:
     model.tie_weights()
     model.generation_config = GenerationConfig.from_model_config(config)
     del loaded
+    log(f"  writing the checkpoint: {parameters:,} parameters in {str(dtype).removeprefix('torch.')}")
     model.save_pretrained(out_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -107,6 +107,12 @@ class ModelSection(Section):
     tokenizer: PathText | None = None
     """Load the tokenizer from another hub id or directory than `base_model`."""
 
+    gguf_source: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
+    """For a .gguf `base_model`: the hub id of the checkpoint the file was converted from (e.g.
+    HuggingFaceTB/SmolLM2-135M-Instruct). adapter_config.json and the model card name it as the base, so
+    the shared adapter loads on another machine; unset, the file's metadata is read (general.source.url
+    and the like), else the file's name and sha256 are given. Not read for other bases."""
+
 
 class QuantizationSection(Section):
     """bitsandbytes quantization of the frozen base (QLoRA). Leave the section out for plain LoRA."""
@@ -350,6 +356,13 @@ class DataSection(Section):
     """`truncate`: keep the first max_length tokens (the cut part, end-of-turn included, is not learned);
     `drop`: skip the row. Rows left with no loss token are always dropped, and counted."""
 
+    prompt_truncation: Literal["keep_start", "keep_end"] = "keep_start"
+    """Preference pairs (dpo, reward) longer than max_length, with truncation `truncate`; trl's DPOConfig
+    truncation_mode. `keep_start`: the answers are cut from their end, and a pair whose prompt alone fills
+    max_length is dropped. `keep_end`: the prompt is cut from its start instead: it keeps its last tokens
+    (the turns nearest the answers; a system prompt at its start goes) and leaves the answers whole, or at
+    least half of max_length for them. The data summary counts the pairs dropped and the prompts cut."""
+
     completion_only_loss: bool = True
     """Loss only on completions / assistant turns (their end-of-turn token included, so the model learns
     to stop). False: loss on every token, prompts included."""
@@ -461,6 +474,13 @@ class TrainingSection(Section):
 
     report_to: list[str] | str = "none"
     """Experiment trackers (tensorboard, wandb, trackio, ...). loratool always writes metrics.jsonl."""
+
+    ddp_timeout: PositiveInt | None = None
+    """Several processes (torchrun, accelerate launch): seconds a process waits for the others. A process
+    that is silent this long (stopped, a hung machine: no heartbeat) or fails makes every other one stop
+    with an error naming it; the run stays resumable. None: 60 on CPU, 600 on CUDA (the first step
+    compiles, big checkpoints take minutes to write), not transformers' 1800. The main process's work
+    alone (tokenizing, writing checkpoints) is waited for as long as it keeps beating."""
 
     def resolved_warmup(self) -> float:
         """warmup_steps as TrainingArguments reads it: >= 1 is a step count, < 1 a fraction of the steps."""

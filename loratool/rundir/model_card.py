@@ -4,7 +4,9 @@ real base, and a check that vLLM's LoRA loader will take the adapter.
 PEFT's `save_pretrained` writes a README.md template full of "[More Information Needed]" and records as
 `base_model_name_or_path` whatever path the base was loaded from — for a .gguf base, a conversion in the
 local cache that nobody else has. `finish_adapter_dir` replaces both from the run's record; `loratool eval`
-calls `write_model_card` again to add its numbers.
+calls `write_model_card` again to add its numbers. A .gguf base is named by the hub id it was converted
+from (the recipe's model.gguf_source, else the file's metadata: run.json gguf.hub_id), else by its file
+name and sha256 — never by a path on this machine; run.json keeps the local paths.
 
 The vLLM check reads only adapter_config.json and the tensor names, with the rules vLLM's LoRA loader
 applies (vllm/lora/peft_helper.py, worker_manager): no DoRA, no bias, no modules_to_save, rank within
@@ -33,12 +35,22 @@ SMOKE_STEPS = 100
 SMOKE_TOKENS = 100_000
 
 
-def base_name(base: BaseModelRecord) -> str:
+def base_name(base: BaseModelRecord, recipe: dict[str, Any] | None = None) -> str:
     """How someone else finds the base: its hub id (or local path) as the recipe named it; a .gguf base by
-    its file name (the sha256 goes next to it in the card)."""
-    if base.gguf is not None and base.gguf.get("file"):
-        return str(base.gguf["file"])
+    the hub id it was converted from, else by its file name (the sha256 goes next to it in the card)."""
+    if base.gguf is not None:
+        return gguf_source(base, recipe) or gguf_file_name(base)
     return str(base.id or base.resolved_path or "unknown")
+
+
+def gguf_source(base: BaseModelRecord, recipe: dict[str, Any] | None) -> str | None:
+    """The hub id a .gguf base was converted from: the recipe's model.gguf_source, else the file's metadata."""
+    given = ((recipe or {}).get("model") or {}).get("gguf_source")
+    return str(given or (base.gguf or {}).get("hub_id") or "") or None
+
+
+def gguf_file_name(base: BaseModelRecord) -> str:
+    return Path(str((base.gguf or {}).get("file") or base.id or "base.gguf")).name
 
 
 def finish_adapter_dir(folder: Path, recipe: dict[str, Any], run: RunRecord) -> None:
@@ -47,7 +59,7 @@ def finish_adapter_dir(folder: Path, recipe: dict[str, Any], run: RunRecord) -> 
     config_path = folder / ADAPTER_CONFIG
     if config_path.is_file():
         config = read_json(config_path)
-        config["base_model_name_or_path"] = base_name(run.base_model)
+        config["base_model_name_or_path"] = base_name(run.base_model, recipe)
         write_json_atomic(config_path, config)
     write_model_card(folder, recipe, run)
 
@@ -77,13 +89,17 @@ def model_card(
     """The card's text, one section after the other. `recipe` is the resolved recipe as a dict (recipe.yaml)."""
     output_dir = (recipe.get("training") or {}).get("output_dir")
     name = Path(output_dir).name if output_dir else folder.name  # train writes into a staging folder
-    base_ref = base_name(run.base_model)
+    base_ref = base_name(run.base_model, recipe)
     gguf = run.base_model.gguf
-    hub_base = None if gguf or _looks_local(base_ref) else base_ref
+    if gguf:
+        hub_base = gguf_source(run.base_model, recipe)
+        gguf = {**gguf, "name": gguf_file_name(run.base_model), "hub_id": hub_base}
+    else:
+        hub_base = None if _looks_local(base_ref) else base_ref
     lora = recipe.get("lora") or {}
     config = _adapter_config(folder)
 
-    lines = _introduction(name, base_ref, hub_base, run)
+    lines = _introduction(name, base_ref, hub_base, run, gguf)
     lines += _data_section(run.data)
     lines += _training_section(lora, recipe.get("training") or {}, run, config)
     if run.adalora is not None:
@@ -96,9 +112,10 @@ def model_card(
     return "\n".join(lines)
 
 
-def _introduction(name: str, base_ref: str, hub_base: str | None, run: RunRecord) -> list[str]:
+def _introduction(
+    name: str, base_ref: str, hub_base: str | None, run: RunRecord, gguf: dict[str, Any] | None
+) -> list[str]:
     """The YAML metadata the Hub reads, the title, what the adapter is, and a warning for a short run."""
-    gguf = run.base_model.gguf
     lines = ["---", "library_name: peft", "tags: [lora, loratool]"]
     if hub_base:
         lines.append(f"base_model: {hub_base}")
@@ -106,7 +123,13 @@ def _introduction(name: str, base_ref: str, hub_base: str | None, run: RunRecord
     lines.append(f"A LoRA adapter for **{base_ref}**, trained with loratool.")
     if gguf:
         lines.append(
-            f"The base is the GGUF file `{Path(gguf['file']).name}` (sha256 `{gguf.get('sha256')}`)."
+            f"It was trained on the GGUF file `{gguf['name']}` (sha256 `{gguf.get('sha256')}`)"
+            + (
+                f", converted from {gguf['hub_id']}: its dequantized weights differ from the hub "
+                "checkpoint's by the file's quantization error."
+                if gguf.get("hub_id")
+                else "."
+            )
         )
     if run.base_model.quantization:
         lines.append(f"Trained on the {run.base_model.quantization}-quantized base (QLoRA).")
@@ -131,6 +154,8 @@ def _introduction(name: str, base_ref: str, hub_base: str | None, run: RunRecord
             "chosen / rejected answer pairs to score the chosen answer higher. The head is saved with the "
             "adapter (`modules_to_save`)."
         )
+    if (line := online_rl_line(run)) is not None:
+        lines.append(line)
     lines.append("")
     if is_smoke(run) and not run.smoke:  # a --smoke run gets its own banner (mark_smoke_run)
         train = run.train
@@ -208,33 +233,57 @@ def _use_section(
     lora: dict[str, Any],
     config: dict[str, Any],
 ) -> list[str]:
-    """How to load it with PEFT, serve it with vLLM (or why vLLM would refuse it), and run it in llama.cpp."""
-    lines = [
-        "## Use",
-        "",
-        "With PEFT:",
-        "",
-        "```python",
-        "from peft import AutoPeftModelForCausalLM",
-        "from transformers import AutoTokenizer",
-        "",
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{name}")  # loads {load_base} + this adapter',
+    """How to load it with PEFT, serve it with vLLM (or why vLLM would refuse it), and run it in llama.cpp.
+    A .gguf base without a known hub id is loaded from the file, next to the adapter (`./FILE.gguf`)."""
+    from_file = bool(gguf) and not gguf.get("hub_id")
+    lines = ["## Use", "", "With PEFT:", "", "```python"]
+    if from_file:
+        assert gguf is not None
+        lines += [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained(".", gguf_file="{gguf["name"]}")  # dequantized',
+            f'model = PeftModel.from_pretrained(base, "{name}")',
+        ]
+    else:
+        lines += [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{name}")  # loads {load_base} + this adapter',
+        ]
+    lines += [
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # the chat template it was trained with',
         "```",
         "",
     ]
     if gguf:
         lines += [
-            "The base is a GGUF file: PEFT loads it as a Hugging Face checkpoint converted from it "
-            f'(`AutoModelForCausalLM.from_pretrained(DIR, gguf_file="{Path(gguf["file"]).name}")`).',
+            f"The weights it was trained on are the GGUF file `{gguf['name']}` (sha256 `{gguf.get('sha256')}`)"
+            + (
+                ": put it in the current directory for the commands here."
+                if from_file
+                else f'; to load exactly those: `AutoModelForCausalLM.from_pretrained(DIR, gguf_file="'
+                f'{gguf["name"]}")` with the file in DIR, then `PeftModel.from_pretrained(base, "{name}")`.'
+            ),
             "",
         ]
+    # A merge on another machine finds the base by the GGUF file itself (run.json's paths are this one's).
+    base_flag = f" --base ./{gguf['name']}" if gguf else ""
     lines += ["With vLLM:", "", "```sh"]
     rank = config.get("r") if isinstance(config.get("r"), int) else lora.get("r")
     max_rank = next((r for r in VLLM_RANKS if isinstance(rank, int) and r >= rank), None)
     rank_flag = f" --max-lora-rank {max_rank}" if max_rank and max_rank > VLLM_DEFAULT_MAX_RANK else ""
-    lines += [f"vllm serve {load_base} --enable-lora --lora-modules {name}=./{name}{rank_flag}", "```", ""]
-    problems = vllm_problems(folder) if config else []
+    if from_file:  # vLLM takes a LoRA on a Hugging Face checkpoint: merge into the file's weights
+        lines += [
+            f"loratool merge --adapter {name}{base_flag} --output {name}-merged",
+            f"vllm serve ./{name}-merged",
+        ]
+    else:
+        lines.append(f"vllm serve {load_base} --enable-lora --lora-modules {name}=./{name}{rank_flag}")
+    lines += ["```", ""]
+    problems = vllm_problems(folder) if config and not from_file else []
     if problems:
         lines += ["vLLM's LoRA loader will refuse this adapter as it is:", ""]
         lines += [f"- {p}" for p in problems]
@@ -243,7 +292,7 @@ def _use_section(
         "With llama.cpp or Ollama: merge and export it, then run the GGUF file:",
         "",
         "```sh",
-        f"loratool merge --adapter {name} --output {name}-merged",
+        f"loratool merge --adapter {name}{base_flag} --output {name}-merged",
         f"loratool export {name}-merged --format gguf --output {name}-gguf",
         "```",
         "",
@@ -252,6 +301,27 @@ def _use_section(
         "",
     ]
     return lines
+
+
+def online_rl_line(run: RunRecord) -> str | None:
+    """What a GRPO or RLOO run did: completions per prompt, the rewards that scored them, the KL."""
+    rl = run.grpo if run.stage == "grpo" else run.rloo if run.stage == "rloo" else None
+    if rl is None:
+        return None
+    rewards = ", ".join(
+        f"{r.get('name')}" + (f" x {r.get('weight')}" if r.get("weight") not in (None, 1, 1.0) else "")
+        for r in rl.get("rewards") or []
+    )
+    beta = rl.get("beta")
+    start = rl.get("init_adapter")
+    return (
+        f"Trained by online reinforcement learning ({run.stage.upper()}): {rl.get('num_generations')} "
+        f"completions per prompt, up to {rl.get('max_completion_length')} tokens each, sampled at temperature "
+        f"{rl.get('temperature')} and scored by {rewards or 'its rewards'}; "
+        + (f"KL to the reference with beta {beta}" if beta else "no KL term (beta 0)")
+        + (f"; started from the adapter of `{Path(start).name}`" if start else "")
+        + "."
+    )
 
 
 def _reward_use_section(name: str, load_base: str) -> list[str]:

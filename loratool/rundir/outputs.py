@@ -340,6 +340,19 @@ def _note_unrecorded_partials(output: Path, log: Callable[[str], None]) -> None:
         )
 
 
+def lock_holder(output: Path) -> dict[str, Any] | None:
+    """Who holds the lock on `output` as its lock file says (pid, host, command, started); None when there is
+    no lock file. Read only: another machine's process can check which process writes a shared directory."""
+    try:
+        fd = os.open(lock_path(output), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
     try:
         value = json.loads(os.pread(fd, 4096, 0) or b"{}")

@@ -84,6 +84,8 @@ def base_name(target: Target, plain: str) -> str:
     answers under its run's name, as in `loratool generate`."""
     if target.kind == "merged":
         return plain
+    if target.kind == "base":
+        return target.name  # a hub id TARGET: that id, not its cache snapshot's commit hash
     source = str(target.recipe.base_model) if target.kind == "run" and target.recipe else str(target.path)
     local = Path(source).expanduser()
     if local.exists():

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from loratool.errors import LoratoolError
+from loratool.train.heartbeat import wait_limit_here
 
 if TYPE_CHECKING:
     from loratool.recipe import TrainingSection
@@ -26,7 +27,7 @@ def trainer_fields(
     transformers.TrainingArguments part, with loratool's defaults and the strategies it derives."""
     fields = training.model_dump(
         exclude=_OURS_NOT_SFT
-        | {"output_dir", "eval_steps", "save_steps", "bf16", "fp16", "gradient_checkpointing"}
+        | {"output_dir", "eval_steps", "save_steps", "bf16", "fp16", "gradient_checkpointing", "ddp_timeout"}
     )
     # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
     fields["activation_checkpointing"] = bool(training.gradient_checkpointing)
@@ -59,6 +60,8 @@ def trainer_fields(
         "bf16": bf16,
         "fp16": fp16,
         "warmup_steps": training.resolved_warmup(),
+        # The process group already has this timeout (processes.py creates it); said again for the record.
+        "ddp_timeout": wait_limit_here(training.ddp_timeout),
         "eval_strategy": eval_strategy,
         "eval_steps": training.eval_steps,
         "save_strategy": "steps" if save_steps else "epoch",

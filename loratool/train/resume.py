@@ -40,6 +40,7 @@ MAY_CHANGE = (
     "training.early_stopping_threshold",
     "training.disable_tqdm",
     "training.dataloader_num_workers",
+    "training.ddp_timeout",  # how long a process waits for the others: not what the run learns
 )
 # Compared by content below rather than by the path written in the recipe: the same file reached from
 # another working directory, or the run's own recipe.yaml, must not count as a change.

@@ -17,7 +17,7 @@ from loratool.recipe import Recipe, recipe_to_dict
 from loratool.rundir.metrics import plot_loss_curve, read_metrics
 from loratool.rundir.model_card import finish_adapter_dir, mark_smoke_run
 from loratool.rundir.records import LOSS_CURVE, RunDir, RunRecord
-from loratool.train import memory
+from loratool.train import heartbeat, memory
 from loratool.train.divergence import check_finite_adapter
 from loratool.train.failures import as_training_error
 from loratool.train.preflight import Preflight, preflight_every_process
@@ -40,9 +40,14 @@ def run_train(
     the record of a smoke run (smoke.py), kept in run.json and on the model card."""
     from transformers import set_seed  # deferred: transformers loads torch
 
-    started, state = time.time(), processes()
+    limit = heartbeat.wait_limit_here(recipe.training.ddp_timeout)  # seconds one process waits for the others
+    started, state = time.time(), processes(limit)
     log = log if state.is_main_process else quiet  # every process runs this under a launcher; one reports
-    with RunLog() as run_log, main_holds_output(state, output_path(recipe), log):
+    with (
+        RunLog() as run_log,
+        heartbeat.watching(state, limit),
+        main_holds_output(state, output_path(recipe), log),
+    ):
         # 1. Every input checked and every data row tokenized before any weights load (main process first).
         checks = preflight_every_process(state, recipe, overwrite=overwrite, resume=resume, log=log)
         record = new_record(recipe, checks, world_size=state.num_processes, started=started, smoke=smoke)
@@ -63,6 +68,7 @@ def run_train(
                 model, recipe, checks, run, checkpoint, num_processes=state.num_processes,
                 base_fingerprint=record.base_model.fingerprint,
             )  # fmt: skip
+            heartbeat.wait_for_main_saves(training.trainer)
             result = training.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             final_eval = final_evaluation(training.trainer) if checks.data.validation is not None else {}
             record = finish_record(
@@ -78,9 +84,10 @@ def run_train(
                 )
                 run.finish(write, record)
         except BaseException as exc:
+            cause = heartbeat.explain(exc)  # another process failed or stopped answering: name it
             if state.is_main_process:
-                run.fail(record, exc)
-            raise as_training_error(exc, run) from exc
+                run.fail(record, cause)
+            raise as_training_error(cause, run) from exc
         log(summary(record, training.trainer, final_eval))  # inside: train.log keeps these lines too
         log(f"adapter written to {run.path}")
     return run.path

@@ -29,9 +29,10 @@ def test_a_trained_checkpoint_is_checked_against_its_base(tmp_path, tiny_llama, 
         "error: the base model is not the one this adapter was trained on: checkpoint-2's seal "
         f"({CHECKPOINT_SEAL}) records {tiny_llama}"
     ) in refused.output
-    assert not (checkpoint / "merged").exists()
+    assert not (tmp_path / "run" / "merged-checkpoint-2").exists()
 
     merged = merge_cli("--adapter", checkpoint)  # the run's base, and verified against it
     assert merged.exit_code == 0, merged.output
-    assert record(checkpoint / "merged")["base_model"]["fingerprint_check"] == "match"
-    assert record(checkpoint / "merged")["verification"]["passed"]
+    merged_dir = tmp_path / "run" / "merged-checkpoint-2"  # outside the checkpoint: rotation keeps it
+    assert record(merged_dir)["base_model"]["fingerprint_check"] == "match"
+    assert record(merged_dir)["verification"]["passed"]

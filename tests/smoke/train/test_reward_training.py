@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +205,10 @@ def test_commands_that_write_answers_refuse_a_reward_model(reward_run, tmp_path)
     assert "the run directory" in info.value.hint
     result = CliRunner().invoke(app, ["generate", str(merged), "--prompt", "hi"])
     assert result.exit_code == 1 and "is a reward model" in result.output
+    for source, form in ((out, "gguf"), (out, "gguf-lora"), (merged, "gguf")):  # before any merge work
+        result = CliRunner().invoke(app, ["export", str(source), "--format", form])
+        assert result.exit_code == 1 and "is a reward model (a score head on the base" in result.output
+        assert "--format hf" in result.output and not Path(f"{source}-{form}").exists()
 
 
 def test_a_resumed_reward_run_equals_the_uninterrupted_one(tmp_path, tiny_llama, monkeypatch):

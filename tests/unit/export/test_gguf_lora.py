@@ -207,7 +207,7 @@ def test_the_base_must_be_the_weights_the_run_trained_on(tiny_llama, tiny_model_
         run_export(checkpoint, format="gguf-lora", base=str(other), log=quiet)
     assert refused.value.message.startswith("the base model is not the one this adapter was trained on")
     assert "--force" in refused.value.hint
-    assert not (tmp_path / "run" / "checkpoints" / "checkpoint-12-gguf-lora").exists()
+    assert not (tmp_path / "run-checkpoint-12-gguf-lora").exists()
 
     warned: list[str] = []
     forced = run_export(checkpoint, format="gguf-lora", base=str(other), force=True, log=warned.append)

@@ -49,7 +49,7 @@ def test_a_checkpoint_is_refused_on_a_base_with_other_weights(run, tiny_model_fa
         f"({CHECKPOINT_SEAL}) records"
     )
     assert "--force" in refused.value.hint
-    assert not (checkpoint / "merged").exists()
+    assert not (run / "merged-checkpoint-12").exists()
 
 
 def test_a_checkpoint_merges_into_the_base_its_run_recorded(run, tiny_llama):

@@ -41,7 +41,8 @@ def test_conversion_reproduces_the_model_and_tokenizer(tiny_gguf, tiny_source, p
     assert converted.parent == private_cache / "gguf"
     assert converted.name == file_sha256(tiny_gguf)[:16]
     assert lines[0] == f"converting tiny.gguf to a Hugging Face checkpoint (once; cached in {converted})"
-    assert lines[1].startswith("converted in ") and lines[1].endswith("s (float32)")
+    assert lines[1].startswith("  writing the checkpoint: ") and lines[1].endswith(" parameters in float32")
+    assert lines[-1].startswith("converted in ") and lines[-1].endswith("s (float32)")
     assert {"config.json", "model.safetensors", "tokenizer.json", SOURCE_RECORD} <= {
         p.name for p in converted.iterdir()
     }
@@ -100,7 +101,7 @@ def test_sha256_is_remembered_while_size_and_mtime_hold(tiny_gguf, tmp_path, mon
 def test_interrupted_conversion_leaves_nothing_that_looks_complete(tiny_gguf, private_cache, monkeypatch):
     real = gguf_base.convert_gguf
 
-    def crash(gguf_file: Path, out_dir: Path) -> str:
+    def crash(gguf_file: Path, out_dir: Path, log=None) -> str:
         (out_dir / "model.safetensors").write_bytes(b"half a file")
         raise KeyboardInterrupt
 
@@ -172,3 +173,24 @@ def test_relative_gguf_path_resolves_against_the_recipe(tiny_gguf, tmp_path):
     shutil.copy(tiny_gguf, tmp_path / "model.gguf")
     recipe = smoke_recipe("../model.gguf", "data.jsonl", "out/x")
     assert load_recipe(write_recipe(folder / "r.yaml", recipe)).base_model == str(tmp_path / "model.gguf")
+
+
+def test_the_gguf_reader_reports_progress_through_loratool_while_quiet(monkeypatch):
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+    from loratool.model import gguf_base
+
+    monkeypatch.setattr(gguf_base, "QUIET_READER", True)
+    library_bar = gguf_reader.tqdm
+    lines: list[str] = []
+    with gguf_base.gguf_reader_progress("  dequantizing m.gguf", lines.append, every=0.0):
+        assert list(gguf_reader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [
+            0,
+            1,
+            2,
+        ]
+    assert gguf_reader.tqdm is library_bar  # the library's own bar is back afterwards
+    assert lines and lines[-1].startswith("  dequantizing m.gguf: 2/3 tensors")
+    monkeypatch.setattr(gguf_base, "QUIET_READER", False)  # LORATOOL_DEBUG: the library's bar stays
+    with gguf_base.gguf_reader_progress("x", lines.append, every=0.0):
+        assert gguf_reader.tqdm is library_bar

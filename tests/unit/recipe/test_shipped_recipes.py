@@ -9,7 +9,8 @@ from loratool.model import hardware
 from loratool.recipe import load_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-CPU_DEMOS = ("tiny-smoke", "tiny-dpo", "tiny-kto", "tiny-reward", "tiny-grpo", "smollm2-demo")
+CPU_DEMOS = ("tiny-smoke", "tiny-dpo", "tiny-kto", "tiny-reward", "tiny-grpo", "smollm2-demo", "smollm2-sft-short",
+             "smollm2-grpo")  # fmt: skip
 BIG = [p for p in RECIPES if p.stem not in CPU_DEMOS]
 
 
