@@ -5,8 +5,6 @@ the adapter an uninterrupted run of the same launch gives, and run.json shows th
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, smoke_recipe, write_recipe
+from helpers.multiprocess import finish_group, launch_env
 from loratool.rundir.records import CHECKPOINT_SEAL
 
 LAUNCH_TIMEOUT = 300  # seconds; a hang fails the test instead of blocking CI
@@ -25,22 +24,11 @@ STEPS, SAVE_EVERY = 30, 3
 
 
 def launch(recipe: Path, output: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("LORATOOL_DEBUG", None)
+    env = launch_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *extra,
                "-m", "loratool", "train", str(recipe), "--set", f"training.output_dir={output}"]  # fmt: skip
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
-
-
-def finish(agent: subprocess.Popen) -> tuple[int, str]:
-    try:
-        out, _ = agent.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(agent.pid, signal.SIGKILL)
-        out, _ = agent.communicate()
-        pytest.fail(f"torchrun did not finish in {LAUNCH_TIMEOUT} s:\n{out}")
-    return agent.returncode, out
 
 
 def worker_of_rank(agent: subprocess.Popen, rank: int) -> psutil.Process:
@@ -66,7 +54,7 @@ def test_a_killed_rank_restarts_the_group_and_the_run_resumes_to_the_same_adapte
     recipe = write_recipe(tmp_path / "recipe.yaml", body)
 
     straight = tmp_path / "straight"
-    code, out = finish(launch(recipe, straight))
+    code, out = finish_group(launch(recipe, straight), LAUNCH_TIMEOUT)
     assert code == 0, out
 
     restarted = tmp_path / "restarted"
@@ -77,7 +65,7 @@ def test_a_killed_rank_restarts_the_group_and_the_run_resumes_to_the_same_adapte
         assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0]
         time.sleep(0.05)
     worker_of_rank(agent, 1).kill()  # a node lost mid-run: SIGKILL, no chance to clean up
-    code, out = finish(agent)
+    code, out = finish_group(agent, LAUNCH_TIMEOUT)
     assert code == 0, out
     assert (
         "torchrun restarted this launch (attempt 2): continuing its run from the last complete checkpoint"

@@ -10,8 +10,6 @@ machines. A constant learning rate makes 6 steps + 2 resumed steps the same trai
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +20,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe
-from helpers.multiprocess import CONFIGS
+from helpers.multiprocess import CONFIGS, free_port, launch_env
 from loratool.cli import app
 
 # The launches take about a minute and a half on 2 free CPU cores: marked slow, which `make test` runs.
@@ -32,18 +30,6 @@ LAUNCH_TIMEOUT = 300  # seconds; a hang (a process waiting for one that died) fa
 
 
 STEPS, FIRST_PART = 8, 6
-
-
-def launch_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("LORATOOL_DEBUG", None)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ The limit is set small here (15 s); every wait of the test is bounded, so a hang
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import psutil
 import pytest
 
 from conftest import REPO, smoke_recipe, write_recipe
+from helpers.multiprocess import free_port, launch_env
 from loratool.rundir.records import RunDir
 
 # Each launch loads torch and the tiny model in two processes: about a minute on 2 busy CPU cores.
@@ -30,20 +30,6 @@ slow = pytest.mark.slow
 LIMIT_S = 15  # training.ddp_timeout in these runs
 BOUND_S = LIMIT_S + 60  # generous: what it proves is "not transformers' 30 minutes"
 START_S = 300  # at most, for the processes to load and train their first steps
-
-
-def launch_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("LORATOOL_DEBUG", None)
-    return env
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +17,10 @@ from typer.testing import CliRunner
 
 from conftest import REPO, smoke_recipe, write_recipe
 from helpers.launch import torchrun_line
+from helpers.multiprocess import free_port
 from loratool.cli import app
 
 AGENT_TIMEOUT = 240  # seconds; a hang (an agent waiting for one that died) fails instead of blocking CI
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_node(command: str, cwd: Path, given: dict[str, str]) -> subprocess.Popen:
