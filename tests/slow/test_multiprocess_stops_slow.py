@@ -134,6 +134,7 @@ def test_a_stopped_rank_stops_the_other_within_the_limit(tmp_path, tiny_llama):
         main.wait(timeout=60)  # rank 0 exits by itself (torchrun would then kill the stopped one)
     finally:
         leave_nothing(agent)
+    print(f"SIGSTOP of rank 1 -> rank 0 named it {took:.1f} s later (limit {LIMIT_S} s)")
     assert took <= BOUND_S, took
     text = log.read_text()
     assert re.search(rf"exitcode\s*:\s*1 \(pid: {main.pid}\)", text), text  # rank 0 failed, exit code 1
@@ -282,6 +283,7 @@ def test_a_killed_rank_on_another_machine_is_named(tmp_path, tiny_llama):
         took = wait_until(lambda: agents[0].poll() is not None, BOUND_S, "machine 0 stops")
     finally:
         leave_nothing(*agents)
+    print(f"SIGKILL of rank 1 on machine 1 -> machine 0 exited {took:.1f} s later (limit {LIMIT_S} s)")
     assert took <= BOUND_S
     assert agents[0].returncode != 0
     named = [line for line in errors(logs[0]) if line.startswith("error: rank 1 ")]
