@@ -49,6 +49,7 @@ from loratool.data.preference import (
     _answer_span,
     _as_messages,
     _one_answer,
+    prompt_kept,
     resolve_preference_format,
     to_pair,
 )
@@ -272,12 +273,17 @@ def _cut(
     if data.truncation == "drop":
         summary.drop("too_long", location, f"{length} tokens, over data.max_length={data.max_length}")
         return None
+    if data.prompt_truncation == "keep_end":  # as for preference pairs: the prompt loses its start
+        kept = prompt_kept(len(prompt), len(completion), data.max_length)
+        summary.prompts_cut += kept < len(prompt)
+        prompt = prompt[len(prompt) - kept :]
     room = data.max_length - len(prompt)
     if room <= 0:
         summary.drop(
-            "no_loss",
+            "prompt_too_long",
             location,
-            f"the prompt alone is {len(prompt)} tokens, data.max_length={data.max_length}",
+            f"the prompt alone is {len(prompt)} tokens, data.max_length={data.max_length} "
+            "(data.prompt_truncation: keep_end cuts it from its start instead)",
         )
         return None
     summary.truncated += 1

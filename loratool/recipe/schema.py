@@ -357,7 +357,8 @@ class DataSection(Section):
     `drop`: skip the row. Rows left with no loss token are always dropped, and counted."""
 
     prompt_truncation: Literal["keep_start", "keep_end"] = "keep_start"
-    """Preference pairs (dpo, reward) longer than max_length, with truncation `truncate`; trl's DPOConfig
+    """Preference pairs (dpo, reward) and unpaired rows (kto) longer than max_length, with truncation
+    `truncate`; trl's DPOConfig
     truncation_mode. `keep_start`: the answers are cut from their end, and a pair whose prompt alone fills
     max_length is dropped. `keep_end`: the prompt is cut from its start instead: it keeps its last tokens
     (the turns nearest the answers; a system prompt at its start goes) and leaves the answers whole, or at

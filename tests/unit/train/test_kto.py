@@ -293,3 +293,21 @@ def test_a_bad_label_stops_the_dry_run_at_its_line(tmp_path, tiny_llama):
     recipe = kto_recipe(tmp_path, tiny_llama, rows)
     with pytest.raises(LoratoolError, match=r"u\.jsonl:2: field 'label' must be true or false"):
         dry_run(recipe, log=lambda _: None)
+
+
+def test_a_long_prompt_is_dropped_or_cut_from_its_start_as_for_pairs(tokenizer, tmp_path):
+    long = "Here is a long story about a river and a garden. " * 12
+    rows = [judged("apple", True), judged("river", False)]
+    rows += [{**judged("violin", True), "prompt": [{"role": "user", "content": long + "So, violin?"}]}]
+    path = write_jsonl(tmp_path / "u.jsonl", rows)
+    dropped = build_unpaired_datasets(data_section(path, max_length=64), fresh(tokenizer), seed=0)
+    source = dropped.summary.train.sources[0]
+    assert (source.used, source.dropped["prompt_too_long"]) == (2, 1)
+    assert "data.prompt_truncation: keep_end cuts it from its start instead" in dropped.summary.format()
+    cut = build_unpaired_datasets(
+        data_section(path, max_length=64, prompt_truncation="keep_end"), fresh(tokenizer), seed=0
+    )
+    source = cut.summary.train.sources[0]
+    assert (source.used, source.prompts_cut) == (3, 1)
+    violin = next(r for r in cut.train if len(r["prompt_ids"]) + len(r["completion_ids"]) == 64)
+    assert tokenizer.decode(violin["completion_ids"]).strip().startswith("violin is nice. yes yes")
