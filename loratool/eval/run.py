@@ -533,9 +533,8 @@ def output_dir(target: Target, output: str | Path | None) -> Path:
     if output is not None:
         out = Path(output).expanduser().absolute()
     elif target.kind == "base":
-        out = (
-            Path.cwd().absolute() / f"eval-{target.path.stem if target.path.is_file() else target.path.name}"
-        )
+        # A hub id's name (org/name) as a directory name: eval-org--name, the hub cache's own spelling.
+        out = Path.cwd().absolute() / f"eval-{target.name.replace('/', '--')}"
     else:
         out = target.path / EVAL_DIR
     if out.resolve() == target.path or out.resolve() in target.path.parents:
@@ -615,6 +614,8 @@ def _difference(models: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def _describe_target(target: Target) -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(target.path), "kind": target.kind}
+    if target.hub_id:
+        info["hub_id"] = target.hub_id  # `path` is then its snapshot in the hub cache
     if target.kind == "run" and target.run is not None:
         info["base_model"] = target.run.base_model.to_dict()
         info["adapter"] = str(target.path)

@@ -41,3 +41,10 @@ def test_a_local_target_keeps_its_directory_name(cached):
     target = resolve_target(cached)
     assert target.hub_id is None
     assert target.name == COMMIT and base_name(target, plain_name(target)) == COMMIT
+
+
+def test_eval_of_a_hub_id_target_reports_beside_you_under_its_name(cached, tmp_path):
+    from loratool.eval.run import output_dir
+
+    target = resolve_target("some-org/tiny")
+    assert output_dir(target, None) == tmp_path / "eval-some-org--tiny"  # not eval-e0c7000…
