@@ -25,7 +25,8 @@ def eval_(
         Path | None,
         typer.Option(
             "--data",
-            help="Evaluate on this file (any format `train` reads) instead of the run's validation split.",
+            help="Evaluate on this file (any format `train` reads; preference pairs and KTO's judged rows "
+            "by their chosen answers) instead of the run's validation split.",
             show_default=False,
         ),
     ] = None,

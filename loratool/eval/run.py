@@ -29,6 +29,7 @@ from typing import Any
 from loratool import __version__
 from loratool.data import build_datasets
 from loratool.data.preference import build_preference_datasets, chosen_rows
+from loratool.data.sources import open_source
 from loratool.data.unpaired import build_unpaired_datasets, desirable_rows
 from loratool.errors import LoratoolError
 from loratool.eval import report as eval_report
@@ -50,7 +51,7 @@ from loratool.generate.target import (
 from loratool.model import hardware
 from loratool.model.bnb_cpu import four_bit_matmul
 from loratool.progress import Heartbeat
-from loratool.recipe import DataSection
+from loratool.recipe import DataSection, DataSource
 from loratool.rundir.model_card import write_model_card
 from loratool.rundir.outputs import Output, check_output, claim_output, library_versions
 
@@ -315,8 +316,11 @@ def build_eval_data(
 
     recipe = target.recipe
     seed = recipe.training.seed if recipe else 0
-    preference = data is None and recipe is not None and recipe.dpo is not None
-    unpaired = data is None and recipe is not None and recipe.kto is not None
+    holds = rows_in(data) if data is not None else None
+    # A DPO or KTO run's own validation split, or a --data file of pairs or of judged completions (what
+    # those methods train on, whatever the run): each prompt with its chosen / desirable answer.
+    preference = holds == "pairs" or (data is None and recipe is not None and recipe.dpo is not None)
+    unpaired = holds == "judged" or (data is None and recipe is not None and recipe.kto is not None)
     if data is None:
         assert recipe is not None and recipe.data.validation is not None
         section = recipe.data
@@ -354,8 +358,15 @@ def build_eval_data(
         # entry only satisfies the schema and is built too (the same rows, tokenized twice).
         file = [{"path": str(data)}]
         section = DataSection.model_validate({**base, "train": file, "validation": file})
+        build = (
+            build_preference_datasets
+            if preference
+            else build_unpaired_datasets
+            if unpaired
+            else build_datasets
+        )
         try:
-            built = build_datasets(section, tokenizer, seed=seed)
+            built = build(section, tokenizer, seed=seed)
         except LoratoolError as exc:
             message = exc.message.replace("data.train", f"--data {data}", 1)
             raise LoratoolError(message.replace("data.validation", f"--data {data}", 1), exc.hint) from None
@@ -384,6 +395,18 @@ def build_eval_data(
         truncated_references=sum(not p.complete for p in prompts),
     )
     return EvalData(rows, prompts, f"{len(rows)} rows of {description}", details)
+
+
+def rows_in(data: Path) -> str:
+    """What a --data file holds, from its first readable row: "pairs" (prompt, chosen and rejected: the
+    answers DPO compares), "judged" (completion and label: KTO's rows), else "rows" (a supervised format)."""
+    rows, _ = open_source(DataSource(path=str(data)))
+    first = next((row.data for row in rows if row.data is not None), None) or {}
+    if {"chosen", "rejected"} <= first.keys():
+        return "pairs"
+    if {"completion", "label"} <= first.keys():
+        return "judged"
+    return "rows"
 
 
 @dataclass(frozen=True)

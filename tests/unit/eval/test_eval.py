@@ -20,3 +20,38 @@ def test_generation_metrics_on_known_strings():
     perfect = generation_metrics(["the cat sat on the mat"], ["the cat sat on the mat"], [6])
     assert perfect["exact_match"] == 1 and perfect["rouge_l_f1"] == 1
     assert perfect["bleu"] == pytest.approx(100) and perfect["chrf"] == pytest.approx(100)
+
+
+@pytest.mark.parametrize(
+    ("rows", "holds"),
+    [
+        (
+            [{"prompt": "Say hi.", "chosen": " hi there", "rejected": " go away"},
+             {"prompt": "Say bye.", "chosen": " bye now", "rejected": " no"}],
+            "pairs",
+        ),
+        (
+            [{"prompt": "Say hi.", "completion": " hi there", "label": True},
+             {"prompt": "Say hi.", "completion": " go away", "label": False},
+             {"prompt": "Say bye.", "completion": " bye now", "label": True}],
+            "judged",
+        ),
+    ],
+)  # fmt: skip
+def test_eval_data_of_pairs_or_judged_rows_asks_for_the_chosen_answers(tiny_llama, tmp_path, rows, holds):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from loratool.eval.run import build_eval_data, rows_in
+    from loratool.generate.target import resolve_target
+
+    path = tmp_path / "held-out.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rows_in(path) == holds
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    data = build_eval_data(resolve_target(tiny_llama), path, tokenizer)
+    references = sorted(
+        tokenizer.decode(p.reference_ids, skip_special_tokens=True).strip() for p in data.prompts
+    )
+    assert references == ["bye now", "hi there"]  # the desirable answers only, as DPO / KTO runs are judged
