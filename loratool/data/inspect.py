@@ -542,8 +542,10 @@ def _generation_eos(rows: list[Any], context: _Context) -> Finding | None:
     return Finding(
         "generation_eos_mismatch",
         f"the base model's {where} stops generation at {names}, but the chat template ends a turn with "
-        f"{eot!r} ({eot_id}): generation would run past the answer; add {eot_id} to "
-        "generation_config.eos_token_id when serving the model",
+        f"{eot!r} ({eot_id}). loratool's generate, chat, eval and serve stop there as well, and merge "
+        f"writes {eot_id} into the merged model's generation_config.json; nothing to do for them. Only the "
+        f"base's own files, with this adapter served by another tool, would run past the answer: add "
+        f"{eot_id} to its generation_config eos_token_id there",
         1,
         [str(folder / where) if folder and where else recipe.base_model],
     )

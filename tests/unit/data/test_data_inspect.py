@@ -100,7 +100,9 @@ def test_every_check_fires_with_counts_and_examples(tmp_path, tiny_model_factory
     assert found["all_loss_masked"].examples[0].endswith(":10")
     cut = found["truncated"]
     assert cut.count == 1 and "answer tokens" in cut.message and ":11 (" in cut.examples[0]
-    assert "generation_config.json" in found["generation_eos_mismatch"].message
+    eos = found["generation_eos_mismatch"].message
+    assert "generation_config.json" in eos
+    assert "generate, chat, eval and serve stop there as well" in eos  # loratool handles it: no chore left
     page = to_html(report, rows=3)
     assert page.count("class='row'") == 3 and "data:image/png;base64," in page
     assert "<script" not in page and "http" not in page.replace("http-equiv", "")  # self-contained
