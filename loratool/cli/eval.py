@@ -12,11 +12,11 @@ from loratool.cli.application import reports_errors, start_libraries
 
 @reports_errors
 def eval_(
-    target: Annotated[
-        Path,
+    targets: Annotated[
+        list[Path],
         typer.Argument(
             help="A `loratool train` run directory, a merged checkpoint, or a base model (directory or "
-            ".gguf file).",
+            ".gguf file). Several are compared side by side on the same rows (e.g. base, SFT run, RL run).",
             show_default=False,
             metavar="TARGET",
         ),
@@ -65,7 +65,8 @@ def eval_(
         Path | None,
         typer.Option(
             "--output",
-            help="Report directory. Default: TARGET/eval (for a base model: ./eval-NAME).",
+            help="Report directory. Default: TARGET/eval (for a base model: ./eval-NAME; for several "
+            "TARGETs: ./eval-A-vs-B-...).",
             show_default=False,
         ),
     ] = None,
@@ -88,6 +89,18 @@ def eval_(
             show_default=False,
         ),
     ] = None,
+    rewards: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reward",
+            metavar="SPEC",
+            help="Also score the answers with this reward, as an RL run does: exact_match=COLUMN, "
+            "number=COLUMN, regex=PATTERN, valid_json, length=TOKENS, function=file.py:name, model=REWARD_RUN, "
+            "or a YAML mapping of a recipe reward ('{number: answer, tolerance: 0.5}'). Repeatable. A GRPO or "
+            "RLOO run's own rewards are scored without it.",
+            show_default=False,
+        ),
+    ] = None,
     lm_eval_limit: Annotated[
         int | None,
         typer.Option(
@@ -98,12 +111,14 @@ def eval_(
         ),
     ] = None,
 ) -> None:
-    """Held-out loss, perplexity and generation metrics of a fine-tune (and of its base, side by side)."""
+    """Held-out loss, perplexity and generation metrics of a fine-tune (and of its base, side by side), or
+    of several models side by side on the same rows."""
     start_libraries()
-    from loratool.eval import run_eval  # deferred: evaluating loads torch and transformers
+    from loratool.eval import run_comparison, run_eval  # deferred: evaluating loads torch and transformers
 
-    run_eval(
-        target,
+    several = len(targets) > 1
+    (run_comparison if several else run_eval)(
+        targets if several else targets[0],
         data=data,
         compare_base=compare_base,
         max_samples=max_samples,
@@ -116,5 +131,6 @@ def eval_(
         lm_eval_tasks=[t.strip() for t in lm_eval_tasks.split(",") if t.strip()] if lm_eval_tasks else None,
         lm_eval_include=lm_eval_include,
         lm_eval_limit=lm_eval_limit,
+        rewards=rewards,
         log=typer.echo,
     )

@@ -28,19 +28,32 @@ def _fmt(fmt: str, value: Any) -> str:
 
 
 def _columns(record: dict[str, Any]) -> list[str]:
-    return [name for name in ("base", "tuned") if name in record["models"]]
+    """The models in the order they are shown: the comparison's own order, else base then tuned."""
+    return record.get("columns") or [name for name in ("base", "tuned") if name in record["models"]]
 
 
 def summary_table(record: dict[str, Any]) -> list[list[str]]:
-    """Header + one row per metric: base, tuned and their difference when both are there."""
+    """Header + one row per metric (and per reward scored): one column per model, and the difference
+    when there are two."""
     columns = _columns(record)
     both = len(columns) == 2
+    difference = record.get("difference") or {}
     table = [["metric", *columns, *(["difference"] if both else [])]]
-    for key, label, fmt, _ in ROWS:
-        values = [record["models"][c].get(key) for c in columns]
+    rows = [(label, fmt, [record["models"][c].get(key) for c in columns], difference.get(key))
+            for key, label, fmt, _ in ROWS]  # fmt: skip
+    for reward in record.get("rewards") or []:
+        name = reward["name"]
+        means = [((record["models"][c].get("rewards") or {}).get(name) or {}).get("mean") for c in columns]
+        rows.append((f"reward {name} (mean)", "{:.3f}", means, (difference.get("rewards") or {}).get(name)))
+    if len(record.get("rewards") or []) > 1:
+        means = [
+            ((record["models"][c].get("rewards") or {}).get("reward") or {}).get("mean") for c in columns
+        ]
+        total = (difference.get("rewards") or {}).get("reward")
+        rows.append(("reward, weighted sum (mean)", "{:.3f}", means, total))
+    for label, fmt, values, diff in rows:
         row = [label, *(_fmt(fmt, v) for v in values)]
         if both:
-            diff = (record.get("difference") or {}).get(key)
             row.append(_fmt(fmt.replace("{:", "{:+"), diff))
         table.append(row)
     return table
@@ -96,7 +109,11 @@ def _cut_mark(generation: dict[str, Any], record: dict[str, Any]) -> str:
 def report_markdown(record: dict[str, Any], generations: list[dict[str, Any]], loss_curve: str | None) -> str:
     """report.md: summary table, a handful of prompts with every answer, the loss curve, provenance."""
     target, data, settings = record["target"], record["data"], record["settings"]
-    out = [f"# Evaluation of `{target['path']}`", ""]
+    if record.get("targets"):  # several TARGETs side by side
+        title = " vs ".join(f"`{t['name']}`" for t in record["targets"])
+    else:
+        title = f"`{target['path']}`"
+    out = [f"# Evaluation of {title}", ""]
     out.append(
         f"{data['rows']} rows ({data['loss_tokens']} loss tokens) of "
         + (
@@ -123,6 +140,12 @@ def report_markdown(record: dict[str, Any], generations: list[dict[str, Any]], l
         "**ROUGE-L F1**: mean per row (`rouge_score`, lower-cased word tokens). **BLEU**, **chrF**: "
         "corpus-level (`sacrebleu` defaults).",
     ]
+    if record.get("rewards"):
+        given = ", ".join(f"`{r['name']}` ({r['given']}, weight {r['weight']:g})" for r in record["rewards"])
+        out.append(
+            f"- **rewards**: {given}, each the mean over the answers (a reward returning None for an answer "
+            "leaves it out); the weighted sum is what an RL run maximizes."
+        )
     trainer = record.get("trainer_final_eval_loss")
     if trainer is not None:
         out.append(f"- The trainer logged a final `eval_loss` of {trainer:.4f} for this run.")
@@ -154,15 +177,21 @@ def report_markdown(record: dict[str, Any], generations: list[dict[str, Any]], l
         out += [f"### Row {g['index']}", "", "Prompt:", "", _fence(g["prompt"]), "", reference, ""]
         out += [_fence(g["reference"])]
         for name in _columns(record):
-            out += ["", f"{name.capitalize()}:", "", _fence(g[name])]
+            shown = name.capitalize() if name in ("base", "tuned") else f"`{name}`"
+            out += ["", f"{shown}:", "", _fence(g[name])]
         out.append("")
     out += ["## Provenance", ""]
-    out.append(f"- target: `{target['path']}` ({target['kind']})")
-    base = target.get("base_model") or {}
-    if base:
-        out.append(f"- base model: `{base.get('id')}` (fingerprint `{str(base.get('fingerprint'))[:31]}…`)")
-    if target.get("adapter"):
-        out.append(f"- adapter: `{target['adapter']}`")
+    for one in record.get("targets") or [target]:
+        indent = "  " if "name" in one else ""  # several targets: each one's lines under its name
+        if indent:
+            out.append(f"- `{one['name']}`:")
+        out.append(f"{indent}- target: `{one['path']}` ({one['kind']})")
+        base = one.get("base_model") or {}
+        if base:
+            fingerprint = str(base.get("fingerprint"))[:31]
+            out.append(f"{indent}- base model: `{base.get('id')}` (fingerprint `{fingerprint}…`)")
+        if one.get("adapter"):
+            out.append(f"{indent}- adapter: `{one['adapter']}`")
     out.append(
         f"- device {settings['device']}, dtype {settings['dtype']}"
         + (", 4/8-bit base as trained" if settings.get("quantized_base") else "")

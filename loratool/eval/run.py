@@ -37,6 +37,13 @@ from loratool.eval.lm_harness import HarnessTasks, failure, prepare_tasks, run_t
 from loratool.eval.metrics import IGNORE, generation_metrics, heldout_loss
 from loratool.eval.report import report_markdown
 from loratool.eval.reward import run_reward_eval
+from loratool.eval.reward_metrics import (
+    RewardInputs,
+    eval_rewards,
+    reward_inputs,
+    score_answers,
+    with_fallbacks,
+)
 from loratool.generate.fold import folded
 from loratool.generate.run import Sampling, answer_text, fit_to_context, generate_ids, stop_text_span
 from loratool.generate.target import (
@@ -54,6 +61,7 @@ from loratool.progress import Heartbeat
 from loratool.recipe import DataSection, DataSource
 from loratool.rundir.model_card import write_model_card
 from loratool.rundir.outputs import Output, check_output, claim_output, library_versions
+from loratool.train.rewards import Reward
 
 EVAL_DIR = "eval"
 METRICS = "metrics.json"
@@ -68,6 +76,15 @@ class Prompt:
     prompt_ids: list[int]
     reference_ids: list[int]
     complete: bool  # the reference ends with a stop token (False: the row was truncated at max_length)
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One model's numbers on the eval data, and its answers (text, and token ids without the end of turn)."""
+
+    numbers: dict[str, Any]
+    answers: list[str]
+    answer_ids: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,7 @@ def run_eval(
     lm_eval_tasks: list[str] | None = None,
     lm_eval_include: str | Path | None = None,
     lm_eval_limit: int | None = None,
+    rewards: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Evaluate TARGET and write its report directory; returns that directory. When lm-evaluation-harness
@@ -101,14 +119,14 @@ def run_eval(
     started = time.time()
     resolved = resolve_target(target)
     if resolved.kind == "run" and resolved.recipe is not None and resolved.recipe.reward is not None:
+        if rewards:
+            raise LoratoolError(
+                f"--reward: {resolved.path} is a reward model, which scores answers and writes none",
+                hint="drop --reward; to score a policy's answers with this reward model, evaluate the policy "
+                f"with --reward model={resolved.path}",
+            )
         return _reward_eval(resolved, data, output, max_samples, max_length, bool(lm_eval_tasks), log)
-    if resolved.kind != "run" and is_reward_model(resolved):
-        raise LoratoolError(
-            f"{resolved.path} is a sequence-classification model (a merged reward model): it scores answers "
-            "and writes none, so there is nothing to generate or compute a loss with",
-            hint="evaluate the run directory it was merged from (`loratool eval RUN_DIR`): that reports its "
-            "pairwise accuracy on held-out pairs",
-        )
+    refuse_reward_model_target(resolved)
     online_rl = resolved.recipe.stage if resolved.recipe is not None else None
     if data is None and online_rl in ("grpo", "rloo"):
         raise LoratoolError(
@@ -122,19 +140,11 @@ def run_eval(
             f"--compare-base: {resolved.path} is a base model already; there is no adapter to compare with",
             hint="drop --compare-base, or pass the run directory (or merged checkpoint) as TARGET",
         )
-    data_path = _check_data_path(data)
+    data_path = check_data_path(data)
     out = output_dir(resolved, output)
     _require_data(resolved, data_path)
-    harness = (
-        prepare_tasks(
-            lm_eval_tasks,
-            Path(lm_eval_include).expanduser().resolve() if lm_eval_include else None,
-            lm_eval_limit,
-            log,
-        )
-        if lm_eval_tasks
-        else None
-    )
+    scorers = eval_rewards(rewards or [], [resolved], log)
+    harness = harness_tasks(lm_eval_tasks, lm_eval_include, lm_eval_limit, log)
     with claim_output(out, kind="eval", record_name=METRICS, overwrite=True, log=log) as claimed:
         sampling = Sampling(max_new_tokens, temperature, top_p, seed)
 
@@ -154,23 +164,25 @@ def run_eval(
         log(f"evaluating on {eval_data.description}")
         batch = resolved.recipe.training.per_device_eval_batch_size if resolved.recipe else 8
         name = "base" if resolved.kind == "base" else "tuned"
-        models: dict[str, dict[str, Any]] = {}
-        answers: dict[str, list[str]] = {}
-        models[name], answers[name] = evaluate_model(
-            loaded, eval_data, sampling, batch, log, label=name, fold=resolved.kind == "run"
-        )
+        inputs = reward_inputs_for(resolved, data_path, eval_data, loaded, scorers, log)
+        results = {
+            name: evaluate_model(
+                loaded, eval_data, sampling, batch, log, label=name, fold=resolved.kind == "run"
+            )
+        }
         lm_eval = LmEvalRuns(harness, batch, log)
         lm_eval.run(loaded.model, loaded.tokenizer, name)
         if compare_base:
-            base_numbers, base_answers = evaluate_base(
+            results["base"] = evaluate_base(
                 resolved, loaded, eval_data, sampling, batch, log, lm_eval=lm_eval
             )
-            models["base"], answers["base"] = base_numbers, base_answers
+        models = {label: with_rewards(result, scorers, inputs) for label, result in results.items()}
+        answers = {label: result.answers for label, result in results.items()}
 
         record = {
             "loratool_version": __version__,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "target": _describe_target(resolved),
+            "target": describe_target(resolved),
             "data": eval_data.details,
             "settings": {
                 "max_new_tokens": max_new_tokens,
@@ -187,14 +199,17 @@ def run_eval(
                 "stop_texts": loaded.stop_texts,
             },
             "models": models,
-            "difference": _difference(models) if "tuned" in models and "base" in models else None,
+            "rewards": reward_record(scorers),
+            "difference": difference(models, "base", "tuned")
+            if "tuned" in models and "base" in models
+            else None,
             "trainer_final_eval_loss": resolved.run.train.get("final_eval_loss") if resolved.run else None,
             "lm_eval": lm_eval.record(),
             "versions": library_versions(
                 "torch", "transformers", "peft", "rouge-score", "sacrebleu", "lm-eval"
             ),
         }
-        generations = _generation_rows(eval_data, loaded.tokenizer, answers, loaded.stop_texts)
+        generations = generation_rows(eval_data, loaded.tokenizer, answers, loaded.stop_texts)
         record["wall_time_s"] = round(time.time() - started, 2)
         loss_curve = resolved.run_dir / "loss_curve.png" if resolved.run_dir else None
         write_outputs(
@@ -205,11 +220,7 @@ def run_eval(
         if resolved.kind == "run":
             _add_to_model_card(resolved, record, out)
     log(f"report written to {out}")
-    if lm_eval.error is not None:
-        raise LoratoolError(
-            f"lm-evaluation-harness failed: {lm_eval.error} (the rest of the report was written to {out})",
-            hint="rerun with LORATOOL_DEBUG=1 for lm-eval's own output; check the task's YAML and dataset",
-        )
+    lm_eval.raise_failure(out)
     return out
 
 
@@ -233,10 +244,44 @@ def _reward_eval(
     return run_reward_eval(
         target,
         output_dir(target, output),
-        data=_check_data_path(data),
+        data=check_data_path(data),
         max_samples=max_samples,
         max_length=max_length,
         log=log,
+    )
+
+
+def harness_tasks(
+    tasks: list[str] | None, include: str | Path | None, limit: int | None, log: Callable[[str], None]
+) -> HarnessTasks | None:
+    """The lm-eval tasks asked for, checked (before any model loads), or None."""
+    if not tasks:
+        return None
+    return prepare_tasks(tasks, Path(include).expanduser().resolve() if include else None, limit, log)
+
+
+def refuse_reward_model_target(target: Target, *, hint_several: bool = False) -> None:
+    """A reward model scores answers and writes none: it is evaluated on its own (its run directory), or
+    used as a reward (`--reward model=RUN`), never generated with."""
+    reward_run = target.kind == "run" and target.recipe is not None and target.recipe.reward is not None
+    if not reward_run and (target.kind == "run" or not is_reward_model(target)):
+        return
+    what = "a reward model run" if reward_run else "a sequence-classification model (a merged reward model)"
+    if hint_several:
+        hint = (
+            f"leave it out of the TARGETs and score the others' answers with it: --reward model={target.path}"
+            if reward_run
+            else "leave it out of the TARGETs; its run directory can score answers: --reward model=RUN_DIR"
+        )
+    else:
+        hint = (
+            "evaluate the run directory it was merged from (`loratool eval RUN_DIR`): that reports its "
+            "pairwise accuracy on held-out pairs"
+        )
+    raise LoratoolError(
+        f"{target.path} is {what}: it scores answers and writes none, so there is nothing to generate or "
+        "compute a loss with",
+        hint=hint,
     )
 
 
@@ -260,6 +305,14 @@ class LmEvalRuns:
             self.error = failure(exc)
             self.log(f"warning: lm-evaluation-harness failed on the {label} model: {self.error}")
 
+    def raise_failure(self, out: Path) -> None:
+        """After the report is written: lm-eval's failure, if it failed."""
+        if self.error is not None:
+            raise LoratoolError(
+                f"lm-evaluation-harness failed: {self.error} (the rest of the report was written to {out})",
+                hint="rerun with LORATOOL_DEBUG=1 for lm-eval's own output; check the task's YAML and dataset",
+            )
+
     def record(self) -> dict[str, Any] | None:
         if self.harness is None:
             return None
@@ -269,7 +322,7 @@ class LmEvalRuns:
 # --- data ----------------------------------------------------------------------------------------------
 
 
-def _check_data_path(data: str | Path | None) -> Path | None:
+def check_data_path(data: str | Path | None) -> Path | None:
     if data is None:
         return None
     path = Path(data).expanduser().resolve()
@@ -459,7 +512,7 @@ def evaluate_model(
     *,
     label: str,
     fold: bool = False,
-) -> tuple[dict[str, Any], list[str]]:
+) -> Evaluated:
     """Loss on the rows and metrics of the answers generated for their prompts. `fold`: the active adapter
     is folded into the base weights while generating (loratool.generate.fold; the loss is computed
     unfolded), and unfolded again after."""
@@ -491,6 +544,7 @@ def evaluate_model(
     answers = [answer_text(loaded.tokenizer, ids, texts) for ids in new_ids]
     references = [answer_text(loaded.tokenizer, p.reference_ids, texts) for p in data.prompts]
     lengths = [_answer_length(loaded.tokenizer, ids, loaded.stop_ids, texts) for ids in new_ids]
+    answer_ids = [list(ids[:n]) for ids, n in zip(new_ids, lengths, strict=True)]
     numbers = {
         "loss": loss.loss,
         "perplexity": loss.perplexity,
@@ -505,7 +559,7 @@ def evaluate_model(
         f"  {label}: loss {loss.loss:.4f}, perplexity {loss.perplexity:.2f} (loss {loss_seconds:.1f}s, "
         f"generation {numbers['generation_seconds']:.1f}s)"
     )
-    return numbers, answers
+    return Evaluated(numbers, answers, answer_ids)
 
 
 def _answer_length(tokenizer: Any, ids: list[int], stop_ids: list[int], stop_texts: list[str]) -> int:
@@ -524,7 +578,7 @@ def evaluate_base(
     batch: int,
     log: Callable[[str], None],
     lm_eval: LmEvalRuns | None = None,
-) -> tuple[dict[str, Any], list[str]]:
+) -> Evaluated:
     """The same numbers without the adapter: PEFT's disable_adapter() for a run (the base is not loaded
     twice); the recorded base, loaded in place of the merged model, for a merged checkpoint. lm-eval runs
     on that same base when given."""
@@ -609,7 +663,7 @@ def write_outputs(
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def _generation_rows(
+def generation_rows(
     data: EvalData, tokenizer: Any, answers: dict[str, list[str]], stop_texts: list[str] | None = None
 ) -> list[dict[str, Any]]:
     rows = []
@@ -626,16 +680,63 @@ def _generation_rows(
     return rows
 
 
-def _difference(models: dict[str, dict[str, Any]]) -> dict[str, float]:
-    tuned, base = models["tuned"], models["base"]
-    return {
-        k: tuned[k] - base[k]
+def difference(models: dict[str, dict[str, Any]], first: str, last: str) -> dict[str, Any]:
+    """`last` minus `first`, metric by metric (rewards: their means, under "rewards")."""
+    a, b = models[first], models[last]
+    out: dict[str, Any] = {
+        k: b[k] - a[k]
         for k in ("loss", "perplexity", "exact_match", "rouge_l_f1", "bleu", "chrf", "mean_generated_tokens")
-        if isinstance(tuned.get(k), int | float) and isinstance(base.get(k), int | float)
+        if isinstance(b.get(k), int | float) and isinstance(a.get(k), int | float)
     }
+    rewards = {
+        name: b["rewards"][name]["mean"] - a["rewards"][name]["mean"]
+        for name in (a.get("rewards") or {})
+        if name in (b.get("rewards") or {})
+    }
+    if rewards:
+        out["rewards"] = rewards
+    return out
 
 
-def _describe_target(target: Target) -> dict[str, Any]:
+# --- rewards as metrics --------------------------------------------------------------------------------
+
+
+def reward_inputs_for(
+    target: Target,
+    data: Path | None,
+    eval_data: EvalData,
+    loaded: Loaded,
+    rewards: list[Reward],
+    log: Callable[[str], None],
+) -> RewardInputs | None:
+    """What the rewards read for each evaluated row: the rows of --data (else of the run's validation
+    files) they came from, the reference answers and the prompts as rendered."""
+    if not rewards:
+        return None
+    tokenizer, texts = loaded.tokenizer, loaded.stop_texts
+    validation = target.recipe.data.validation if target.recipe is not None else None
+    files = [data] if data else [Path(s.path) for s in validation] if isinstance(validation, list) else []
+    inputs = reward_inputs(
+        [f for f in files if f.is_file()],
+        [answer_text(tokenizer, p.reference_ids, texts) for p in eval_data.prompts],
+        [p.complete for p in eval_data.prompts],
+        [tokenizer.decode(p.prompt_ids, skip_special_tokens=False) for p in eval_data.prompts],
+    )
+    return with_fallbacks(rewards, inputs, log)
+
+
+def with_rewards(result: Evaluated, rewards: list[Reward], inputs: RewardInputs | None) -> dict[str, Any]:
+    """The model's numbers, with each reward's mean and spread over its answers when rewards are scored."""
+    if inputs is None:
+        return result.numbers
+    return {**result.numbers, "rewards": score_answers(rewards, result.answers, result.answer_ids, inputs)}
+
+
+def reward_record(rewards: list[Reward]) -> list[dict[str, Any]] | None:
+    return [{"name": r.name, "given": r.key, "weight": r.weight} for r in rewards] or None
+
+
+def describe_target(target: Target) -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(target.path), "kind": target.kind}
     if target.hub_id:
         info["hub_id"] = target.hub_id  # `path` is then its snapshot in the hub cache

@@ -53,6 +53,7 @@ def cross_field_problems(recipe: Recipe) -> list[str]:
                 "that the best evaluated step has a checkpoint"
             )
     problems += _method_problems(recipe)
+    problems += _ignored_settings(recipe)
     init = recipe.lora.init_lora_weights
     if isinstance(init, str):
         if init not in KNOWN_INITS and not init.startswith("pissa_niter_"):
@@ -85,6 +86,35 @@ def _method_problems(recipe: Recipe) -> list[str]:
     if recipe.stage in ("grpo", "rloo"):
         return _online_rl_problems(recipe)
     return []
+
+
+def _ignored_settings(recipe: Recipe) -> list[str]:
+    """Settings that would be silently ignored where they are: refused, so the user knows."""
+    problems = []
+    source = recipe.model.gguf_source
+    if source is not None and not str(recipe.base_model).lower().endswith(".gguf"):
+        problems.append(
+            f"model.gguf_source: names the hub id a .gguf base was converted from, and base_model "
+            f"{recipe.base_model} is not a .gguf file (it is named by itself) — remove model.gguf_source"
+        )
+    if recipe.data.prompt_truncation == "keep_end":
+        if recipe.stage not in PAIRED_FORMATS:
+            problems.append(
+                f"data.prompt_truncation: keep_end cuts the prompts of preference pairs and KTO rows, which "
+                f"{recipe.stage} does not train on"
+                + (
+                    " (its prompts over max_length are dropped, never cut)"
+                    if recipe.stage in ("grpo", "rloo")
+                    else ""
+                )
+                + " — remove it"
+            )
+        elif recipe.data.truncation == "drop":
+            problems.append(
+                "data.prompt_truncation: keep_end cuts a long prompt, but data.truncation: drop skips every row "
+                "over max_length first — set data.truncation: truncate, or remove data.prompt_truncation"
+            )
+    return problems
 
 
 def _supervised_data_problems(data: DataSection) -> list[str]:

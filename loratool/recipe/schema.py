@@ -111,7 +111,7 @@ class ModelSection(Section):
     """For a .gguf `base_model`: the hub id of the checkpoint the file was converted from (e.g.
     HuggingFaceTB/SmolLM2-135M-Instruct). adapter_config.json and the model card name it as the base, so
     the shared adapter loads on another machine; unset, the file's metadata is read (general.source.url
-    and the like), else the file's name and sha256 are given. Not read for other bases."""
+    and the like), else the file's name and sha256 are given. Refused for any other base (it names itself)."""
 
 
 class QuantizationSection(Section):
@@ -362,7 +362,8 @@ class DataSection(Section):
     truncation_mode. `keep_start`: the answers are cut from their end, and a pair whose prompt alone fills
     max_length is dropped. `keep_end`: the prompt is cut from its start instead: it keeps its last tokens
     (the turns nearest the answers; a system prompt at its start goes) and leaves the answers whole, or at
-    least half of max_length for them. The data summary counts the pairs dropped and the prompts cut."""
+    least half of max_length for them. The data summary counts the pairs dropped and the prompts cut.
+    keep_end is refused where it would do nothing: other methods, or truncation `drop`."""
 
     completion_only_loss: bool = True
     """Loss only on completions / assistant turns (their end-of-turn token included, so the model learns

@@ -45,22 +45,24 @@ class Reward:
     weight: float
     score: Score
     key: str  # where the recipe sets it, e.g. grpo.rewards.0
+    column: str | None = None  # the data column it compares with (exact_match, number), if any
 
 
 def load_rewards(rewards: Sequence[RewardFunction], section: str) -> list[Reward]:
     """The recipe's rewards (`section`: grpo or rloo) as Rewards. A Python function's file is loaded
     here: a missing file or function is a LoratoolError naming the reward."""
-    return [_load(reward, f"{section}.rewards.{i}") for i, reward in enumerate(rewards)]
+    return [load_reward(reward, f"{section}.rewards.{i}") for i, reward in enumerate(rewards)]
 
 
-def _load(reward: RewardFunction, key: str) -> Reward:
+def load_reward(reward: RewardFunction, key: str) -> Reward:
+    """One reward as a Reward; `key` names where it was given, in its errors."""
     if reward.function is not None:
         score = _user_function(reward.function, key)
     elif reward.model is not None:
         score = _reward_model(reward.model, key)
     else:
         score = _built_in(reward)
-    return Reward(reward.logged_name(), reward.weight, score, key)
+    return Reward(reward.logged_name(), reward.weight, score, key, reward.reference_column())
 
 
 def _built_in(reward: RewardFunction) -> Score:

@@ -194,11 +194,11 @@ def test_eval_strips_the_end_of_turn_text_from_answers_and_references(gemma_dir,
         AutoModelForCausalLM.from_pretrained(gemma_dir).eval(), tokenizer, "Paris.<|im_end|>\nand on and on"
     )
     loaded = Loaded(model, tokenizer, "cpu", "float32", 2048, eos, 0.0, stop_texts=texts)
-    numbers, answers = evaluate_model(
-        loaded, eval_data, Sampling(max_new_tokens=30), 1, lambda _: None, label="t"
-    )
-    assert answers == ["Paris."]
-    assert numbers["exact_match"] == 1.0 and numbers["mean_generated_tokens"] < 6
+    result = evaluate_model(loaded, eval_data, Sampling(max_new_tokens=30), 1, lambda _: None, label="t")
+    assert result.answers == ["Paris."]
+    assert result.numbers["exact_match"] == 1.0 and result.numbers["mean_generated_tokens"] < 6
+    # The ids rewards see stop before the end-of-turn text, as the answer does.
+    assert tokenizer.decode(result.answer_ids[0]).strip() == "Paris."
 
 
 def test_merged_generation_config_carries_the_end_of_turn_token_only_when_it_is_one_token(

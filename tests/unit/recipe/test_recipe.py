@@ -265,3 +265,22 @@ def test_reference_doc_is_in_sync():
     assert doc.read_text() == reference_markdown(), (
         "run: loratool recipe-reference --markdown > docs/recipe-reference.md"
     )
+
+
+def test_settings_that_would_be_ignored_where_they_are_are_refused():
+    named = with_("model", gguf_source="HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "model.gguf_source: names the hub id a .gguf base" in problems_of(named)
+    named["base_model"] = "models/smollm2.Q8_0.gguf"
+    assert validate_recipe(named).model.gguf_source == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    sft = with_("data", prompt_truncation="keep_end")
+    assert "keep_end cuts the prompts of preference pairs and KTO rows, which sft" in problems_of(sft)
+    grpo = with_("data", prompt_truncation="keep_end")
+    grpo["grpo"] = {"rewards": [{"exact_match": "answer"}]}
+    grpo["data"]["train"][0]["format"] = "prompt"
+    assert "dropped, never cut" in problems_of(grpo)
+    dpo = with_("data", prompt_truncation="keep_end", truncation="drop")
+    dpo["dpo"] = {}
+    assert "data.truncation: drop skips every row" in problems_of(dpo)
+    dpo["data"]["truncation"] = "truncate"
+    assert validate_recipe(dpo).data.prompt_truncation == "keep_end"

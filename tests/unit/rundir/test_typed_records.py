@@ -168,7 +168,10 @@ def test_every_key_of_export_json_is_read_into_a_typed_field(tmp_path):
         loratool_version="9.9",
         created_at="2026-01-01T00:00:00+0000",
         source=ExportSource(
-            path=str(merged), kind="model", merge=merge, base={"name": "org/base", "fingerprint_check": "match"}
+            path=str(merged),
+            kind="model",
+            merge=merge,
+            base={"name": "org/base", "fingerprint_check": "match"},
         ),
         format="gguf",
         outtype="q8_0",
