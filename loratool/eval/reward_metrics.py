@@ -105,8 +105,8 @@ def eval_rewards(specs: list[str], targets: list[Target], log: Callable[[str], N
         seen[name] = reward
         chosen.append(load_reward(reward, key))  # a missing function file fails here, named
 
-    for i, spec in enumerate(specs):
-        add(parse_reward_option(spec), f"--reward {spec}" if len(specs) == 1 else f"--reward {i + 1}")
+    for spec in specs:
+        add(parse_reward_option(spec), f"--reward {spec}")
     for target in targets:
         recipe = target.recipe
         if recipe is None or recipe.stage not in ("grpo", "rloo"):

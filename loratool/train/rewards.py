@@ -130,11 +130,15 @@ def _user_function(spec: str, key: str) -> Score:
     """`file.py:name` loaded from that file, called as the schema documents (RewardFunction.function)."""
     path_text, _, name = spec.rpartition(":")
     path = Path(path_text).expanduser()
-    where = f"{key}.function"
+    given_here = key.startswith("--")  # a command-line option (eval --reward), not a recipe key
+    where = key if given_here else f"{key}.function"
     if not path.is_file():
         raise LoratoolError(
             f"{where}: no Python file at {path.resolve()}",
-            hint="give the path of your reward file, relative to the recipe's directory "
+            hint="give the path of your reward file, relative to the current directory "
+            "(--reward function=rewards.py:my_reward)"
+            if given_here
+            else "give the path of your reward file, relative to the recipe's directory "
             "(function: rewards.py:my_reward)",
         )
     module_name = f"loratool_reward_{abs(hash(str(path.resolve())))}"
