@@ -5,8 +5,10 @@ through it."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class Heartbeat:
@@ -41,6 +43,35 @@ class Heartbeat:
         if self.total and rate:
             line += f" · ETA {clock((self.total - done) / rate)}"
         return line
+
+
+@contextmanager
+def still_running(
+    what: str, write: Callable[[str], None], every: float = 15.0
+) -> Iterator[Callable[[str], None]]:
+    """For one long library call that reports nothing itself (loading a model): a line from a side thread
+    saying that it is still running and for how long, whenever `every` seconds pass with no other line.
+    Yields the writer to report through inside (its lines count as signs of life)."""
+    done = threading.Event()
+    started = time.monotonic()
+    last = [started]
+
+    def written(line: str) -> None:
+        last[0] = time.monotonic()
+        write(line)
+
+    def beat() -> None:
+        while not done.wait(max(0.0, last[0] + every - time.monotonic())):
+            if time.monotonic() - last[0] >= every:
+                written(f"{what}: still running, {clock(time.monotonic() - started)} so far")
+
+    thread = threading.Thread(target=beat, name="loratool-still-running", daemon=True)
+    thread.start()
+    try:
+        yield written
+    finally:
+        done.set()
+        thread.join()
 
 
 def _singular(unit: str) -> str:

@@ -44,6 +44,7 @@ from loratool.model.load import (
     local_model_dir,
     looks_like_local_path,
 )
+from loratool.progress import still_running
 from loratool.recipe import ModelSection
 from loratool.rundir.records import (
     ADAPTER_FILES,
@@ -291,13 +292,14 @@ def load_target(target: Target, log: Callable[[str], None]) -> Loaded:
         )
     started = time.perf_counter()
     hw = hardware.detect()
-    if target.kind == "run":
-        model, tokenizer, quantized = _load_run(target, hw, log)
-    else:
-        log(f"loading {target.path} on {hw.device}")
-        source = model_dir(target, log)
-        model, quantized = load_checkpoint(source, hw), False
-        tokenizer = _load_tokenizer(source)
+    with still_running(f"loading {target.name}", log) as log:  # a large base loads for minutes, silently
+        if target.kind == "run":
+            model, tokenizer, quantized = _load_run(target, hw, log)
+        else:
+            log(f"loading {target.path} on {hw.device}")
+            source = model_dir(target, log)
+            model, quantized = load_checkpoint(source, hw), False
+            tokenizer = _load_tokenizer(source)
     model.eval()
     return Loaded(
         model=model,

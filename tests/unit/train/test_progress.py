@@ -53,3 +53,26 @@ def test_verification_passes_print_progress(monkeypatch, tiny_llama):
     logits = probe_logits(model, [[1, 2, 3], [4, 5], [6]], "  verifying the merged model", lines.append)
     assert [t.shape[0] for t in logits] == [3, 2, 1]
     assert len(lines) == 3 and lines[-1].startswith("  verifying the merged model: 3/3 rows · ")
+
+
+def test_a_long_silent_call_says_it_is_still_running_and_other_lines_keep_it_quiet():
+    import time
+
+    from loratool.progress import still_running
+
+    lines: list[str] = []
+    with still_running("loading base", lines.append, every=0.1):
+        time.sleep(0.45)
+    assert lines and all(line.startswith("loading base: still running, 0:00 so far") for line in lines)
+
+    lines.clear()
+    with still_running("loading base", lines.append, every=0.5) as write:
+        for i in range(50):  # a step that reports by itself, every 20 ms
+            write(f"converting: {i}")
+            time.sleep(0.02)
+    assert not [line for line in lines if "still running" in line] and len(lines) == 50
+
+    lines.clear()
+    with still_running("loading base", lines.append, every=5.0):
+        pass  # a short call: nothing, and the side thread is gone at once
+    assert lines == []
