@@ -2,7 +2,10 @@
 eval generated, so that base -> SFT -> RL can be compared on what RL was trained for.
 
 Which rewards: every `--reward` given on the command line, then the rewards of each GRPO / RLOO run
-evaluated (its recipe's `rewards`, the same code training scored with: train/rewards.py), once each.
+evaluated (its recipe's `rewards`, the same code training scored with: train/rewards.py), once each. A
+run's own Python-function reward is named but not run unless `--reward` asks for it (a run directory
+may come from someone else), and one that cannot load (its reward-model run is gone) is skipped with a
+warning.
 
 What a reward sees, per held-out row: the answer (text, and its token ids without the end of turn), the
 prompt (the row's `prompt` column when it has one, as GRPO passes it; else the conversation before the
@@ -113,7 +116,18 @@ def eval_rewards(specs: list[str], targets: list[Target], log: Callable[[str], N
             continue
         section = getattr(recipe, recipe.stage)
         for i, reward in enumerate(section.rewards):
-            add(reward, f"{target.name}'s {recipe.stage}.rewards.{i}")
+            key = f"{target.name}'s {recipe.stage}.rewards.{i}"
+            if reward.function is not None and reward.logged_name() not in seen:
+                # A run directory may come from someone else: eval runs no code it was not asked to.
+                log(
+                    f"note: {key} (function {reward.function}) is not scored: eval runs a reward's Python "
+                    f"file only when asked — add --reward function={reward.function} to score it"
+                )
+                continue
+            try:
+                add(reward, key)
+            except LoratoolError as exc:  # e.g. its reward-model run is gone: the other numbers still count
+                log(f"warning: {key} is not scored: {exc.message}")
     if chosen:
         log("rewards scored as metrics: " + ", ".join(f"{r.name} ({r.key})" for r in chosen))
     return chosen

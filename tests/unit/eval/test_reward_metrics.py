@@ -177,3 +177,27 @@ def test_targets_that_keep_other_rows_are_refused_with_the_fix(tmp_path):
         same_rows("sft", ["a", "b"], "grpo", ["a"], tmp_path / "d.jsonl")
     assert "grpo keeps 1 rows" in err.value.message and "sft keeps 2" in err.value.message
     assert "--max-length" in (err.value.hint or "")
+
+
+def test_a_runs_own_rewards_are_scored_but_its_python_file_only_when_asked(tmp_path):
+    from loratool.recipe import validate_recipe
+
+    file = tmp_path / "mine.py"
+    file.write_text("def fmt(completions, **kw):\n    return [1.0 for _ in completions]\n")
+    recipe = validate_recipe(
+        {
+            "base_model": "some/model",
+            "data": {"train": [{"path": "p.jsonl", "format": "prompt"}]},
+            "grpo": {"rewards": [{"exact_match": "answer"}, {"function": f"{file}:fmt"},
+                                 {"model": str(tmp_path / "gone-reward-run")}]},
+            "training": {"output_dir": "out"},
+        }
+    )  # fmt: skip
+    run = Target("run", tmp_path / "rl", recipe=recipe)
+    messages: list[str] = []
+    rewards = eval_rewards([], [run], messages.append)
+    assert [r.name for r in rewards] == ["exact_match"]
+    assert any("fmt" in m and "not scored" in m and "--reward function=" in m for m in messages)
+    assert any(m.startswith("warning: rl's grpo.rewards.2 is not scored") for m in messages)
+    asked = eval_rewards([f"function={file}:fmt"], [run], messages.append)
+    assert [r.name for r in asked] == ["fmt", "exact_match"]  # asked for: scored, and counted once
